@@ -1,0 +1,156 @@
+"""The `otfuse` command: train, evaluate, fuse.
+
+    otfuse train --dataset fashion-mnist --width 16 --epochs 4 --seed 0
+    otfuse evaluate checkpoint/fashion-mnist/resnet18-w16/seed0.pt
+    otfuse fuse A.pt B.pt --method activation --out fused.pt
+
+A bad input prints one line, `otfuse: error: ...`, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from otfuse.errors import OtfuseError
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One --option per dataclass field, so every hyperparameter is defined in one place."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+
+
+def _dataclass_from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from otfuse.train import TrainConfig, train
+
+    path = train(_dataclass_from_args(TrainConfig, args))
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from otfuse.data import load_dataset
+    from otfuse.evaluate import loss_and_accuracy
+    from otfuse.models import load_checkpoint
+
+    model, meta, _ = load_checkpoint(args.checkpoint)
+    data = load_dataset(meta["dataset"], args.data_dir)
+    x, y = data.split(args.split)
+    loss, acc = loss_and_accuracy(model, x, y, (meta["mean"], meta["std"]))
+    print(f"{args.checkpoint}: {meta['dataset']} {args.split} accuracy {acc:.2f}% (loss {loss:.4f}, {len(y)} images)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from otfuse.data import default_data_dir
+    from otfuse.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="otfuse", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one seeded model (resumable)")
+    _add_dataclass_args(p, TrainConfig)
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("evaluate", help="print a checkpoint's accuracy")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data-dir", default=str(default_data_dir()))
+    p.set_defaults(run=cmd_evaluate)
+    _add_fusion_commands(sub)
+    return parser
+
+
+def add_fuse_options(p: argparse.ArgumentParser, default_method: str = "activation") -> None:
+    """The fusion options (FuseConfig), --device and --data-dir, shared by `otfuse fuse` and the scripts."""
+    from otfuse.data import default_data_dir
+    from otfuse.fuse import FuseConfig
+
+    _add_dataclass_args(p, FuseConfig)
+    p.set_defaults(method=default_method)
+    p.add_argument("--device", default="auto", help="auto: cuda when available")
+    p.add_argument("--data-dir", default=str(default_data_dir()))
+
+
+def fuse_config_from_args(args: argparse.Namespace):
+    from otfuse.fuse import FuseConfig
+
+    cfg = _dataclass_from_args(FuseConfig, args)
+    cfg.check()
+    return cfg
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from otfuse.data import load_dataset
+    from otfuse.fuse import fusion_report
+    from otfuse.models import load_checkpoint, save_checkpoint
+    from otfuse.storage import writable_dir
+    from otfuse.train import pick_device
+
+    cfg = fuse_config_from_args(args)
+    if len(args.checkpoints) < 2:
+        raise OtfuseError(f"fuse needs two or more checkpoints, got {len(args.checkpoints)}; give A.pt B.pt [more.pt]")
+    if args.out:
+        writable_dir(Path(args.out).parent)
+    loaded = [load_checkpoint(p) for p in args.checkpoints]
+    meta0 = loaded[0][1]
+    for path, (_, meta, _) in zip(args.checkpoints[1:], loaded[1:]):
+        for k in ("arch", "width", "in_channels", "num_classes", "dataset"):
+            if meta.get(k) != meta0.get(k):
+                raise OtfuseError(f"{path} has {k}={meta.get(k)!r} but {args.checkpoints[0]} has {meta0.get(k)!r}; fuse models of one architecture, width, class count and dataset")
+    device = pick_device(args.device)
+    data = load_dataset(meta0["dataset"], args.data_dir).to(device)
+    models = [m.to(device) for m, _, _ in loaded]
+    fused, acc, timings = fusion_report(models, data, cfg, progress=True, split=args.split)
+    print(f"{meta0['dataset']} {meta0['arch']} w{meta0['width']}, {args.split} accuracy (%), method {cfg.method}:")
+    for k, v in acc.items():
+        print(f"  {k:<12} {v:6.2f}")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    if args.out:
+        meta = {k: v for k, v in meta0.items() if k not in ("history", "config")}
+        meta.update(kind="fused", method=cfg.method, options=dict(cfg.__dict__), parents=list(args.checkpoints),
+                    test_acc=acc["fused"] if args.split == "test" else None)
+        save_checkpoint(args.out, fused, meta)
+        print(f"saved {args.out}")
+    return 0
+
+
+def _add_fusion_commands(sub) -> None:
+    p = sub.add_parser("fuse", help="fuse two or more checkpoints and print the accuracy table")
+    p.add_argument("checkpoints", nargs="*")
+    p.add_argument("--out", default="", help="where to save the fused checkpoint")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    add_fuse_options(p)
+    p.set_defaults(run=cmd_fuse)
+
+
+def run_main(fn) -> int:
+    """Run `fn()`; a bad input becomes one line on stderr and exit code 2."""
+    try:
+        return fn()
+    except OtfuseError as exc:
+        print(f"otfuse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("otfuse: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

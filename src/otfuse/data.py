@@ -1,0 +1,379 @@
+"""Datasets by name, decoded once into cached uint8 tensors, and batches augmented as tensors.
+
+    data = load_dataset("digits", data_dir="~/.cache/otfuse")       # embedded, no download
+    data = load_dataset("imagefolder:../shared/data/cifar10-jpeg.tar.xz")
+    for x, y in batches(data.train_x, data.train_y, 256, data.norm, augment=data.augment, seed=0, epoch=0):
+        ...
+
+Names: `cifar10`, `cifar100` (torchvision download, or torchvision's pickles already in the
+data dir), `fashion-mnist` (torchvision's files, or Debian's `dataset-fashion-mnist`),
+`digits` (scikit-learn's bundled 8x8 digits) and `imagefolder:PATH` (PATH/train/<class>/*,
+PATH/test/<class>/*, or a .tar.xz of that layout).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from otfuse.errors import OtfuseError
+from otfuse.storage import atomic_write_bytes, load_torch, save_torch, writable_dir
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CACHE_VERSION = 1
+OFFLINE_CHOICES = (
+    "offline choices: --dataset digits (bundled), fashion-mnist (apt-get install dataset-fashion-mnist), "
+    "or imagefolder:PATH (e.g. the CIFAR-10 JPEG copy, a .tar.xz)"
+)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("OTFUSE_DATA_DIR", Path.home() / ".cache" / "otfuse"))
+
+
+@dataclass
+class ImageData:
+    """A dataset as uint8 NCHW tensors: train (validation held out), val and test splits."""
+
+    name: str
+    classes: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # random crop + flip suit natural images, not digits
+
+    @property
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if which not in ("train", "val", "test"):
+            raise OtfuseError(f"unknown split {which!r}; use train, val or test")
+        return getattr(self, f"{which}_x"), getattr(self, f"{which}_y")
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return ImageData(**moved)
+
+
+def dataset_slug(name: str) -> str:
+    """A folder-safe name: `imagefolder:/x/cifar10-jpeg.tar.xz` -> `imagefolder-cifar10-jpeg`."""
+    if name.startswith("imagefolder:"):
+        stem = Path(name.split(":", 1)[1].rstrip("/")).name
+        for ext in (".tar.xz", ".tar.gz", ".tar"):
+            stem = stem.removesuffix(ext)
+        return f"imagefolder-{stem}"
+    return name
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, val_size: int | None = None, val_seed: int = 0) -> ImageData:
+    """Load `name` from the cache in `data_dir`, decoding its source once on first use."""
+    data_dir = writable_dir(data_dir or default_data_dir())
+    source = _source(name, data_dir)
+    raw = _cached(source, data_dir)
+    if val_size is None:
+        val_size = min(5000, len(raw["train_y"]) // 10)
+    return _with_validation(name, raw, val_size, val_seed)
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    key: str  # names the source and its files' sizes and mtimes: a changed source misses the cache
+    decode: callable
+
+
+def _source(name: str, data_dir: Path) -> _Source:
+    if name in ("cifar10", "cifar100"):
+        return _cifar_source(name, data_dir)
+    if name == "fashion-mnist":
+        return _fashion_source(data_dir)
+    if name == "digits":
+        import sklearn
+
+        return _Source(f"digits-sklearn{sklearn.__version__}", _decode_digits)
+    if name.startswith("imagefolder:"):
+        return _imagefolder_source(Path(name.split(":", 1)[1]).expanduser())
+    raise OtfuseError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, digits or imagefolder:PATH")
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha1()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _cifar_source(name: str, data_dir: Path) -> _Source:
+    folder, files, label_key, meta_file, meta_key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", "batches.meta", "label_names"),
+        "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels", "meta", "fine_label_names"),
+    }[name]
+    root = data_dir / folder
+    if not all((root / f).is_file() for f in files + [meta_file]):
+        _download_cifar(name, data_dir)
+    paths = [root / f for f in files + [meta_file]]
+
+    def decode() -> dict:
+        def read(f: str) -> dict:
+            with open(root / f, "rb") as fh:
+                return pickle.load(fh, encoding="latin1")
+
+        parts = [read(f) for f in files]
+        to_x = lambda d: torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
+        to_y = lambda d: torch.tensor(d[label_key], dtype=torch.int64)
+        return dict(
+            train_x=torch.cat([to_x(d) for d in parts[:-1]]), train_y=torch.cat([to_y(d) for d in parts[:-1]]),
+            test_x=to_x(parts[-1]), test_y=to_y(parts[-1]),
+            classes=list(read(meta_file)[meta_key]), augment=True,
+        )
+
+    return _Source(f"{name}-{_fingerprint(paths)}", decode)
+
+
+def _download_cifar(name: str, data_dir: Path) -> None:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        cls(root=str(data_dir), train=True, download=True)
+    except Exception as exc:  # URLError, socket errors, HTTP errors: all mean "no internet here"
+        raise OtfuseError(f"cannot download {name} into {data_dir} ({type(exc).__name__}); {OFFLINE_CHOICES}") from None
+
+
+def _fashion_source(data_dir: Path) -> _Source:
+    raw = data_dir / "FashionMNIST" / "raw"
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if not all((raw / n).is_file() for n in names):
+        _fetch_fashion(raw, names, data_dir)
+    paths = [raw / n for n in names]
+
+    def decode() -> dict:
+        tx, ty, vx, vy = (_read_idx(p) for p in paths)
+        classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        return dict(train_x=tx[:, None], train_y=ty.long(), test_x=vx[:, None], test_y=vy.long(), classes=classes, augment=True)
+
+    return _Source(f"fashion-mnist-{_fingerprint(paths)}", decode)
+
+
+def _fetch_fashion(raw: Path, names: list[str], data_dir: Path) -> None:
+    """Decompress Debian's copy into the data dir (its .gz files fail torchvision's checksums), else download."""
+    system = Path(os.environ.get("OTFUSE_FASHION_MNIST_DIR", DEBIAN_FASHION_MNIST))
+    if all((system / f"{n}.gz").is_file() for n in names):
+        raw.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            with gzip.open(system / f"{n}.gz", "rb") as f:
+                atomic_write_bytes(raw / n, f.read())
+        return
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(root=str(data_dir), train=True, download=True)
+    except Exception as exc:
+        raise OtfuseError(
+            f"fashion-mnist is not in {system} and cannot be downloaded ({type(exc).__name__}); "
+            f"apt-get install -y dataset-fashion-mnist, or {OFFLINE_CHOICES}"
+        ) from None
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """The IDX format of (Fashion-)MNIST: a 4-byte magic whose last byte is the rank, big-endian dims, uint8 data."""
+    data = path.read_bytes()
+    rank = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=rank, offset=4)
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims).copy())
+
+
+def _decode_digits() -> dict:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    tx, vx, ty, vy = train_test_split(x, d.target, test_size=0.2, stratify=d.target, random_state=0)
+    return dict(
+        train_x=torch.from_numpy(tx), train_y=torch.from_numpy(ty).long(),
+        test_x=torch.from_numpy(vx), test_y=torch.from_numpy(vy).long(),
+        classes=[str(i) for i in range(10)], augment=False,
+    )
+
+
+def _imagefolder_source(path: Path) -> _Source:
+    if not path.exists():
+        raise OtfuseError(f"imagefolder path {path} does not exist; give a folder with train/ and test/ or a .tar.xz of one")
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return _Source(f"imagefolder-{_fingerprint(files)}", lambda: _decode_imagefolder(path))
+
+
+def _decode_imagefolder(path: Path) -> dict:
+    from PIL import Image
+
+    entries = _tar_entries(path) if path.is_file() else _dir_entries(path)
+    splits: dict[str, dict[str, list[bytes]]] = {"train": {}, "test": {}}
+    for parts, read in entries:
+        if len(parts) >= 3 and parts[-3] in splits:
+            splits[parts[-3]].setdefault(parts[-2], []).append(read())
+    classes = sorted(splits["train"])
+    if not classes or sorted(splits["test"]) != classes:
+        raise OtfuseError(f"imagefolder {path} needs train/<class>/* and test/<class>/* with the same classes")
+
+    def stack(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for label, c in enumerate(classes):
+            for blob in splits[split][c]:
+                xs.append(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"), dtype=np.uint8))
+                ys.append(label)
+        if len({x.shape for x in xs}) != 1:
+            raise OtfuseError(f"imagefolder {path} holds images of different sizes; resize them to one size first")
+        return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys, dtype=torch.int64)
+
+    tx, ty = stack("train")
+    vx, vy = stack("test")
+    return dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy, classes=classes, augment=True)
+
+
+def _tar_entries(path: Path):
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.isfile():
+                    parts = Path(m.name).parts
+                    blob = tar.extractfile(m).read()
+                    yield parts, (lambda b=blob: b)
+    except tarfile.TarError as exc:
+        raise OtfuseError(f"imagefolder archive {path} cannot be read ({exc}); give a .tar.xz of train/ and test/") from None
+
+
+def _dir_entries(path: Path):
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            yield p.relative_to(path).parts, p.read_bytes
+
+
+# --- cache and splits -----------------------------------------------------------------------
+
+
+def _cached(source: _Source, data_dir: Path) -> dict:
+    path = data_dir / "cache" / f"{source.key}-v{CACHE_VERSION}.pt"
+    if path.is_file():
+        try:
+            return load_torch(path, "dataset cache")
+        except OtfuseError:
+            pass  # a broken cache is rebuilt, not reported
+    raw = source.decode()
+    x = raw["train_x"].float() / 255.0
+    raw["mean"] = x.mean(dim=(0, 2, 3)).tolist()
+    raw["std"] = x.std(dim=(0, 2, 3)).tolist()
+    save_torch(path, raw)
+    return raw
+
+
+def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageData:
+    n = len(raw["train_y"])
+    if not 0 <= val_size < n:
+        raise OtfuseError(f"--val-size {val_size} must be between 0 and {n - 1}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size].sort().values, order[val_size:].sort().values
+    return ImageData(
+        name=name, classes=list(raw["classes"]),
+        train_x=raw["train_x"][train], train_y=raw["train_y"][train],
+        val_x=raw["train_x"][val], val_y=raw["train_y"][val],
+        test_x=raw["test_x"], test_y=raw["test_y"],
+        mean=tuple(raw["mean"]), std=tuple(raw["std"]), augment=bool(raw["augment"]),
+    )
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def normalize(x: torch.Tensor, norm: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW -> float, per-channel standardised."""
+    mean = torch.tensor(norm[0], device=x.device, dtype=dtype).view(1, -1, 1, 1)
+    std = torch.tensor(norm[1], device=x.device, dtype=dtype).view(1, -1, 1, 1)
+    return (x.to(dtype) / 255.0 - mean) / std
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once."""
+    n, _, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    flip = torch.rand(n, generator=gen, device=gen.device).to(x.device) < 0.5
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    cols = dx[:, None] + torch.where(flip[:, None], ar_w.flip(0)[None], ar_w[None])
+    rows = dy[:, None] + ar_h[None]
+    idx_n = torch.arange(n, device=x.device)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    norm: tuple,
+    *,
+    augment: bool = False,
+    seed: int | None = None,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (and, with a seed, shuffled and augmented) batches on the data's device.
+
+    The shuffle and augmentation draw from a generator seeded by (seed, epoch), so a resumed run
+    sees exactly the batches an uninterrupted run would. With `world` > 1 each rank takes every
+    `world`-th sample of the same order and `batch_size` samples per step.
+    """
+    n = len(y)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+    else:
+        order = torch.arange(n)
+    if world > 1:
+        usable = n - n % world
+        order = order[:usable][rank::world]
+    order = order.to(x.device)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    pad = max(1, x.shape[-1] // 8)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        xb = x[idx]
+        if augment and gen is not None:
+            xb = augment_batch(xb, gen, pad)
+        yield normalize(xb, norm), y[idx]

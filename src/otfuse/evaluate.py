@@ -1,0 +1,36 @@
+"""Accuracy and loss of a model, a list of models (the softmax ensemble) on uint8 data."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from otfuse.data import batches
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor, norm: tuple, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [model(xb.to(dev)).float() for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.long), batch_size, norm)]
+    return torch.cat(out)
+
+
+def accuracy_of_logits(z: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (z.argmax(1).cpu() == y.cpu()).float().mean().item()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple) -> float:
+    """Top-1 accuracy in percent."""
+    return accuracy_of_logits(logits(model, x, norm), y)
+
+
+def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple) -> tuple[float, float]:
+    z = logits(model, x, norm)
+    return torch.nn.functional.cross_entropy(z, y.to(z.device)).item(), accuracy_of_logits(z, y)
+
+
+def ensemble_accuracy(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, norm: tuple) -> float:
+    """Accuracy of the mean of the models' softmax outputs."""
+    probs = sum(logits(m, x, norm).softmax(1) for m in models)
+    return accuracy_of_logits(probs, y)

@@ -1,0 +1,108 @@
+"""Fuse K models of one architecture: align each to the first, average, recompute BatchNorm.
+
+    from otfuse.fuse import FuseConfig, fuse
+    fused, maps, timings = fuse([a, b], data.train_x, data.norm, FuseConfig(method="activation"))
+
+`fusion_report` adds the baselines a fusion is judged against: each parent, their softmax
+ensemble, vanilla averaging without alignment (with and without BatchNorm recomputation) and
+the fusion without BatchNorm recomputation.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from otfuse.align import AlignConfig, align
+from otfuse.bn import recompute_bn
+from otfuse.errors import OtfuseError
+from otfuse.evaluate import accuracy, ensemble_accuracy
+from otfuse.groups import ChannelGroup, channel_groups, check_same_groups, permute
+from otfuse.data import normalize
+
+
+@dataclass
+class FuseConfig(AlignConfig):
+    bn_batches: int = 100  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
+    bn_batch_size: int = 128
+    weights: str = ""  # comma-separated model weights for the average; empty: equal
+
+    def model_weights(self, k: int) -> list[float]:
+        if not self.weights:
+            return [1.0 / k] * k
+        try:
+            w = [float(v) for v in self.weights.split(",")]
+        except ValueError:
+            raise OtfuseError(f"--weights {self.weights!r} must be comma-separated numbers") from None
+        if len(w) != k or sum(w) <= 0 or min(w) < 0:
+            raise OtfuseError(f"--weights {self.weights!r}: give {k} non-negative numbers with a positive sum")
+        return [v / sum(w) for v in w]
+
+
+def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
+    """The weighted average of the models' floating-point tensors (counters taken from the first)."""
+    out = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    with torch.no_grad():
+        for k, t in out.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(sum(w * s[k].to(t.device) for w, s in zip(weights, states)))
+    return out
+
+
+def groups_of(models: list[nn.Module], example: torch.Tensor) -> list[ChannelGroup]:
+    """The first model's channel groups, after checking every other model has the same ones."""
+    groups = channel_groups(models[0], example)
+    for m in models[1:]:
+        check_same_groups(groups, channel_groups(m, example))
+    return groups
+
+
+def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseConfig, progress: bool = False,
+         groups: list[ChannelGroup] | None = None, timings: dict[str, float] | None = None):
+    """(fused model with BatchNorm recomputed, fused model before recomputation, maps per model, timings)."""
+    if len(models) < 2:
+        raise OtfuseError("fusion needs at least two models")
+    cfg.check()
+    timings = {} if timings is None else timings
+    example = normalize(images[:1], norm).to(next(models[0].parameters()).device)
+    groups = groups or groups_of(models, example)
+    maps, aligned = [], [models[0]]
+    for m in models[1:]:
+        mp = align(models[0], m, groups, cfg, images, norm, progress, timings)
+        maps.append(mp)
+        aligned.append(permute(m, groups, mp))
+    t0 = time.perf_counter()
+    raw = average(aligned, cfg.model_weights(len(models))).eval()
+    timings["averaging"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fused = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
+    timings["batchnorm"] = time.perf_counter() - t0
+    return fused, raw, maps, timings
+
+
+def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool = False, split: str = "test"):
+    """(fused model, accuracies of the fusion and every baseline on `split`, seconds per phase)."""
+    timings: dict[str, float] = {}
+    x, y = data.split(split)
+    fused, raw, _, timings = fuse(models, data.train_x, data.norm, cfg, progress, timings=timings)
+    t0 = time.perf_counter()
+    w = cfg.model_weights(len(models))
+    vanilla = average(models, w).eval()
+    acc = {f"model{i + 1}": accuracy(m, x, y, data.norm) for i, m in enumerate(models)}
+    acc["ensemble"] = ensemble_accuracy(models, x, y, data.norm)
+    acc["vanilla"] = accuracy(vanilla, x, y, data.norm)
+    recompute_bn(vanilla, data.train_x, data.norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed)
+    acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)
+    acc["fused_no_bn"] = accuracy(raw, x, y, data.norm)
+    acc["fused"] = accuracy(fused, x, y, data.norm)
+    timings["evaluation"] = time.perf_counter() - t0
+    return fused, acc, timings
+
+
+def config_dict(cfg: FuseConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,139 @@
+"""Results tables: one CSV per dataset and method, rows upserted atomically, and results/summary.md.
+
+    python run_activation_based_fusion.py --dataset fashion-mnist
+    python run_weight_based_fusion.py --method weight-matching
+
+For every dataset and architecture with two or more trained seeds under checkpoint/, each pair
+is fused and one row written to results/<dataset>_<method>.csv; summary.md lays the means out
+like the original repository's table, with the ensemble and vanilla averaging beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from otfuse.data import load_dataset
+from otfuse.errors import OtfuseError
+from otfuse.storage import atomic_write_text
+
+KEY = ("dataset", "arch", "width", "seeds")
+ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused")
+PHASES = ("activations", "cost_and_ot", "averaging", "batchnorm", "evaluation")
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def upsert_row(path: Path, row: dict) -> None:
+    """Replace the row with the same key (or append), rewriting the file atomically."""
+    rows = [r for r in read_rows(path) if tuple(str(r.get(k)) for k in KEY) != tuple(str(row[k]) for k in KEY)]
+    rows.append({k: str(v) for k, v in row.items()})
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def fusion_row(dataset: str, meta: dict, seeds: list, method: str, acc: dict, timings: dict, options: dict) -> dict:
+    row = {"dataset": dataset, "arch": meta["arch"], "width": meta["width"], "seeds": "-".join(str(s) for s in seeds), "method": method}
+    row.update({k: f"{acc[k]:.2f}" for k in ACCURACIES if k in acc})
+    row.update({f"s_{p}": f"{timings.get(p, 0.0):.2f}" for p in PHASES})
+    row["options"] = json.dumps(options, sort_keys=True)
+    return row
+
+
+def write_summary(results_dir: Path) -> Path:
+    """results/summary.md: per dataset and model, mean accuracies over pairs for every method run."""
+    by_model: dict[tuple, dict[str, list[dict]]] = {}
+    for path in sorted(results_dir.glob("*_*.csv")):
+        for r in read_rows(path):
+            if "fused" in r and "method" in r:
+                by_model.setdefault((r["dataset"], r["arch"], r["width"]), {}).setdefault(r["method"], []).append(r)
+    methods = [m for m in ("activation", "weight", "weight-matching") if any(m in v for v in by_model.values())]
+    title = {"activation": "Activation-base Fusion", "weight": "Weights-base Fusion", "weight-matching": "Weight matching"}
+    head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [title[m] for m in methods] + ["Ensemble", "Vanilla", "Vanilla + BN"]
+    lines = ["# Fusion results", "", "Test accuracy (%), mean over the fused pairs; fusion columns after BatchNorm recomputation, no fine-tuning.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    mean = lambda rows, k: f"{sum(float(r[k]) for r in rows) / len(rows):.2f}" if rows and all(r.get(k) for r in rows) else "-"
+    for (dataset, arch, width), runs in sorted(by_model.items()):
+        any_rows = next(iter(runs.values()))
+        cells = [dataset, f"{arch} w{width}", str(len(any_rows)), mean(any_rows, "model1"), mean(any_rows, "model2")]
+        cells += [mean(runs.get(m, []), "fused") for m in methods]
+        cells += [mean(any_rows, "ensemble"), mean(any_rows, "vanilla"), mean(any_rows, "vanilla_bn")]
+        lines.append("| " + " | ".join(cells) + " |")
+    path = results_dir / "summary.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def trained_sets(checkpoint_dir: Path, dataset: str | None) -> list[tuple[Path, list[Path]]]:
+    """Folders <dataset>/<arch>-w<width>/ holding two or more seed<k>.pt checkpoints."""
+    out = []
+    for folder in sorted(p for p in checkpoint_dir.glob("*/*") if p.is_dir()):
+        if dataset and folder.parent.name != dataset:
+            continue
+        seeds = sorted(folder.glob("seed*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+        if len(seeds) >= 2:
+            out.append((folder, seeds))
+    return out
+
+
+def sweep(argv: list[str] | None, default_method: str) -> int:
+    """The two fusion scripts: fuse every pair of trained seeds, upsert CSV rows, rewrite summary.md."""
+    from otfuse.cli import add_fuse_options, fuse_config_from_args, run_main
+    from otfuse.fuse import fusion_report
+    from otfuse.models import load_checkpoint, save_checkpoint
+    from otfuse.train import pick_device
+
+    p = argparse.ArgumentParser(description=f"Fuse every pair of trained seeds ({default_method}-based) and write results/.")
+    p.add_argument("--dataset", default=None, help="folder name under checkpoint/ (default: all)")
+    p.add_argument("--pairs", default="", help="seed pairs, e.g. 0-1,0-2 (default: every pair)")
+    p.add_argument("--checkpoint-dir", default="checkpoint")
+    p.add_argument("--results-dir", default="results")
+    add_fuse_options(p, default_method)
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        cfg = fuse_config_from_args(args)
+        device = pick_device(args.device)
+        results = Path(args.results_dir)
+        sets = trained_sets(Path(args.checkpoint_dir), args.dataset)
+        if not sets:
+            raise OtfuseError(f"no folder under {args.checkpoint_dir}/ holds two or more seed*.pt checkpoints; train them first (run_train_all.sh)")
+        wanted = {tuple(s.split("-")) for s in args.pairs.split(",") if s}
+        for folder, paths in sets:
+            loaded = [load_checkpoint(pth) for pth in paths]
+            meta0 = loaded[0][1]
+            data = load_dataset(meta0["dataset"], args.data_dir).to(device)
+            for i, j in itertools.combinations(range(len(paths)), 2):
+                seeds = [loaded[i][1]["seed"], loaded[j][1]["seed"]]
+                if wanted and tuple(str(s) for s in seeds) not in wanted:
+                    continue
+                models = [loaded[i][0].to(device), loaded[j][0].to(device)]
+                print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]} ({cfg.method})", flush=True)
+                fused, acc, timings = fusion_report(models, data, cfg, progress=True)
+                row = fusion_row(folder.parent.name, meta0, seeds, cfg.method, acc, timings, cfg.__dict__)
+                upsert_row(results / f"{folder.parent.name}_{cfg.method}.csv", row)
+                meta = {**meta0, "kind": "fused", "method": cfg.method, "options": dict(cfg.__dict__),
+                        "parents": [str(paths[i]), str(paths[j])], "test_acc": acc["fused"]}
+                meta.pop("history", None), meta.pop("config", None)
+                save_checkpoint(folder / f"fused-{cfg.method}-seeds{seeds[0]}-{seeds[1]}.pt", fused, meta)
+                print("  " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+        print(write_summary(results).read_text())
+        return 0
+
+    return run_main(run)

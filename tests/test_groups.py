@@ -1,0 +1,165 @@
+"""Channel groups from DepGraph: permuting every group keeps the function; coverage is exact; bad layers fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import CatNet, randomize_bn
+from otfuse.errors import OtfuseError
+from otfuse.groups import channel_groups, check_same_groups, permute, random_perms
+from otfuse.models import build_model
+
+CASES = {
+    "resnet18-w8-rgb": (lambda: build_model("resnet18", 8, 3, 10), (2, 3, 32, 32)),
+    "resnet18-w16-gray": (lambda: build_model("resnet18", 16, 1, 10), (2, 1, 28, 28)),
+    "resnet18-w64-rgb": (lambda: build_model("resnet18", 64, 3, 10), (2, 3, 32, 32)),
+    "resnet18-w64-gray": (lambda: build_model("resnet18", 64, 1, 10), (2, 1, 32, 32)),
+    "tv-resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (2, 3, 64, 64)),
+    "tv-resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (2, 3, 64, 64)),
+    "tv-vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (2, 3, 32, 32)),
+    "tv-mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (2, 3, 64, 64)),
+    "tv-densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (2, 3, 64, 64)),
+    "catnet": (lambda: CatNet(), (2, 3, 8, 8)),
+}
+
+
+def _setup(case: str):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    model = randomize_bn(make())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    return model, x, channel_groups(model, x[:1])
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
+    return (a - b).abs().max().item() <= rtol * a.abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_permuting_every_group_keeps_the_function(case):
+    model, x, groups = _setup(case)
+    permuted = permute(model, groups, random_perms(groups, seed=3))
+    with torch.no_grad():
+        assert _close(model(x), permuted(x))
+    assert model.training is False
+
+
+@pytest.mark.parametrize("case", ["resnet18-w8-rgb", "tv-densenet121", "catnet"])
+def test_permuting_one_member_alone_breaks_the_function(case):
+    model, x, groups = _setup(case)
+    perms = random_perms(groups, seed=3)
+    for g in groups[:: max(1, len(groups) // 10)]:
+        lone = permute(model, [type(g)(g.name, g.size, [g.members[0]])], {g.name: perms[g.name]})
+        with torch.no_grad():
+            assert not _close(model(x), lone(x)), f"permuting only {g.members[0].module} of {g.name} went unnoticed"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_channel_index_belongs_to_exactly_one_group(case):
+    model, x, groups = _setup(case)
+    _, _, classifier = _classifier(model, x)
+    stems = _consumers_of_input(model, x)
+    owners: dict[tuple[str, str, int], torch.Tensor] = {}
+    for g in groups:
+        for m in g.members:
+            t = model.get_submodule(m.module).get_parameter(m.tensor) if m.tensor in ("weight", "bias") else model.get_submodule(m.module).get_buffer(m.tensor)
+            count = owners.setdefault((m.module, m.tensor, m.axis), torch.zeros(t.shape[m.axis], dtype=torch.long))
+            count.index_add_(0, m.index.reshape(-1), torch.ones(m.index.numel(), dtype=torch.long))
+    for name, mod in model.named_modules():
+        axes = _channel_axes(mod)
+        for tensor, axis in axes:
+            if (name == classifier and axis == 0) or (name in stems and axis == 1):
+                continue  # the logits and the image channels are never permuted
+            t = getattr(mod, tensor, None)
+            if t is None or (tensor == "weight" and isinstance(mod, nn.Conv2d) and axis == 1 and mod.groups > 1):
+                continue
+            count = owners.get((name, tensor, axis))
+            assert count is not None, f"{name}.{tensor} axis {axis} is in no group"
+            assert torch.all(count == 1), f"{name}.{tensor} axis {axis}: some index in {sorted(set(count.tolist()))} groups"
+
+
+def _classifier(model, x):
+    from otfuse.groups import _forward_order
+
+    order, clf = _forward_order(model, x[:1])
+    names = {m: n for n, m in model.named_modules()}
+    return order, clf, names[clf]
+
+
+def _consumers_of_input(model, x) -> set[str]:
+    """Layers that read the image itself: their input channels belong to no group."""
+    found, handles = set(), []
+    for n, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda mod, inp, n=n: found.add(n) if inp and inp[0] is x else None))
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return found
+
+
+def _channel_axes(mod: nn.Module) -> list[tuple[str, int]]:
+    if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        return [("weight", 0), ("weight", 1), ("bias", 0)]
+    if isinstance(mod, nn.BatchNorm2d):
+        return [(t, 0) for t in ("weight", "bias", "running_mean", "running_var")]
+    return []
+
+
+def test_groups_come_in_forward_order_and_name_their_root():
+    model, x, groups = _setup("resnet18-w8-rgb")
+    assert [g.name for g in groups][:3] == ["conv1", "layer1.0.conv1", "layer1.1.conv1"]
+    assert [g.size for g in groups] == [8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64]
+    # the stream of stage 1 ties the stem, both blocks' conv2 and the next stage's inputs
+    stem = groups[0]
+    outs = {m.module for m in stem.members if m.role == "out"}
+    assert {"conv1", "bn1", "layer1.0.conv2", "layer1.0.bn2", "layer1.1.conv2", "layer1.1.bn2"} <= outs
+    ins = {m.module for m in stem.members if m.role == "in"}
+    assert {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"} <= ins
+
+
+def test_linear_after_flatten_maps_many_indices_to_one_channel():
+    model, x, groups = _setup("catnet")
+    fc = [m for g in groups for m in g.members if m.module == "fc"]
+    assert len(fc) == 1 and fc[0].index.shape == (8, 16)
+
+
+def test_groups_of_different_models_are_told_apart():
+    x = torch.randn(1, 3, 32, 32)
+    a = channel_groups(build_model("resnet18", 8, 3, 10), x)
+    check_same_groups(a, channel_groups(build_model("resnet18", 8, 3, 10), x))
+    with pytest.raises(OtfuseError, match="conv1 has 8 channels in the first but 16"):
+        check_same_groups(a, channel_groups(build_model("resnet18", 16, 3, 10), x))
+    with pytest.raises(OtfuseError, match="channel groups"):
+        check_same_groups(a, channel_groups(torchvision.models.vgg11_bn(num_classes=10), torch.randn(1, 3, 32, 32)))
+
+
+class GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.g(torch.relu(self.a(x))).mean((2, 3)))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.n = nn.GroupNorm(4, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.n(self.a(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net,name", [(GroupedConvNet, "module g is a grouped conv"), (GroupNormNet, "module n is a GroupNorm with 4 groups")])
+def test_layers_that_cannot_be_permuted_exactly_give_one_clear_error(net, name):
+    with pytest.raises(OtfuseError, match=name):
+        channel_groups(net(), torch.randn(1, 3, 8, 8))
