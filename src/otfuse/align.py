@@ -33,6 +33,7 @@ from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Member, apply_map
 
 METHODS = ("activation", "weight", "weight-matching")
+DEAD = 1e-4  # a channel's standard deviation below this share of its group's RMS counts as constant
 TIE_BREAK = 1e-3  # weight-based share of the activation cost: only separates channels activations cannot
 
 
@@ -40,6 +41,8 @@ TIE_BREAK = 1e-3  # weight-based share of the activation cost: only separates ch
 class AlignConfig:
     method: str = "activation"  # activation | weight | weight-matching
     cost: str = "corr"  # activation cost: corr | euclidean
+    point: str = "post"  # activations read after the nonlinearity (consumer inputs) or "pre" (norm outputs)
+    mix: float = 0.0  # activation method: share of the (sequential) weight cost mixed into the activation cost
     n_images: int = 1000  # training images (no augmentation) whose activations are compared
     act_batch_size: int = 250  # images per forward pass while collecting activations
     solver: str = "emd"  # emd (exact, a permutation) | sinkhorn (soft map)
@@ -51,8 +54,12 @@ class AlignConfig:
             raise OtfuseError(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.cost not in ("corr", "euclidean"):
             raise OtfuseError(f"--cost {self.cost!r} is unknown; choose corr or euclidean")
+        if self.point not in ("post", "pre"):
+            raise OtfuseError(f"--point {self.point!r} is unknown; choose post or pre")
         if self.solver not in ("emd", "sinkhorn"):
             raise OtfuseError(f"--solver {self.solver!r} is unknown; choose emd or sinkhorn")
+        if not 0 <= self.mix <= 1:
+            raise OtfuseError(f"--mix {self.mix} must be between 0 and 1")
         if self.n_images < 2:
             raise OtfuseError(f"--n-images {self.n_images} is too small; use at least 2")
 
@@ -71,7 +78,10 @@ def align(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], cfg: AlignConf
         costs = activation_costs(a, b, groups, images, norm, cfg, progress)
         t1 = time.perf_counter()
         timings["activations"] = timings.get("activations", 0.0) + t1 - t0
-        maps = {g.name: transport_map(costs[g.name] + TIE_BREAK * _invariant_cost(a, b, g), cfg) for g in groups}
+        if cfg.mix > 0:
+            maps = weight_maps(a, b, groups, cfg, costs)
+        else:
+            maps = {g.name: transport_map(costs[g.name] + TIE_BREAK * _invariant_cost(a, b, g), cfg) for g in groups}
     elif cfg.method == "weight":
         t1, maps = t0, weight_maps(a, b, groups, cfg)
     else:
@@ -122,9 +132,12 @@ class _Stats:
         cov = self.ab / n - ma[:, None] * mb[None, :]
         sa = (self.aa / n - ma**2).clamp_min(0).sqrt()
         sb = (self.bb / n - mb**2).clamp_min(0).sqrt()
-        denom = sa[:, None] * sb[None, :]
-        live = denom > 1e-12 * max(float(denom.max()), 1e-30)
-        corr = torch.where(live, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
+        # a channel whose spread is float noise next to the group's scale is dead: its correlations
+        # would be noise, so it correlates with nothing and the weight tie-break pairs it
+        live_a = sa > DEAD * (self.aa / n).mean().sqrt()
+        live_b = sb > DEAD * (self.bb / n).mean().sqrt()
+        live = live_a[:, None] & live_b[None, :]
+        corr = torch.where(live, cov / (sa[:, None] * sb[None, :]).clamp_min(1e-300), torch.zeros_like(cov))
         return (1 - corr).float()
 
 
@@ -138,9 +151,9 @@ def channel_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], images: torch.Tensor, norm: tuple,
                      cfg: AlignConfig, progress: bool = False) -> dict[str, torch.Tensor]:
     """Per group, a (C, C) cost between A's and B's channels from their activations on `images`."""
-    stats = {g.name: _Stats() for g in groups}
+    stats: dict[tuple[str, int], _Stats] = {}
     held: dict[tuple[str, int], torch.Tensor] = {}  # A's rows for the current batch, per (group, point)
-    points = [(g, i, o) for g in groups for i, o in enumerate(g.observations)]
+    points = [(g, i, o) for g in groups for i, o in enumerate(g.observations if cfg.point == "post" else g.pre_observations)]
     seen: dict = {}  # holds the tensors for the batch so their memory is not reused by a later one
 
     def hook_a(g, i, o):
@@ -155,11 +168,17 @@ def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], ima
     def hook_b(g, i, o):
         def fn(_mod, inputs):
             if (g.name, i) in held:
-                stats[g.name].add(held.pop((g.name, i)), channel_rows(inputs[0].detach(), o.index))
+                stats.setdefault((g.name, i), _Stats()).add(held.pop((g.name, i)), channel_rows(inputs[0].detach(), o.index))
         return fn
 
-    handles = [a.get_submodule(o.module).register_forward_pre_hook(hook_a(g, i, o)) for g, i, o in points]
-    handles += [b.get_submodule(o.module).register_forward_pre_hook(hook_b(g, i, o)) for g, i, o in points]
+    def register(model, g, i, o, make):
+        mod = model.get_submodule(o.module)
+        if o.on == "input":
+            return mod.register_forward_pre_hook(make(g, i, o))
+        return mod.register_forward_hook(lambda m, inp, out, fn=make(g, i, o): fn(m, (out,)))
+
+    handles = [register(a, g, i, o, hook_a) for g, i, o in points]
+    handles += [register(b, g, i, o, hook_b) for g, i, o in points]
     a.eval(), b.eval()
     dev = next(a.parameters()).device
     try:
@@ -177,10 +196,14 @@ def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], ima
     finally:
         for h in handles:
             h.remove()
-    missing = [name for name, s in stats.items() if s.n == 0]
-    if missing:
-        raise OtfuseError(f"no activations reached group {missing[0]}; the model's forward pass skips it")
-    return {name: s.cost(cfg.cost) for name, s in stats.items()}
+    costs = {}
+    for g in groups:
+        per_point = [s.cost(cfg.cost) for (name, _), s in stats.items() if name == g.name]
+        if not per_point:
+            raise OtfuseError(f"no activations reached group {g.name}; the model's forward pass skips it")
+        # each point weighs the same: a stream's late, large activations must not drown its early ones
+        costs[g.name] = sum(per_point) / len(per_point)
+    return costs
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -236,18 +259,38 @@ class _AxisIndex:
         return _rows(t, mem)
 
 
-def weight_maps(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], cfg: AlignConfig) -> dict[str, torch.Tensor]:
-    """OTFusion's sequential weight-based alignment, groups in forward order."""
+def _producer_weights(g: ChannelGroup) -> list[Member]:
+    """The out-members that are conv/linear weights: BatchNorm statistics, on another scale, would drown them."""
+    return [m for m in g.members if m.role == "out" and m.kind == "layer" and m.tensor == "weight"] or \
+        [m for m in g.members if m.role == "out"] or g.members
+
+
+def _unit(c: torch.Tensor) -> torch.Tensor:
+    return c / c.max().clamp_min(1e-30)
+
+
+def weight_maps(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], cfg: AlignConfig,
+                act_costs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """OTFusion's sequential weight-based alignment, groups in forward order; with activation
+    costs, the cost is their mix (weight share `cfg.mix`), both scaled to [0, 1]."""
     ta, tb, ix = _tensors(a), _tensors(b), _AxisIndex(groups)
     maps: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for g in groups:
-            outs = [m for m in g.members if m.role == "out"] or g.members
+            outs = _producer_weights(g)
             unknown = {h.name for h in groups} - set(maps)
             fa = torch.cat([ix.view(ta[_key(m)], m, g.name, {}, unknown) for m in outs], 1)
             fb = torch.cat([ix.view(tb[_key(m)], m, g.name, maps, unknown) for m in outs], 1)
-            maps[g.name] = transport_map(torch.cdist(fa.double(), fb.double()) ** 2, cfg)
+            cost = torch.cdist(fa.double(), fb.double()) ** 2
+            if act_costs is not None:
+                cost = (1 - cfg.mix) * _unit(act_costs[g.name].double()) + cfg.mix * _unit(cost)
+            maps[g.name] = transport_map(cost, cfg)
     return maps
+
+
+def _layer_members(g: ChannelGroup) -> list[Member]:
+    """Conv/linear weights and biases, in and out: the normalisation tensors are on other scales."""
+    return [m for m in g.members if m.kind == "layer"] or g.members
 
 
 def weight_matching(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], cfg: AlignConfig, max_rounds: int = 100) -> dict[str, torch.Tensor]:
@@ -261,7 +304,7 @@ def weight_matching(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], cfg:
             for k in torch.randperm(len(groups), generator=gen).tolist():
                 g = groups[k]
                 sim = sum(ix.view(ta[_key(m)], m, g.name, {}).double() @ ix.view(tb[_key(m)], m, g.name, maps).double().T
-                          for m in g.members)
+                          for m in _layer_members(g))
                 sim = sim.cpu().numpy()
                 _, cols = linear_sum_assignment(sim, maximize=True)
                 old = maps[g.name].numpy()

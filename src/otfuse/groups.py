@@ -37,14 +37,17 @@ class Member:
     axis: int
     index: torch.Tensor  # (size, m) long
     role: str  # "out": produces the channels, "in": consumes them (conv/linear input axis)
+    kind: str = "layer"  # "layer" (conv, linear), "norm" (BatchNorm, GroupNorm, LayerNorm) or "other"
 
 
 @dataclass
 class Observation:
-    """Where a group's channels can be seen: the input of `module` (after the nonlinearity), at `index` of dim 1."""
+    """Where a group's channels can be seen: the input (after the nonlinearity) or the output
+    (before it) of `module`, at `index` of dim 1."""
 
     module: str
     index: torch.Tensor  # (size, m) long
+    on: str = "input"  # "input": read by a consumer; "output": written by a producer
 
 
 @dataclass
@@ -52,7 +55,8 @@ class ChannelGroup:
     name: str
     size: int
     members: list[Member]
-    observations: list[Observation] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)  # consumer inputs: after the nonlinearity
+    pre_observations: list[Observation] = field(default_factory=list)  # norm (else layer) outputs: before it
     order: int = 0  # position of the first producer in the forward pass
 
     def signature(self) -> tuple:
@@ -158,8 +162,15 @@ def _role_and_slots(module: nn.Module, name: str, handler_name: str) -> list[tup
     return []  # parameter-free: activations, additions, concatenations, flattens
 
 
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, CONV + CONV_T + (nn.Linear,)):
+        return "layer"
+    return "norm" if isinstance(module, BATCHNORM + (nn.GroupNorm, nn.LayerNorm)) else "other"
+
+
 def _to_group(tp_group, names: dict, order: dict[str, int]) -> ChannelGroup:
     pairs: dict[tuple[str, str, int, str], set[tuple[int, int]]] = {}
+    kinds: dict[str, str] = {}
     root = None
     for item in tp_group.items:
         module = item.dep.target.module
@@ -167,15 +178,26 @@ def _to_group(tp_group, names: dict, order: dict[str, int]) -> ChannelGroup:
         if isinstance(module, nn.Module) and name is None:
             continue  # Torch-Pruning's own placeholder ops
         root = root or name
+        kinds[name] = _kind(module)
         for tensor, axis, role in _role_and_slots(module, name, getattr(item.dep.handler, "__name__", "")):
             if getattr(module, tensor, None) is None:
                 continue
             pairs.setdefault((name, tensor, axis, role), set()).update(zip(item.idxs, item.root_idxs))
     size = max(r for s in pairs.values() for _, r in s) + 1
-    members = [Member(n, t, a, _index_matrix(s, size, n), role) for (n, t, a, role), s in pairs.items()]
+    members = [Member(n, t, a, _index_matrix(s, size, n), role, kinds[n]) for (n, t, a, role), s in pairs.items()]
     observations = [Observation(m.module, m.index) for m in members if m.role == "in" and m.tensor == "weight"]
+    producers = [m for m in members if m.role == "out" and m.tensor == "weight"]
+    norms = {m.module for m in producers if m.kind == "norm"}
+    # a producer followed by a norm is read at the norm's output; one without a norm at its own
+    normed = {m.module for m in producers if m.kind == "layer" and any(_follows(n, m.module, order) for n in norms)}
+    pre = [Observation(m.module, m.index, "output") for m in producers if m.kind == "norm" or (m.kind == "layer" and m.module not in normed)]
     first = min((order.get(m.module, 1 << 30) for m in members if m.role == "out"), default=1 << 30)
-    return ChannelGroup(root, size, members, observations, first)
+    return ChannelGroup(root, size, members, observations, pre, first)
+
+
+def _follows(norm: str, layer: str, order: dict[str, int]) -> bool:
+    """Whether `norm` is called right after `layer` in the forward pass (it normalises that layer's output)."""
+    return order.get(norm, -2) == order.get(layer, -10) + 1
 
 
 def _index_matrix(pairs: set[tuple[int, int]], size: int, name: str) -> torch.Tensor:

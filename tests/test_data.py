@@ -1,0 +1,150 @@
+"""Every dataset source decodes into cached uint8 tensors; offline failures are one clear error."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from otfuse import data as D
+from otfuse.errors import OtfuseError
+
+
+def test_digits_is_embedded_and_split_with_a_fixed_validation_set(tmp_data_dir):
+    d = D.load_dataset("digits", tmp_data_dir)
+    assert d.train_x.dtype == torch.uint8 and d.train_x.shape[1:] == (1, 8, 8)
+    assert len(d.test_y) == 360 and len(d.train_y) + len(d.val_y) == 1437 and len(d.val_y) == 143
+    again = D.load_dataset("digits", tmp_data_dir)
+    assert torch.equal(d.val_x, again.val_x) and d.num_classes == 10 and not d.augment
+    assert list((tmp_data_dir / "cache").glob("digits-*.pt"))
+
+
+def _write_idx(path, arr: np.ndarray):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_is_decompressed_from_the_debian_folder(tmp_path, tmp_data_dir, monkeypatch):
+    system = tmp_path / "debian"
+    system.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("t10k", 20)):
+        _write_idx(system / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(system / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setenv("OTFUSE_FASHION_MNIST_DIR", str(system))
+    d = D.load_dataset("fashion-mnist", tmp_data_dir, val_size=10)
+    assert d.train_x.shape == (50, 1, 28, 28) and d.test_x.shape == (20, 1, 28, 28)
+    assert (tmp_data_dir / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    # torchvision reads the decompressed files unchanged
+    tv = torchvision.datasets.FashionMNIST(str(tmp_data_dir), train=False, download=False)
+    assert torch.equal(tv.data[:, None], d.test_x)
+
+
+def _no_internet(*args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+
+def test_missing_fashion_mnist_without_internet_names_the_offline_choices(tmp_path, tmp_data_dir, monkeypatch):
+    monkeypatch.setenv("OTFUSE_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _no_internet)
+    with pytest.raises(OtfuseError, match="apt-get install -y dataset-fashion-mnist.*digits"):
+        D.load_dataset("fashion-mnist", tmp_data_dir)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reads_torchvisions_pickles(name, tmp_data_dir):
+    rng = np.random.default_rng(0)
+    folder = tmp_data_dir / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir()
+    key = "labels" if name == "cifar10" else "fine_labels"
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+    arrays = {}
+    for f in files:
+        arrays[f] = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
+        with open(folder / f, "wb") as fh:
+            pickle.dump({"data": arrays[f], key: list(rng.integers(0, 10, 8))}, fh)
+    classes = [f"c{i}" for i in range(10)]
+    with open(folder / ("batches.meta" if name == "cifar10" else "meta"), "wb") as fh:
+        pickle.dump({"label_names" if name == "cifar10" else "fine_label_names": classes}, fh)
+    d = D.load_dataset(name, tmp_data_dir, val_size=4)
+    assert d.test_x.shape == (8, 3, 32, 32) and d.classes == classes
+    # torchvision's layout: 1024 red, then green, then blue values, row-major
+    assert torch.equal(d.test_x[0, 1].reshape(-1), torch.from_numpy(arrays[files[-1]][0, 1024:2048]))
+    assert len(d.train_y) + len(d.val_y) == 8 * (len(files) - 1)
+
+
+def test_missing_cifar_without_internet_names_the_offline_choices(tmp_data_dir, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _no_internet)
+    with pytest.raises(OtfuseError, match="cannot download cifar10.*offline choices.*imagefolder"):
+        D.load_dataset("cifar10", tmp_data_dir)
+
+
+def _image_tree(root, n=3, size=6):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_imagefolder_reads_a_folder_and_its_tar_xz_alike(tmp_path, tmp_data_dir):
+    root = tmp_path / "imgs"
+    _image_tree(root)
+    archive = tmp_path / "imgs.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(root, arcname="imgs")
+    a = D.load_dataset(f"imagefolder:{root}", tmp_data_dir, val_size=1)
+    b = D.load_dataset(f"imagefolder:{archive}", tmp_data_dir, val_size=1)
+    assert a.classes == ["cat", "dog"] and a.test_x.shape == (6, 3, 6, 6)
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_x, b.train_x)
+    assert D.dataset_slug(f"imagefolder:{archive}") == "imagefolder-imgs"
+
+
+def test_a_changed_source_invalidates_the_cache(tmp_path, tmp_data_dir):
+    root = tmp_path / "imgs"
+    _image_tree(root)
+    before = D.load_dataset(f"imagefolder:{root}", tmp_data_dir, val_size=0)
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "test" / "dog" / "0.png")
+    after = D.load_dataset(f"imagefolder:{root}", tmp_data_dir, val_size=0)
+    assert not torch.equal(before.test_x, after.test_x) and int(after.test_x[-3].sum()) == 0
+
+
+def test_bad_names_and_paths_are_one_clear_error(tmp_path, tmp_data_dir):
+    with pytest.raises(OtfuseError, match="unknown dataset 'mnist3d'"):
+        D.load_dataset("mnist3d", tmp_data_dir)
+    with pytest.raises(OtfuseError, match="does not exist"):
+        D.load_dataset(f"imagefolder:{tmp_path / 'none'}", tmp_data_dir)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OtfuseError, match="cannot write to directory"):
+        D.load_dataset("digits", blocker / "sub")
+
+
+def test_augmentation_crops_and_flips_each_image_with_its_own_draw():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).reshape(2, 1, 4, 4)
+    out = D.augment_batch(x, torch.Generator().manual_seed(0), pad=0)
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    padded = D.augment_batch(x.repeat(64, 1, 1, 1), torch.Generator().manual_seed(0), pad=1)
+    assert padded.shape == (128, 1, 4, 4) and len({tuple(p.flatten().tolist()) for p in padded}) > 4
+    again = D.augment_batch(x.repeat(64, 1, 1, 1), torch.Generator().manual_seed(0), pad=1)
+    assert torch.equal(padded, again)
+
+
+def test_batches_are_normalised_and_seeded():
+    x = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    y = torch.arange(10)
+    b1 = [yb for _, yb in D.batches(x, y, 4, ((0.5,), (0.25,)), seed=1)]
+    b2 = [yb for _, yb in D.batches(x, y, 4, ((0.5,), (0.25,)), seed=1)]
+    assert all(torch.equal(p, q) for p, q in zip(b1, b2)) and sorted(torch.cat(b1).tolist()) == list(range(10))
+    xb, _ = next(D.batches(x, y, 10, ((0.5,), (0.25,))))
+    assert torch.allclose(xb, (x.float() / 255 - 0.5) / 0.25)

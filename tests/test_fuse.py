@@ -1,0 +1,133 @@
+"""Fusion: the exactness oracle for every method and architecture, K models, soft maps, the CLI and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from conftest import CatNet, randomize_bn
+from otfuse.cli import main
+from otfuse.data import ImageData, normalize
+from otfuse.fuse import FuseConfig, fuse, fusion_report
+from otfuse.groups import channel_groups, permute, random_perms
+from otfuse.models import build_model
+from otfuse.train import TrainConfig, checkpoint_path, train
+
+METHODS = ["activation", "weight", "weight-matching"]
+
+
+def _random_data(shape: tuple[int, int, int], n: int = 64, classes: int = 10) -> ImageData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    c = shape[0]
+    return ImageData("random", [str(i) for i in range(classes)], x, y, x[:8], y[:8], x[:16], y[:16], (0.5,) * c, (0.25,) * c, False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two digits ResNet18s (width 8), trained for a few epochs, and their data."""
+    root = tmp_path_factory.mktemp("trained")
+    cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu",
+                        data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
+    paths = [train(c, progress=False) for c in cfgs]
+    from otfuse.data import load_dataset
+    from otfuse.models import load_checkpoint
+
+    return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root
+
+
+def _assert_returns_model(model, data, method, n_images=64):
+    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
+    copy = permute(model, groups, random_perms(groups, seed=5))
+    _, raw, _, _ = fuse([model, copy], data.train_x, data.norm, FuseConfig(method=method, n_images=n_images, bn_batches=0))
+    ref = model.state_dict()
+    for k, v in raw.state_dict().items():
+        assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fusing_a_trained_model_with_a_permuted_copy_returns_the_model(trained, method):
+    models, data, _, _ = trained
+    _assert_returns_model(models[0], data, method)
+
+
+ARCHS = {
+    "resnet18-w16-rgb": (lambda: build_model("resnet18", 16, 3, 10), (3, 32, 32)),
+    "tv-resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
+    "tv-resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
+    "tv-vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), (3, 32, 32)),
+    "tv-mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
+    "tv-densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
+    "catnet": (lambda: CatNet(), (3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", METHODS)
+def test_the_oracle_holds_on_every_architecture(arch, method):
+    make, shape = ARCHS[arch]
+    torch.manual_seed(0)
+    _assert_returns_model(randomize_bn(make()), _random_data(shape), method, n_images=32)
+
+
+def test_three_models_fuse_by_aligning_each_to_the_first(trained):
+    models, data, _, _ = trained
+    fused, raw, maps, timings = fuse([models[0], models[1], models[0]], data.train_x, data.norm, FuseConfig(bn_batches=4))
+    assert len(maps) == 2 and all(torch.equal(p, torch.arange(len(p))) for p in maps[1].values())
+    assert set(timings) == {"activations", "cost_and_ot", "averaging", "batchnorm"}
+
+
+def test_sinkhorn_with_little_regularisation_nearly_returns_the_model(trained):
+    models, data, _, _ = trained
+    model = models[0]
+    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
+    copy = permute(model, groups, random_perms(groups, seed=5))
+    _, raw, maps, _ = fuse([model, copy], data.train_x, data.norm, FuseConfig(solver="sinkhorn", reg=0.002, bn_batches=0))
+    assert all(m.is_floating_point() for m in maps[0].values())
+    ref = model.state_dict()
+    for k, v in raw.state_dict().items():
+        if v.is_floating_point():
+            assert (v - ref[k]).abs().max() <= 0.05 * ref[k].abs().max() + 1e-6, k
+
+
+def test_alignment_beats_vanilla_averaging_on_trained_models(trained):
+    models, data, _, _ = trained
+    _, acc, timings = fusion_report(models, data, FuseConfig(method="activation", bn_batches=10))
+    assert acc["fused"] > acc["vanilla_bn"] - 1.0
+    assert {"model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused"} == set(acc)
+    assert "evaluation" in timings
+
+
+def test_cli_fuse_prints_the_table_and_saves_a_loadable_checkpoint(trained, tmp_path, capsys):
+    _, _, paths, root = trained
+    out = tmp_path / "fused.pt"
+    code = main(["fuse", str(paths[0]), str(paths[1]), "--method", "weight", "--out", str(out), "--device", "cpu",
+                 "--data-dir", str(root / "data"), "--bn-batches", "4"])
+    text = capsys.readouterr().out
+    assert code == 0 and "vanilla_bn" in text and "seconds:" in text
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["meta"]["kind"] == "fused" and ckpt["meta"]["method"] == "weight" and len(ckpt["meta"]["parents"]) == 2
+
+
+def test_cli_fuse_bad_inputs_exit_2_and_write_nothing(trained, tmp_path, capsys):
+    _, _, paths, root = trained
+    out = tmp_path / "fused.pt"
+    base = ["--out", str(out), "--data-dir", str(root / "data"), "--device", "cpu"]
+
+    def run(*args):
+        code = main(["fuse", *args, *base])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and not out.exists(), err
+        return err
+
+    assert "two or more checkpoints" in run(str(paths[0]))
+    assert "does not exist" in run(str(paths[0]), str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(paths[1].read_bytes()[:1000])
+    assert "corrupt or truncated" in run(str(paths[0]), str(bad))
+    wide = TrainConfig(dataset="digits", width=4, epochs=1, device="cpu", data_dir=str(root / "data"), checkpoint_dir=str(tmp_path / "ck"))
+    train(wide, progress=False)
+    assert "width=4" in run(str(paths[0]), str(checkpoint_path(wide)))
+    assert "--method 'magic' is unknown" in run(str(paths[0]), str(paths[1]), "--method", "magic")

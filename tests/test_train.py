@@ -1,0 +1,130 @@
+"""Seeded training: it learns, resumes bit for bit, runs under DDP, and rejects bad inputs clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import otfuse.train as T
+from otfuse.cli import main
+from otfuse.errors import OtfuseError
+from otfuse.models import load_checkpoint
+
+FAST = dict(dataset="digits", width=8, batch_size=64, lr=0.1, device="cpu")
+
+
+def _cfg(tmp_path, **kw) -> T.TrainConfig:
+    return T.TrainConfig(**{**FAST, "data_dir": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "ck"), **kw})
+
+
+def test_a_short_run_learns_and_writes_checkpoint_and_log(tmp_path):
+    path = T.train(_cfg(tmp_path, epochs=6), progress=False)
+    assert path == tmp_path / "ck" / "digits" / "resnet18-w8" / "seed0.pt"
+    raw = torch.load(path, weights_only=True)
+    meta = raw["meta"]
+    assert meta["epoch"] == 6 and meta["test_acc"] > 80 and meta["config"]["lr"] == 0.1
+    assert {"arch", "width", "in_channels", "num_classes", "dataset", "mean", "std", "seed", "version"} <= set(meta)
+    log = path.with_suffix(".csv").read_text().splitlines()
+    assert log[0].startswith("epoch,train_loss") and len(log) == 7
+
+
+def test_the_seed_fixes_the_weights(tmp_path):
+    a = T.train(_cfg(tmp_path / "a", epochs=1), progress=False)
+    b = T.train(_cfg(tmp_path / "b", epochs=1), progress=False)
+    c = T.train(_cfg(tmp_path / "c", epochs=1, seed=1), progress=False)
+    sa, sb, sc = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    full = T.train(_cfg(tmp_path / "full", epochs=3), progress=False)
+    saves = []
+    real_save = T.save_checkpoint
+
+    def save_then_die(*args, **kw):
+        real_save(*args, **kw)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(_cfg(tmp_path / "cut", epochs=3), progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    cut = T.checkpoint_path(_cfg(tmp_path / "cut", epochs=3))
+    assert torch.load(cut, weights_only=True)["meta"]["epoch"] == 2
+    T.train(_cfg(tmp_path / "cut", epochs=3, resume=True), progress=False)
+    sf, sc = (torch.load(p, weights_only=True) for p in (full, cut))
+    assert sc["meta"]["epoch"] == 3
+    assert all(torch.equal(sf["state_dict"][k], sc["state_dict"][k]) for k in sf["state_dict"])
+
+
+def test_resume_rejects_a_checkpoint_of_another_architecture(tmp_path):
+    T.train(_cfg(tmp_path, epochs=1), progress=False)
+    path = T.checkpoint_path(_cfg(tmp_path))
+    wide = path.parent.parent / "resnet18-w16" / "seed0.pt"
+    wide.parent.mkdir()
+    wide.write_bytes(path.read_bytes())
+    with pytest.raises(OtfuseError, match="has width=8 but this run has 16"):
+        T.train(_cfg(tmp_path, epochs=1, width=16, resume=True), progress=False)
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    dd = ["--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ck")]
+    code, err = _cli(["train", "--dataset", "nope", *dd], capsys)
+    assert code == 2 and err.count("\n") == 0 and "unknown dataset 'nope'" in err
+    code, err = _cli(["train", "--arch", "vgg99", "--dataset", "digits", *dd], capsys)
+    assert code == 2 and "unknown architecture 'vgg99'" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _cli(["train", "--dataset", "digits", "--data-dir", str(blocker / "d")], capsys)
+    assert code == 2 and "cannot write to directory" in err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_corrupt_or_truncated_checkpoints_are_one_clear_error(tmp_path, capsys):
+    T.train(_cfg(tmp_path, epochs=1), progress=False)
+    path = T.checkpoint_path(_cfg(tmp_path))
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, err = _cli(["evaluate", str(truncated), "--data-dir", str(tmp_path / "data")], capsys)
+    assert code == 2 and "is corrupt or truncated" in err and err.count("\n") == 0
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(OtfuseError, match="corrupt or truncated"):
+        load_checkpoint(garbage)
+    # --resume over a truncated checkpoint: the same clear error
+    path.write_bytes(truncated.read_bytes())
+    with pytest.raises(OtfuseError, match="corrupt or truncated"):
+        T.train(_cfg(tmp_path, epochs=2, resume=True), progress=False)
+    code, err = _cli(["evaluate", str(tmp_path / "missing.pt")], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_evaluate_prints_the_test_accuracy(tmp_path, capsys):
+    T.train(_cfg(tmp_path, epochs=1), progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(T.checkpoint_path(_cfg(tmp_path))), "--data-dir", str(tmp_path / "data")]) == 0
+    assert "digits test accuracy" in capsys.readouterr().out
+
+
+def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "otfuse", "train",
+           "--dataset", "digits", "--width", "4", "--epochs", "2", "--batch-size", "64", "--device", "cpu",
+           "--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ck")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "ck" / "digits" / "resnet18-w4" / "seed0.pt", weights_only=True)
+    assert ckpt["meta"]["epoch"] == 2 and ckpt["meta"]["test_acc"] > 10
