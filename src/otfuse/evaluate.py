@@ -1,4 +1,4 @@
-"""Accuracy and loss of a model, a list of models (the softmax ensemble) on uint8 data."""
+"""Logits, accuracy and loss of a model on uint8 data."""
 
 from __future__ import annotations
 
@@ -28,9 +28,3 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple) ->
 def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple) -> tuple[float, float]:
     z = logits(model, x, norm)
     return torch.nn.functional.cross_entropy(z, y.to(z.device)).item(), accuracy_of_logits(z, y)
-
-
-def ensemble_accuracy(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, norm: tuple) -> float:
-    """Accuracy of the mean of the models' softmax outputs."""
-    probs = sum(logits(m, x, norm).softmax(1) for m in models)
-    return accuracy_of_logits(probs, y)

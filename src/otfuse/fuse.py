@@ -20,7 +20,7 @@ from torch import nn
 from otfuse.align import AlignConfig, align
 from otfuse.bn import recompute_bn
 from otfuse.errors import OtfuseError
-from otfuse.evaluate import accuracy, ensemble_accuracy
+from otfuse.evaluate import accuracy, accuracy_of_logits, logits
 from otfuse.groups import ChannelGroup, channel_groups, check_same_groups, permute
 from otfuse.data import normalize
 
@@ -93,8 +93,9 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     t0 = time.perf_counter()
     w = cfg.model_weights(len(models))
     vanilla = average(models, w).eval()
-    acc = {f"model{i + 1}": accuracy(m, x, y, data.norm) for i, m in enumerate(models)}
-    acc["ensemble"] = ensemble_accuracy(models, x, y, data.norm)
+    parent_logits = [logits(m, x, data.norm) for m in models]  # once: the ensemble reuses them
+    acc = {f"model{i + 1}": accuracy_of_logits(z, y) for i, z in enumerate(parent_logits)}
+    acc["ensemble"] = accuracy_of_logits(sum(z.softmax(1) for z in parent_logits), y)
     acc["vanilla"] = accuracy(vanilla, x, y, data.norm)
     recompute_bn(vanilla, data.train_x, data.norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed)
     acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)

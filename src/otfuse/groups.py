@@ -69,12 +69,27 @@ class ChannelGroup:
 def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored: list[nn.Module] | None = None) -> list[ChannelGroup]:
     """Every permutable channel group of `model`, in forward order; the logits are never grouped."""
     was_training = model.training
-    order, classifier = _forward_order(model, example_input)
-    ignored = list(ignored) if ignored else [classifier]
+    order: dict[str, int] = {}
+    layers: list[nn.Module] = []
+
+    def hook(mod, _inp, _out, name):
+        order.setdefault(name, len(order))
+        if isinstance(mod, CONV + CONV_T + (nn.Linear,)):
+            layers.append(mod)
+
+    # one forward pass serves both: Torch-Pruning's trace, and our forward order
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not layers:
+        raise OtfuseError("the model has no conv or linear layer; nothing to align")
+    ignored = list(ignored) if ignored else [layers[-1]]  # the last layer run produces the logits
     names = {m: n for n, m in model.named_modules()}
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
-    model.train(was_training)
     groups = [_to_group(g, names, order) for g in _tp_groups(graph, order, names, ignored)]
     groups.sort(key=lambda g: g.order)
     return groups
@@ -102,32 +117,6 @@ def _tp_groups(graph: tp.DependencyGraph, order: dict[str, int], names: dict, ig
                 touches_ignored |= item.dep.target.module in ignored
         if not touches_ignored:
             yield group
-
-
-def _forward_order(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], nn.Module]:
-    """Each module's first-call position, and the module producing the logits."""
-    order: dict[str, int] = {}
-    outputs: list[tuple[nn.Module, torch.Tensor]] = []
-
-    def hook(mod, _inp, out, name):
-        order.setdefault(name, len(order))
-        if isinstance(mod, CONV + (nn.Linear,)) and isinstance(out, torch.Tensor):
-            outputs.append((mod, out))
-
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in model.named_modules() if n]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            y = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if not outputs:
-        raise OtfuseError("the model has no conv or linear layer; nothing to align")
-    classifier = next((m for m, o in outputs if o is y), outputs[-1][0])
-    return order, classifier
 
 
 def _role_and_slots(module: nn.Module, name: str, handler_name: str) -> list[tuple[str, int, str]]:
@@ -230,14 +219,27 @@ def permute(model: nn.Module, groups: list[ChannelGroup], maps: dict[str, torch.
     target = model if inplace else copy.deepcopy(model)
     tensors = dict(target.named_parameters())
     tensors.update(dict(target.named_buffers()))
+    hard: dict[str, dict[int, torch.Tensor]] = {}  # tensor -> axis -> source index of every position
     with torch.no_grad():
         for g in groups:
             if g.name not in maps:
                 continue
             m = maps[g.name]
             for mem in g.members:
-                t = tensors[f"{mem.module}.{mem.tensor}" if mem.module else mem.tensor]
-                t.copy_(apply_map(t, mem.axis, mem.index.to(t.device), m.to(t.device)))
+                key = f"{mem.module}.{mem.tensor}" if mem.module else mem.tensor
+                t = tensors[key]
+                if m.is_floating_point():
+                    t.copy_(apply_map(t, mem.axis, mem.index.to(t.device), m.to(t.device)))
+                    continue
+                src = hard.setdefault(key, {}).setdefault(mem.axis, torch.arange(t.shape[mem.axis]))
+                src[mem.index.reshape(-1)] = src[mem.index[m].reshape(-1)]
+        # permutations: one gather per axis and one copy per tensor, however many groups touch it
+        for key, axes in hard.items():
+            t = tensors[key]
+            out = t
+            for axis, src in axes.items():
+                out = out.index_select(axis, src.to(t.device))
+            t.copy_(out)
     return target
 
 

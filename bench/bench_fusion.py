@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Cost of fusing two width-64 ResNet18s against the forward passes the fusion needs.
+
+Activation method, 1,000 images, BatchNorm recomputed on 100 batches of 128: the forward passes
+are 2 x 1,000 images (both models) plus 12,800 (the fused model). Evaluation is excluded.
+Target: fusion / forward passes <= 1.3.
+
+    python bench/bench_fusion.py [--width 64] [--device cpu]
+"""
+
+import argparse
+import time
+
+import torch
+
+from otfuse.data import batches
+from otfuse.fuse import FuseConfig, fuse
+from otfuse.models import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    cfg = FuseConfig(method="activation", n_images=1000, bn_batches=100, bn_batch_size=128)
+    images = torch.randint(0, 256, (12_800, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(dev)
+    norm = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_model("resnet18", args.width, 3, 10).to(dev).eval())
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    # the forward passes alone: both parents on 1,000 images, the fused model on 100 x 128 in train mode
+    sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for m in models:
+            for xb, _ in batches(images[: cfg.n_images], torch.zeros(cfg.n_images, dtype=torch.long), cfg.act_batch_size, norm):
+                m(xb)
+        probe = build_model("resnet18", args.width, 3, 10).to(dev).train()
+        for xb, _ in batches(images, torch.zeros(len(images), dtype=torch.long), cfg.bn_batch_size, norm, seed=0):
+            probe(xb)
+    sync()
+    t_forward = time.perf_counter() - t0
+
+    sync()
+    t0 = time.perf_counter()
+    _, _, _, timings = fuse(models, images, norm, cfg)
+    sync()
+    t_fuse = time.perf_counter() - t0
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
+    print(f"resnet18 w{args.width} on {dev}: forward passes {t_forward:.2f} s, fusion {t_fuse:.2f} s ({phases}); "
+          f"ratio {t_fuse / t_forward:.2f} (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On one GPU, within 10 minutes: two width-64 ResNet18 seeds on the CIFAR-10 JPEG copy, then both
+# fusion scripts; prints results/summary.md and the phase times.
+#   EPOCHS=15 DATA=../shared/data/cifar10-jpeg.tar.xz bench/gpu_headline.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
+DATA="${DATA:-shared/data/cifar10-jpeg.tar.xz}"
+EPOCHS="${EPOCHS:-15}"
+CK=/tmp/otfuse-headline-ck
+RES="${RESULTS:-results}"
+for seed in 0 1; do
+  python3 -m otfuse train --dataset "imagefolder:$DATA" --width 64 --epochs "$EPOCHS" --batch-size 512 --lr 0.4 \
+    --seed "$seed" --data-dir /tmp/otfuse-data --checkpoint-dir "$CK" --device cuda
+done
+python3 run_activation_based_fusion.py --checkpoint-dir "$CK" --results-dir "$RES" --data-dir /tmp/otfuse-data --device cuda
+python3 run_weight_based_fusion.py --checkpoint-dir "$CK" --results-dir "$RES" --data-dir /tmp/otfuse-data --device cuda
+grep -h "" "$RES"/*_activation.csv "$RES"/*_weight.csv | cut -d, -f1-5,13-
