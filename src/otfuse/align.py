@@ -188,7 +188,7 @@ def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], ima
             sample = images[torch.randperm(len(images), generator=gen)[:n].to(images.device)]
             total = -(-n // cfg.act_batch_size)
             for xb, _ in tqdm(batches(sample, torch.zeros(n, dtype=torch.long), cfg.act_batch_size, norm),
-                              total=total, desc="activations", disable=not progress, leave=False):
+                              total=total, desc="activations", disable=True if not progress else None, leave=False):
                 seen.clear()
                 a(xb.to(dev))
                 b(xb.to(dev))

@@ -29,7 +29,7 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches:
     dev = next(model.parameters()).device
     it = batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, norm, seed=seed, drop_last=len(images) >= batch_size)
     done = 0
-    with tqdm(total=n_batches, desc="batchnorm", disable=not progress, leave=False) as bar:
+    with tqdm(total=n_batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar:
         while done < n_batches:
             for xb, _ in it:
                 model(xb.to(dev))

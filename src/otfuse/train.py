@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
         bar = tqdm(
             batches(gpu_data.train_x, gpu_data.train_y, cfg.batch_size // world, data.norm, augment=data.augment,
                     seed=cfg.seed, epoch=epoch, rank=rank, world=world, drop_last=True),
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False,
+            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=True if not progress or rank != 0 else None, leave=False,
         )
         loss_sum = correct = seen = 0.0
         for i, (xb, yb) in enumerate(bar):
