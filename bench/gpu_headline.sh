@@ -4,11 +4,7 @@
 #   EPOCHS=15 DATA=../shared/data/cifar10-jpeg.tar.xz bench/gpu_headline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
-DATA="${DATA:-shared/data/cifar10-jpeg.tar.xz}"
+source bench/gpu_env.sh
 EPOCHS="${EPOCHS:-15}"
 CK=/tmp/otfuse-headline-ck
 RES="${RESULTS:-results}"

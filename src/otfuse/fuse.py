@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -103,7 +103,3 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     acc["fused"] = accuracy(fused, x, y, data.norm)
     timings["evaluation"] = time.perf_counter() - t0
     return fused, acc, timings
-
-
-def config_dict(cfg: FuseConfig) -> dict:
-    return asdict(cfg)

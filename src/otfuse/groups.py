@@ -258,7 +258,3 @@ def apply_map(t: torch.Tensor, axis: int, index: torch.Tensor, m: torch.Tensor) 
 def random_perms(groups: list[ChannelGroup], seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return {g.name: torch.randperm(g.size, generator=gen) for g in groups}
-
-
-def invert(p: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(p)
