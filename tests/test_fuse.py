@@ -38,10 +38,11 @@ def trained(tmp_path_factory):
     return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root
 
 
-def _assert_returns_model(model, data, method, n_images=64):
+def _assert_returns_model(model, data, method, n_images=64, **options):
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
     copy = permute(model, groups, random_perms(groups, seed=5))
-    _, raw, _, _ = fuse([model, copy], data.train_x, data.norm, FuseConfig(method=method, n_images=n_images, bn_batches=0))
+    cfg = FuseConfig(method=method, n_images=n_images, bn_batches=0, **options)
+    _, raw, _, _ = fuse([model, copy], data.train_x, data.norm, cfg)
     ref = model.state_dict()
     for k, v in raw.state_dict().items():
         assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
@@ -59,6 +60,12 @@ def _narrow_head(vgg):
     vgg.classifier = torch.nn.Sequential(torch.nn.Linear(512 * 7 * 7, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                                          torch.nn.ReLU(), torch.nn.Linear(64, 10))
     return vgg
+
+
+@pytest.mark.parametrize("options", [dict(point="pre"), dict(point="both"), dict(cost="euclidean"), dict(mix=0.5)])
+def test_the_oracle_holds_for_every_activation_option(trained, options):
+    models, data, _, _ = trained
+    _assert_returns_model(models[1], data, "activation", **options)
 
 
 ARCHS = {

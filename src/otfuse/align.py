@@ -41,7 +41,7 @@ TIE_BREAK = 1e-3  # weight-based share of the activation cost: only separates ch
 class AlignConfig:
     method: str = "activation"  # activation | weight | weight-matching
     cost: str = "corr"  # activation cost: corr | euclidean
-    point: str = "post"  # activations read after the nonlinearity (consumer inputs) or "pre" (norm outputs)
+    point: str = "post"  # activations read after the nonlinearity (consumer inputs), "pre" (norm outputs) or "both"
     mix: float = 0.0  # activation method: share of the (sequential) weight cost mixed into the activation cost
     n_images: int = 1000  # training images (no augmentation) whose activations are compared
     act_batch_size: int = 250  # images per forward pass while collecting activations
@@ -54,8 +54,8 @@ class AlignConfig:
             raise OtfuseError(f"--method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.cost not in ("corr", "euclidean"):
             raise OtfuseError(f"--cost {self.cost!r} is unknown; choose corr or euclidean")
-        if self.point not in ("post", "pre"):
-            raise OtfuseError(f"--point {self.point!r} is unknown; choose post or pre")
+        if self.point not in ("post", "pre", "both"):
+            raise OtfuseError(f"--point {self.point!r} is unknown; choose post, pre or both")
         if self.solver not in ("emd", "sinkhorn"):
             raise OtfuseError(f"--solver {self.solver!r} is unknown; choose emd or sinkhorn")
         if not 0 <= self.mix <= 1:
@@ -153,7 +153,9 @@ def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], ima
     """Per group, a (C, C) cost between A's and B's channels from their activations on `images`."""
     stats: dict[tuple[str, int], _Stats] = {}
     held: dict[tuple[str, int], torch.Tensor] = {}  # A's rows for the current batch, per (group, point)
-    points = [(g, i, o) for g in groups for i, o in enumerate(g.observations if cfg.point == "post" else g.pre_observations)]
+    chosen = {"post": lambda g: g.observations, "pre": lambda g: g.pre_observations,
+              "both": lambda g: g.observations + g.pre_observations}[cfg.point]
+    points = [(g, i, o) for g in groups for i, o in enumerate(chosen(g))]
     seen: dict = {}  # holds the tensors for the batch so their memory is not reused by a later one
 
     def hook_a(g, i, o):
