@@ -10,6 +10,8 @@ A bad input prints one line, `otfuse: error: ...`, and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -17,16 +19,30 @@ from pathlib import Path
 from otfuse.errors import OtfuseError
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source (and its bases): the option's help."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        out.update({k: v.replace("%", "%%") for k, v in re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", src, flags=re.M)})
+    return out
+
+
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     """One --option per dataclass field, so every hyperparameter is defined in one place."""
+    comments = _field_comments(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=default)
+            parser.add_argument(flag, action="store_true", default=default, help=comments.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+            note = comments.get(f.name)
+            parser.add_argument(flag, type=kind, default=default, help=f"{note} (default: {default})" if note else f"default: {default}")
 
 
 def _dataclass_from_args(cls, args: argparse.Namespace):
