@@ -9,7 +9,7 @@ from otfuse.cli import main
 def test_help_lists_the_options_with_their_meaning(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # help text wraps with the terminal
     assert exc.value.code == 0 and "usage: otfuse" in out
     if command == "train":
         assert "peak learning rate (default: 0.2)" in out
