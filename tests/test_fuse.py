@@ -146,3 +146,29 @@ def test_cli_fuse_bad_inputs_exit_2_and_write_nothing(trained, tmp_path, capsys)
     train(wide, progress=False)
     assert "width=4" in run(str(paths[0]), str(checkpoint_path(wide)))
     assert "--method 'magic' is unknown" in run(str(paths[0]), str(paths[1]), "--method", "magic")
+
+
+def test_repair_keeps_the_oracle(trained):
+    models, data, _, _ = trained
+    _assert_returns_model(models[0], data, "activation", repair=True)
+
+
+def test_repair_gives_the_first_layer_the_parents_mean_statistics():
+    """On a net without BatchNorm the stem's outputs are exact after REPAIR: nothing upstream moves them."""
+    from otfuse.bn import channel_moments, repair
+    from otfuse.fuse import average
+
+    data = _random_data((3, 8, 8), n=128)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(CatNet().eval())
+    example = normalize(data.train_x[:1], data.norm)
+    groups = channel_groups(nets[0], example)
+    fused = average(nets, [0.5, 0.5])
+    repair(fused, nets, [0.5, 0.5], groups, data.train_x, data.norm, n_images=128)
+    stem = [p for g in groups for p in g.pre_observations if p.module == "b"]
+    (mu_f, sd_f), = channel_moments(fused, stem, data.train_x, data.norm, 128)
+    moments = [channel_moments(n, stem, data.train_x, data.norm, 128)[0] for n in nets]
+    assert torch.allclose(mu_f, (moments[0][0] + moments[1][0]) / 2, atol=1e-5)
+    assert torch.allclose(sd_f, (moments[0][1] + moments[1][1]) / 2, atol=1e-5)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from otfuse.align import AlignConfig, align
-from otfuse.bn import recompute_bn
+from otfuse.bn import recompute_bn, repair
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits
 from otfuse.groups import ChannelGroup, channel_groups, check_same_groups, permute
@@ -30,6 +30,7 @@ class FuseConfig(AlignConfig):
     bn_batches: int = 100  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
     bn_batch_size: int = 128
     weights: str = ""  # comma-separated model weights for the average; empty: equal
+    repair: bool = False  # REPAIR: match each fused channel's activation mean and std to the parents'
 
     def model_weights(self, k: int) -> list[float]:
         if not self.weights:
@@ -82,6 +83,12 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
     t0 = time.perf_counter()
     fused = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
     timings["batchnorm"] = time.perf_counter() - t0
+    if cfg.repair:
+        t0 = time.perf_counter()
+        repair(fused, aligned, cfg.model_weights(len(models)), groups, images, norm, cfg.n_images, cfg.seed)
+        # the corrections move every later layer's inputs: their statistics are measured again
+        recompute_bn(fused, images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
+        timings["repair"] = time.perf_counter() - t0
     return fused, raw, maps, timings
 
 
