@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.data import batches
+from otfuse.data import batches, fixed_sample
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Member, apply_map
 
@@ -185,9 +185,8 @@ def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], ima
     dev = next(a.parameters()).device
     try:
         with torch.no_grad():
-            n = min(cfg.n_images, len(images))
-            gen = torch.Generator().manual_seed(cfg.seed)
-            sample = images[torch.randperm(len(images), generator=gen)[:n].to(images.device)]
+            sample = fixed_sample(images, cfg.n_images, cfg.seed)
+            n = len(sample)
             total = -(-n // cfg.act_batch_size)
             for xb, _ in tqdm(batches(sample, torch.zeros(n, dtype=torch.long), cfg.act_batch_size, norm),
                               total=total, desc="activations", disable=True if not progress else None, leave=False):

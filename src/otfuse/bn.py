@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.data import batches
+from otfuse.data import batches, fixed_sample
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -61,10 +61,9 @@ def channel_moments(model: nn.Module, points: list, images: torch.Tensor, norm: 
         handles.append(model.get_submodule(p.module).register_forward_hook(hook))
     model.eval()
     dev = next(model.parameters()).device
-    n = min(n_images, len(images))
-    sample = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].to(images.device)]
+    sample = fixed_sample(images, n_images, seed)
     try:
-        for xb, _ in batches(sample, torch.zeros(n, dtype=torch.long), batch_size, norm):
+        for xb, _ in batches(sample, torch.zeros(len(sample), dtype=torch.long), batch_size, norm):
             model(xb.to(dev))
     finally:
         for h in handles:

@@ -21,7 +21,7 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_size: int | 
 @dataclass
 class _Source:
     key: str  # names the source and its files' sizes and mtimes: a changed source misses the cache
-    decode: callable
+    decode: Callable[[], dict]
 
 
 def _source(name: str, data_dir: Path) -> _Source:
@@ -337,6 +337,12 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tens
     idx_n = torch.arange(n, device=x.device)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]]
     return out.permute(0, 3, 1, 2)
+
+
+def fixed_sample(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The same `n` images for a given seed: every model measured on it sees exactly these."""
+    n = min(n, len(images))
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].to(images.device)]
 
 
 def batches(
