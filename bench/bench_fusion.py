@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from otfuse.data import batches
+from otfuse.data import image_batches
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.models import build_model
 
@@ -41,10 +41,10 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         for m in models:
-            for xb, _ in batches(images[: cfg.n_images], torch.zeros(cfg.n_images, dtype=torch.long), cfg.act_batch_size, norm):
+            for xb in image_batches(images[: cfg.n_images], cfg.act_batch_size, norm):
                 m(xb)
         probe = build_model("resnet18", args.width, 3, 10).to(dev).train()
-        for xb, _ in batches(images, torch.zeros(len(images), dtype=torch.long), cfg.bn_batch_size, norm, seed=0):
+        for xb in image_batches(images, cfg.bn_batch_size, norm, seed=0):
             probe(xb)
     sync()
     t_forward = time.perf_counter() - t0

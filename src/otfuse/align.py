@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.data import batches, fixed_sample
+from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Member, apply_map
 
@@ -186,10 +186,9 @@ def activation_costs(a: nn.Module, b: nn.Module, groups: list[ChannelGroup], ima
     try:
         with torch.no_grad():
             sample = fixed_sample(images, cfg.n_images, cfg.seed)
-            n = len(sample)
-            total = -(-n // cfg.act_batch_size)
-            for xb, _ in tqdm(batches(sample, torch.zeros(n, dtype=torch.long), cfg.act_batch_size, norm),
-                              total=total, desc="activations", disable=True if not progress else None, leave=False):
+            total = -(-len(sample) // cfg.act_batch_size)
+            for xb in tqdm(image_batches(sample, cfg.act_batch_size, norm),
+                           total=total, desc="activations", disable=True if not progress else None, leave=False):
                 seen.clear()
                 a(xb.to(dev))
                 b(xb.to(dev))

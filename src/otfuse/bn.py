@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.data import batches, fixed_sample
+from otfuse.data import fixed_sample, image_batches
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -27,18 +27,18 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches:
         m.momentum = None  # cumulative moving average: every batch weighs the same
     model.train()
     dev = next(model.parameters()).device
-    it = batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, norm, seed=seed, drop_last=len(images) >= batch_size)
+    it = image_batches(images, batch_size, norm, seed=seed, drop_last=len(images) >= batch_size)
     done = 0
     with tqdm(total=n_batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar:
         while done < n_batches:
-            for xb, _ in it:
+            for xb in it:
                 model(xb.to(dev))
                 done += 1
                 bar.update()
                 if done == n_batches:
                     break
             # fewer images than n_batches * batch_size: go round again in a new order
-            it = batches(images, torch.zeros(len(images), dtype=torch.long), batch_size, norm, seed=seed, epoch=done)
+            it = image_batches(images, batch_size, norm, seed=seed, epoch=done)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     return model.eval()
@@ -63,7 +63,7 @@ def channel_moments(model: nn.Module, points: list, images: torch.Tensor, norm: 
     dev = next(model.parameters()).device
     sample = fixed_sample(images, n_images, seed)
     try:
-        for xb, _ in batches(sample, torch.zeros(len(sample), dtype=torch.long), batch_size, norm):
+        for xb in image_batches(sample, batch_size, norm):
             model(xb.to(dev))
     finally:
         for h in handles:

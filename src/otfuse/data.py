@@ -347,7 +347,7 @@ def fixed_sample(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def batches(
     x: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     batch_size: int,
     norm: tuple,
     *,
@@ -364,7 +364,7 @@ def batches(
     sees exactly the batches an uninterrupted run would. With `world` > 1 each rank takes every
     `world`-th sample of the same order and `batch_size` samples per step.
     """
-    n = len(y)
+    n = len(x)
     gen = None
     if seed is not None:
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -382,4 +382,10 @@ def batches(
         xb = x[idx]
         if augment and gen is not None:
             xb = augment_batch(xb, gen, pad)
-        yield normalize(xb, norm), y[idx]
+        yield normalize(xb, norm), (None if y is None else y[idx])
+
+
+def image_batches(x: torch.Tensor, batch_size: int, norm: tuple, **kw) -> Iterator[torch.Tensor]:
+    """`batches` without labels: for measuring activations and statistics."""
+    for xb, _ in batches(x, None, batch_size, norm, **kw):
+        yield xb

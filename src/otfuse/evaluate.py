@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from otfuse.data import batches
+from otfuse.data import image_batches
 
 
 @torch.no_grad()
 def logits(model: nn.Module, x: torch.Tensor, norm: tuple, batch_size: int = 500) -> torch.Tensor:
     model.eval()
     dev = next(model.parameters()).device
-    out = [model(xb.to(dev)).float() for xb, _ in batches(x, torch.zeros(len(x), dtype=torch.long), batch_size, norm)]
+    out = [model(xb.to(dev)).float() for xb in image_batches(x, batch_size, norm)]
     return torch.cat(out)
 
 
