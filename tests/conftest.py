@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from otfuse.train import TrainConfig, train
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -50,3 +52,16 @@ def tmp_data_dir(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Two digits ResNet18s (width 8), trained for a few epochs, and their data."""
+    root = tmp_path_factory.mktemp("trained")
+    cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu",
+                        data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
+    paths = [train(c, progress=False) for c in cfgs]
+    from otfuse.data import load_dataset
+    from otfuse.models import load_checkpoint
+
+    return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root

@@ -25,19 +25,6 @@ def _random_data(shape: tuple[int, int, int], n: int = 64, classes: int = 10) ->
     return ImageData("random", [str(i) for i in range(classes)], x, y, x[:8], y[:8], x[:16], y[:16], (0.5,) * c, (0.25,) * c, False)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two digits ResNet18s (width 8), trained for a few epochs, and their data."""
-    root = tmp_path_factory.mktemp("trained")
-    cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu",
-                        data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
-    paths = [train(c, progress=False) for c in cfgs]
-    from otfuse.data import load_dataset
-    from otfuse.models import load_checkpoint
-
-    return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root
-
-
 def _assert_returns_model(model, data, method, n_images=64, **options):
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
     copy = permute(model, groups, random_perms(groups, seed=5))

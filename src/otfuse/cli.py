@@ -38,7 +38,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=default, help=comments.get(f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=comments.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             note = comments.get(f.name)
@@ -95,39 +95,55 @@ def add_fuse_options(p: argparse.ArgumentParser, default_method: str = "activati
 
     _add_dataclass_args(p, FuseConfig)
     p.set_defaults(method=default_method)
+    p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); flags given here override it")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=str(default_data_dir()))
 
 
 def fuse_config_from_args(args: argparse.Namespace):
     from otfuse.fuse import FuseConfig
+    from otfuse.tune import read_config
 
     cfg = _dataclass_from_args(FuseConfig, args)
+    if args.config:
+        given = getattr(args, "_given", set())
+        cfg = FuseConfig(**{**cfg.__dict__, **{k: v for k, v in read_config(args.config).items() if k not in given}})
     cfg.check()
     return cfg
 
 
-def cmd_fuse(args: argparse.Namespace) -> int:
+def load_parents(paths: list[str], data_dir: str, device_name: str, at_least: int = 2):
+    """(models on the device, their metadata, the first one's dataset on the device), after checking
+    the checkpoints can be fused: same architecture, width, class count and dataset."""
     from otfuse.data import load_dataset
-    from otfuse.fuse import fusion_report
-    from otfuse.models import load_checkpoint, save_checkpoint
-    from otfuse.storage import writable_dir
+    from otfuse.models import load_checkpoint
     from otfuse.train import pick_device
+
+    if len(paths) < at_least:
+        raise OtfuseError(f"needs {'two or more' if at_least == 2 else at_least} checkpoints, got {len(paths)}; give A.pt B.pt")
+    loaded = [load_checkpoint(p) for p in paths]
+    meta0 = loaded[0][1]
+    for path, (_, meta, _) in zip(paths[1:], loaded[1:]):
+        for k in ("arch", "width", "in_channels", "num_classes", "dataset"):
+            if meta.get(k) != meta0.get(k):
+                raise OtfuseError(f"{path} has {k}={meta.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; fuse models of one architecture, width, class count and dataset")
+    device = pick_device(device_name)
+    data = load_dataset(meta0["dataset"], data_dir).to(device)
+    return [m.to(device) for m, _, _ in loaded], [meta for _, meta, _ in loaded], data
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from otfuse.fuse import fusion_report
+    from otfuse.models import save_checkpoint
+    from otfuse.storage import writable_dir
 
     cfg = fuse_config_from_args(args)
     if len(args.checkpoints) < 2:
         raise OtfuseError(f"fuse needs two or more checkpoints, got {len(args.checkpoints)}; give A.pt B.pt [more.pt]")
     if args.out:
         writable_dir(Path(args.out).parent)
-    loaded = [load_checkpoint(p) for p in args.checkpoints]
-    meta0 = loaded[0][1]
-    for path, (_, meta, _) in zip(args.checkpoints[1:], loaded[1:]):
-        for k in ("arch", "width", "in_channels", "num_classes", "dataset"):
-            if meta.get(k) != meta0.get(k):
-                raise OtfuseError(f"{path} has {k}={meta.get(k)!r} but {args.checkpoints[0]} has {meta0.get(k)!r}; fuse models of one architecture, width, class count and dataset")
-    device = pick_device(args.device)
-    data = load_dataset(meta0["dataset"], args.data_dir).to(device)
-    models = [m.to(device) for m, _, _ in loaded]
+    models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+    meta0 = metas[0]
     fused, acc, timings = fusion_report(models, data, cfg, progress=True, split=args.split)
     print(f"{meta0['dataset']} {meta0['arch']} w{meta0['width']}, {args.split} accuracy (%), method {cfg.method}:")
     for k, v in acc.items():
@@ -142,13 +158,71 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from otfuse.tune import TuneConfig, run_study
+
+    base = fuse_config_from_args(args)
+    tcfg = _dataclass_from_args(TuneConfig, args)
+    tcfg.method_list()
+    if len(args.checkpoints) != 2:
+        raise OtfuseError(f"tune needs exactly two checkpoints, got {len(args.checkpoints)}; give A.pt B.pt")
+    models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+    out = run_study(models, data, metas[0], [m.get("seed", "?") for m in metas], tcfg, base, progress=True)
+    print(f"study {out['study']}: {out['trials']} completed trials; best #{out['best_trial']} "
+          f"validation {out['val_accuracy']:.2f}% (again: {out['val_accuracy_again']:.2f}%)")
+    print("best options: " + ", ".join(f"{k}={v}" for k, v in out["options"].items()))
+    print(f"test accuracy of the best options (read once, now): {out['test_accuracy']:.2f}%")
+    print("wrote " + ", ".join(out["files"]))
+    return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from otfuse.data import dataset_slug
+    from otfuse.interpolate import interpolation, interpolation_figure, options_note, write_csv
+    from otfuse.results import save_figure
+    from otfuse.storage import writable_dir
+
+    cfg = fuse_config_from_args(args)
+    if args.points < 2:
+        raise OtfuseError(f"--points {args.points}: give at least 2 (the two parents)")
+    if len(args.checkpoints) != 2:
+        raise OtfuseError(f"interpolate needs exactly two checkpoints, got {len(args.checkpoints)}; give A.pt B.pt")
+    results = writable_dir(args.results_dir)
+    models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+    meta0, seeds = metas[0], "-".join(str(m.get("seed", "?")) for m in metas)
+    rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
+    stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{meta0['arch']}-w{meta0['width']}-seeds{seeds}"
+    write_csv(rows, f"{stem}.csv")
+    title = (f"{meta0['dataset']}, {meta0['arch']} width {meta0['width']}, seeds {seeds}: "
+             f"interpolating A to B ({options_note(cfg)})")
+    save_figure(interpolation_figure(rows, title, args.split), f"{stem}.png")
+    for r in rows:
+        print(f"  alpha {r['alpha']:.2f} {r['curve']:<15} accuracy {r['accuracy']:6.2f}  loss {r['loss']:.4f}")
+    print(f"wrote {stem}.csv, {stem}.png")
+    return 0
+
+
 def _add_fusion_commands(sub) -> None:
+    from otfuse.tune import TuneConfig
+
     p = sub.add_parser("fuse", help="fuse two or more checkpoints and print the accuracy table")
     p.add_argument("checkpoints", nargs="*")
     p.add_argument("--out", default="", help="where to save the fused checkpoint")
     p.add_argument("--split", default="test", choices=["val", "test"])
     add_fuse_options(p)
     p.set_defaults(run=cmd_fuse)
+    p = sub.add_parser("tune", help="optuna study over the fusion options on the validation split (resumable, shareable)")
+    p.add_argument("checkpoints", nargs="*")
+    _add_dataclass_args(p, TuneConfig)
+    add_fuse_options(p)
+    p.set_defaults(run=cmd_tune)
+    p = sub.add_parser("interpolate", help="accuracy and loss between two models, vanilla and aligned: CSV and PNG")
+    p.add_argument("checkpoints", nargs="*")
+    p.add_argument("--points", type=int, default=11, help="alphas from 0 to 1 (default: 11)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--results-dir", default="results")
+    add_fuse_options(p)
+    p.set_defaults(run=cmd_interpolate)
 
 
 def run_main(fn) -> int:
@@ -163,8 +237,15 @@ def run_main(fn) -> int:
         return 130
 
 
+def given_options(argv: list[str]) -> set[str]:
+    """Dest names of the --options written on the command line (they override a --config file)."""
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args._given = given_options(argv)
     return run_main(lambda: args.run(args))
 
 

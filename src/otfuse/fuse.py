@@ -77,19 +77,27 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
         mp = align(models[0], m, groups, cfg, images, norm, progress, timings)
         maps.append(mp)
         aligned.append(permute(m, groups, mp))
+    fused, raw = merge(aligned, cfg.model_weights(len(models)), groups, images, norm, cfg, progress, timings)
+    return fused, raw, maps, timings
+
+
+def merge(aligned: list[nn.Module], weights: list[float], groups: list[ChannelGroup], images: torch.Tensor, norm: tuple,
+          cfg: FuseConfig, progress: bool = False, timings: dict[str, float] | None = None) -> tuple[nn.Module, nn.Module]:
+    """(merged model with BatchNorm recomputed and REPAIR if asked, the plain weighted average) of aligned models."""
+    timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    raw = average(aligned, cfg.model_weights(len(models))).eval()
+    raw = average(aligned, weights).eval()
     timings["averaging"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fused = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
     timings["batchnorm"] = time.perf_counter() - t0
     if cfg.repair:
         t0 = time.perf_counter()
-        repair(fused, aligned, cfg.model_weights(len(models)), groups, images, norm, cfg.n_images, cfg.seed)
+        repair(fused, aligned, weights, groups, images, norm, cfg.n_images, cfg.seed)
         # the corrections move every later layer's inputs: their statistics are measured again
         recompute_bn(fused, images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
         timings["repair"] = time.perf_counter() - t0
-    return fused, raw, maps, timings
+    return fused, raw
 
 
 def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool = False, split: str = "test"):

@@ -16,13 +16,14 @@ import io
 import itertools
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from otfuse.data import load_dataset
 from otfuse.errors import OtfuseError
-from otfuse.storage import atomic_write_text
+from otfuse.storage import atomic_write_bytes, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "seeds")
 ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused")
@@ -94,7 +95,7 @@ def trained_sets(checkpoint_dir: Path, dataset: str | None) -> list[tuple[Path, 
 
 def sweep(argv: list[str] | None, default_method: str) -> int:
     """The two fusion scripts: fuse every pair of trained seeds, upsert CSV rows, rewrite summary.md."""
-    from otfuse.cli import add_fuse_options, fuse_config_from_args, run_main
+    from otfuse.cli import add_fuse_options, fuse_config_from_args, given_options, run_main
     from otfuse.fuse import fusion_report
     from otfuse.models import load_checkpoint, save_checkpoint
     from otfuse.train import pick_device
@@ -106,6 +107,7 @@ def sweep(argv: list[str] | None, default_method: str) -> int:
     p.add_argument("--results-dir", default="results")
     add_fuse_options(p, default_method)
     args = p.parse_args(argv)
+    args._given = given_options(sys.argv[1:] if argv is None else argv)
 
     def run() -> int:
         cfg = fuse_config_from_args(args)
@@ -137,3 +139,14 @@ def sweep(argv: list[str] | None, default_method: str) -> int:
         return 0
 
     return run_main(run)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -1,0 +1,99 @@
+"""otfuse tune: the test set is read once at the end, the best options reproduce through `fuse --config`,
+and workers sharing one SQLite study all add trials, a killed study resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+
+from otfuse.cli import main
+from otfuse.data import ImageData
+
+FAST = ["--methods", "weight,activation", "--device", "cpu"]
+
+
+def _completed(url: str, study: str) -> list:
+    s = optuna.load_study(study_name=study, storage=url)
+    return [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_tune_reads_the_test_set_only_for_the_final_report(trained, tmp_path, monkeypatch, capsys):
+    _, _, paths, root = trained
+    reads: list[str] = []
+    original = ImageData.__getattribute__
+
+    def counting(self, name):
+        if name in ("val_x", "test_x"):
+            reads.append(name[:-2])
+        return original(self, name)
+
+    monkeypatch.setattr(ImageData, "__getattribute__", counting)
+    code = main(["tune", str(paths[0]), str(paths[1]), "--n-trials", "4", "--results-dir", str(tmp_path),
+                 "--data-dir", str(root / "data"), *FAST])
+    monkeypatch.setattr(ImageData, "__getattribute__", original)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert reads.count("val") >= 4
+    assert reads.count("test") == 1 and reads[-1] == "test", reads
+    best = next(tmp_path.glob("tune-*-best.json"))
+    assert (tmp_path / best.name.replace("-best.json", ".csv")).is_file()
+    assert (tmp_path / best.name.replace("-best.json", "-history.png")).stat().st_size > 10_000
+
+    # the best options, applied by `otfuse fuse --config`, give the best trial's validation accuracy
+    val = json.loads(best.read_text())["_val_accuracy"]
+    code = main(["fuse", str(paths[0]), str(paths[1]), "--config", str(best), "--split", "val",
+                 "--data-dir", str(root / "data"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    fused = float(re.search(r"^\s+fused\s+([\d.]+)$", out, flags=re.M).group(1))
+    assert code == 0 and abs(fused - val) < 0.01, (fused, val)
+
+
+def test_config_errors_are_one_line(trained, tmp_path, capsys):
+    _, _, paths, root = trained
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "activation", "colour": "blue"}')
+    code = main(["fuse", str(paths[0]), str(paths[1]), "--config", str(bad), "--data-dir", str(root / "data")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown option(s) colour" in err and "\n" not in err
+    code = main(["tune", str(paths[0]), "--data-dir", str(root / "data"), "--results-dir", str(tmp_path)])
+    assert code == 2 and "exactly two checkpoints" in capsys.readouterr().err
+
+
+def _worker(paths, root, url, n, results):
+    cmd = [sys.executable, "-m", "otfuse", "tune", str(paths[0]), str(paths[1]), "--storage", url, "--study", "shared",
+           "--n-trials", str(n), "--results-dir", str(results), "--data-dir", str(root / "data"), *FAST]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, tmp_path):
+    _, _, paths, root = trained
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    workers = [_worker(paths, root, url, 3, tmp_path) for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outs
+    done = _completed(url, "shared")
+    assert len(done) == 6  # no trial lost
+    assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers added theirs
+
+    killed = _worker(paths, root, url, 1000, tmp_path)
+    deadline = time.time() + 300
+    while len(_completed(url, "shared")) < 8 and time.time() < deadline:
+        time.sleep(0.5)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    before = len(_completed(url, "shared"))
+    assert before >= 8
+
+    again = _worker(paths, root, url, 2, tmp_path)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out
+    assert len(_completed(url, "shared")) == before + 2
+    assert "test accuracy of the best options" in out
