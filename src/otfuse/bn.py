@@ -47,18 +47,22 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches:
 @torch.no_grad()
 def channel_moments(model: nn.Module, points: list, images: torch.Tensor, norm: tuple, n_images: int = 1000,
                     batch_size: int = 250, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and standard deviation at each (module output, index) point, on a fixed
+    """Per-channel mean and standard deviation at each Observation (a module's input or output), on a fixed
     sample of unaugmented images; streamed, only running sums are kept."""
     from otfuse.align import channel_rows
 
     sums = [[0.0, 0.0, 0] for _ in points]
     handles = []
     for k, p in enumerate(points):
-        def hook(_m, _i, out, k=k, p=p):
-            rows = channel_rows(out.detach(), p.index).double()
+        def add(x, k=k, p=p):
+            rows = channel_rows(x.detach(), p.index).double()
             s = sums[k]
             s[0], s[1], s[2] = s[0] + rows.sum(1), s[1] + (rows * rows).sum(1), s[2] + rows.shape[1]
-        handles.append(model.get_submodule(p.module).register_forward_hook(hook))
+        mod = model.get_submodule(p.module)
+        if getattr(p, "on", "output") == "input":
+            handles.append(mod.register_forward_pre_hook(lambda _m, inputs, add=add: add(inputs[0])))
+        else:
+            handles.append(mod.register_forward_hook(lambda _m, _i, out, add=add: add(out)))
     model.eval()
     dev = next(model.parameters()).device
     sample = fixed_sample(images, n_images, seed)

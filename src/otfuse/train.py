@@ -47,6 +47,8 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoint"
     device: str = "auto"  # auto: cuda when available
     resume: bool = False
+    init: str = ""  # start from this checkpoint's weights instead of a fresh initialisation (fine-tuning)
+    out: str = ""  # checkpoint path; empty: <checkpoint_dir>/<dataset>/<arch>-w<width>/seed<seed>.pt
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -54,6 +56,8 @@ class TrainConfig:
 
 
 def checkpoint_path(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
     return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / f"{cfg.arch}-w{cfg.width}" / f"seed{cfg.seed}.pt"
 
 
@@ -102,6 +106,8 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     start, history = 0, []
     if cfg.resume and path.is_file():
         start, history = _restore(path, cfg, model, opt, data)
+    elif cfg.init:
+        model.load_state_dict(_compatible(cfg.init, "--init", cfg, data)[0].state_dict())
     model.to(device)
     _optimizer_to(opt, device)
     if device.type == "cuda":
@@ -161,15 +167,22 @@ def _meta(cfg: TrainConfig, data: ImageData) -> dict:
         "kind": "trained", "arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels,
         "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
         "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k != "resume"},
+        **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),
     }
 
 
-def _restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, data: ImageData):
+def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):
+    """load_checkpoint(path), after checking it holds the model this run trains."""
     saved, meta, ckpt = load_checkpoint(path)
     want = {"arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels, "num_classes": data.num_classes, "dataset": cfg.dataset}
     for k, v in want.items():
         if meta.get(k) != v:
-            raise OtfuseError(f"--resume: checkpoint {path} has {k}={meta.get(k)!r} but this run has {v!r}; use another --checkpoint-dir or matching options")
+            raise OtfuseError(f"{flag}: checkpoint {path} has {k}={meta.get(k)!r} but this run has {v!r}; use another checkpoint or matching options")
+    return saved, meta, ckpt
+
+
+def _restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, data: ImageData):
+    saved, meta, ckpt = _compatible(path, "--resume", cfg, data)
     if "optimizer" not in ckpt:
         raise OtfuseError(f"--resume: checkpoint {path} holds no optimiser state (a fused model?); train without --resume")
     model.load_state_dict(saved.state_dict())
