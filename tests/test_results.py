@@ -24,3 +24,26 @@ def test_summary_has_the_original_columns_plus_ensemble_and_vanilla(tmp_path):
     text = write_summary(tmp_path).read_text()
     assert "| Dataset | Model | Pairs | Model1 | Model2 | Activation-base Fusion | Weights-base Fusion | Ensemble | Vanilla | Vanilla + BN |" in text
     assert "| digits | resnet18 w8 | 1 | 90.00 | 91.00 | 80.00 | 70.00 | 93.00 | 10.00 | 50.00 |" in text
+
+
+def test_summary_gains_repair_and_finetuning_columns_when_runs_have_them(tmp_path):
+    upsert_row(tmp_path / "digits_activation.csv", {**_row("0-1", "activation", "80.00"), "fused_repair": "81.00",
+                                                     "fused_ft": "92.00", "finetune_epochs": "1"})
+    upsert_row(tmp_path / "digits_weight.csv", {**_row("0-1", "weight", "70.00"), "fused_repair": "72.00"})
+    text = write_summary(tmp_path).read_text()
+    assert ("| Activation-base Fusion | Weights-base Fusion | Activation + REPAIR | Weights + REPAIR "
+            "| Activation + 1 ep fine-tuning | Ensemble |") in text
+    assert "| 80.00 | 70.00 | 81.00 | 72.00 | 92.00 | 93.00 |" in text
+
+
+def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path, capsys):
+    from otfuse.results import sweep
+
+    _, _, paths, root = trained
+    code = sweep(["--checkpoint-dir", str(root / "ck"), "--results-dir", str(tmp_path), "--data-dir", str(root / "data"),
+                  "--device", "cpu", "--bn-batches", "4", "--n-images", "128", "--finetune-epochs", "1"], "activation")
+    assert code == 0, capsys.readouterr().err
+    row = read_rows(tmp_path / "digits_activation.csv")[0]
+    assert float(row["fused_ft"]) > float(row["fused"]) - 5 and row["finetune_epochs"] == "1" and row["fused_repair"]
+    assert (root / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1-ft1.pt").is_file()
+    assert "Activation + 1 ep fine-tuning" in (tmp_path / "summary.md").read_text()

@@ -58,9 +58,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-FINETUNE = {"epochs": 1, "lr": 0.05, "warmup": 0.1}  # gentler than training from scratch; lr chosen on Fashion-MNIST val
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Train a (fused) checkpoint further with the training loop; its dataset, arch and width come from it."""
     from otfuse.models import load_checkpoint
@@ -94,7 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from otfuse.data import default_data_dir
-    from otfuse.train import TrainConfig
+    from otfuse.train import FINETUNE, TrainConfig
 
     parser = argparse.ArgumentParser(prog="otfuse", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -101,12 +101,20 @@ def merge(aligned: list[nn.Module], weights: list[float], groups: list[ChannelGr
 
 
 def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool = False, split: str = "test"):
-    """(fused model, accuracies of the fusion and every baseline on `split`, seconds per phase)."""
+    """(fused model, accuracies of the fusion, of the fusion with REPAIR and of every baseline on `split`,
+    seconds per phase)."""
     timings: dict[str, float] = {}
     x, y = data.split(split)
-    fused, raw, _, timings = fuse(models, data.train_x, data.norm, cfg, progress, timings=timings)
-    t0 = time.perf_counter()
+    fused, raw, maps, timings = fuse(models, data.train_x, data.norm, cfg, progress, timings=timings)
     w = cfg.model_weights(len(models))
+    repaired = fused
+    if not cfg.repair:  # the REPAIR column, from the same alignment
+        groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
+        aligned = [models[0]] + [permute(m, groups, mp) for m, mp in zip(models[1:], maps)]
+        spent: dict[str, float] = {}
+        repaired = merge(aligned, w, groups, data.train_x, data.norm, replace(cfg, repair=True), timings=spent)[0]
+        timings["repair"] = spent["repair"]
+    t0 = time.perf_counter()
     vanilla = average(models, w).eval()
     parent_logits = [logits(m, x, data.norm) for m in models]  # once: the ensemble reuses them
     acc = {f"model{i + 1}": accuracy_of_logits(z, y) for i, z in enumerate(parent_logits)}
@@ -116,5 +124,6 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)
     acc["fused_no_bn"] = accuracy(raw, x, y, data.norm)
     acc["fused"] = accuracy(fused, x, y, data.norm)
+    acc["fused_repair"] = accuracy(repaired, x, y, data.norm)
     timings["evaluation"] = time.perf_counter() - t0
     return fused, acc, timings

@@ -17,6 +17,7 @@ import itertools
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from otfuse.errors import OtfuseError
 from otfuse.storage import atomic_write_bytes, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "seeds")
-ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused")
-PHASES = ("activations", "cost_and_ot", "averaging", "batchnorm", "evaluation")
+ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair", "fused_ft")
+PHASES = ("activations", "cost_and_ot", "averaging", "batchnorm", "repair", "evaluation", "finetune")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -66,19 +67,39 @@ def write_summary(results_dir: Path) -> Path:
                 by_model.setdefault((r["dataset"], r["arch"], r["width"]), {}).setdefault(r["method"], []).append(r)
     methods = [m for m in ("activation", "weight", "weight-matching") if any(m in v for v in by_model.values())]
     title = {"activation": "Activation-base Fusion", "weight": "Weights-base Fusion", "weight-matching": "Weight matching"}
-    head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [title[m] for m in methods] + ["Ensemble", "Vanilla", "Vanilla + BN"]
-    lines = ["# Fusion results", "", "Test accuracy (%), mean over the fused pairs; fusion columns after BatchNorm recomputation, no fine-tuning.", "",
+    short = {"activation": "Activation", "weight": "Weights", "weight-matching": "Weight matching"}
+    rows_of = lambda m: [r for v in by_model.values() for r in v.get(m, [])]
+    # (header, method, CSV column): REPAIR and fine-tuning columns appear once some run has them
+    cols = [(title[m], m, "fused") for m in methods]
+    cols += [(f"{short[m]} + REPAIR", m, "fused_repair") for m in methods if any(r.get("fused_repair") for r in rows_of(m))]
+    epochs = sorted({r.get("finetune_epochs") for m in methods for r in rows_of(m) if r.get("fused_ft")})
+    cols += [(f"{short[m]} + {'/'.join(epochs)} ep fine-tuning", m, "fused_ft") for m in methods if any(r.get("fused_ft") for r in rows_of(m))]
+    head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [c[0] for c in cols] + ["Ensemble", "Vanilla", "Vanilla + BN"]
+    lines = ["# Fusion results", "",
+             "Test accuracy (%), mean over the fused pairs; fusion columns after BatchNorm recomputation; "
+             "no fine-tuning except in the fine-tuning columns.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     mean = lambda rows, k: f"{sum(float(r[k]) for r in rows) / len(rows):.2f}" if rows and all(r.get(k) for r in rows) else "-"
     for (dataset, arch, width), runs in sorted(by_model.items()):
         any_rows = next(iter(runs.values()))
         cells = [dataset, f"{arch} w{width}", str(len(any_rows)), mean(any_rows, "model1"), mean(any_rows, "model2")]
-        cells += [mean(runs.get(m, []), "fused") for m in methods]
+        cells += [mean(runs.get(m, []), k) for _, m, k in cols]
         cells += [mean(any_rows, "ensemble"), mean(any_rows, "vanilla"), mean(any_rows, "vanilla_bn")]
         lines.append("| " + " | ".join(cells) + " |")
     path = results_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def finetuned_accuracy(fused_path: Path, meta: dict, epochs: int, data_dir: str, device: str) -> float:
+    """Test accuracy of the fused checkpoint after `epochs` of fine-tuning (saved beside it, -ft<K>.pt)."""
+    from otfuse.models import load_checkpoint
+    from otfuse.train import FINETUNE, TrainConfig, train
+
+    cfg = TrainConfig(**{**FINETUNE, "epochs": epochs}, dataset=meta["dataset"], arch=meta["arch"], width=meta["width"],
+                      data_dir=data_dir, device=device, init=str(fused_path),
+                      out=str(fused_path.with_name(f"{fused_path.stem}-ft{epochs}.pt")))
+    return float(load_checkpoint(train(cfg, progress=False))[1]["test_acc"])
 
 
 def trained_sets(checkpoint_dir: Path, dataset: str | None) -> list[tuple[Path, list[Path]]]:
@@ -105,6 +126,7 @@ def sweep(argv: list[str] | None, default_method: str) -> int:
     p.add_argument("--pairs", default="", help="seed pairs, e.g. 0-1,0-2 (default: every pair)")
     p.add_argument("--checkpoint-dir", default="checkpoint")
     p.add_argument("--results-dir", default="results")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each fused model this many epochs (otfuse finetune's defaults) and report it")
     add_fuse_options(p, default_method)
     args = p.parse_args(argv)
     args._given = given_options(sys.argv[1:] if argv is None else argv)
@@ -128,12 +150,19 @@ def sweep(argv: list[str] | None, default_method: str) -> int:
                 models = [loaded[i][0].to(device), loaded[j][0].to(device)]
                 print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]} ({cfg.method})", flush=True)
                 fused, acc, timings = fusion_report(models, data, cfg, progress=True)
-                row = fusion_row(folder.parent.name, meta0, seeds, cfg.method, acc, timings, cfg.__dict__)
-                upsert_row(results / f"{folder.parent.name}_{cfg.method}.csv", row)
                 meta = {**meta0, "kind": "fused", "method": cfg.method, "options": dict(cfg.__dict__),
                         "parents": [str(paths[i]), str(paths[j])], "test_acc": acc["fused"]}
                 meta.pop("history", None), meta.pop("config", None)
-                save_checkpoint(folder / f"fused-{cfg.method}-seeds{seeds[0]}-{seeds[1]}.pt", fused, meta)
+                fused_path = folder / f"fused-{cfg.method}-seeds{seeds[0]}-{seeds[1]}.pt"
+                save_checkpoint(fused_path, fused, meta)
+                if args.finetune_epochs > 0:
+                    t0 = time.perf_counter()
+                    acc["fused_ft"] = finetuned_accuracy(fused_path, meta0, args.finetune_epochs, args.data_dir, args.device)
+                    timings["finetune"] = time.perf_counter() - t0
+                row = fusion_row(folder.parent.name, meta0, seeds, cfg.method, acc, timings, cfg.__dict__)
+                if args.finetune_epochs > 0:
+                    row["finetune_epochs"] = args.finetune_epochs
+                upsert_row(results / f"{folder.parent.name}_{cfg.method}.csv", row)
                 print("  " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
         print(write_summary(results).read_text())
         return 0

@@ -55,6 +55,9 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
 
+FINETUNE = {"epochs": 1, "lr": 0.05, "warmup": 0.1}  # fine-tuning a fused model: gentler; lr chosen on Fashion-MNIST val
+
+
 def checkpoint_path(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
