@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On one GPU, within 10 minutes: two width-64 ResNet18 seeds on the CIFAR-10 JPEG copy, then both
-# fusion scripts; prints results/summary.md and the phase times.
+# fusion scripts (each also reports fusion + REPAIR, and fusion + 1 epoch of fine-tuning);
+# prints results/summary.md and the phase times.
 #   EPOCHS=15 DATA=../shared/data/cifar10-jpeg.tar.xz bench/gpu_headline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,6 @@ for seed in 0 1; do
   python3 -m otfuse train --dataset "imagefolder:$DATA" --width 64 --epochs "$EPOCHS" --batch-size 512 --lr 0.4 \
     --seed "$seed" --data-dir /tmp/otfuse-data --checkpoint-dir "$CK" --device cuda
 done
-python3 run_activation_based_fusion.py --checkpoint-dir "$CK" --results-dir "$RES" --data-dir /tmp/otfuse-data --device cuda
+python3 run_activation_based_fusion.py --checkpoint-dir "$CK" --results-dir "$RES" --data-dir /tmp/otfuse-data --device cuda --finetune-epochs 1
 python3 run_weight_based_fusion.py --checkpoint-dir "$CK" --results-dir "$RES" --data-dir /tmp/otfuse-data --device cuda
-grep -h "" "$RES"/*_activation.csv "$RES"/*_weight.csv | cut -d, -f1-5,13-
+grep -h "" "$RES"/*_activation.csv "$RES"/*_weight.csv

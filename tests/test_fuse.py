@@ -98,7 +98,8 @@ def test_alignment_beats_vanilla_averaging_on_trained_models(trained):
     models, data, _, _ = trained
     _, acc, timings = fusion_report(models, data, FuseConfig(method="activation", bn_batches=10))
     assert acc["fused"] > acc["vanilla_bn"] - 1.0
-    assert {"model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair"} == set(acc)
+    assert {"model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair",
+            "agree_model1", "agree_model2"} == set(acc)
     assert "evaluation" in timings
 
 

@@ -102,7 +102,7 @@ def merge(aligned: list[nn.Module], weights: list[float], groups: list[ChannelGr
 
 def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool = False, split: str = "test"):
     """(fused model, accuracies of the fusion, of the fusion with REPAIR and of every baseline on `split`,
-    seconds per phase)."""
+    plus the fused model's agreement with each parent's predictions (%), seconds per phase)."""
     timings: dict[str, float] = {}
     x, y = data.split(split)
     fused, raw, maps, timings = fuse(models, data.train_x, data.norm, cfg, progress, timings=timings)
@@ -123,7 +123,12 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     recompute_bn(vanilla, data.train_x, data.norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed)
     acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)
     acc["fused_no_bn"] = accuracy(raw, x, y, data.norm)
-    acc["fused"] = accuracy(fused, x, y, data.norm)
+    fused_logits = logits(fused, x, data.norm)
+    fused_pred = fused_logits.argmax(1)
+    acc["fused"] = accuracy_of_logits(fused_logits, y)
+    # a fusion that leans on one parent (e.g. blurring the other away) agrees with it far more
+    for i, z in enumerate(parent_logits):
+        acc[f"agree_model{i + 1}"] = 100.0 * (fused_pred == z.argmax(1).to(fused_pred.device)).float().mean().item()
     acc["fused_repair"] = accuracy(repaired, x, y, data.norm)
     timings["evaluation"] = time.perf_counter() - t0
     return fused, acc, timings

@@ -27,7 +27,8 @@ from otfuse.errors import OtfuseError
 from otfuse.storage import atomic_write_bytes, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "seeds")
-ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair", "fused_ft")
+ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair", "fused_ft",
+              "agree_model1", "agree_model2")
 PHASES = ("activations", "cost_and_ot", "averaging", "batchnorm", "repair", "evaluation", "finetune")
 
 

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Measure the fusion knobs on the validation split (never the test set), one change at a time.
+
+    python bench/bench_knobs.py A.pt B.pt [--data-dir DIR] [--device cpu] [--only point=both,repair=True]
+
+Each row fuses A and B with the defaults plus one change and reports the fused model's
+validation accuracy and the seconds it took; the rows go to bench/knobs-<dataset>-w<width>.csv.
+The defaults of `FuseConfig` were chosen from these tables (README, "Choosing the defaults").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from otfuse.cli import load_parents, run_main
+from otfuse.data import dataset_slug, normalize
+from otfuse.fuse import FuseConfig, groups_of
+from otfuse.storage import atomic_write_text
+from otfuse.tune import val_accuracy
+
+# one change from the defaults per row
+CHANGES = [
+    {},
+    {"cost": "euclidean"},
+    {"point": "pre"},
+    {"point": "both"},
+    {"mix": 0.3},
+    {"n_images": 250},
+    {"n_images": 4000},
+    {"solver": "sinkhorn", "reg": 0.01},
+    {"solver": "sinkhorn", "reg": 0.05},
+    {"solver": "sinkhorn", "reg": 0.2},
+    {"solver": "sinkhorn", "reg": 100.0},  # a uniform map: B's channels all blended, no alignment at all
+    {"bn_batches": 25},
+    {"bn_batches": 400},
+    {"repair": True},
+    {"point": "both", "repair": True},
+    {"method": "weight"},
+    {"method": "weight-matching"},
+]
+
+
+def parse_change(text: str) -> dict:
+    """'point=both,repair=True' -> {'point': 'both', 'repair': True}, typed like FuseConfig's fields."""
+    base = asdict(FuseConfig())
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, v = item.split("=")
+        out[k] = (v == "True") if isinstance(base[k], bool) else type(base[k])(v)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoints", nargs=2)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--only", action="append", default=[], help="measure only these changes (repeatable)")
+    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from otfuse.data import default_data_dir
+
+        models, metas, data = load_parents(args.checkpoints, args.data_dir or str(default_data_dir()), args.device)
+        groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
+        changes = [parse_change(c) for c in args.only] or CHANGES
+        rows = []
+        for change in changes:
+            cfg = replace(FuseConfig(), **change)
+            t0 = time.perf_counter()
+            acc = val_accuracy(models, data, cfg, groups)[1]
+            rows.append({"change": ",".join(f"{k}={v}" for k, v in change.items()) or "defaults",
+                         "val_accuracy": f"{acc:.2f}", "seconds": f"{time.perf_counter() - t0:.1f}"})
+            print(f"{rows[-1]['change']:<32} val {rows[-1]['val_accuracy']:>6}%  {rows[-1]['seconds']:>6} s", flush=True)
+        meta = metas[0]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["dataset", "width", "seeds", *rows[0]])
+        w.writeheader()
+        seeds = "-".join(str(m.get("seed")) for m in metas)
+        w.writerows({"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r} for r in rows)
+        out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}.csv"
+        atomic_write_text(out, buf.getvalue())
+        print(f"wrote {out}")
+        return 0
+
+    return run_main(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
