@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -81,10 +82,11 @@ def main(argv: list[str]) -> int:
             print(f"{rows[-1]['change']:<32} val {rows[-1]['val_accuracy']:>6}%  {rows[-1]['seconds']:>6} s", flush=True)
         meta = metas[0]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["dataset", "width", "seeds", *rows[0]])
+        w = csv.DictWriter(buf, fieldnames=["dataset", "width", "seeds", *rows[0], "defaults"])
         w.writeheader()
         seeds = "-".join(str(m.get("seed")) for m in metas)
-        w.writerows({"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r} for r in rows)
+        defaults = json.dumps(asdict(FuseConfig()), sort_keys=True)
+        w.writerows({"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults} for r in rows)
         out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}.csv"
         atomic_write_text(out, buf.getvalue())
         print(f"wrote {out}")

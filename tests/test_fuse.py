@@ -49,7 +49,7 @@ def _narrow_head(vgg):
     return vgg
 
 
-@pytest.mark.parametrize("options", [dict(point="pre"), dict(point="both"), dict(cost="euclidean"), dict(mix=0.5)])
+@pytest.mark.parametrize("options", [dict(point="pre"), dict(point="post"), dict(cost="euclidean"), dict(mix=0.5)])
 def test_the_oracle_holds_for_every_activation_option(trained, options):
     models, data, _, _ = trained
     _assert_returns_model(models[1], data, "activation", **options)

@@ -35,16 +35,17 @@ def test_tune_reads_the_test_set_only_for_the_final_report(trained, tmp_path, mo
         return original(self, name)
 
     monkeypatch.setattr(ImageData, "__getattribute__", counting)
-    code = main(["tune", str(paths[0]), str(paths[1]), "--n-trials", "4", "--results-dir", str(tmp_path),
+    results = tmp_path / "not-yet-there"
+    code = main(["tune", str(paths[0]), str(paths[1]), "--n-trials", "4", "--results-dir", str(results),
                  "--data-dir", str(root / "data"), *FAST])
     monkeypatch.setattr(ImageData, "__getattribute__", original)
     out = capsys.readouterr().out
     assert code == 0, out
     assert reads.count("val") >= 4
     assert reads.count("test") == 1 and reads[-1] == "test", reads
-    best = next(tmp_path.glob("tune-*-best.json"))
-    assert (tmp_path / best.name.replace("-best.json", ".csv")).is_file()
-    assert (tmp_path / best.name.replace("-best.json", "-history.png")).stat().st_size > 10_000
+    best = next(results.glob("tune-*-best.json"))
+    assert (results / best.name.replace("-best.json", ".csv")).is_file()
+    assert (results / best.name.replace("-best.json", "-history.png")).stat().st_size > 10_000
 
     # the best options, applied by `otfuse fuse --config`, give the best trial's validation accuracy
     val = json.loads(best.read_text())["_val_accuracy"]

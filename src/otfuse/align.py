@@ -41,7 +41,7 @@ TIE_BREAK = 1e-3  # weight-based share of the activation cost: only separates ch
 class AlignConfig:
     method: str = "activation"  # activation | weight | weight-matching
     cost: str = "corr"  # activation cost: corr | euclidean
-    point: str = "post"  # activations read after the nonlinearity (consumer inputs), "pre" (norm outputs) or "both"
+    point: str = "both"  # activations read after the nonlinearity ("post": consumer inputs), before it ("pre": norm outputs), or both
     mix: float = 0.0  # activation method: share of the (sequential) weight cost mixed into the activation cost
     n_images: int = 1000  # training images (no augmentation) whose activations are compared
     act_batch_size: int = 250  # images per forward pass while collecting activations

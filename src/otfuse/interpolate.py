@@ -88,4 +88,5 @@ def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
 
 def options_note(cfg: FuseConfig) -> str:
     o = asdict(cfg)
-    return f"method {o['method']}, {o['n_images']} images, {o['bn_batches']} BN batches"
+    point = f" at {o['point']} points" if o["method"] == "activation" else ""
+    return f"{o['method']}{point}, {o['n_images']} images, {o['bn_batches']} BN batches"

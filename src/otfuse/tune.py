@@ -29,7 +29,7 @@ from otfuse.data import ImageData, dataset_slug, normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
 from otfuse.fuse import FuseConfig, fuse, groups_of
-from otfuse.storage import atomic_write_text
+from otfuse.storage import atomic_write_text, writable_dir
 
 N_IMAGES = (250, 500, 1000, 2000)  # activation sample sizes the study may pick
 BN_BATCHES = (25, 50, 100, 200)  # BatchNorm recomputation batches the study may pick
@@ -130,7 +130,7 @@ def run_study(models: list[nn.Module], data: ImageData, meta: dict, seeds: list,
     import optuna
 
     methods = tcfg.method_list()
-    results = Path(tcfg.results_dir)
+    results = writable_dir(tcfg.results_dir)
     name = tcfg.study or default_study_name(meta, seeds)
     study = load_study(open_storage(tcfg.storage, results, name), name, tcfg.sampler_seed)
     groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
