@@ -4,7 +4,9 @@
     python bench/bench_knobs.py A.pt B.pt [--data-dir DIR] [--device cpu] [--only point=both,repair=True]
 
 Each row fuses A and B with the defaults plus one change and reports the fused model's
-validation accuracy and the seconds it took; the rows go to bench/knobs-<dataset>-w<width>.csv.
+validation accuracy, how often it agrees with each parent's predictions, and the seconds it
+took; the rows go to bench/knobs-<dataset>-w<width>.csv. A fusion that leans on A (agrees with
+A far more than with B) has blended B away rather than merged it.
 The defaults of `FuseConfig` were chosen from these tables (README, "Choosing the defaults").
 """
 
@@ -38,6 +40,7 @@ CHANGES = [
     {"solver": "sinkhorn", "reg": 0.05},
     {"solver": "sinkhorn", "reg": 0.2},
     {"solver": "sinkhorn", "reg": 100.0},  # a uniform map: B's channels all blended, no alignment at all
+    {"method": "weight", "solver": "sinkhorn", "reg": 0.003},
     {"bn_batches": 25},
     {"bn_batches": 400},
     {"repair": True},
@@ -76,10 +79,13 @@ def main(argv: list[str]) -> int:
         for change in changes:
             cfg = replace(FuseConfig(), **change)
             t0 = time.perf_counter()
-            acc = val_accuracy(models, data, cfg, groups)[1]
+            _, acc, agree = val_accuracy(models, data, cfg, groups)
             rows.append({"change": ",".join(f"{k}={v}" for k, v in change.items()) or "defaults",
-                         "val_accuracy": f"{acc:.2f}", "seconds": f"{time.perf_counter() - t0:.1f}"})
-            print(f"{rows[-1]['change']:<32} val {rows[-1]['val_accuracy']:>6}%  {rows[-1]['seconds']:>6} s", flush=True)
+                         "val_accuracy": f"{acc:.2f}", "agree_model1": f"{agree[0]:.2f}", "agree_model2": f"{agree[1]:.2f}",
+                         "seconds": f"{time.perf_counter() - t0:.1f}"})
+            r = rows[-1]
+            print(f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
+                  f"  {r['seconds']:>6} s", flush=True)
         meta = metas[0]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["dataset", "width", "seeds", *rows[0], "defaults"])

@@ -20,6 +20,11 @@ def accuracy_of_logits(z: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (z.argmax(1).cpu() == y.cpu()).float().mean().item()
 
 
+def agreement(z: torch.Tensor, w: torch.Tensor) -> float:
+    """How often two sets of logits predict the same class, in percent."""
+    return 100.0 * (z.argmax(1).cpu() == w.argmax(1).cpu()).float().mean().item()
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple) -> float:
     """Top-1 accuracy in percent."""
     return accuracy_of_logits(logits(model, x, norm), y)

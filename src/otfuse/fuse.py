@@ -20,7 +20,7 @@ from torch import nn
 from otfuse.align import AlignConfig, align
 from otfuse.bn import recompute_bn, repair
 from otfuse.errors import OtfuseError
-from otfuse.evaluate import accuracy, accuracy_of_logits, logits
+from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
 from otfuse.groups import ChannelGroup, channel_groups, check_same_groups, permute
 from otfuse.data import normalize
 
@@ -124,11 +124,10 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)
     acc["fused_no_bn"] = accuracy(raw, x, y, data.norm)
     fused_logits = logits(fused, x, data.norm)
-    fused_pred = fused_logits.argmax(1)
     acc["fused"] = accuracy_of_logits(fused_logits, y)
     # a fusion that leans on one parent (e.g. blurring the other away) agrees with it far more
     for i, z in enumerate(parent_logits):
-        acc[f"agree_model{i + 1}"] = 100.0 * (fused_pred == z.argmax(1).to(fused_pred.device)).float().mean().item()
+        acc[f"agree_model{i + 1}"] = agreement(fused_logits, z)
     acc["fused_repair"] = accuracy(repaired, x, y, data.norm)
     timings["evaluation"] = time.perf_counter() - t0
     return fused, acc, timings

@@ -27,7 +27,7 @@ from torch import nn
 from otfuse.align import METHODS
 from otfuse.data import ImageData, dataset_slug, normalize
 from otfuse.errors import OtfuseError
-from otfuse.evaluate import accuracy
+from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
 from otfuse.fuse import FuseConfig, fuse, groups_of
 from otfuse.storage import atomic_write_text, writable_dir
 
@@ -117,10 +117,14 @@ def load_study(storage, name: str, seed: int):
     return study
 
 
-def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig, groups) -> tuple[nn.Module, float]:
+def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig, groups) -> tuple[nn.Module, float, list[float]]:
+    """(fused model, its validation accuracy, its agreement with each parent's predictions in %)."""
     fused = fuse(models, data.train_x, data.norm, cfg, groups=groups)[0]
     x, y = data.split("val")
-    return fused, accuracy(fused, x, y, data.norm)
+    z = logits(fused, x, data.norm)
+    # accuracy alone cannot tell a blend of both parents from one parent with the other blurred away
+    agree = [agreement(z, logits(m, x, data.norm)) for m in models]
+    return fused, accuracy_of_logits(z, y), agree
 
 
 def run_study(models: list[nn.Module], data: ImageData, meta: dict, seeds: list, tcfg: TuneConfig,
@@ -140,7 +144,10 @@ def run_study(models: list[nn.Module], data: ImageData, meta: dict, seeds: list,
         cfg = suggest(trial, methods, base)
         trial.set_user_attr("options", asdict(cfg))
         trial.set_user_attr("worker", worker)
-        return val_accuracy(models, data, cfg, groups)[1]
+        _, acc, agree = val_accuracy(models, data, cfg, groups)
+        for i, a in enumerate(agree):
+            trial.set_user_attr(f"agree_model{i + 1}", round(a, 2))
+        return acc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=tcfg.n_trials, timeout=tcfg.timeout or None, show_progress_bar=progress)
@@ -149,7 +156,7 @@ def run_study(models: list[nn.Module], data: ImageData, meta: dict, seeds: list,
         raise OtfuseError(f"study {name!r} has no completed trial yet; run more trials (--n-trials)")
     best = study.best_trial
     cfg = FuseConfig(**best.user_attrs["options"])
-    fused, val = val_accuracy(models, data, cfg, groups)
+    fused, val, _ = val_accuracy(models, data, cfg, groups)
     x, y = data.split("test")
     test = accuracy(fused, x, y, data.norm)
     paths = write_outputs(study, results / f"tune-{name}", best, test, f"{meta['dataset']} {meta['arch']} w{meta['width']}, seeds {'-'.join(map(str, seeds))}")
