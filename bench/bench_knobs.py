@@ -32,7 +32,7 @@ CHANGES = [
     {},
     {"cost": "euclidean"},
     {"point": "pre"},
-    {"point": "both"},
+    {"point": "post"},
     {"mix": 0.3},
     {"n_images": 250},
     {"n_images": 4000},
@@ -44,7 +44,6 @@ CHANGES = [
     {"bn_batches": 25},
     {"bn_batches": 400},
     {"repair": True},
-    {"point": "both", "repair": True},
     {"method": "weight"},
     {"method": "weight-matching"},
 ]

@@ -216,8 +216,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
     stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{meta0['arch']}-w{meta0['width']}-seeds{seeds}"
     write_csv(rows, f"{stem}.csv")
-    title = (f"{meta0['dataset']}, {meta0['arch']} width {meta0['width']}, seeds {seeds}: "
-             f"interpolating A to B ({options_note(cfg)})")
+    title = (f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}, seeds {seeds}: "
+             f"interpolating A (seed {metas[0].get('seed')}) to B\n{options_note(cfg)}")
     save_figure(interpolation_figure(rows, title, args.split), f"{stem}.png")
     for r in rows:
         print(f"  alpha {r['alpha']:.2f} {r['curve']:<15} accuracy {r['accuracy']:6.2f}  loss {r['loss']:.4f}")

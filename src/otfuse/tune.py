@@ -92,12 +92,15 @@ def open_storage(url: str, results_dir: Path, study: str):
     # SQLite serialises writers: wait for the lock instead of failing when workers commit together;
     # heartbeats let a later worker mark trials of a killed worker as failed
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in optuna, and they work
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
-    except Exception as exc:  # a bad URL or an unreachable server: say which
-        raise OtfuseError(f"--storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in optuna, and they work
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
+        except Exception as exc:  # workers creating the schema at once collide: the losers retry
+            if attempt == 5:  # a bad URL or an unreachable server: say which
+                raise OtfuseError(f"--storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            time.sleep(0.5 + attempt)
 
 
 def load_study(storage, name: str, seed: int):
