@@ -105,11 +105,11 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     plus the fused model's agreement with each parent's predictions (%), seconds per phase)."""
     timings: dict[str, float] = {}
     x, y = data.split(split)
-    fused, raw, maps, timings = fuse(models, data.train_x, data.norm, cfg, progress, timings=timings)
+    groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
+    fused, raw, maps, timings = fuse(models, data.train_x, data.norm, cfg, progress, groups, timings)
     w = cfg.model_weights(len(models))
     repaired = fused
     if not cfg.repair:  # the REPAIR column, from the same alignment
-        groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
         aligned = [models[0]] + [permute(m, groups, mp) for m, mp in zip(models[1:], maps)]
         spent: dict[str, float] = {}
         repaired = merge(aligned, w, groups, data.train_x, data.norm, replace(cfg, repair=True), timings=spent)[0]
