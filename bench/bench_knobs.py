@@ -43,6 +43,7 @@ CHANGES = [
     {"method": "weight", "solver": "sinkhorn", "reg": 0.003},
     {"bn_batches": 25},
     {"bn_batches": 400},
+    {"bn_augment": True},
     {"repair": True},
     {"method": "weight"},
     {"method": "weight-matching"},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -160,3 +162,16 @@ def test_repair_gives_the_first_layer_the_parents_mean_statistics():
     moments = [channel_moments(n, stem, data.train_x, data.norm, 128)[0] for n in nets]
     assert torch.allclose(mu_f, (moments[0][0] + moments[1][0]) / 2, atol=1e-5)
     assert torch.allclose(sd_f, (moments[0][1] + moments[1][1]) / 2, atol=1e-5)
+
+
+def test_augmented_batchnorm_statistics_are_reproducible_and_differ_from_plain_ones(trained):
+    from otfuse.bn import recompute_bn
+
+    models, data, _, _ = trained
+
+    def stats(augment):
+        m = recompute_bn(copy.deepcopy(models[0]), data.train_x, data.norm, n_batches=4, batch_size=64, augment=augment)
+        return torch.cat([b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])
+
+    assert torch.equal(stats(True), stats(True))
+    assert not torch.allclose(stats(True), stats(False))

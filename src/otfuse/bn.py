@@ -15,9 +15,10 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches: int = 100, batch_size: int = 128,
-                 seed: int = 0, progress: bool = False) -> nn.Module:
+                 seed: int = 0, progress: bool = False, augment: bool = False) -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over
-    `n_batches` shuffled, unaugmented batches of `images`, in place; returns the model in eval mode."""
+    `n_batches` shuffled batches of `images` (unaugmented, or with training's crops and flips), in
+    place; returns the model in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or n_batches <= 0:
         return model.eval()
@@ -27,7 +28,7 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches:
         m.momentum = None  # cumulative moving average: every batch weighs the same
     model.train()
     dev = next(model.parameters()).device
-    it = image_batches(images, batch_size, norm, seed=seed, drop_last=len(images) >= batch_size)
+    it = image_batches(images, batch_size, norm, seed=seed, drop_last=len(images) >= batch_size, augment=augment)
     done = 0
     with tqdm(total=n_batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar:
         while done < n_batches:
@@ -38,7 +39,7 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches:
                 if done == n_batches:
                     break
             # fewer images than n_batches * batch_size: go round again in a new order
-            it = image_batches(images, batch_size, norm, seed=seed, epoch=done)
+            it = image_batches(images, batch_size, norm, seed=seed, epoch=done, augment=augment)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     return model.eval()

@@ -29,6 +29,7 @@ from otfuse.data import normalize
 class FuseConfig(AlignConfig):
     bn_batches: int = 100  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
     bn_batch_size: int = 128
+    bn_augment: bool = False  # BatchNorm statistics from crop+flip batches, as training saw them (for models trained so)
     weights: str = ""  # comma-separated model weights for the average; empty: equal
     repair: bool = False  # REPAIR: match each fused channel's activation mean and std to the parents'
 
@@ -89,13 +90,13 @@ def merge(aligned: list[nn.Module], weights: list[float], groups: list[ChannelGr
     raw = average(aligned, weights).eval()
     timings["averaging"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fused = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
+    fused = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress, cfg.bn_augment)
     timings["batchnorm"] = time.perf_counter() - t0
     if cfg.repair:
         t0 = time.perf_counter()
         repair(fused, aligned, weights, groups, images, norm, cfg.n_images, cfg.seed)
         # the corrections move every later layer's inputs: their statistics are measured again
-        recompute_bn(fused, images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress)
+        recompute_bn(fused, images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress, cfg.bn_augment)
         timings["repair"] = time.perf_counter() - t0
     return fused, raw
 
@@ -120,7 +121,7 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     acc = {f"model{i + 1}": accuracy_of_logits(z, y) for i, z in enumerate(parent_logits)}
     acc["ensemble"] = accuracy_of_logits(sum(z.softmax(1) for z in parent_logits), y)
     acc["vanilla"] = accuracy(vanilla, x, y, data.norm)
-    recompute_bn(vanilla, data.train_x, data.norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed)
+    recompute_bn(vanilla, data.train_x, data.norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, augment=cfg.bn_augment)
     acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)
     acc["fused_no_bn"] = accuracy(raw, x, y, data.norm)
     fused_logits = logits(fused, x, data.norm)

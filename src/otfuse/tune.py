@@ -59,7 +59,8 @@ class TuneConfig:
 
 
 def suggest(trial, methods: list[str], base: FuseConfig) -> FuseConfig:
-    """The fusion options of one trial: the search space of the study."""
+    """The fusion options of one trial: the search space of the study (validation accuracy decides
+    whether, e.g., augmented BatchNorm statistics suit these models)."""
     cfg = FuseConfig(**{**asdict(base), "method": trial.suggest_categorical("method", methods)})
     if cfg.method == "activation":
         cfg.cost = trial.suggest_categorical("cost", ["corr", "euclidean"])
@@ -72,6 +73,7 @@ def suggest(trial, methods: list[str], base: FuseConfig) -> FuseConfig:
     if cfg.method == "activation" or cfg.repair:  # only then are activations sampled
         cfg.n_images = trial.suggest_categorical("n_images", list(N_IMAGES))
     cfg.bn_batches = trial.suggest_categorical("bn_batches", list(BN_BATCHES))
+    cfg.bn_augment = trial.suggest_categorical("bn_augment", [False, True])
     return cfg
 
 
