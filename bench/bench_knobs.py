@@ -13,8 +13,6 @@ The defaults of `FuseConfig` were chosen from these tables (README, "Choosing th
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 from otfuse.cli import load_parents, run_main
 from otfuse.data import dataset_slug, normalize
 from otfuse.fuse import FuseConfig, groups_of
-from otfuse.storage import atomic_write_text
+from otfuse.storage import atomic_write_csv
 from otfuse.tune import val_accuracy
 
 # one change from the defaults per row
@@ -87,14 +85,11 @@ def main(argv: list[str]) -> int:
             print(f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
                   f"  {r['seconds']:>6} s", flush=True)
         meta = metas[0]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["dataset", "width", "seeds", *rows[0], "defaults"])
-        w.writeheader()
         seeds = "-".join(str(m.get("seed")) for m in metas)
         defaults = json.dumps(asdict(FuseConfig()), sort_keys=True)
-        w.writerows({"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults} for r in rows)
         out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}.csv"
-        atomic_write_text(out, buf.getvalue())
+        atomic_write_csv(out, [{"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}
+                               for r in rows])
         print(f"wrote {out}")
         return 0
 

@@ -135,15 +135,13 @@ def fuse_config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def load_parents(paths: list[str], data_dir: str, device_name: str, at_least: int = 2):
+def load_parents(paths: list[str], data_dir: str, device_name: str):
     """(models on the device, their metadata, the first one's dataset on the device), after checking
     the checkpoints can be fused: same architecture, width, class count and dataset."""
     from otfuse.data import load_dataset
     from otfuse.models import load_checkpoint
     from otfuse.train import pick_device
 
-    if len(paths) < at_least:
-        raise OtfuseError(f"needs {'two or more' if at_least == 2 else at_least} checkpoints, got {len(paths)}; give A.pt B.pt")
     loaded = [load_checkpoint(p) for p in paths]
     meta0 = loaded[0][1]
     for path, (_, meta, _) in zip(paths[1:], loaded[1:]):
@@ -201,9 +199,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from otfuse.data import dataset_slug
-    from otfuse.interpolate import interpolation, interpolation_figure, options_note, write_csv
+    from otfuse.interpolate import interpolation, interpolation_figure, options_note
     from otfuse.results import save_figure
-    from otfuse.storage import writable_dir
+    from otfuse.storage import atomic_write_csv, writable_dir
 
     cfg = fuse_config_from_args(args)
     if args.points < 2:
@@ -215,7 +213,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     meta0, seeds = metas[0], "-".join(str(m.get("seed", "?")) for m in metas)
     rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
     stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{meta0['arch']}-w{meta0['width']}-seeds{seeds}"
-    write_csv(rows, f"{stem}.csv")
+    atomic_write_csv(f"{stem}.csv", rows)
     title = (f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}, seeds {seeds}: "
              f"interpolating A (seed {metas[0].get('seed')}) to B\n{options_note(cfg)}")
     save_figure(interpolation_figure(rows, title, args.split), f"{stem}.png")

@@ -11,12 +11,8 @@ barrier that alignment and renormalisation remove.
 
 from __future__ import annotations
 
-import io
-import csv
 from dataclasses import asdict, replace
-from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm import tqdm
 
@@ -25,7 +21,6 @@ from otfuse.data import ImageData, normalize
 from otfuse.evaluate import loss_and_accuracy
 from otfuse.fuse import FuseConfig, groups_of, merge
 from otfuse.groups import permute
-from otfuse.storage import atomic_write_text
 
 CURVES = ("vanilla", "aligned", "aligned+repair")
 
@@ -50,22 +45,11 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
     return rows
 
 
-def write_csv(rows: list[dict], path: str | Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
     """Accuracy and loss against alpha, one line per curve."""
-    import matplotlib
+    from otfuse.results import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
     style = {"vanilla": ("tab:gray", "o"), "aligned": ("tab:blue", "s"), "aligned+repair": ("tab:green", "^")}
     labels = {"vanilla": "vanilla average + BN reset", "aligned": "OT-aligned + BN reset", "aligned+repair": "OT-aligned + REPAIR"}
     for curve in CURVES:

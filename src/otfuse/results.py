@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from otfuse.data import load_dataset
 from otfuse.errors import OtfuseError
-from otfuse.storage import atomic_write_bytes, atomic_write_text
+from otfuse.storage import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "seeds")
 ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair", "fused_ft",
@@ -43,12 +41,7 @@ def upsert_row(path: Path, row: dict) -> None:
     """Replace the row with the same key (or append), rewriting the file atomically."""
     rows = [r for r in read_rows(path) if tuple(str(r.get(k)) for k in KEY) != tuple(str(row[k]) for k in KEY)]
     rows.append({k: str(v) for k, v in row.items()})
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, list(dict.fromkeys(c for r in rows for c in r)))
 
 
 def fusion_row(dataset: str, meta: dict, seeds: list, method: str, acc: dict, timings: dict, options: dict) -> dict:
@@ -169,6 +162,16 @@ def sweep(argv: list[str] | None, default_method: str) -> int:
         return 0
 
     return run_main(run)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: plots are written, never shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path) -> Path:

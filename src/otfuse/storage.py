@@ -6,6 +6,8 @@ renamed over the target, so an interrupted run never leaves a half-written file.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +36,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Rows as CSV with a header (columns: `fieldnames`, or the first row's keys), written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write(path: str | Path, write) -> None:

@@ -10,8 +10,6 @@ interruption gives the same weights as a run never interrupted (bit for bit on t
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
@@ -26,7 +24,7 @@ from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
 from otfuse.models import build_model, load_checkpoint, save_checkpoint
-from otfuse.storage import atomic_write_text
+from otfuse.storage import atomic_write_csv
 
 
 @dataclass
@@ -211,9 +209,6 @@ def _init_distributed(device: torch.device, rank: int) -> torch.device:
 
 def _write_log(path: Path, history: list[dict]) -> None:
     keys = ["epoch", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) and not math.isnan(row[k]) else row.get(k, "")) for k in keys})
-    atomic_write_text(path, buf.getvalue())
+    rows = [{k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) and not math.isnan(row[k]) else row.get(k, "")) for k in keys}
+            for row in history]
+    atomic_write_csv(path, rows, keys)

@@ -185,14 +185,12 @@ def write_outputs(study, stem: Path, best, test_acc: float, what: str) -> list[s
 
 def history_figure(study, what: str):
     """Validation accuracy of every trial by method, and the best so far."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
 
+    from otfuse.results import pyplot
+
     done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.number)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     for method in METHODS:
         pts = [(t.number, t.value) for t in done if t.params.get("method") == method]
         if pts:
