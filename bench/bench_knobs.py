@@ -2,11 +2,12 @@
 """Measure the fusion knobs on the validation split (never the test set), one change at a time.
 
     python bench/bench_knobs.py A.pt B.pt [--data-dir DIR] [--device cpu] [--only point=both,repair=True]
+    python bench/bench_knobs.py A.pt B.pt --base refit=False --name average   # the knobs of the plain average
 
-Each row fuses A and B with the defaults plus one change and reports the fused model's
-validation accuracy, how often it agrees with each parent's predictions, and the seconds it
-took; the rows go to bench/knobs-<dataset>-w<width>.csv. A fusion that leans on A (agrees with
-A far more than with B) has blended B away rather than merged it.
+Each row fuses A and B with the defaults (and `--base`) plus one change and reports the fused
+model's validation accuracy, how often it agrees with each parent's predictions, and the seconds
+it took; the rows go to bench/knobs-<dataset>-w<width>[-<name>].csv. A fusion that leans on A
+(agrees with A far more than with B) has blended B away rather than merged it.
 The defaults of `FuseConfig` were chosen from these tables (README, "Choosing the defaults").
 """
 
@@ -43,6 +44,10 @@ CHANGES = [
     {"bn_batches": 400},
     {"bn_augment": True},
     {"repair": True},
+    {"refit": False},
+    {"refit_ridge": 0.001},
+    {"refit_ridge": 0.1},
+    {"refit_ridge": 1.0},
     {"method": "weight"},
     {"method": "weight-matching"},
 ]
@@ -64,6 +69,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--only", action="append", default=[], help="measure only these changes (repeatable)")
+    p.add_argument("--base", default="", help="changes applied to every row, e.g. refit=False")
+    p.add_argument("--name", default="", help="suffix of the table's file name")
     p.add_argument("--out-dir", default=str(Path(__file__).parent))
     args = p.parse_args(argv)
 
@@ -73,9 +80,10 @@ def main(argv: list[str]) -> int:
         models, metas, data = load_parents(args.checkpoints, args.data_dir or str(default_data_dir()), args.device)
         groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
         changes = [parse_change(c) for c in args.only] or CHANGES
+        base = replace(FuseConfig(), **parse_change(args.base))
         rows = []
         for change in changes:
-            cfg = replace(FuseConfig(), **change)
+            cfg = replace(base, **change)
             t0 = time.perf_counter()
             _, acc, agree = val_accuracy(models, data, cfg, groups)
             rows.append({"change": ",".join(f"{k}={v}" for k, v in change.items()) or "defaults",
@@ -86,8 +94,9 @@ def main(argv: list[str]) -> int:
                   f"  {r['seconds']:>6} s", flush=True)
         meta = metas[0]
         seeds = "-".join(str(m.get("seed")) for m in metas)
-        defaults = json.dumps(asdict(FuseConfig()), sort_keys=True)
-        out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}.csv"
+        defaults = json.dumps(asdict(base), sort_keys=True)
+        name = f"-{args.name}" if args.name else ""
+        out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}{name}.csv"
         atomic_write_csv(out, [{"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}
                                for r in rows])
         print(f"wrote {out}")

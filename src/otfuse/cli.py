@@ -168,7 +168,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     fused, acc, timings = fusion_report(models, data, cfg, progress=True, split=args.split)
     print(f"{meta0['dataset']} {meta0['arch']} w{meta0['width']}, {args.split} accuracy (%), method {cfg.method}:")
     for k, v in acc.items():
-        print(f"  {k:<12} {v:6.2f}")
+        print(f"  {k:<14} {v:6.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     if args.out:
         meta = {k: v for k, v in meta0.items() if k not in ("history", "config")}

@@ -31,7 +31,8 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
     a, b = models
     groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(a.parameters()).device))
     aligned_b = permute(b, groups, align(a, b, groups, cfg, data.train_x, data.norm, progress))
-    plain, fixed = replace(cfg, repair=False), replace(cfg, repair=True)
+    # the plain average along the line: the refit would mask the barrier this plot is there to show
+    plain, fixed = replace(cfg, repair=False, refit=False), replace(cfg, repair=True, refit=False)
     pairs = {"vanilla": ([a, b], plain), "aligned": ([a, aligned_b], plain), "aligned+repair": ([a, aligned_b], fixed)}
     x, y = data.split(split)
     rows = []

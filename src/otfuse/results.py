@@ -25,9 +25,9 @@ from otfuse.errors import OtfuseError
 from otfuse.storage import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "seeds")
-ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "fused_no_bn", "fused", "fused_repair", "fused_ft",
-              "agree_model1", "agree_model2")
-PHASES = ("activations", "cost_and_ot", "averaging", "batchnorm", "repair", "evaluation", "finetune")
+ACCURACIES = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn", "fused_average",
+              "fused", "fused_repair", "fused_ft", "agree_model1", "agree_model2")
+PHASES = ("activations", "cost_and_ot", "averaging", "batchnorm", "repair", "refit", "evaluation", "finetune")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -63,15 +63,20 @@ def write_summary(results_dir: Path) -> Path:
     title = {"activation": "Activation-base Fusion", "weight": "Weights-base Fusion", "weight-matching": "Weight matching"}
     short = {"activation": "Activation", "weight": "Weights", "weight-matching": "Weight matching"}
     rows_of = lambda m: [r for v in by_model.values() for r in v.get(m, [])]
-    # (header, method, CSV column): REPAIR and fine-tuning columns appear once some run has them
+    # (header, method, CSV column): the stage columns appear once some run has them
     cols = [(title[m], m, "fused") for m in methods]
+    cols += [(f"{short[m]}, average only", m, "fused_average") for m in methods if any(r.get("fused_average") for r in rows_of(m))]
     cols += [(f"{short[m]} + REPAIR", m, "fused_repair") for m in methods if any(r.get("fused_repair") for r in rows_of(m))]
     epochs = sorted({r.get("finetune_epochs") for m in methods for r in rows_of(m) if r.get("fused_ft")})
     cols += [(f"{short[m]} + {'/'.join(epochs)} ep fine-tuning", m, "fused_ft") for m in methods if any(r.get("fused_ft") for r in rows_of(m))]
+    refit_col = [("Vanilla + refit", "vanilla_refit")] if any(r.get("vanilla_refit") for m in methods for r in rows_of(m)) else []
     head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [c[0] for c in cols] + ["Ensemble", "Vanilla", "Vanilla + BN"]
+    head += [h for h, _ in refit_col]
     lines = ["# Fusion results", "",
-             "Test accuracy (%), mean over the fused pairs; fusion columns after BatchNorm recomputation; "
-             "no fine-tuning except in the fine-tuning columns.", "",
+             "Test accuracy (%), mean over the fused pairs. A method's own column is the fusion with the options "
+             "it ran with (by default: aligned average, BatchNorm recomputed, then the layer-wise refit); "
+             "\"average only\" is the aligned average with BatchNorm recomputed; \"+ REPAIR\" is that with REPAIR "
+             "instead of the refit. No fine-tuning except in the fine-tuning columns.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     mean = lambda rows, k: f"{sum(float(r[k]) for r in rows) / len(rows):.2f}" if rows and all(r.get(k) for r in rows) else "-"
     for (dataset, arch, width), runs in sorted(by_model.items()):
@@ -79,6 +84,7 @@ def write_summary(results_dir: Path) -> Path:
         cells = [dataset, f"{arch} w{width}", str(len(any_rows)), mean(any_rows, "model1"), mean(any_rows, "model2")]
         cells += [mean(runs.get(m, []), k) for _, m, k in cols]
         cells += [mean(any_rows, "ensemble"), mean(any_rows, "vanilla"), mean(any_rows, "vanilla_bn")]
+        cells += [mean(any_rows, k) for _, k in refit_col]
         lines.append("| " + " | ".join(cells) + " |")
     path = results_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -31,6 +31,7 @@ from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
 from otfuse.fuse import FuseConfig, fuse, groups_of
 from otfuse.storage import atomic_write_text, writable_dir
 
+RIDGE = (1e-4, 1.0)  # refit's ridge: from nearly a plain least-squares fit to nearly the plain average
 N_IMAGES = (250, 500, 1000, 2000)  # activation sample sizes the study may pick
 BN_BATCHES = (25, 50, 100, 200)  # BatchNorm recomputation batches the study may pick
 # sinkhorn regularisation range (log scale, relative to the largest cost). Kept small on purpose: a strongly
@@ -70,7 +71,10 @@ def suggest(trial, methods: list[str], base: FuseConfig) -> FuseConfig:
     if cfg.solver == "sinkhorn":
         cfg.reg = trial.suggest_float("reg", *REG, log=True)
     cfg.repair = trial.suggest_categorical("repair", [False, True])
-    if cfg.method == "activation" or cfg.repair:  # only then are activations sampled
+    cfg.refit = trial.suggest_categorical("refit", [False, True])
+    if cfg.refit:
+        cfg.refit_ridge = trial.suggest_float("refit_ridge", *RIDGE, log=True)
+    if cfg.method == "activation" or cfg.repair or cfg.refit:  # only then are training images sampled
         cfg.n_images = trial.suggest_categorical("n_images", list(N_IMAGES))
     cfg.bn_batches = trial.suggest_categorical("bn_batches", list(BN_BATCHES))
     cfg.bn_augment = trial.suggest_categorical("bn_augment", [False, True])

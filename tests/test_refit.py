@@ -1,0 +1,97 @@
+"""The layer-wise refit: a permuted copy gives the model back, it brings a fusion nearer its parents'
+mean, and it handles layers with and without BatchNorm or bias, and layers it cannot refit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CatNet, randomize_bn
+from otfuse.cli import main
+from otfuse.data import ImageData, normalize
+from otfuse.evaluate import logits
+from otfuse.fuse import FuseConfig, align_all, fuse, groups_of, merge
+from otfuse.groups import channel_groups, permute, random_perms
+from otfuse.refit import units
+
+
+def _images(shape=(3, 8, 8), n=96) -> ImageData:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g)
+    return ImageData("random", [str(i) for i in range(5)], x, y, x[:16], y[:16], x[:32], y[:32], (0.5,) * 3, (0.25,) * 3, False)
+
+
+def _permuted_copy(model, data):
+    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
+    return permute(model, groups, random_perms(groups, seed=3))
+
+
+def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
+    models, data, _, _ = trained
+    model = models[0]
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, FuseConfig(bn_batches=4, n_images=500))[0]
+    x, _ = data.split("test")
+    z, z_ref = logits(fused, x, data.norm), logits(model, x, data.norm)
+    assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
+    assert torch.equal(z.argmax(1), z_ref.argmax(1))
+
+
+def test_refit_brings_the_fusion_nearer_its_parents_mean(trained):
+    models, data, _, _ = trained
+    cfg = FuseConfig(bn_batches=10, n_images=500)
+    groups = groups_of(models, normalize(data.train_x[:1], data.norm))
+    _, aligned = align_all(models, groups, data.train_x, data.norm, cfg)
+    fused, plain, _ = merge(aligned, [0.5, 0.5], groups, data.train_x, data.norm, cfg)
+    x, y = data.split("val")
+    target = sum(logits(m, x, data.norm) for m in models) / 2
+    err = lambda m: (logits(m, x, data.norm) - target).pow(2).mean().item()
+    assert err(fused) < 0.5 * err(plain)
+    acc = lambda m: (logits(m, x, data.norm).argmax(1) == y).float().mean().item()
+    assert acc(fused) >= acc(plain)
+
+
+def test_units_pair_layers_with_their_batchnorm_and_skip_depthwise_convs():
+    found = dict(units(CatNet().eval(), torch.randn(2, 3, 8, 8)))
+    assert found == {"a": "bn_a", "b": None, "c": None, "fc": None}  # dw (groups=10) keeps its average
+
+
+class NoBias(nn.Module):
+    """Convs with neither bias nor BatchNorm after them, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.c2 = nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.c2(torch.relu(self.c1(x)))), 1))
+
+
+@pytest.mark.parametrize("make", [lambda: randomize_bn(CatNet()), NoBias], ids=["catnet", "no-bias"])
+def test_refit_gives_back_models_with_and_without_batchnorm(make):
+    torch.manual_seed(0)
+    model, data = make().eval(), _images()
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, FuseConfig(bn_batches=0, n_images=96))[0]
+    z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
+    assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
+
+
+def test_refit_fits_two_different_models_better_than_their_average():
+    torch.manual_seed(0)
+    a, b, data = NoBias().eval(), NoBias().eval(), _images()
+    cfg = FuseConfig(bn_batches=0, n_images=96)
+    fused, raw, _, _ = fuse([a, b], data.train_x, data.norm, cfg)
+    target = (logits(a, data.train_x, data.norm) + logits(b, data.train_x, data.norm)) / 2
+    err = lambda m: (logits(m, data.train_x, data.norm) - target).pow(2).mean().item()
+    assert err(fused) < 0.5 * err(raw)
+
+
+def test_a_negative_ridge_is_one_clear_error(capsys, tmp_path):
+    assert main(["fuse", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--refit-ridge", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--refit-ridge" in err[0]
