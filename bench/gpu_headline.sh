@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On one GPU, within 10 minutes: two width-64 ResNet18 seeds on the CIFAR-10 JPEG copy, then both
-# fusion scripts (each also reports fusion + REPAIR, and fusion + 1 epoch of fine-tuning);
+# fusion scripts (each reports the default fusion with the refit, the average alone, the average + REPAIR,
+# vanilla + refit, and fusion + 1 epoch of fine-tuning);
 # prints results/summary.md and the phase times.
 #   EPOCHS=15 DATA=../shared/data/cifar10-jpeg.tar.xz bench/gpu_headline.sh
 set -euo pipefail
