@@ -35,7 +35,7 @@ class FuseConfig(AlignConfig):
     weights: str = ""  # comma-separated model weights for the average; empty: equal
     repair: bool = False  # REPAIR: match each fused channel's activation mean and std to the parents'
     refit: bool = True  # refit each conv/linear layer by least squares to the parents' mean output (otfuse.refit)
-    refit_ridge: float = 0.01  # refit's pull towards the averaged weights, relative to its inputs' scale
+    refit_ridge: float = 0.01  # refit's pull towards the parents' averaged layers (BatchNorm folded in), relative to its inputs' scale
 
     def check(self) -> None:
         super().check()
