@@ -3,7 +3,6 @@ mean, and it handles layers with and without BatchNorm or bias, and layers it ca
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
