@@ -112,7 +112,7 @@ def merge(aligned: list[nn.Module], weights: list[float], groups: list[ChannelGr
     if cfg.refit:
         t0 = time.perf_counter()
         # no BatchNorm recomputation after it: the refit leaves each BatchNorm its layer's exact statistics
-        refit(fused, aligned, weights, images, norm, cfg.n_images, cfg.seed, cfg.refit_ridge, cfg.act_batch_size, progress)
+        refitted(fused, aligned, weights, images, norm, cfg, progress)
         timings["refit"] = time.perf_counter() - t0
     return fused, plain, raw
 
@@ -122,6 +122,12 @@ def repaired(model: nn.Module, aligned: list[nn.Module], weights: list[float], g
     """REPAIR in place on a merged model, then BatchNorm recomputed: the corrections move every later layer's inputs."""
     repair(model, aligned, weights, groups, images, norm, cfg.n_images, cfg.seed)
     return recompute_bn(model, images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress, cfg.bn_augment)
+
+
+def refitted(model: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
+             cfg: FuseConfig, progress: bool = False) -> nn.Module:
+    """The refit in place on a merged model, with the sample, seed and ridge of `cfg`."""
+    return refit(model, parents, weights, images, norm, cfg.n_images, cfg.seed, cfg.refit_ridge, cfg.act_batch_size, progress)
 
 
 def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool = False, split: str = "test"):
@@ -156,7 +162,7 @@ def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool
     acc["fused_repair"] = accuracy(with_repair, x, y, data.norm)
     if cfg.refit:  # what the refit adds, and what it does without any alignment
         acc["fused_average"] = accuracy(plain, x, y, data.norm)
-        refit(vanilla, models, w, data.train_x, data.norm, cfg.n_images, cfg.seed, cfg.refit_ridge, cfg.act_batch_size)
+        refitted(vanilla, models, w, data.train_x, data.norm, cfg)
         acc["vanilla_refit"] = accuracy(vanilla, x, y, data.norm)
     timings["evaluation"] = time.perf_counter() - t0
     return fused, acc, timings
