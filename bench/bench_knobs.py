@@ -53,9 +53,10 @@ CHANGES = [
 ]
 
 
-def parse_change(text: str) -> dict:
-    """'point=both,repair=True' -> {'point': 'both', 'repair': True}, typed like FuseConfig's fields."""
-    base = asdict(FuseConfig())
+def parse_change(text: str, defaults=None) -> dict:
+    """'point=both,repair=True' -> {'point': 'both', 'repair': True}, typed like the fields of the
+    dataclass instance `defaults` (FuseConfig() when not given)."""
+    base = asdict(defaults if defaults is not None else FuseConfig())
     out = {}
     for item in filter(None, text.split(",")):
         k, v = item.split("=")

@@ -42,6 +42,23 @@ def test_the_seed_fixes_the_weights(tmp_path):
     assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
 
 
+def test_no_augment_trains_as_on_a_dataset_without_augmentation(tmp_path):
+    from dataclasses import replace
+
+    from otfuse.data import load_dataset
+
+    digits = load_dataset("digits", tmp_path / "data")
+    crops = replace(digits, augment=True)  # digits have no augmentation of their own; give them crops and flips
+    runs = {"off": (crops, False), "plain": (digits, True), "on": (crops, True)}
+    weights = {k: torch.load(T.train(_cfg(tmp_path / k, epochs=1, augment=flag), data, progress=False),
+                             weights_only=True)["state_dict"] for k, (data, flag) in runs.items()}
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(weights[a][n], weights[b][n]) for n in weights[a])
+
+    assert same("off", "plain") and not same("on", "plain")
+
+
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     full = T.train(_cfg(tmp_path / "full", epochs=3), progress=False)
     saves = []

@@ -91,15 +91,13 @@ def write_summary(results_dir: Path) -> Path:
     return path
 
 
-def finetuned_accuracy(fused_path: Path, meta: dict, epochs: int, data_dir: str, device: str) -> float:
+def finetuned_accuracy(fused_path: Path, epochs: int, data_dir: str, device: str) -> float:
     """Test accuracy of the fused checkpoint after `epochs` of fine-tuning (saved beside it, -ft<K>.pt)."""
     from otfuse.models import load_checkpoint
-    from otfuse.train import FINETUNE, TrainConfig, train
+    from otfuse.train import finetune
 
-    cfg = TrainConfig(**{**FINETUNE, "epochs": epochs}, dataset=meta["dataset"], arch=meta["arch"], width=meta["width"],
-                      data_dir=data_dir, device=device, init=str(fused_path),
-                      out=str(fused_path.with_name(f"{fused_path.stem}-ft{epochs}.pt")))
-    return float(load_checkpoint(train(cfg, progress=False))[1]["test_acc"])
+    out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{epochs}.pt"), data_dir, device, epochs=epochs)
+    return float(load_checkpoint(out)[1]["test_acc"])
 
 
 def trained_sets(checkpoint_dir: Path, dataset: str | None) -> list[tuple[Path, list[Path]]]:
@@ -157,7 +155,7 @@ def sweep(argv: list[str] | None, default_method: str) -> int:
                 save_checkpoint(fused_path, fused, meta)
                 if args.finetune_epochs > 0:
                     t0 = time.perf_counter()
-                    acc["fused_ft"] = finetuned_accuracy(fused_path, meta0, args.finetune_epochs, args.data_dir, args.device)
+                    acc["fused_ft"] = finetuned_accuracy(fused_path, args.finetune_epochs, args.data_dir, args.device)
                     timings["finetune"] = time.perf_counter() - t0
                 row = fusion_row(folder.parent.name, meta0, seeds, cfg.method, acc, timings, cfg.__dict__)
                 if args.finetune_epochs > 0:
