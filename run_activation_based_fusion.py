@@ -6,7 +6,7 @@
 
 import sys
 
-from otfuse.results import sweep
+from otfuse.sweep import main
 
 if __name__ == "__main__":
-    raise SystemExit(sweep(sys.argv[1:], "activation"))
+    raise SystemExit(main(sys.argv[1:], "activation"))

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_knobs import parse_change
-from otfuse.cli import load_parents, run_main
+from otfuse.checkpoints import load_checkpoint, load_parents
 from otfuse.data import dataset_slug
-from otfuse.models import load_checkpoint
+from otfuse.errors import run_main
+from otfuse.options import parse_assignments
 from otfuse.storage import atomic_write_csv
 from otfuse.train import FINETUNE, TrainConfig, finetune
 
@@ -47,11 +47,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        from otfuse.data import default_data_dir
-
-        data_dir = args.data_dir or str(default_data_dir())
+        data_dir = args.data_dir
         _, metas, data = load_parents(args.checkpoints, data_dir, args.device)
-        changes = [parse_change(c, TrainConfig()) for c in args.only] or CHANGES
+        changes = [parse_assignments(c, TrainConfig) for c in args.only] or CHANGES
         jobs = [(args.checkpoints[0], "fused", c) for c in changes]
         if not args.only:
             jobs += [(path, f"parent {name}", {}) for path, name in zip(args.checkpoints[1:], "AB")]

@@ -11,13 +11,13 @@ by default, otfuse.refit) runs partial forward passes per layer and is timed apa
 
 import argparse
 import time
-from dataclasses import replace
 
 import torch
 
 from otfuse.data import image_batches
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.models import build_model
+from otfuse.options import build
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--refit", action="store_true", help="also time the default pipeline, with the refit")
     args = p.parse_args()
     dev = torch.device(args.device)
-    cfg = FuseConfig(method="activation", n_images=1000, bn_batches=100, bn_batch_size=128, refit=False)
+    cfg = build(FuseConfig, {"method": "activation", "n_images": 1000, "bn_batches": 100, "bn_batch_size": 128, "refit": False})
     images = torch.randint(0, 256, (12_800, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(dev)
     norm = ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
     models = []
@@ -44,24 +44,25 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         for m in models:
-            for xb in image_batches(images[: cfg.n_images], cfg.act_batch_size, norm):
+            for xb in image_batches(images[: cfg.align.n_images], cfg.align.act_batch_size, norm):
                 m(xb)
         probe = build_model("resnet18", args.width, 3, 10).to(dev).train()
-        for xb in image_batches(images, cfg.bn_batch_size, norm, seed=0):
+        for xb in image_batches(images, cfg.bn.batch_size, norm, seed=0):
             probe(xb)
     sync()
     t_forward = time.perf_counter() - t0
 
     sync()
     t0 = time.perf_counter()
-    _, _, _, timings = fuse(models, images, norm, cfg)
+    timings = fuse(models, images, norm, cfg).seconds
     sync()
     t_fuse = time.perf_counter() - t0
     phases = ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
     print(f"resnet18 w{args.width} on {dev}: forward passes {t_forward:.2f} s, fusion {t_fuse:.2f} s ({phases}); "
           f"ratio {t_fuse / t_forward:.2f} (target <= 1.3)")
     if args.refit:
-        timings = fuse(models, images, norm, replace(cfg, refit=True))[3]
+        cfg.refit.enabled = True
+        timings = fuse(models, images, norm, cfg).seconds
         print(f"with the refit (the default): refit {timings['refit']:.2f} s more, "
               f"{sum(timings.values()) / t_forward:.2f} times the forward passes")
 

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from otfuse.groups import channel_groups, permute, random_perms
+from otfuse.groups import channel_groups
+from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     model = build_model("resnet18", args.width, 3, 10).eval()
     x = torch.randn(1, 3, 32, 32)
     t_groups, groups = best_of(lambda: channel_groups(model, x), args.repeat)
-    perms = random_perms(groups)
+    perms = random_maps(groups)
     t_perm, _ = best_of(lambda: permute(model, groups, perms), args.repeat)
     print(f"resnet18 w{args.width}: {len(groups)} groups; channel_groups {t_groups:.3f} s, permute {t_perm:.3f} s, "
           f"together {t_groups + t_perm:.3f} s (target < 0.5 s; {torch.get_num_threads()} threads)")

@@ -17,12 +17,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
-from otfuse.cli import load_parents, run_main
-from otfuse.data import dataset_slug, normalize
-from otfuse.fuse import FuseConfig, groups_of
+from otfuse.checkpoints import load_parents
+from otfuse.data import dataset_slug
+from otfuse.errors import run_main
+from otfuse.fuse import FuseConfig
+from otfuse.options import build, flatten, parse_assignments
 from otfuse.storage import atomic_write_csv
 from otfuse.tune import val_accuracy
 
@@ -53,17 +54,6 @@ CHANGES = [
 ]
 
 
-def parse_change(text: str, defaults=None) -> dict:
-    """'point=both,repair=True' -> {'point': 'both', 'repair': True}, typed like the fields of the
-    dataclass instance `defaults` (FuseConfig() when not given)."""
-    base = asdict(defaults if defaults is not None else FuseConfig())
-    out = {}
-    for item in filter(None, text.split(",")):
-        k, v = item.split("=")
-        out[k] = (v == "True") if isinstance(base[k], bool) else type(base[k])(v)
-    return out
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs=2)
@@ -76,17 +66,14 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        from otfuse.data import default_data_dir
-
-        models, metas, data = load_parents(args.checkpoints, args.data_dir or str(default_data_dir()), args.device)
-        groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
-        changes = [parse_change(c) for c in args.only] or CHANGES
-        base = replace(FuseConfig(), **parse_change(args.base))
+        models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+        changes = [parse_assignments(c, FuseConfig) for c in args.only] or CHANGES
+        base = parse_assignments(args.base, FuseConfig)
         rows = []
         for change in changes:
-            cfg = replace(base, **change)
+            cfg = build(FuseConfig, {**base, **change})
             t0 = time.perf_counter()
-            _, acc, agree = val_accuracy(models, data, cfg, groups)
+            _, acc, agree = val_accuracy(models, data, cfg)
             rows.append({"change": ",".join(f"{k}={v}" for k, v in change.items()) or "defaults",
                          "val_accuracy": f"{acc:.2f}", "agree_model1": f"{agree[0]:.2f}", "agree_model2": f"{agree[1]:.2f}",
                          "seconds": f"{time.perf_counter() - t0:.1f}"})
@@ -95,7 +82,7 @@ def main(argv: list[str]) -> int:
                   f"  {r['seconds']:>6} s", flush=True)
         meta = metas[0]
         seeds = "-".join(str(m.get("seed")) for m in metas)
-        defaults = json.dumps(asdict(base), sort_keys=True)
+        defaults = json.dumps(flatten(build(FuseConfig, base)), sort_keys=True)
         name = f"-{args.name}" if args.name else ""
         out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}{name}.csv"
         atomic_write_csv(out, [{"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}

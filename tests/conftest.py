@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from otfuse.checkpoints import load_checkpoint
+from otfuse.data import load_dataset
+from otfuse.fuse import FuseConfig
+from otfuse.options import build
 from otfuse.train import TrainConfig, train
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -47,6 +51,11 @@ class CatNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+def config(**flat) -> FuseConfig:
+    """A FuseConfig from flat option names, as on the command line: config(method="weight", refit=False)."""
+    return build(FuseConfig, flat)
+
+
 @pytest.fixture
 def tmp_data_dir(tmp_path):
     d = tmp_path / "data"
@@ -61,7 +70,4 @@ def trained(tmp_path_factory):
     cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu",
                         data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
     paths = [train(c, progress=False) for c in cfgs]
-    from otfuse.data import load_dataset
-    from otfuse.models import load_checkpoint
-
     return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root

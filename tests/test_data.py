@@ -125,7 +125,7 @@ def test_bad_names_and_paths_are_one_clear_error(tmp_path, tmp_data_dir):
         D.load_dataset(f"imagefolder:{tmp_path / 'none'}", tmp_data_dir)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(OtfuseError, match="cannot write to directory"):
+    with pytest.raises(OtfuseError, match="is a file, not a directory"):
         D.load_dataset("digits", blocker / "sub")
 
 

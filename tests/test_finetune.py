@@ -6,7 +6,7 @@ import torch
 
 from otfuse.cli import main
 from otfuse.evaluate import accuracy
-from otfuse.models import load_checkpoint
+from otfuse.checkpoints import load_checkpoint
 
 
 def test_one_epoch_of_finetuning_improves_a_fused_model(trained, tmp_path, capsys):

@@ -8,12 +8,15 @@ import pytest
 import torch
 import torchvision
 
-from conftest import CatNet, randomize_bn
+from conftest import CatNet, config, randomize_bn
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
-from otfuse.fuse import FuseConfig, fuse, fusion_report
-from otfuse.groups import channel_groups, permute, random_perms
+from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
+from otfuse.fuse import average, fuse
+from otfuse.groups import channel_groups
+from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
+from otfuse.report import fusion_table
 from otfuse.train import TrainConfig, checkpoint_path, train
 
 METHODS = ["activation", "weight", "weight-matching"]
@@ -29,9 +32,9 @@ def _random_data(shape: tuple[int, int, int], n: int = 64, classes: int = 10) ->
 
 def _assert_returns_model(model, data, method, n_images=64, **options):
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
-    copy = permute(model, groups, random_perms(groups, seed=5))
-    cfg = FuseConfig(method=method, n_images=n_images, bn_batches=0, refit=False, **options)  # the oracle is on the average
-    _, raw, _, _ = fuse([model, copy], data.train_x, data.norm, cfg)
+    copy = permute(model, groups, random_maps(groups, seed=5))
+    cfg = config(method=method, n_images=n_images, bn_batches=0, refit=False, **options)  # the oracle is on the average
+    raw = fuse([model, copy], data.train_x, data.norm, cfg).raw
     ref = model.state_dict()
     for k, v in raw.state_dict().items():
         assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
@@ -78,19 +81,18 @@ def test_the_oracle_holds_on_every_architecture(arch, method):
 
 def test_three_models_fuse_by_aligning_each_to_the_first(trained):
     models, data, _, _ = trained
-    fused, raw, maps, timings = fuse([models[0], models[1], models[0]], data.train_x, data.norm, FuseConfig(bn_batches=4))
-    assert len(maps) == 2 and all(torch.equal(p, torch.arange(len(p))) for p in maps[1].values())
-    assert set(timings) == {"activations", "cost_and_ot", "averaging", "batchnorm", "refit"}
+    result = fuse([models[0], models[1], models[0]], data.train_x, data.norm, config(bn_batches=4))
+    assert len(result.maps) == 3 and all(torch.equal(m.perm, torch.arange(m.n_source)) for m in result.maps[2].values())
+    assert set(result.seconds) == {"groups", "alignment", "averaging", "batchnorm", "refit"}
 
 
 def test_sinkhorn_with_little_regularisation_nearly_returns_the_model(trained):
     models, data, _, _ = trained
     model = models[0]
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
-    copy = permute(model, groups, random_perms(groups, seed=5))
-    _, raw, maps, _ = fuse([model, copy], data.train_x, data.norm, FuseConfig(solver="sinkhorn", reg=0.002, bn_batches=0, refit=False))
-    assert all(m.is_floating_point() for m in maps[0].values())
-    ref = model.state_dict()
+    copy = permute(model, groups, random_maps(groups, seed=5))
+    result = fuse([model, copy], data.train_x, data.norm, config(solver="sinkhorn", reg=0.002, bn_batches=0, refit=False))
+    raw, ref = result.raw, model.state_dict()
     for k, v in raw.state_dict().items():
         if v.is_floating_point():
             assert (v - ref[k]).abs().max() <= 0.05 * ref[k].abs().max() + 1e-6, k
@@ -98,12 +100,13 @@ def test_sinkhorn_with_little_regularisation_nearly_returns_the_model(trained):
 
 def test_alignment_beats_vanilla_averaging_on_trained_models(trained):
     models, data, _, _ = trained
-    _, acc, timings = fusion_report(models, data, FuseConfig(method="activation", bn_batches=10))
-    assert acc["fused_average"] > acc["vanilla_bn"] - 1.0
-    assert acc["fused"] > acc["vanilla_refit"] - 1.0
+    fusion, acc = fusion_table(models, data, config(method="activation", bn_batches=10), split="val")
+    # digits, width 8 (val): the aligned average ~81, the vanilla one with BatchNorm reset ~43
+    assert acc["fused_average"] > acc["vanilla_bn"] + 15.0
+    assert acc["fused"] >= acc["vanilla_refit"]
     assert {"model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn", "fused_average",
             "fused", "fused_repair", "agree_model1", "agree_model2"} == set(acc)
-    assert "evaluation" in timings
+    assert "evaluation" in fusion.seconds
 
 
 def test_cli_fuse_prints_the_table_and_saves_a_loadable_checkpoint(trained, tmp_path, capsys):
@@ -135,7 +138,7 @@ def test_cli_fuse_bad_inputs_exit_2_and_write_nothing(trained, tmp_path, capsys)
     assert "corrupt or truncated" in run(str(paths[0]), str(bad))
     wide = TrainConfig(dataset="digits", width=4, epochs=1, device="cpu", data_dir=str(root / "data"), checkpoint_dir=str(tmp_path / "ck"))
     train(wide, progress=False)
-    assert "width=4" in run(str(paths[0]), str(checkpoint_path(wide)))
+    assert "aligns models of one width only" in run(str(paths[0]), str(checkpoint_path(wide)), "--method", "weight")
     assert "--method 'magic' is unknown" in run(str(paths[0]), str(paths[1]), "--method", "magic")
 
 
@@ -146,8 +149,6 @@ def test_repair_keeps_the_oracle(trained):
 
 def test_repair_gives_the_first_layer_the_parents_mean_statistics():
     """On a net without BatchNorm the stem's outputs are exact after REPAIR: nothing upstream moves them."""
-    from otfuse.bn import channel_moments, repair
-    from otfuse.fuse import average
 
     data = _random_data((3, 8, 8), n=128)
     nets = []
@@ -157,7 +158,7 @@ def test_repair_gives_the_first_layer_the_parents_mean_statistics():
     example = normalize(data.train_x[:1], data.norm)
     groups = channel_groups(nets[0], example)
     fused = average(nets, [0.5, 0.5])
-    repair(fused, nets, [0.5, 0.5], groups, data.train_x, data.norm, n_images=128)
+    repair(fused, nets, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(n_images=128))
     stem = [p for g in groups for p in g.pre_observations if p.module == "b"]
     (mu_f, sd_f), = channel_moments(fused, stem, data.train_x, data.norm, 128)
     moments = [channel_moments(n, stem, data.train_x, data.norm, 128)[0] for n in nets]
@@ -166,12 +167,10 @@ def test_repair_gives_the_first_layer_the_parents_mean_statistics():
 
 
 def test_augmented_batchnorm_statistics_are_reproducible_and_differ_from_plain_ones(trained):
-    from otfuse.bn import recompute_bn
-
     models, data, _, _ = trained
 
     def stats(augment):
-        m = recompute_bn(copy.deepcopy(models[0]), data.train_x, data.norm, n_batches=4, batch_size=64, augment=augment)
+        m = recompute_bn(copy.deepcopy(models[0]), data.train_x, data.norm, BatchNormConfig(batches=4, batch_size=64, augment=augment))
         return torch.cat([b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])
 
     assert torch.equal(stats(True), stats(True))

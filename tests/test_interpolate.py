@@ -7,13 +7,13 @@ import csv
 import pytest
 
 from otfuse.cli import main
-from otfuse.fuse import FuseConfig
+from conftest import config
 from otfuse.interpolate import CURVES, interpolation
 
 
 def test_every_curve_starts_at_model_a_and_the_aligned_ones_end_at_model_b(trained):
     models, data, _, _ = trained
-    rows = interpolation(models, data, FuseConfig(n_images=128, bn_batches=4), points=3)
+    rows = interpolation(models, data, config(n_images=128, bn_batches=4), points=3)
     at = {(r["alpha"], r["curve"]): r for r in rows}
     assert {r["curve"] for r in rows} == set(CURVES) and sorted({r["alpha"] for r in rows}) == [0.0, 0.5, 1.0]
     for alpha in (0.0, 1.0):

@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CatNet, randomize_bn
+from conftest import CatNet, config, randomize_bn
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.evaluate import logits
-from otfuse.fuse import FuseConfig, align_all, fuse, groups_of, merge
-from otfuse.groups import channel_groups, permute, random_perms
+from otfuse.fuse import fuse
+from otfuse.groups import channel_groups
+from otfuse.maps import permute, random_maps
 from otfuse.refit import units
 
 
@@ -25,13 +26,13 @@ def _images(shape=(3, 8, 8), n=96) -> ImageData:
 
 def _permuted_copy(model, data):
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
-    return permute(model, groups, random_perms(groups, seed=3))
+    return permute(model, groups, random_maps(groups, seed=3))
 
 
 def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
     models, data, _, _ = trained
     model = models[0]
-    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, FuseConfig(bn_batches=4, n_images=500))[0]
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=4, n_images=500, refit_n_images=500)).model
     x, _ = data.split("test")
     z, z_ref = logits(fused, x, data.norm), logits(model, x, data.norm)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
@@ -40,10 +41,8 @@ def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
 
 def test_refit_brings_the_fusion_nearer_its_parents_mean(trained):
     models, data, _, _ = trained
-    cfg = FuseConfig(bn_batches=10, n_images=500)
-    groups = groups_of(models, normalize(data.train_x[:1], data.norm))
-    _, aligned = align_all(models, groups, data.train_x, data.norm, cfg)
-    fused, plain, _ = merge(aligned, [0.5, 0.5], groups, data.train_x, data.norm, cfg)
+    result = fuse(models, data.train_x, data.norm, config(bn_batches=10, n_images=500, refit_n_images=500))
+    fused, plain = result.model, result.average
     x, y = data.split("val")
     target = sum(logits(m, x, data.norm) for m in models) / 2
     err = lambda m: (logits(m, x, data.norm) - target).pow(2).mean().item()
@@ -74,7 +73,7 @@ class NoBias(nn.Module):
 def test_refit_gives_back_models_with_and_without_batchnorm(make):
     torch.manual_seed(0)
     model, data = make().eval(), _images()
-    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, FuseConfig(bn_batches=0, n_images=96))[0]
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).model
     z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
@@ -82,8 +81,8 @@ def test_refit_gives_back_models_with_and_without_batchnorm(make):
 def test_refit_fits_two_different_models_better_than_their_average():
     torch.manual_seed(0)
     a, b, data = NoBias().eval(), NoBias().eval(), _images()
-    cfg = FuseConfig(bn_batches=0, n_images=96)
-    fused, raw, _, _ = fuse([a, b], data.train_x, data.norm, cfg)
+    result = fuse([a, b], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96))
+    fused, raw = result.model, result.raw
     target = (logits(a, data.train_x, data.norm) + logits(b, data.train_x, data.norm)) / 2
     err = lambda m: (logits(m, data.train_x, data.norm) - target).pow(2).mean().item()
     assert err(fused) < 0.5 * err(raw)

@@ -1,6 +1,7 @@
 """Results tables: rows upserted atomically, summary.md laid out like the original's table."""
 
 from otfuse.results import read_rows, upsert_row, write_summary
+from otfuse.sweep import main
 
 
 def _row(seeds, method, fused):
@@ -37,10 +38,8 @@ def test_summary_gains_repair_and_finetuning_columns_when_runs_have_them(tmp_pat
 
 
 def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path, capsys):
-    from otfuse.results import sweep
-
     _, _, paths, root = trained
-    code = sweep(["--checkpoint-dir", str(root / "ck"), "--results-dir", str(tmp_path), "--data-dir", str(root / "data"),
+    code = main(["--checkpoint-dir", str(root / "ck"), "--results-dir", str(tmp_path), "--data-dir", str(root / "data"),
                   "--device", "cpu", "--bn-batches", "4", "--n-images", "128", "--finetune-epochs", "1"], "activation")
     assert code == 0, capsys.readouterr().err
     row = read_rows(tmp_path / "digits_activation.csv")[0]

@@ -83,6 +83,7 @@ def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, 
     done = _completed(url, "shared")
     assert len(done) == 6  # no trial lost
     assert len({t.user_attrs["worker"] for t in done}) == 2  # both workers added theirs
+    assert len({json.dumps(t.params, sort_keys=True) for t in done}) == 6  # and never the same options twice
 
     killed = _worker(paths, root, url, 1000, tmp_path)
     deadline = time.time() + 300

@@ -1,5 +1,5 @@
-"""`python -m otfuse ...` (and `torchrun -m otfuse train ...`) runs the CLI."""
+"""`python -m otfuse ...`: the otfuse command."""
 
-from otfuse.cli import main
+from otfuse.entry import main
 
 raise SystemExit(main())

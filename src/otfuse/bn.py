@@ -1,26 +1,65 @@
-"""BatchNorm statistics recomputed on training data after the weights changed under them."""
+"""BatchNorm statistics recomputed after the weights changed under them, and REPAIR.
+
+    recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=100))        # in place
+    repair(fused, aligned_parents, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig())
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from otfuse.align import channel_rows
 from otfuse.data import fixed_sample, image_batches
+from otfuse.errors import OtfuseError
+from otfuse.groups import ChannelGroup, Observation
+from otfuse.hooks import tapping
+
+_BN = nn.modules.batchnorm._BatchNorm
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+@dataclass
+class BatchNormConfig:
+    FLAG_PREFIX: ClassVar[str] = "bn"
+    batches: int = 100  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
+    batch_size: int = 128  # images per BatchNorm batch
+    augment: bool = False  # statistics from crop+flip batches, as training saw them (for models trained so)
+    seed: int = 0  # order of the batches
+
+    def check(self) -> None:
+        if self.batches < 0:
+            raise OtfuseError(f"--bn-batches {self.batches} must be 0 (keep the averaged statistics) or more")
+        if self.batch_size < 2:
+            raise OtfuseError(f"--bn-batch-size {self.batch_size} must be at least 2 (BatchNorm needs a spread)")
+
+
+@dataclass
+class RepairConfig:
+    FLAG_PREFIX: ClassVar[str] = "repair"
+    enabled: bool = False  # REPAIR: match each fused channel's activation mean and std to the parents'
+    n_images: int = 1000  # training images (no augmentation) whose activation moments are matched
+    batch_size: int = 250  # images per forward pass while measuring them
+    seed: int = 0  # image sample
+
+    def check(self) -> None:
+        if self.n_images < 2:
+            raise OtfuseError(f"--repair-n-images {self.n_images} is too small; use at least 2")
+        if self.batch_size < 1:
+            raise OtfuseError(f"--repair-batch-size {self.batch_size} must be at least 1")
 
 
 @torch.no_grad()
-def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches: int = 100, batch_size: int = 128,
-                 seed: int = 0, progress: bool = False, augment: bool = False) -> nn.Module:
+def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: BatchNormConfig,
+                 progress: bool = False) -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over
-    `n_batches` shuffled batches of `images` (unaugmented, or with training's crops and flips), in
+    `cfg.batches` shuffled batches of `images` (unaugmented, or with training's crops and flips), in
     place; returns the model in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n_batches <= 0:
+    bns = [m for m in model.modules() if isinstance(m, _BN)]
+    if not bns or cfg.batches <= 0:
         return model.eval()
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -28,51 +67,44 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, n_batches:
         m.momentum = None  # cumulative moving average: every batch weighs the same
     model.train()
     dev = next(model.parameters()).device
-    it = image_batches(images, batch_size, norm, seed=seed, drop_last=len(images) >= batch_size, augment=augment)
-    done = 0
-    with tqdm(total=n_batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar:
-        while done < n_batches:
-            for xb in it:
-                model(xb.to(dev))
-                done += 1
-                bar.update()
-                if done == n_batches:
-                    break
-            # fewer images than n_batches * batch_size: go round again in a new order
-            it = image_batches(images, batch_size, norm, seed=seed, epoch=done, augment=augment)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
+    size = min(cfg.batch_size, len(images))
+    done, epoch = 0, 0
+    try:
+        with tqdm(total=cfg.batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar:
+            while done < cfg.batches:
+                # fewer images than batches * batch_size: go round again in a new order
+                for xb in image_batches(images, size, norm, seed=cfg.seed, epoch=epoch, drop_last=True, augment=cfg.augment):
+                    model(xb.to(dev))
+                    done += 1
+                    bar.update()
+                    if done == cfg.batches:
+                        break
+                epoch += 1
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
     return model.eval()
 
 
 @torch.no_grad()
-def channel_moments(model: nn.Module, points: list, images: torch.Tensor, norm: tuple, n_images: int = 1000,
+def channel_moments(model: nn.Module, points: list[Observation], images: torch.Tensor, norm: tuple, n_images: int = 1000,
                     batch_size: int = 250, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation at each Observation (a module's input or output), on a fixed
     sample of unaugmented images; streamed, only running sums are kept."""
-    from otfuse.align import channel_rows
-
     sums = [[0.0, 0.0, 0] for _ in points]
-    handles = []
-    for k, p in enumerate(points):
-        def add(x, k=k, p=p):
-            rows = channel_rows(x.detach(), p.index).double()
+
+    def add(k: int, p: Observation):
+        def fn(x: torch.Tensor) -> None:
+            rows = channel_rows(x.detach(), p.index, p.axis).double()
             s = sums[k]
             s[0], s[1], s[2] = s[0] + rows.sum(1), s[1] + (rows * rows).sum(1), s[2] + rows.shape[1]
-        mod = model.get_submodule(p.module)
-        if getattr(p, "on", "output") == "input":
-            handles.append(mod.register_forward_pre_hook(lambda _m, inputs, add=add: add(inputs[0])))
-        else:
-            handles.append(mod.register_forward_hook(lambda _m, _i, out, add=add: add(out)))
+        return fn
+
     model.eval()
     dev = next(model.parameters()).device
-    sample = fixed_sample(images, n_images, seed)
-    try:
-        for xb in image_batches(sample, batch_size, norm):
+    with tapping(model, [(p.module, p.on, add(k, p)) for k, p in enumerate(points)]):
+        for xb in image_batches(fixed_sample(images, n_images, seed), batch_size, norm):
             model(xb.to(dev))
-    finally:
-        for h in handles:
-            h.remove()
     out = []
     for s1, s2, cnt in sums:
         mean = s1 / cnt
@@ -81,16 +113,16 @@ def channel_moments(model: nn.Module, points: list, images: torch.Tensor, norm: 
 
 
 @torch.no_grad()
-def repair(fused: nn.Module, parents: list[nn.Module], weights: list[float], groups: list, images: torch.Tensor,
-           norm: tuple, n_images: int = 1000, seed: int = 0) -> nn.Module:
+def repair(fused: nn.Module, parents: list[nn.Module], weights: list[float], groups: list[ChannelGroup], images: torch.Tensor,
+           norm: tuple, cfg: RepairConfig) -> nn.Module:
     """REPAIR-style renormalisation, in place: at every group's norm outputs (or producer outputs where
     there is no norm), give each fused channel the weighted mean of the aligned parents' activation
     mean and standard deviation, folded into that layer's affine parameters (the architecture stays)."""
     points = [p for g in groups for p in g.pre_observations]
+    moments = lambda m: channel_moments(m, points, images, norm, cfg.n_images, cfg.batch_size, cfg.seed)
     target = [(sum(w * m for w, (m, _) in zip(weights, ms)), sum(w * s for w, (_, s) in zip(weights, ms)))
-              for ms in zip(*(channel_moments(p, points, images, norm, n_images, seed=seed) for p in parents))]
-    current = channel_moments(fused, points, images, norm, n_images, seed=seed)
-    for p, (mu_t, sd_t), (mu_f, sd_f) in zip(points, target, current):
+              for ms in zip(*(moments(p) for p in parents))]
+    for p, (mu_t, sd_t), (mu_f, sd_f) in zip(points, target, moments(fused)):
         live = sd_f > 1e-6 * sd_f.max().clamp_min(1e-30)  # a dead channel has nothing to rescale
         scale = torch.where(live, sd_t / sd_f.clamp_min(1e-30), torch.ones_like(sd_f))
         shift = torch.where(live, mu_t - scale * mu_f, torch.zeros_like(mu_f))

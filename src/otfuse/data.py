@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
 from otfuse.errors import OtfuseError
 from otfuse.storage import atomic_write_bytes, load_torch, save_torch, writable_dir
@@ -69,10 +70,6 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
-    def image_size(self) -> int:
-        return self.train_x.shape[-1]
-
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         if which not in ("train", "val", "test"):
             raise OtfuseError(f"unknown split {which!r}; use train, val or test")
@@ -112,18 +109,24 @@ class _Source:
     decode: Callable[[], dict]
 
 
-def _source(name: str, data_dir: Path) -> _Source:
-    if name in ("cifar10", "cifar100"):
-        return _cifar_source(name, data_dir)
-    if name == "fashion-mnist":
-        return _fashion_source(data_dir)
-    if name == "digits":
-        import sklearn
+SourceFn = Callable[[str, Path], _Source]
+SOURCES: dict[str, SourceFn] = {}
 
-        return _Source(f"digits-sklearn{sklearn.__version__}", _decode_digits)
-    if name.startswith("imagefolder:"):
-        return _imagefolder_source(Path(name.split(":", 1)[1]).expanduser())
-    raise OtfuseError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, digits or imagefolder:PATH")
+
+def register_dataset(name: str):
+    """Add a dataset: `@register_dataset("name")` on a function (argument after "name:", data dir) -> _Source."""
+    def wrap(fn: SourceFn) -> SourceFn:
+        SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _source(name: str, data_dir: Path) -> _Source:
+    kind, _, arg = name.partition(":")
+    if kind not in SOURCES:
+        raise OtfuseError(f"unknown dataset {name!r}; choose {', '.join(k + (':PATH' if k == 'imagefolder' else '') for k in SOURCES)}")
+    return SOURCES[kind](arg, data_dir)
 
 
 def _fingerprint(paths: list[Path]) -> str:
@@ -132,6 +135,16 @@ def _fingerprint(paths: list[Path]) -> str:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
+
+
+@register_dataset("cifar10")
+def _cifar10_source(_arg: str, data_dir: Path) -> _Source:
+    return _cifar_source("cifar10", data_dir)
+
+
+@register_dataset("cifar100")
+def _cifar100_source(_arg: str, data_dir: Path) -> _Source:
+    return _cifar_source("cifar100", data_dir)
 
 
 def _cifar_source(name: str, data_dir: Path) -> _Source:
@@ -171,7 +184,8 @@ def _download_cifar(name: str, data_dir: Path) -> None:
         raise OtfuseError(f"cannot download {name} into {data_dir} ({type(exc).__name__}); {OFFLINE_CHOICES}") from None
 
 
-def _fashion_source(data_dir: Path) -> _Source:
+@register_dataset("fashion-mnist")
+def _fashion_source(_arg: str, data_dir: Path) -> _Source:
     raw = data_dir / "FashionMNIST" / "raw"
     names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     if not all((raw / n).is_file() for n in names):
@@ -214,6 +228,13 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims).copy())
 
 
+@register_dataset("digits")
+def _digits_source(_arg: str, _data_dir: Path) -> _Source:
+    import sklearn  # optional at import time: only the digits set needs scikit-learn
+
+    return _Source(f"digits-sklearn{sklearn.__version__}", _decode_digits)
+
+
 def _decode_digits() -> dict:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -228,7 +249,11 @@ def _decode_digits() -> dict:
     )
 
 
-def _imagefolder_source(path: Path) -> _Source:
+@register_dataset("imagefolder")
+def _imagefolder_source(arg: str, _data_dir: Path) -> _Source:
+    if not arg:
+        raise OtfuseError("--dataset imagefolder needs a path: imagefolder:PATH (a folder with train/ and test/, or a .tar.xz of one)")
+    path = Path(arg).expanduser()
     if not path.exists():
         raise OtfuseError(f"imagefolder path {path} does not exist; give a folder with train/ and test/ or a .tar.xz of one")
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -236,22 +261,30 @@ def _imagefolder_source(path: Path) -> _Source:
 
 
 def _decode_imagefolder(path: Path) -> dict:
-    from PIL import Image
-
+    """Decode every image; hidden files (.DS_Store, ...) are skipped, any other file that is not a
+    decodable image is named in one clear error."""
     entries = _tar_entries(path) if path.is_file() else _dir_entries(path)
-    splits: dict[str, dict[str, list[bytes]]] = {"train": {}, "test": {}}
+    splits: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     for parts, read in entries:
-        if len(parts) >= 3 and parts[-3] in splits:
-            splits[parts[-3]].setdefault(parts[-2], []).append(read())
+        if len(parts) >= 3 and parts[-3] in splits and not parts[-1].startswith("."):
+            splits[parts[-3]].setdefault(parts[-2], []).append(("/".join(parts), read()))
     classes = sorted(splits["train"])
     if not classes or sorted(splits["test"]) != classes:
         raise OtfuseError(f"imagefolder {path} needs train/<class>/* and test/<class>/* with the same classes")
 
+    def decode(name: str, blob: bytes) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise OtfuseError(f"imagefolder {path}: {name} is not a readable image ({' '.join(str(exc).split()[:8])}); "
+                              "remove or replace it") from None
+
     def stack(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for label, c in enumerate(classes):
-            for blob in splits[split][c]:
-                xs.append(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"), dtype=np.uint8))
+            for name, blob in splits[split][c]:
+                xs.append(decode(name, blob))
                 ys.append(label)
         if len({x.shape for x in xs}) != 1:
             raise OtfuseError(f"imagefolder {path} holds images of different sizes; resize them to one size first")
@@ -287,15 +320,30 @@ def _cached(source: _Source, data_dir: Path) -> dict:
     path = data_dir / "cache" / f"{source.key}-v{CACHE_VERSION}.pt"
     if path.is_file():
         try:
-            return load_torch(path, "dataset cache")
+            raw = load_torch(path, "dataset cache")
+            _check_decoded(raw, path)
+            if isinstance(raw.get("mean"), list) and isinstance(raw.get("std"), list):
+                return raw
         except OtfuseError:
-            pass  # a broken cache is rebuilt, not reported
+            pass  # a broken or foreign cache is rebuilt, not reported
     raw = source.decode()
+    _check_decoded(raw, source.key)
     x = raw["train_x"].float() / 255.0
     raw["mean"] = x.mean(dim=(0, 2, 3)).tolist()
-    raw["std"] = x.std(dim=(0, 2, 3)).tolist()
+    raw["std"] = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()  # a constant channel must not divide by zero
     save_torch(path, raw)
     return raw
+
+
+def _check_decoded(raw, what) -> None:
+    """A decoded dataset is usable: uint8 NCHW images with labels, two or more classes; else one clear error."""
+    ok = isinstance(raw, dict) and all(isinstance(raw.get(k), torch.Tensor) for k in ("train_x", "train_y", "test_x", "test_y"))
+    ok = ok and raw["train_x"].dtype == torch.uint8 and raw["train_x"].ndim == 4 and len(raw["train_x"]) == len(raw["train_y"])
+    ok = ok and raw["test_x"].shape[1:] == raw["train_x"].shape[1:] and len(raw["test_x"]) == len(raw["test_y"])
+    if not ok or not isinstance(raw.get("classes"), list):
+        raise OtfuseError(f"dataset {what} is not laid out as images and labels; re-create it")
+    if len(raw["classes"]) < 2:
+        raise OtfuseError(f"dataset {what} has {len(raw['classes'])} class; a classifier needs at least two")
 
 
 def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageData:

@@ -1,57 +1,77 @@
-"""Fuse K models of one architecture: align each to the first, average, recompute BatchNorm, refit.
+"""The fusion pipeline: align every model onto the first, average, recompute BatchNorm, then REPAIR and the refit.
 
-    from otfuse.fuse import FuseConfig, fuse
-    fused, raw, maps, timings = fuse([a, b], data.train_x, data.norm, FuseConfig(method="activation"))
+    from otfuse import FuseConfig, fuse
+    result = fuse([model_a, model_b], data.train_x, data.norm, FuseConfig())
+    result.model          # the fused model
+    result.average        # the aligned average with BatchNorm recomputed ("average only")
+    result.seconds        # {"groups": ..., "alignment": ..., "averaging": ..., "batchnorm": ..., "refit": ...}
 
-`fusion_report` adds the baselines a fusion is judged against: each parent, their softmax
-ensemble, vanilla averaging without alignment (with and without BatchNorm recomputation, and
-refit when the fusion is), and the fusion without BatchNorm recomputation, without the refit
-(the plain aligned average) and with REPAIR instead of the refit.
+`fuse` is the one owner of that sequence; the CLI, the fusion scripts, tune, interpolate and the
+benches all call it. Its configuration is one `FuseConfig` holding one config per stage.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
 
-from otfuse.align import AlignConfig, align
-from otfuse.bn import recompute_bn, repair
-from otfuse.refit import refit
+from otfuse.align import AlignConfig, align, to_target_maps
+from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
 from otfuse.errors import OtfuseError
-from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
-from otfuse.groups import ChannelGroup, channel_groups, check_same_groups, permute
-from otfuse.data import normalize
+from otfuse.groups import ChannelGroup, groups_of
+from otfuse.maps import ChannelMap, carry, output_maps
+from otfuse.refit import RefitConfig, refit
 
 
 @dataclass
-class FuseConfig(AlignConfig):
-    bn_batches: int = 100  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
-    bn_batch_size: int = 128
-    bn_augment: bool = False  # BatchNorm statistics from crop+flip batches, as training saw them (for models trained so)
-    weights: str = ""  # comma-separated model weights for the average; empty: equal
-    repair: bool = False  # REPAIR: match each fused channel's activation mean and std to the parents'
-    refit: bool = True  # refit each conv/linear layer by least squares to the parents' mean output (otfuse.refit)
-    refit_ridge: float = 0.01  # refit's pull towards the parents' averaged layers (BatchNorm folded in), relative to its inputs' scale
+class FuseConfig:
+    """Every option of a fusion: one config per stage, plus how the models are weighted."""
 
-    def check(self) -> None:
-        super().check()
-        if self.refit_ridge < 0:
-            raise OtfuseError(f"--refit-ridge {self.refit_ridge} must be at least 0")
+    STAGES: ClassVar[tuple[str, ...]] = ("align", "bn", "repair", "refit")
+    align: AlignConfig = field(default_factory=AlignConfig)
+    bn: BatchNormConfig = field(default_factory=BatchNormConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    refit: RefitConfig = field(default_factory=RefitConfig)
+    weights: str = ""  # comma-separated model weights for the average; empty: equal
+
+    def check(self, n_models: int | None = None) -> None:
+        for stage in self.STAGES:
+            getattr(self, stage).check()
+        if n_models is not None:
+            self.model_weights(n_models)
 
     def model_weights(self, k: int) -> list[float]:
+        """The averaging weights of k models, normalised to sum to one."""
         if not self.weights:
             return [1.0 / k] * k
         try:
             w = [float(v) for v in self.weights.split(",")]
         except ValueError:
             raise OtfuseError(f"--weights {self.weights!r} must be comma-separated numbers") from None
-        if len(w) != k or sum(w) <= 0 or min(w) < 0:
-            raise OtfuseError(f"--weights {self.weights!r}: give {k} non-negative numbers with a positive sum")
+        if len(w) != k or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+            raise OtfuseError(f"--weights {self.weights!r}: give {k} finite, non-negative numbers with a positive sum")
         return [v / sum(w) for v in w]
+
+
+@dataclass
+class Fusion:
+    """What `fuse` returns: every stage's model, the maps, and seconds per phase."""
+
+    model: nn.Module  # the fused model: every stage the config asks for
+    average: nn.Module  # the aligned average with BatchNorm recomputed ("average only")
+    raw: nn.Module  # the aligned weighted average, before BatchNorm recomputation
+    aligned: list[nn.Module]  # each parent carried onto the fused model's channels
+    maps: list[dict[str, ChannelMap]]  # per parent: group name -> map onto the fused model's channels
+    groups: list[ChannelGroup]  # the fused model's channel groups
+    weights: list[float]  # the averaging weights
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
@@ -65,104 +85,65 @@ def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
     return out
 
 
-def groups_of(models: list[nn.Module], example: torch.Tensor) -> list[ChannelGroup]:
-    """The first model's channel groups, after checking every other model has the same ones."""
-    groups = channel_groups(models[0], example)
-    for m in models[1:]:
-        check_same_groups(groups, channel_groups(m, example))
-    return groups
+def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseConfig,
+         maps: list[dict[str, ChannelMap]] | None = None, target: nn.Module | None = None, progress: bool = False) -> Fusion:
+    """Fuse `models` (one architecture) on unlabelled uint8 training `images` normalised by `norm`.
+
+    Every model is aligned onto the first (or carried through the given `maps`, one set per model)
+    and carried onto the channels of `target`, a model of the same architecture whose width may
+    differ from the parents' (default: the first model). The carried models are averaged with
+    `cfg.weights`, BatchNorm statistics are recomputed, then REPAIR and the layer-wise refit run
+    where `cfg` asks for them. One model and a narrower or wider `target` compresses or widens it."""
+    if len(models) < 1 or (len(models) < 2 and target is None):
+        raise OtfuseError(f"fusion needs at least two models (or one and a target width), got {len(models)}")
+    cfg.check(len(models))
+    weights = cfg.model_weights(len(models))
+    seconds: dict[str, float] = {}
+    anchor = models[0]
+    with timed(seconds, "groups"):
+        per_model = groups_of(models + ([target] if target is not None else []), images, norm, same_width=False)
+        groups = per_model.pop() if target is not None else per_model[0]
+    if maps is None:
+        to_target = to_target_maps(anchor, per_model[0], groups, cfg.align, images, norm, progress)
+        maps = [to_target] + [_chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress, seconds), to_target)
+                              for m, g in zip(models[1:], per_model[1:])]
+    if len(maps) != len(models):
+        raise OtfuseError(f"give one set of maps per model: {len(models)}, got {len(maps)}")
+    into = target if target is not None else anchor
+    aligned = [carry(m, g, mp, into=into, into_groups=groups) for m, g, mp in zip(models, per_model, maps)]
+    with timed(seconds, "averaging"):
+        raw = average(aligned, weights).eval()
+    with timed(seconds, "batchnorm"):
+        plain = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn, progress)
+    fused = copy.deepcopy(plain) if cfg.repair.enabled or cfg.refit.enabled else plain
+    if cfg.repair.enabled:
+        with timed(seconds, "repair"):
+            repaired(fused, aligned, weights, groups, images, norm, cfg)
+    if cfg.refit.enabled:
+        with timed(seconds, "refit"):
+            # no BatchNorm recomputation after it: the refit leaves each BatchNorm its layer's exact statistics;
+            # its targets are the parents' own outputs carried through the maps
+            sources = [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
+            refit(fused, aligned, weights, images, norm, cfg.refit, progress, sources)
+    return Fusion(fused, plain, raw, aligned, maps, groups, weights, seconds)
 
 
-def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseConfig, progress: bool = False,
-         groups: list[ChannelGroup] | None = None, timings: dict[str, float] | None = None):
-    """(fused model, the plain weighted average before BatchNorm recomputation, maps per model, timings)."""
-    if len(models) < 2:
-        raise OtfuseError("fusion needs at least two models")
-    cfg.check()
-    timings = {} if timings is None else timings
-    groups = groups or groups_of(models, normalize(images[:1], norm).to(next(models[0].parameters()).device))
-    maps, aligned = align_all(models, groups, images, norm, cfg, progress, timings)
-    fused, _, raw = merge(aligned, cfg.model_weights(len(models)), groups, images, norm, cfg, progress, timings)
-    return fused, raw, maps, timings
-
-
-def align_all(models: list[nn.Module], groups: list[ChannelGroup], images: torch.Tensor, norm: tuple, cfg: FuseConfig,
-              progress: bool = False, timings: dict[str, float] | None = None) -> tuple[list[dict], list[nn.Module]]:
-    """(maps of every model after the first onto it, the models aligned: the first as it is)."""
-    maps = [align(models[0], m, groups, cfg, images, norm, progress, timings) for m in models[1:]]
-    return maps, [models[0]] + [permute(m, groups, mp) for m, mp in zip(models[1:], maps)]
-
-
-def merge(aligned: list[nn.Module], weights: list[float], groups: list[ChannelGroup], images: torch.Tensor, norm: tuple,
-          cfg: FuseConfig, progress: bool = False, timings: dict[str, float] | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(merged model: BatchNorm recomputed, then REPAIR and the refit where asked; the same before REPAIR
-    and the refit; the plain weighted average) of aligned models."""
-    timings = {} if timings is None else timings
-    t0 = time.perf_counter()
-    raw = average(aligned, weights).eval()
-    timings["averaging"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plain = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress, cfg.bn_augment)
-    timings["batchnorm"] = time.perf_counter() - t0
-    fused = copy.deepcopy(plain) if cfg.repair or cfg.refit else plain
-    if cfg.repair:
-        t0 = time.perf_counter()
-        repaired(fused, aligned, weights, groups, images, norm, cfg, progress)
-        timings["repair"] = time.perf_counter() - t0
-    if cfg.refit:
-        t0 = time.perf_counter()
-        # no BatchNorm recomputation after it: the refit leaves each BatchNorm its layer's exact statistics
-        refitted(fused, aligned, weights, images, norm, cfg, progress)
-        timings["refit"] = time.perf_counter() - t0
-    return fused, plain, raw
+def _chain(onto_anchor: dict[str, ChannelMap], to_target: dict[str, ChannelMap]) -> dict[str, ChannelMap]:
+    return {name: m.then(to_target[name]) for name, m in onto_anchor.items()}
 
 
 def repaired(model: nn.Module, aligned: list[nn.Module], weights: list[float], groups: list[ChannelGroup],
-             images: torch.Tensor, norm: tuple, cfg: FuseConfig, progress: bool = False) -> nn.Module:
+             images: torch.Tensor, norm: tuple, cfg: FuseConfig) -> nn.Module:
     """REPAIR in place on a merged model, then BatchNorm recomputed: the corrections move every later layer's inputs."""
-    repair(model, aligned, weights, groups, images, norm, cfg.n_images, cfg.seed)
-    return recompute_bn(model, images, norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, progress, cfg.bn_augment)
+    repair(model, aligned, weights, groups, images, norm, cfg.repair)
+    return recompute_bn(model, images, norm, cfg.bn)
 
 
-def refitted(model: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
-             cfg: FuseConfig, progress: bool = False) -> nn.Module:
-    """The refit in place on a merged model, with the sample, seed and ridge of `cfg`."""
-    return refit(model, parents, weights, images, norm, cfg.n_images, cfg.seed, cfg.refit_ridge, cfg.act_batch_size, progress)
-
-
-def fusion_report(models: list[nn.Module], data, cfg: FuseConfig, progress: bool = False, split: str = "test"):
-    """(fused model, accuracies on `split` of the fusion, of its stages and of every baseline, plus the
-    fused model's agreement with each parent's predictions (%), seconds per phase)."""
-    timings: dict[str, float] = {}
-    x, y = data.split(split)
-    cfg.check()
-    groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
-    maps, aligned = align_all(models, groups, data.train_x, data.norm, cfg, progress, timings)
-    w = cfg.model_weights(len(models))
-    fused, plain, raw = merge(aligned, w, groups, data.train_x, data.norm, cfg, progress, timings)
-    with_repair = fused
-    if not cfg.repair or cfg.refit:  # the REPAIR column: REPAIR alone, from the same alignment
-        t0 = time.perf_counter()
-        with_repair = repaired(copy.deepcopy(plain), aligned, w, groups, data.train_x, data.norm, cfg)
-        timings["repair"] = time.perf_counter() - t0
+@contextmanager
+def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the seconds the block takes to `seconds[phase]`."""
     t0 = time.perf_counter()
-    vanilla = average(models, w).eval()
-    parent_logits = [logits(m, x, data.norm) for m in models]  # once: the ensemble reuses them
-    acc = {f"model{i + 1}": accuracy_of_logits(z, y) for i, z in enumerate(parent_logits)}
-    acc["ensemble"] = accuracy_of_logits(sum(z.softmax(1) for z in parent_logits), y)
-    acc["vanilla"] = accuracy(vanilla, x, y, data.norm)
-    recompute_bn(vanilla, data.train_x, data.norm, cfg.bn_batches, cfg.bn_batch_size, cfg.seed, augment=cfg.bn_augment)
-    acc["vanilla_bn"] = accuracy(vanilla, x, y, data.norm)
-    acc["fused_no_bn"] = accuracy(raw, x, y, data.norm)
-    fused_logits = logits(fused, x, data.norm)
-    acc["fused"] = accuracy_of_logits(fused_logits, y)
-    # a fusion that leans on one parent (e.g. blurring the other away) agrees with it far more
-    for i, z in enumerate(parent_logits):
-        acc[f"agree_model{i + 1}"] = agreement(fused_logits, z)
-    acc["fused_repair"] = accuracy(with_repair, x, y, data.norm)
-    if cfg.refit:  # what the refit adds, and what it does without any alignment
-        acc["fused_average"] = accuracy(plain, x, y, data.norm)
-        refitted(vanilla, models, w, data.train_x, data.norm, cfg)
-        acc["vanilla_refit"] = accuracy(vanilla, x, y, data.norm)
-    timings["evaluation"] = time.perf_counter() - t0
-    return fused, acc, timings
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0

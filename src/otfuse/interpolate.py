@@ -1,4 +1,4 @@
-"""Test accuracy and loss along the line between two models, without and with alignment.
+"""Accuracy and loss along the line between two models, without and with alignment.
 
     otfuse interpolate A.pt B.pt                     # results/interp-<dataset>-<arch>-w<width>-seeds<a>-<b>.{csv,png}
     otfuse interpolate A.pt B.pt --points 21 --method weight-matching
@@ -6,21 +6,23 @@
 At each alpha the model (1 - alpha) * A + alpha * B' is evaluated, where B' is B itself
 ("vanilla") or B aligned onto A; each gets its BatchNorm statistics recomputed, and the aligned
 one is shown again with REPAIR. The endpoints are the parents; the dip between them is the
-barrier that alignment and renormalisation remove.
+barrier that alignment and renormalisation remove. Every point is one call of the fusion
+pipeline (`otfuse.fuse.fuse`) with the weights (1 - alpha, alpha) and the alignment found once.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from torch import nn
 from tqdm import tqdm
 
 from otfuse.align import align
-from otfuse.data import ImageData, normalize
+from otfuse.data import ImageData
 from otfuse.evaluate import loss_and_accuracy
-from otfuse.fuse import FuseConfig, groups_of, merge
-from otfuse.groups import permute
+from otfuse.fuse import FuseConfig, fuse
+from otfuse.groups import groups_of
+from otfuse.maps import ChannelMap
 
 CURVES = ("vanilla", "aligned", "aligned+repair")
 
@@ -29,49 +31,26 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
                   split: str = "test", progress: bool = False) -> list[dict]:
     """Rows (alpha, curve, accuracy, loss) for every curve at `points` evenly spaced alphas in [0, 1]."""
     a, b = models
-    groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(a.parameters()).device))
-    aligned_b = permute(b, groups, align(a, b, groups, cfg, data.train_x, data.norm, progress))
+    ga, gb = groups_of(models, data.train_x, data.norm)
+    keep = {g.name: ChannelMap.identity(g.size) for g in ga}
+    aligned = [keep, align(a, b, ga, gb, cfg.align, data.train_x, data.norm, progress)]
+    identity = [keep, keep]
     # the plain average along the line: the refit would mask the barrier this plot is there to show
-    plain, fixed = replace(cfg, repair=False, refit=False), replace(cfg, repair=True, refit=False)
-    pairs = {"vanilla": ([a, b], plain), "aligned": ([a, aligned_b], plain), "aligned+repair": ([a, aligned_b], fixed)}
+    plain = replace(cfg, repair=replace(cfg.repair, enabled=False), refit=replace(cfg.refit, enabled=False))
+    fixed = replace(plain, repair=replace(cfg.repair, enabled=True))
+    curves = {"vanilla": (identity, plain), "aligned": (aligned, plain), "aligned+repair": (aligned, fixed)}
     x, y = data.split(split)
     rows = []
     alphas = [i / (points - 1) for i in range(points)]
     for alpha in tqdm(alphas, desc="interpolate", disable=True if not progress else None, leave=False):
         for curve in CURVES:
-            pair, c = pairs[curve]
-            model = merge(pair, [1 - alpha, alpha], groups, data.train_x, data.norm, c)[0]
+            maps, c = curves[curve]
+            model = fuse(models, data.train_x, data.norm, replace(c, weights=f"{1 - alpha},{alpha}"), maps=maps).model
             loss, acc = loss_and_accuracy(model, x, y, data.norm)
             rows.append({"alpha": round(alpha, 6), "curve": curve, "accuracy": round(acc, 4), "loss": round(loss, 6)})
     return rows
 
 
-def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
-    """Accuracy and loss against alpha, one line per curve."""
-    from otfuse.results import pyplot
-
-    fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
-    style = {"vanilla": ("tab:gray", "o"), "aligned": ("tab:blue", "s"), "aligned+repair": ("tab:green", "^")}
-    labels = {"vanilla": "vanilla average + BN reset", "aligned": "OT-aligned + BN reset", "aligned+repair": "OT-aligned + REPAIR"}
-    for curve in CURVES:
-        pts = [r for r in rows if r["curve"] == curve]
-        if not pts:
-            continue
-        colour, marker = style[curve]
-        al = [r["alpha"] for r in pts]
-        ax_acc.plot(al, [r["accuracy"] for r in pts], color=colour, marker=marker, ms=4, label=labels[curve])
-        ax_loss.plot(al, [r["loss"] for r in pts], color=colour, marker=marker, ms=4, label=labels[curve])
-    for ax, what in ((ax_acc, f"{split} accuracy (%)"), (ax_loss, f"{split} loss (cross-entropy)")):
-        ax.set_xlabel("alpha: weight of model B  (0 = model A, 1 = model B)")
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
 def options_note(cfg: FuseConfig) -> str:
-    o = asdict(cfg)
-    point = f" at {o['point']} points" if o["method"] == "activation" else ""
-    return f"{o['method']}{point}, {o['n_images']} images, {o['bn_batches']} BN batches"
+    point = f" at {cfg.align.point} points" if cfg.align.method == "activation" else ""
+    return f"{cfg.align.method}{point}, {cfg.align.n_images} images, {cfg.bn.batches} BN batches"

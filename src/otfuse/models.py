@@ -1,8 +1,9 @@
 """Architectures by name. `build_model("resnet18", width=64, in_channels=3, num_classes=10)`.
 
 The CIFAR-style ResNet18 has a 3x3 stride-1 stem and no max-pool, BasicBlocks [2, 2, 2, 2]
-with widths (w, 2w, 4w, 8w). Register another architecture with `@register("name")` on a
-function taking (width, in_channels, num_classes).
+with widths (w, 2w, 4w, 8w). `resnext18` has the same layout with ResNeXt bottlenecks whose
+3x3 convs are grouped (4 groups). Register another architecture with `@register("name")` on
+a function taking (width, in_channels, num_classes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {}
 
 
 def register(name: str):
-    def wrap(fn):
+    """Add an architecture: `@register("name")` on a function (width, in_channels, num_classes) -> nn.Module."""
+    def wrap(fn: Callable[[int, int, int], nn.Module]) -> Callable[[int, int, int], nn.Module]:
         REGISTRY[name] = fn
         return fn
 
@@ -50,15 +52,36 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class GroupedBlock(nn.Module):
+    """A ResNeXt bottleneck at full width: 1x1, a grouped 3x3 (`cardinality` groups), 1x1, plus the shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, cardinality: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride, 1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv3 = nn.Conv2d(cout, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
 class ResNet(nn.Module):
-    def __init__(self, blocks: list[int], width: int, in_channels: int, num_classes: int):
+    def __init__(self, blocks: list[int], width: int, in_channels: int, num_classes: int, block: type = BasicBlock):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * 2**i
-            stage = [BasicBlock(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
+            stage = [block(cin if j == 0 else cout, cout, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
             layers.append(nn.Sequential(*stage))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
@@ -76,31 +99,9 @@ def resnet18(width: int, in_channels: int, num_classes: int) -> nn.Module:
     return ResNet([2, 2, 2, 2], width, in_channels, num_classes)
 
 
-def model_meta(model_cfg: dict) -> dict:
-    """The metadata keys that decide whether two checkpoints share an architecture."""
-    return {k: model_cfg[k] for k in ("arch", "width", "in_channels", "num_classes")}
-
-
-def save_checkpoint(path, model: nn.Module, meta: dict, **extra) -> None:
-    """A checkpoint that loads with weights_only=True: state dict, metadata, optional training state."""
-    from otfuse import __version__
-    from otfuse.storage import save_torch
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(path, {"state_dict": state, "meta": {**meta, "version": __version__}, **extra})
-
-
-def load_checkpoint(path) -> tuple[nn.Module, dict, dict]:
-    """(model, meta, the whole checkpoint dict), or one clear error for a file that is not ours."""
-    from otfuse.storage import load_torch
-
-    ckpt = load_torch(path)
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or "state_dict" not in ckpt or any(k not in meta for k in ("arch", "width", "in_channels", "num_classes")):
-        raise OtfuseError(f"checkpoint {path} is not an otfuse checkpoint (no metadata); give one written by otfuse train or fuse")
-    model = build_model(meta["arch"], meta["width"], meta["in_channels"], meta["num_classes"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise OtfuseError(f"checkpoint {path} does not match its own metadata ({str(exc).splitlines()[0][:120]})") from None
-    return model, meta, ckpt
+@register("resnext18")
+def resnext18(width: int, in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet18's layout with ResNeXt bottlenecks: grouped 3x3 convs of 4 groups (width a multiple of 4)."""
+    if width % 4:
+        raise OtfuseError(f"--width {width}: resnext18 splits every stage into 4 groups; use a multiple of 4")
+    return ResNet([2, 2, 2, 2], width, in_channels, num_classes, GroupedBlock)

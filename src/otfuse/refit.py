@@ -1,7 +1,7 @@
 """Refit the averaged model layer by layer, so each layer reproduces its parents' mean output.
 
-    from otfuse.refit import refit
-    refit(fused, aligned_parents, [0.5, 0.5], data.train_x, data.norm)   # in place
+    from otfuse.refit import RefitConfig, refit
+    refit(fused, aligned_parents, [0.5, 0.5], data.train_x, data.norm, RefitConfig())   # in place
 
 Averaging aligned weights is only right where the parents' layers are near-linear images of each
 other; in narrow networks they are not, and the error compounds with depth. The refit fixes each
@@ -20,18 +20,42 @@ Conv2d (groups=1, zero padding) and Linear layers are refit; any other layer kee
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.data import fixed_sample, image_batches
+from otfuse.data import augment_batch, fixed_sample, normalize
+from otfuse.errors import OtfuseError
+from otfuse.hooks import tapped, tapping
+from otfuse.maps import ChannelMap, mix_positions
 
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-class _Reached(Exception):
-    """Raised by a hook once the wanted tensor is captured: the rest of the forward pass is not needed."""
+@dataclass
+class RefitConfig:
+    FLAG_PREFIX: ClassVar[str] = "refit"
+    enabled: bool = True  # refit each conv/linear layer by least squares to the parents' mean output (otfuse.refit)
+    ridge: float = 0.01  # pull towards the parents' averaged layers (BatchNorm folded in), relative to the inputs' scale
+    n_images: int = 1000  # training images (no labels) the layers are refit on
+    augment: bool = False  # refit on crop+flip versions of those images (for models trained with them)
+    max_rows: int = 0  # output positions per layer fitted at most (a random subset per image); 0: all
+    batch_size: int = 250  # images per forward pass
+    seed: int = 0  # image sample, augmentation and position subsets
+
+    def check(self) -> None:
+        if not (self.ridge >= 0 and self.ridge != float("inf")):
+            raise OtfuseError(f"--refit-ridge {self.ridge} must be a finite number, at least 0")
+        if self.n_images < 2:
+            raise OtfuseError(f"--refit-n-images {self.n_images} is too small; use at least 2")
+        if self.batch_size < 1:
+            raise OtfuseError(f"--refit-batch-size {self.batch_size} must be at least 1")
+        if self.max_rows < 0:
+            raise OtfuseError(f"--refit-max-rows {self.max_rows} must be 0 (every position) or more")
 
 
 def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None]]:
@@ -40,31 +64,23 @@ def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None
     made: dict[int, tuple[str, torch.Tensor]] = {}  # holding the outputs keeps their memory from being reused
     norm_of: dict[str, str] = {}
 
-    def record_layer(name):
-        def fn(_m, _i, out):
+    def record_layer(name: str):
+        def fn(out: torch.Tensor) -> None:
             order.append(name)
             made[id(out)] = (name, out)
         return fn
 
-    def record_norm(name):
-        def fn(_m, inputs):
-            hit = made.get(id(inputs[0]))
-            if hit is not None and hit[1] is inputs[0]:
+    def record_norm(name: str):
+        def fn(x: torch.Tensor) -> None:
+            hit = made.get(id(x))
+            if hit is not None and hit[1] is x:
                 norm_of.setdefault(hit[0], name)
         return fn
 
-    handles = []
-    for name, m in model.named_modules():
-        if _refittable(m):
-            handles.append(m.register_forward_hook(record_layer(name)))
-        elif isinstance(m, _BN):
-            handles.append(m.register_forward_pre_hook(record_norm(name)))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in handles:
-            h.remove()
+    taps = [(n, "output", record_layer(n)) for n, m in model.named_modules() if _refittable(m)]
+    taps += [(n, "input", record_norm(n)) for n, m in model.named_modules() if isinstance(m, _BN)]
+    with torch.no_grad(), tapping(model, taps):
+        model.eval()(example)
     seen, out = set(), []
     for name in order:  # a layer called twice is refit once, at its first call
         if name not in seen:
@@ -80,37 +96,24 @@ def _refittable(m: nn.Module) -> bool:
 
 
 def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(positions, fan-in): each output position's receptive field, as the layer's weight sees it."""
+    """(images, positions, fan-in): each output position's receptive field, as the layer's weight sees it."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    return F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
 
 
-def _output_rows(y: torch.Tensor) -> torch.Tensor:
-    """(positions, channels) of a layer's or BatchNorm's output (channels on axis 1, or last for Linear)."""
-    if y.ndim <= 2:
-        return y.reshape(-1, y.shape[-1])
-    return y.movedim(1, -1).reshape(-1, y.shape[1])
+def _output_rows(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(images, positions, channels) of a layer's or BatchNorm's output (channels on axis 1, or last for Linear)."""
+    if y.ndim <= 2 or channels_last:
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2)
 
 
-def _capture(model: nn.Module, module: str, xb: torch.Tensor, want: str, layer: nn.Module) -> torch.Tensor:
-    """The rows `layer` reads at `module`'s input (want="in") or `module`'s output rows (want="out") on batch xb."""
-    box = {}
-
-    def take(_m, args, out=None):
-        box["rows"] = _input_rows(layer, args[0]) if want == "in" else _output_rows(out)
-        raise _Reached
-
-    mod = model.get_submodule(module)
-    h = mod.register_forward_pre_hook(take) if want == "in" else mod.register_forward_hook(take)
-    try:
-        model(xb)
-    except _Reached:
-        pass
-    finally:
-        h.remove()
-    return box["rows"]
+def _pick(rows: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """(images x chosen positions, features): the rows at each image's chosen positions (all when idx is None)."""
+    if idx is not None:
+        rows = rows.gather(1, idx[:, :, None].expand(-1, -1, rows.shape[2]))
+    return rows.reshape(-1, rows.shape[2])
 
 
 def _unit_map(model: nn.Module, layer: str, norm: str | None) -> torch.Tensor:
@@ -148,35 +151,87 @@ def _set_unit(model: nn.Module, layer: str, norm: str | None, fit: torch.Tensor,
         n.bias.copy_((mean + b).to(n.bias))
 
 
+def _batches(sample: torch.Tensor, norm: tuple, cfg: RefitConfig, device: torch.device) -> list[torch.Tensor]:
+    """The refit's batches, the same on every pass (augmented with a fixed draw where asked), as uint8 slices."""
+    out = []
+    for i, start in enumerate(range(0, len(sample), cfg.batch_size)):
+        xb = sample[start:start + cfg.batch_size]
+        if cfg.augment:
+            xb = augment_batch(xb, torch.Generator().manual_seed(cfg.seed * 100_003 + i), max(1, xb.shape[-1] // 8))
+        out.append(xb)
+    return out
+
+
+def _positions(n: int, length: int, keep: int, seed: int, device: torch.device) -> torch.Tensor | None:
+    """Per image, `keep` random positions out of `length` (None: keep all)."""
+    if keep >= length:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, length, generator=gen).argsort(1)[:, :keep].to(device)
+
+
 @torch.no_grad()
 def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
-          n_images: int = 1000, seed: int = 0, ridge: float = 1e-2, batch_size: int = 250,
-          progress: bool = False) -> nn.Module:
-    """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring);
-    `parents` must already be aligned to it. `ridge` is relative to the mean diagonal of the inputs'
-    second-moment matrix. Returns `fused` in eval mode."""
+          cfg: RefitConfig, progress: bool = False,
+          sources: list[tuple[nn.Module, dict[str, tuple[torch.Tensor, ChannelMap]]]] | None = None) -> nn.Module:
+    """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
+
+    `parents` must already be carried onto the fused model's channels: their averaged units are the
+    ridge's anchor. The targets are their outputs, or, with `sources`, each original parent's outputs
+    carried through its maps ((model, `otfuse.maps.output_maps(...)`) per parent): the same for
+    permutations, and the exact features to merge where a map merges or splits channels. The ridge
+    is relative to the mean diagonal of the inputs' second-moment matrix. Returns `fused` in eval mode."""
     dev = next(fused.parameters()).device
     fused.eval()
-    for p in parents:
+    for p in parents + [m for m, _ in sources or []]:
         p.eval()
-    sample = fixed_sample(images, n_images, seed)
-    example = next(image_batches(sample[:2], 2, norm)).to(dev)
-    todo = units(fused, example)
+    sample = fixed_sample(images, cfg.n_images, cfg.seed)
+    todo = units(fused, normalize(sample[:2], norm).to(dev))
+    raw = _batches(sample, norm, cfg, dev)
+    # pass 1: the parents' weighted mean output of every unit, once, at each unit's chosen positions
+    targets: dict[str, list[torch.Tensor]] = {layer: [] for layer, _ in todo}
+    chosen: dict[str, list[torch.Tensor | None]] = {layer: [] for layer, _ in todo}
+    for bi, xb in enumerate(tqdm(raw, desc="refit targets", disable=True if not progress else None, leave=False)):
+        xb = normalize(xb.to(dev), norm)
+        sums: dict[str, torch.Tensor] = {}
+
+        def keep(layer: str, bn: str | None, ui: int, w: float, fired: set, carried: dict):
+            def fn(y: torch.Tensor) -> None:
+                if layer in fired:  # a layer called twice is refit at its first call
+                    return
+                fired.add(layer)
+                rows = _output_rows(y.float(), bn is None and isinstance(fused.get_submodule(layer), nn.Linear))
+                if layer in carried:
+                    index, m = carried[layer]
+                    rows = mix_positions(rows, 2, index, m)
+                if len(chosen[layer]) == bi:  # the same positions for every parent
+                    per_image = -(-cfg.max_rows // len(sample)) if cfg.max_rows else rows.shape[1]
+                    chosen[layer].append(_positions(rows.shape[0], rows.shape[1], per_image, cfg.seed * 7919 + ui * 104_729 + bi, dev))
+                picked = w * _pick(rows, chosen[layer][bi])
+                sums[layer] = picked if layer not in sums else sums[layer] + picked
+            return fn
+
+        for w, (p, carried) in zip(weights, sources or [(p, {}) for p in parents]):
+            fired: set = set()
+            with tapping(p, [(bn or layer, "output", keep(layer, bn, ui, w, fired, carried)) for ui, (layer, bn) in enumerate(todo)]):
+                p(xb)
+        for layer in sums:
+            targets[layer].append(sums[layer])
+    # pass 2: each unit in forward order, fed the fused model's own (already refit) inputs
     for layer, bn in tqdm(todo, desc="refit", disable=True if not progress else None, leave=False):
         mod = fused.get_submodule(layer)
         gram = cross = None
-        for xb in image_batches(sample, batch_size, norm):
-            xb = xb.to(dev)
-            x = _capture(fused, layer, xb, "in", mod).float()
+        for bi, xb in enumerate(raw):
+            x = _pick(_input_rows(mod, tapped(fused, layer, "input", normalize(xb.to(dev), norm)).float()), chosen[layer][bi])
             x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-            target = sum(w * _capture(p, bn or layer, xb, "out", mod).float() for w, p in zip(weights, parents))
             # products in single precision (the big part), sums over batches in double
             gram = (x.T @ x).double() + (0 if gram is None else gram)
-            cross = (x.T @ target).double() + (0 if cross is None else cross)
+            cross = (x.T @ targets[layer][bi]).double() + (0 if cross is None else cross)
+        targets[layer] = []  # free the memory as we go
         # the anchor: the parents' units averaged with BatchNorm folded in, exact for a permuted copy
         anchor = sum(w * _unit_map(p, layer, bn) for w, p in zip(weights, parents))
         k = len(gram) if bn is not None or mod.bias is not None else len(gram) - 1  # no bias to hold an intercept
-        lam = ridge * gram.diagonal()[:k].mean()
+        lam = cfg.ridge * gram.diagonal()[:k].mean()
         eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
         fit = torch.linalg.solve(gram[:k, :k] + lam * eye, cross[:k] + lam * anchor[:, :k].T).T
         if k < len(gram):

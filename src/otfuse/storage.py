@@ -1,7 +1,9 @@
 """Atomic file writes and safe checkpoint loading.
 
 Everything otfuse writes goes to a temporary file in the target folder first and is then
-renamed over the target, so an interrupted run never leaves a half-written file.
+renamed over the target, so an interrupted run never leaves a half-written file. A temporary
+file left by a killed writer (its process is gone) is removed by the next write to that folder.
+Written files get the permissions the umask allows, like any other file the user creates.
 """
 
 from __future__ import annotations
@@ -9,24 +11,48 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from otfuse.errors import OtfuseError
 
+_TMP = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp$")  # .<name>.<pid>-<random>.tmp
+
 
 def writable_dir(path: str | Path) -> Path:
     """Create `path` if needed and check it can be written, or raise one clear error."""
     path = Path(path).expanduser()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise OtfuseError(f"{folder} is a file, not a directory; choose a directory")
+            break
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-", delete=True)
         probe.close()
     except OSError as exc:
         raise OtfuseError(f"cannot write to directory {path} ({exc.strerror or exc}); choose a writable directory") from None
+    return path
+
+
+def writable_file(path: str | Path, what: str) -> Path:
+    """Check, before any work and without creating anything, that `path` can be written as a file:
+    not a directory, and its nearest existing folder writable (missing folders are made when writing)."""
+    path = Path(path).expanduser()
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise OtfuseError(f"{what} {path} is a directory; give a file path such as {path / 'model.pt'}")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise OtfuseError(f"{folder} is a file, not a directory; choose another path for {what} {path}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise OtfuseError(f"cannot write to directory {folder} (permission denied); choose a writable path for {what}")
+            break
     return path
 
 
@@ -47,16 +73,47 @@ def atomic_write_csv(path: str | Path, rows: list[dict], fieldnames: list[str] |
     atomic_write_text(path, buf.getvalue())
 
 
-def atomic_write(path: str | Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files of killed writers in `folder`; returns how many went."""
+    gone = 0
+    for p in folder.glob(".*.tmp"):
+        m = _TMP.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            gone += 1
+    return gone
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
     """Call `write(fileobj)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
+    if path.is_dir():
+        raise OtfuseError(f"{path} is a directory; give a file path")
     writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result follows the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -70,10 +127,24 @@ def save_torch(path: str | Path, obj: Any) -> None:
 def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True; a missing, truncated or foreign file is one clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise OtfuseError(f"{what} {path} is a directory; give the .pt file inside it")
     if not path.is_file():
         raise OtfuseError(f"{what} {path} does not exist; check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt zips and unpickling
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OtfuseError(f"{what} {path} is corrupt or truncated ({first[:120]}); re-create it") from None
+    except Exception as exc:  # torch raises many types for corrupt zips, pickles and code it refuses to run
+        if isinstance(exc, MemoryError):
+            raise
+        text = str(exc)
+        if "Weights only load failed" in text and ("GLOBAL" in text or "global" in text):
+            raise OtfuseError(f"{what} {path} holds objects other than tensors and plain data, which otfuse does not load "
+                              "(they could run code); give a checkpoint written by otfuse") from None
+        if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text or isinstance(exc, EOFError):
+            reason = "not a complete PyTorch file"
+        elif "Weights only load failed" in text:
+            reason = "not a PyTorch checkpoint"
+        else:
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            reason = " ".join(first.split()[:12])
+        raise OtfuseError(f"{what} {path} is corrupt or truncated ({reason}); re-create it") from None

@@ -13,18 +13,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from otfuse.checkpoints import load_checkpoint, pick_device, save_checkpoint, val_size_of
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
-from otfuse.models import build_model, load_checkpoint, save_checkpoint
-from otfuse.storage import atomic_write_csv
+from otfuse.models import build_model
+from otfuse.storage import atomic_write_csv, writable_file
 
 
 @dataclass
@@ -45,13 +46,38 @@ class TrainConfig:
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
     checkpoint_dir: str = "checkpoint"
     device: str = "auto"  # auto: cuda when available
-    resume: bool = False
+    resume: bool = False  # continue the interrupted run in the checkpoint (same options)
+    overwrite: bool = False  # replace an existing checkpoint with a new run (otherwise refused)
     init: str = ""  # start from this checkpoint's weights instead of a fresh initialisation (fine-tuning)
+    distill: bool = False  # label-free: learn the teachers' mean softmax instead of the labels
+    teachers: str = ""  # comma-separated teacher checkpoints for --distill; empty: the --init checkpoint's parents
+    temperature: float = 1.0  # softmax temperature of distillation (the loss is scaled by its square)
     out: str = ""  # checkpoint path; empty: <checkpoint_dir>/<dataset>/<arch>-w<width>/seed<seed>.pt
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def check(self) -> None:
+        """Ranges of every hyperparameter, before any work."""
+        bad = [
+            (self.epochs >= 1, "--epochs", "at least 1"),
+            (self.batch_size >= 1, "--batch-size", "at least 1"),
+            (math.isfinite(self.lr) and self.lr > 0, "--lr", "a positive number"),
+            (0 <= self.warmup <= 1, "--warmup", "between 0 and 1 (a fraction of the steps)"),
+            (0 <= self.momentum < 1, "--momentum", "between 0 and 1 (excluded)"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "0 or more"),
+            (0 <= self.label_smoothing < 1, "--label-smoothing", "between 0 and 1 (excluded)"),
+            (self.val_size >= -1, "--val-size", "-1 (the default split) or 0 or more"),
+            (self.width >= 1, "--width", "at least 1"),
+            (math.isfinite(self.temperature) and self.temperature > 0, "--temperature", "a positive number"),
+        ]
+        for ok, flag, want in bad:
+            if not ok:
+                raise OtfuseError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))} must be {want}")
+        if self.resume and self.overwrite:
+            raise OtfuseError("--resume and --overwrite contradict each other; give one")
+
+
+# options that define a run: resuming with other values would make the checkpoint's metadata lie
+RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay",
+               "label_smoothing", "augment", "seed", "val_size", "init", "distill", "teachers", "temperature")
 
 
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
@@ -63,14 +89,6 @@ def checkpoint_path(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
     return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / f"{cfg.arch}-w{cfg.width}" / f"seed{cfg.seed}.pt"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OtfuseError(f"--device {name}: no CUDA device here; use --device cpu")
-    return torch.device(name)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -95,15 +113,22 @@ def _dist() -> tuple[int, int]:
 
 def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True) -> Path:
     """Train (or resume) the model `cfg` describes; returns the checkpoint path."""
+    cfg.check()
     rank, world = _dist()
     device = pick_device(cfg.device)
-    if world > 1:
-        device = _init_distributed(device, rank)
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     path = checkpoint_path(cfg)
+    writable_file(path, "checkpoint")
+    _check_existing(path, cfg)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
+    if len(data.train_y) // cfg.batch_size < 1:
+        raise OtfuseError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
+                          "an epoch would take no step; use a smaller batch")
+    teachers = _teachers(cfg, data) if cfg.distill else []
+    if world > 1:
+        device = _init_distributed(device, rank)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.width, data.in_channels, data.num_classes)
     opt = make_optimizer(model, cfg)
@@ -117,6 +142,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     gpu_data = data.to(device)
+    teachers = [t.to(device, memory_format=torch.channels_last) if device.type == "cuda" else t.to(device) for t in teachers]
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = (len(data.train_y) // world) // (cfg.batch_size // world)
     total = steps_per_epoch * cfg.epochs
@@ -138,7 +164,10 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = net(xb)
-                loss = loss_fn(out.float(), yb)
+                if teachers:
+                    loss = _distill_loss(out.float(), teachers, xb, cfg.temperature)
+                else:
+                    loss = loss_fn(out.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -169,20 +198,66 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
 def finetune(init: str | Path, out: str | Path, data_dir: str, device: str = "auto", data: ImageData | None = None,
              **changes) -> Path:
     """Fine-tune checkpoint `init` with FINETUNE's settings (and `changes`, e.g. epochs=2) into `out`;
-    returns `out`. Dataset, architecture and width come from the checkpoint."""
-    meta = load_checkpoint(init)[1]
-    cfg = TrainConfig(**{**FINETUNE, **changes}, dataset=meta["dataset"], arch=meta["arch"], width=meta["width"],
-                      data_dir=data_dir, device=device, init=str(init), out=str(out))
-    return train(cfg, data, progress=False)
+    returns `out`. Dataset, architecture, width, validation split and seed come from the checkpoint."""
+    return train(finetune_config(load_checkpoint(init)[1], init, out, data_dir=data_dir, device=device, **changes), data, progress=False)
+
+
+def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) -> TrainConfig:
+    """The fine-tuning run of the checkpoint with metadata `meta`: FINETUNE's settings, then `changes`."""
+    from_ckpt = {"dataset": meta["dataset"], "arch": meta["arch"], "width": meta["width"],
+                 "val_size": -1 if val_size_of(meta) is None else val_size_of(meta), "seed": int(meta.get("seed", 0))}
+    return TrainConfig(**{**from_ckpt, **FINETUNE, **changes, "init": str(init), "out": str(out)})
 
 
 def _meta(cfg: TrainConfig, data: ImageData) -> dict:
     return {
         "kind": "trained", "arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels,
         "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
-        "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k != "resume"},
+        "val_size": len(data.val_y), "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
         **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),
     }
+
+
+def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
+    """The teacher models of --distill: --teachers, or the parents the --init checkpoint was fused from."""
+    paths = [p for p in cfg.teachers.split(",") if p]
+    if not paths and cfg.init:
+        paths = list(load_checkpoint(cfg.init)[1].get("parents") or [])
+    if not paths:
+        raise OtfuseError("--distill needs teachers: fine-tune a fused checkpoint (its parents teach) or give --teachers A.pt,B.pt")
+    out = []
+    for p in paths:
+        model, meta, _ = load_checkpoint(p)
+        if meta["num_classes"] != data.num_classes or meta["in_channels"] != data.in_channels:
+            raise OtfuseError(f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
+                              f"this run {data.num_classes} of {data.in_channels}; use teachers trained on {cfg.dataset}")
+        out.append(model.eval().requires_grad_(False))
+    return out
+
+
+def _distill_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy to the teachers' mean softmax at `temperature` (KL up to a constant), scaled by its square."""
+    with torch.no_grad():
+        target = sum(t(xb).float().div(temperature).softmax(1) for t in teachers) / len(teachers)
+    return nn.functional.cross_entropy(out / temperature, target) * temperature**2
+
+
+def _check_existing(path: Path, cfg: TrainConfig) -> None:
+    """A checkpoint already at `path` is continued only with --resume (and the same options), replaced
+    only with --overwrite: a finished or interrupted run is never lost by accident."""
+    if not path.exists() or cfg.overwrite:
+        return  # with --resume and nothing to resume: a fresh run, as run_train_all.sh relies on
+    saved = load_checkpoint(path)[1]
+    done = f"epoch {saved.get('epoch', '?')} of {(saved.get('config') or {}).get('epochs', '?')}"
+    if not cfg.resume:
+        raise OtfuseError(f"checkpoint {path} already exists ({done}); add --resume to continue it, "
+                          "--out to write a new one elsewhere, or --overwrite to replace it")
+    old = saved.get("config") or {}
+    changed = [k for k in RUN_OPTIONS if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        k = changed[0]
+        raise OtfuseError(f"--resume: {path} was trained with {k}={old[k]!r} but this run asks for {getattr(cfg, k)!r}; "
+                          f"resume with the same options, or start a new run with --out")
 
 
 def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):

@@ -5,11 +5,14 @@
     otfuse tune A.pt B.pt --storage results/study.jsonl        # an optuna journal file (NFS-friendly)
     otfuse fuse A.pt B.pt --config results/tune-<name>-best.json
 
-Each worker adds `--n-trials` trials to the study (or stops at `--timeout`); run the same command
-again after a crash and the study carries on where it stopped. After its trials a worker writes
+Each worker adds `--n-trials` completed trials to the study (or stops at `--timeout`); run the same
+command again after a crash and the study carries on where it stopped. Workers sharing a study
+never repeat each other's trials: each seeds its sampler from its own identity, and a trial whose
+options another trial already holds is dropped and drawn again. After its trials a worker writes
 the trials as CSV, the best options as JSON (what `otfuse fuse --config` reads) and a PNG of the
 optimisation history, then fuses once more with the best options and reports their test accuracy.
 The study is ordinary optuna storage: `optuna-dashboard sqlite:///results/tune-<name>.db` shows it.
+optuna is imported inside the functions that use it: it is heavy, and only this command needs it.
 """
 
 from __future__ import annotations
@@ -19,20 +22,23 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from otfuse.align import METHODS
-from otfuse.data import ImageData, dataset_slug, normalize
+from otfuse.data import ImageData, dataset_slug
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
-from otfuse.fuse import FuseConfig, fuse, groups_of
+from otfuse.fuse import FuseConfig, fuse
+from otfuse.options import build, flatten
+from otfuse.plots import history_figure, save_figure
 from otfuse.storage import atomic_write_text, writable_dir
 
 RIDGE = (1e-4, 1.0)  # refit's ridge: from nearly a plain least-squares fit to nearly the plain average
-N_IMAGES = (250, 500, 1000, 2000)  # activation sample sizes the study may pick
+N_IMAGES = (250, 500, 1000, 2000)  # sample sizes the study may pick for the alignment and the refit
 BN_BATCHES = (25, 50, 100, 200)  # BatchNorm recomputation batches the study may pick
 # sinkhorn regularisation range (log scale, relative to the largest cost). Kept small on purpose: a strongly
 # regularised map blends B's channels into their mean, and the "fusion" scores well only because it
@@ -43,46 +49,60 @@ MIX = (0.0, 0.5)  # share of the weight cost mixed into the activation cost
 
 @dataclass
 class TuneConfig:
-    n_trials: int = 20  # trials this worker adds to the study
+    n_trials: int = 20  # completed trials this worker adds to the study
     timeout: float = 0.0  # seconds this worker may run trials (0: no limit)
     storage: str = ""  # optuna storage URL, or a journal file (*.jsonl, *.log); empty: a SQLite file in results-dir
     study: str = ""  # study name; empty: <dataset>-<arch>-w<width>-seeds<a>-<b>
-    methods: str = ",".join(METHODS)  # comma-separated methods the study may choose from
-    sampler_seed: int = 0  # TPE seed (each worker adds the number of trials already in the study)
+    methods: str = ""  # comma-separated methods the study may choose from; empty: every registered one
+    sampler_seed: int = 0  # TPE seed, combined with the worker's identity
     results_dir: str = "results"
 
+    def check(self) -> None:
+        self.method_list()
+        if self.n_trials < 1:
+            raise OtfuseError(f"--n-trials {self.n_trials} must be at least 1")
+        if not self.timeout >= 0:
+            raise OtfuseError(f"--timeout {self.timeout} must be 0 (no limit) or more seconds")
+
     def method_list(self) -> list[str]:
-        chosen = [m for m in self.methods.split(",") if m]
+        chosen = [m for m in self.methods.split(",") if m] or list(METHODS)
         bad = [m for m in chosen if m not in METHODS]
-        if bad or not chosen:
+        if bad:
             raise OtfuseError(f"--methods {self.methods!r}: choose from {', '.join(METHODS)}, comma-separated")
         return chosen
 
 
-def suggest(trial, methods: list[str], base: FuseConfig) -> FuseConfig:
+def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False) -> FuseConfig:
     """The fusion options of one trial: the search space of the study (validation accuracy decides
-    whether, e.g., augmented BatchNorm statistics suit these models)."""
-    cfg = FuseConfig(**{**asdict(base), "method": trial.suggest_categorical("method", methods)})
-    if cfg.method == "activation":
-        cfg.cost = trial.suggest_categorical("cost", ["corr", "euclidean"])
-        cfg.point = trial.suggest_categorical("point", ["post", "pre", "both"])
-        cfg.mix = trial.suggest_float("mix", *MIX)
-    cfg.solver = trial.suggest_categorical("solver", ["emd", "sinkhorn"])
-    if cfg.solver == "sinkhorn":
-        cfg.reg = trial.suggest_float("reg", *REG, log=True)
-    cfg.repair = trial.suggest_categorical("repair", [False, True])
-    cfg.refit = trial.suggest_categorical("refit", [False, True])
-    if cfg.refit:
-        cfg.refit_ridge = trial.suggest_float("refit_ridge", *RIDGE, log=True)
-    if cfg.method == "activation" or cfg.repair or cfg.refit:  # only then are training images sampled
-        cfg.n_images = trial.suggest_categorical("n_images", list(N_IMAGES))
-    cfg.bn_batches = trial.suggest_categorical("bn_batches", list(BN_BATCHES))
-    cfg.bn_augment = trial.suggest_categorical("bn_augment", [False, True])
-    return cfg
+    whether, e.g., augmented BatchNorm statistics suit these models). Parents of different widths
+    keep weight costs out (they need one width)."""
+    method = trial.suggest_categorical("method", methods)
+    align = replace(base.align, method=method)
+    if method == "activation":
+        align.cost = trial.suggest_categorical("cost", ["corr", "euclidean"])
+        align.point = trial.suggest_categorical("point", ["post", "pre", "both"])
+        align.mix = 0.0 if mixed_widths else trial.suggest_float("mix", *MIX)
+    if METHODS[method].needs_images:
+        align.n_images = trial.suggest_categorical("n_images", list(N_IMAGES))
+    align.solver = trial.suggest_categorical("solver", ["emd", "sinkhorn"])
+    if align.solver == "sinkhorn":
+        align.reg = trial.suggest_float("reg", *REG, log=True)
+    repair = replace(base.repair, enabled=trial.suggest_categorical("repair", [False, True]))
+    refit = replace(base.refit, enabled=trial.suggest_categorical("refit", [False, True]))
+    if refit.enabled:
+        refit.ridge = trial.suggest_float("refit_ridge", *RIDGE, log=True)
+        refit.n_images = trial.suggest_categorical("refit_n_images", list(N_IMAGES))
+    bn = replace(base.bn, batches=trial.suggest_categorical("bn_batches", list(BN_BATCHES)),
+                 augment=trial.suggest_categorical("bn_augment", [False, True]))
+    return replace(base, align=align, bn=bn, repair=repair, refit=refit)
 
 
-def default_study_name(meta: dict, seeds: list) -> str:
-    return f"{dataset_slug(meta['dataset'])}-{meta['arch']}-w{meta['width']}-seeds{'-'.join(str(s) for s in seeds)}"
+def default_study_name(metas: list[dict], width: int = 0) -> str:
+    """<dataset>-<arch>-w<width>-seeds<a>-<b>, with the parents' widths where they differ from the fused model's."""
+    m = metas[0]
+    width = width or m["width"]
+    widths = "" if all(x["width"] == width for x in metas) else "-from-" + "-".join(f"w{x['width']}" for x in metas)
+    return f"{dataset_slug(m['dataset'])}-{m['arch']}-w{width}{widths}-seeds{'-'.join(str(x.get('seed', '?')) for x in metas)}"
 
 
 def open_storage(url: str, results_dir: Path, study: str):
@@ -93,7 +113,7 @@ def open_storage(url: str, results_dir: Path, study: str):
     if not url:
         url = f"sqlite:///{(results_dir / f'tune-{study}.db').resolve()}"
     if "://" not in url:
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        writable_dir(Path(url).parent)
         return JournalStorage(JournalFileBackend(url))
     # SQLite serialises writers: wait for the lock instead of failing when workers commit together;
     # heartbeats let a later worker mark trials of a killed worker as failed
@@ -109,8 +129,13 @@ def open_storage(url: str, results_dir: Path, study: str):
             time.sleep(0.5 + attempt)
 
 
-def load_study(storage, name: str, seed: int):
-    """Create or join the study; several workers may race to create it."""
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_study(storage, name: str, seed: int, worker: str):
+    """Create or join the study; several workers may race to create it. The sampler's seed comes from
+    the worker's identity, so two workers never draw the same sequence."""
     import optuna
 
     for attempt in range(5):
@@ -121,14 +146,14 @@ def load_study(storage, name: str, seed: int):
             if attempt == 4:
                 raise
             time.sleep(0.5 + attempt)
-    # a different seed per worker and per resumption, fixed by the study's history
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=8)
+    study.sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + zlib.crc32(worker.encode())) % 2**31, n_startup_trials=8)
     return study
 
 
-def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig, groups) -> tuple[nn.Module, float, list[float]]:
+def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
+                 target: nn.Module | None = None) -> tuple[nn.Module, float, list[float]]:
     """(fused model, its validation accuracy, its agreement with each parent's predictions in %)."""
-    fused = fuse(models, data.train_x, data.norm, cfg, groups=groups)[0]
+    fused = fuse(models, data.train_x, data.norm, cfg, target=target).model
     x, y = data.split("val")
     z = logits(fused, x, data.norm)
     # accuracy alone cannot tell a blend of both parents from one parent with the other blurred away
@@ -136,46 +161,66 @@ def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig, grou
     return fused, accuracy_of_logits(z, y), agree
 
 
-def run_study(models: list[nn.Module], data: ImageData, meta: dict, seeds: list, tcfg: TuneConfig,
-              base: FuseConfig, progress: bool = True) -> dict:
+def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg: TuneConfig,
+              base: FuseConfig, progress: bool = True, target: nn.Module | None = None, width: int = 0) -> dict:
     """Add this worker's trials to the study, write CSV, JSON and PNG, and report the best trial's
-    test accuracy (the only read of the test set). Returns the best options and both accuracies."""
+    test accuracy (the only read of the test set). Returns the best options and both accuracies.
+    With `target` (the parents' architecture at `width`) the parents are fused into that width;
+    parents of different widths restrict the study to methods that align mixed widths."""
     import optuna
 
+    tcfg.check()
     methods = tcfg.method_list()
+    meta, seeds = metas[0], [m.get("seed", "?") for m in metas]
+    mixed = len({m["width"] for m in metas}) > 1
+    if mixed:
+        methods = [m for m in methods if METHODS[m].mixed_widths]
+        if not methods:
+            raise OtfuseError(f"--methods {tcfg.methods!r}: none of them aligns models of other widths; add "
+                              + " or ".join(m.name for m in METHODS.values() if m.mixed_widths))
     results = writable_dir(tcfg.results_dir)
-    name = tcfg.study or default_study_name(meta, seeds)
-    study = load_study(open_storage(tcfg.storage, results, name), name, tcfg.sampler_seed)
-    groups = groups_of(models, normalize(data.train_x[:1], data.norm).to(next(models[0].parameters()).device))
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    name = tcfg.study or default_study_name(metas, width)
+    worker = worker_id()
+    study = load_study(open_storage(tcfg.storage, results, name), name, tcfg.sampler_seed, worker)
 
     def objective(trial) -> float:
-        cfg = suggest(trial, methods, base)
-        trial.set_user_attr("options", asdict(cfg))
+        cfg = suggest(trial, methods, base, mixed)
+        others = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
+        if any(t.number != trial.number and t.params == trial.params for t in others):
+            raise optuna.TrialPruned("these options are already in the study")  # drawn again: never a repeated trial
+        trial.set_user_attr("options", flatten(cfg))
         trial.set_user_attr("worker", worker)
-        _, acc, agree = val_accuracy(models, data, cfg, groups)
+        _, acc, agree = val_accuracy(models, data, cfg, target)
         for i, a in enumerate(agree):
             trial.set_user_attr(f"agree_model{i + 1}", round(a, 2))
         return acc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=tcfg.n_trials, timeout=tcfg.timeout or None, show_progress_bar=progress)
+    mine = lambda: sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                       if t.user_attrs.get("worker") == worker)
+    start, deadline = time.time(), time.time() + tcfg.timeout if tcfg.timeout else None
+    while mine() < tcfg.n_trials and (deadline is None or time.time() < deadline):
+        left = None if deadline is None else max(1.0, deadline - time.time())
+        study.optimize(objective, n_trials=1, timeout=left, show_progress_bar=False)
+        if progress:
+            print(f"trial {mine()}/{tcfg.n_trials} of this worker ({time.time() - start:.0f} s)", flush=True)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise OtfuseError(f"study {name!r} has no completed trial yet; run more trials (--n-trials)")
     best = study.best_trial
-    cfg = FuseConfig(**best.user_attrs["options"])
-    fused, val, _ = val_accuracy(models, data, cfg, groups)
+    cfg = build(FuseConfig, best.user_attrs["options"])
+    fused, val, _ = val_accuracy(models, data, cfg, target)
     x, y = data.split("test")
     test = accuracy(fused, x, y, data.norm)
-    paths = write_outputs(study, results / f"tune-{name}", best, test, f"{meta['dataset']} {meta['arch']} w{meta['width']}, seeds {'-'.join(map(str, seeds))}")
+    what = f"{meta['dataset']} {meta['arch']} w{meta['width']}, seeds {'-'.join(map(str, seeds))}"
+    paths = write_outputs(study, results / f"tune-{name}", best, test, what)
     return {"study": name, "trials": len(done), "best_trial": best.number, "val_accuracy": best.value,
-            "val_accuracy_again": val, "test_accuracy": test, "options": asdict(cfg), "files": paths}
+            "val_accuracy_again": val, "test_accuracy": test, "options": flatten(cfg), "files": paths}
 
 
 def write_outputs(study, stem: Path, best, test_acc: float, what: str) -> list[str]:
     """<stem>.csv (every trial), <stem>-best.json (options for `otfuse fuse --config`), <stem>-history.png."""
-    from otfuse.results import save_figure
+    import optuna
 
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration", "datetime_start"))
     frame = frame.drop(columns=[c for c in frame.columns if c.endswith("user_attrs_options")])
@@ -183,50 +228,6 @@ def write_outputs(study, stem: Path, best, test_acc: float, what: str) -> list[s
     best_json = {**best.user_attrs["options"], "_study": study.study_name, "_trial": best.number,
                  "_val_accuracy": round(best.value, 4), "_test_accuracy": round(test_acc, 4)}
     atomic_write_text(f"{stem}-best.json", json.dumps(best_json, indent=2, sort_keys=True) + "\n")
-    save_figure(history_figure(study, what), f"{stem}-history.png")
+    done = [(t.number, t.params.get("method", "?"), t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    save_figure(history_figure(done, what), f"{stem}-history.png")
     return [f"{stem}.csv", f"{stem}-best.json", f"{stem}-history.png"]
-
-
-def history_figure(study, what: str):
-    """Validation accuracy of every trial by method, and the best so far."""
-    import optuna
-
-    from otfuse.results import pyplot
-
-    done = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.number)
-    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
-    for method in METHODS:
-        pts = [(t.number, t.value) for t in done if t.params.get("method") == method]
-        if pts:
-            ax.scatter(*zip(*pts), s=18, label=method, alpha=0.8)
-    best, run = [], float("-inf")
-    for t in done:
-        run = max(run, t.value)
-        best.append(run)
-    ax.step([t.number for t in done], best, where="post", color="black", lw=1.2, label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("fused validation accuracy (%)")
-    ax.set_title(f"otfuse tune: {what}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def read_config(path: str | Path) -> dict:
-    """Fusion options from a JSON object (keys starting with '_' are notes); a clear error otherwise."""
-    p = Path(path)
-    try:
-        obj = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise OtfuseError(f"--config {path}: the file does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise OtfuseError(f"--config {path}: not a readable JSON file ({exc}); write one with otfuse tune") from None
-    if not isinstance(obj, dict):
-        raise OtfuseError(f"--config {path}: expected a JSON object of fusion options")
-    known = {f.name for f in fields(FuseConfig)}
-    opts = {k: v for k, v in obj.items() if not k.startswith("_")}
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise OtfuseError(f"--config {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return opts

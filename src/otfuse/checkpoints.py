@@ -1,0 +1,113 @@
+"""Checkpoints: models saved with their metadata, loaded safely, and loaded as parents to fuse.
+
+    save_checkpoint("fused.pt", model, meta)                 # atomic; refuses non-finite weights
+    model, meta, ckpt = load_checkpoint("seed0.pt")           # torch.load(weights_only=True): no code runs
+    models, metas, data = load_parents(["a.pt", "b.pt"], data_dir, "auto")
+
+A checkpoint holds `state_dict`, `meta` (architecture, width, channels, classes, dataset,
+normalisation, validation split, seed, kind: trained | finetuned | fused, ...) and, for a training
+run, the optimiser state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from otfuse.data import ImageData, load_dataset
+from otfuse.errors import OtfuseError
+from otfuse.models import build_model
+from otfuse.storage import load_torch, save_torch
+from otfuse.version import __version__
+
+# metadata every otfuse checkpoint has, with its type
+REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
+MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` (cuda when available), `cpu`, `cuda` or `cuda:N`; anything else is one clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise OtfuseError(f"--device {name}: no CUDA device here; use --device cpu")
+        if name != "cuda" and int(name[5:]) >= torch.cuda.device_count():
+            raise OtfuseError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 ..")
+        return torch.device(name)
+    raise OtfuseError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+
+
+def non_finite(model: nn.Module) -> list[str]:
+    """Names of the model's floating-point tensors holding NaN or infinite values."""
+    return [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, **extra) -> None:
+    """A checkpoint that loads with weights_only=True; a model with non-finite weights is refused, not saved."""
+    bad = non_finite(model)
+    if bad:
+        raise OtfuseError(f"refusing to save {path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+                          "lower the learning rate or check the inputs")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch(path, {"state_dict": state, "meta": {**meta, "version": __version__}, **extra})
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
+    """(model in eval mode, meta, the whole checkpoint dict), or one clear error for a file that is not a
+    sound otfuse checkpoint: foreign, corrupt, with missing or mistyped metadata, or non-finite weights."""
+    ckpt = load_torch(path)
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in ckpt:
+        raise OtfuseError(f"checkpoint {path} is not an otfuse checkpoint (no metadata); give one written by otfuse train or fuse")
+    for key, kind in REQUIRED.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            got = "missing" if key not in meta else f"{value!r}"
+            raise OtfuseError(f"checkpoint {path}: metadata {key} is {got}, not {'an integer' if kind is int else 'a ' + kind.__name__}; "
+                              "re-create it with otfuse train or fuse")
+    model = build_model(meta["arch"], meta["width"], meta["in_channels"], meta["num_classes"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OtfuseError(f"checkpoint {path} does not match its own metadata ({first[:120]}); re-create it") from None
+    bad = non_finite(model)
+    if bad:
+        raise OtfuseError(f"checkpoint {path} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}); use a sound checkpoint")
+    return model.eval(), meta, ckpt
+
+
+def val_size_of(meta: dict) -> int | None:
+    """The validation split the checkpoint's parents were trained without (None: the dataset's default)."""
+    size = meta.get("val_size", (meta.get("config") or {}).get("val_size", -1))
+    return None if not isinstance(size, int) or size < 0 else size
+
+
+def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
+    """The checkpoint's dataset, with the validation split it was trained without."""
+    return load_dataset(meta["dataset"], data_dir, val_size_of(meta))
+
+
+def load_parents(paths: list[str | Path], data_dir: str | Path | None, device_name: str,
+                 same_width: bool = True) -> tuple[list[nn.Module], list[dict], ImageData]:
+    """(models on the device, their metadata, the first one's dataset on the device), after checking
+    the checkpoints can be fused: one architecture, class count, dataset and validation split (and width)."""
+    device = pick_device(device_name)
+    loaded = [load_checkpoint(p) for p in paths]
+    meta0 = loaded[0][1]
+    keys = MATCH + (("width",) if same_width else ())
+    for path, (_, meta, _) in zip(paths[1:], loaded[1:]):
+        for k in keys:
+            if meta.get(k) != meta0.get(k):
+                raise OtfuseError(f"{path} has {k}={meta.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; "
+                                  f"fuse models of one architecture, {'width, ' if same_width else ''}class count and dataset")
+        if val_size_of(meta) != val_size_of(meta0):
+            raise OtfuseError(f"{path} was trained without a validation split of {val_size_of(meta)} images but {paths[0]} "
+                              f"without {val_size_of(meta0)}; fuse models trained on the same split")
+    data = data_of(meta0, data_dir).to(device)
+    return [m.to(device) for m, _, _ in loaded], [meta for _, meta, _ in loaded], data

@@ -1,0 +1,192 @@
+"""Command-line options and JSON option files, both made from the config dataclasses.
+
+    add_options(parser, FuseConfig)                      # one --flag per field, help from its comment
+    cfg = resolve(FuseConfig, args, args.config)         # defaults <- JSON file <- flags given
+    flatten(cfg)                                         # {"method": "activation", "bn_batches": 100, ...}
+
+A nested stage config (a field whose value is a dataclass with a FLAG_PREFIX) contributes its
+fields as `<prefix>_<field>`, and its `enabled` field as `<prefix>` itself: FuseConfig's
+`refit.ridge` is `--refit-ridge`, `refit.enabled` is `--refit/--no-refit`, and the alignment's
+fields (prefix "") keep their own names (`--method`, `--n-images`). JSON files use the same
+flat names (underscores). Flags written on the command line override the file, however they
+are written: `--no-refit`, `--refit-ridge=0.1`, or an abbreviation such as `--meth`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import re
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from otfuse.errors import OtfuseError
+
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other otfuse error: the usage goes to --help."""
+
+    def error(self, message: str):
+        prog = self.prog.split()[0] if self.prog else "otfuse"
+        self.exit(2, f"{prog}: error: {' '.join(message.split())}; see --help\n")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # flat name, e.g. "bn_batches"
+    path: tuple[str, ...]  # attribute path in the config, e.g. ("bn", "batches")
+    kind: type  # int, float, str or bool
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the option's help."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {k: v.replace("%", "%%") for k, v in re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", src, flags=re.M)}
+
+
+def _default(f) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def options_of(cls, prefix: str = "", path: tuple[str, ...] = ()) -> list[Option]:
+    """Every option of a config dataclass, nested stages flattened (see the module docstring)."""
+    comments = _field_comments(cls)
+    out: list[Option] = []
+    for f in fields(cls):
+        value = _default(f)
+        if is_dataclass(value):
+            out += options_of(type(value), getattr(type(value), "FLAG_PREFIX", f.name), path + (f.name,))
+            continue
+        name = prefix if (f.name == "enabled" and prefix) else (f"{prefix}_{f.name}" if prefix else f.name)
+        kind = TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        out.append(Option(name, path + (f.name,), kind, value, comments.get(f.name, "")))
+    return out
+
+
+def add_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None, only_given: bool = False,
+                helps: dict[str, str] | None = None) -> None:
+    """One --option per field, its help from the field's comment (or `helps`). With `only_given`, an
+    option not written on the command line stays out of the parsed namespace, so a JSON file can
+    fill it (help still shows the real default)."""
+    for o in options_of(cls):
+        default = (defaults or {}).get(o.name, o.default)
+        text = (helps or {}).get(o.name, o.help)
+        note = f"{text} (default: {default})" if text else f"default: {default}"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS if only_given else default, "help": note}
+        if o.kind is bool:
+            parser.add_argument(o.flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(o.flag, type=_parser_of(o), metavar=o.name.upper(), **kw)
+
+
+def _parser_of(o: Option):
+    """The argparse type of an option: a bad value is one line naming the option."""
+    def parse(text: str):
+        try:
+            value = o.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if o.kind is int else 'a number'}") from None
+        if o.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+    return parse
+
+
+def build(cls, flat: dict[str, Any], source: str = "option"):
+    """A config from flat option values (missing ones take their defaults), each value type-checked."""
+    by_name = {o.name: o for o in options_of(cls)}
+    unknown = sorted(set(flat) - set(by_name))
+    if unknown:
+        raise OtfuseError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(by_name))}")
+    cfg = cls()
+    for name, value in flat.items():
+        o = by_name[name]
+        target = cfg
+        for attr in o.path[:-1]:
+            target = getattr(target, attr)
+        setattr(target, o.path[-1], _typed(o, value, source))
+    return cfg
+
+
+def _typed(o: Option, value: Any, source: str) -> Any:
+    ok = isinstance(value, o.kind) and not (o.kind is int and isinstance(value, bool))
+    if o.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if o.kind is float and ok and not math.isfinite(value):
+        ok = False
+    if not ok:
+        want = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[o.kind]
+        raise OtfuseError(f"{source}: option {o.name} must be {want}, got {value!r}")
+    return value
+
+
+def parse_assignments(text: str, cls) -> dict[str, Any]:
+    """'point=both,repair=True' -> {'point': 'both', 'repair': True}, typed like `cls`'s options."""
+    by_name = {o.name: o for o in options_of(cls)}
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep or name not in by_name:
+            raise OtfuseError(f"{item!r}: write name=value with a known option ({', '.join(sorted(by_name))})")
+        o = by_name[name]
+        if o.kind is bool:
+            if value not in ("True", "False", "true", "false"):
+                raise OtfuseError(f"{item!r}: {name} is True or False")
+            out[name] = value in ("True", "true")
+        else:
+            try:
+                out[name] = _parser_of(o)(value)
+            except argparse.ArgumentTypeError as exc:
+                raise OtfuseError(f"{item!r}: {exc}") from None
+    return out
+
+
+def flatten(cfg) -> dict[str, Any]:
+    """{flat name: value} of a config: what a JSON option file holds."""
+    out = {}
+    for o in options_of(type(cfg)):
+        value = cfg
+        for attr in o.path:
+            value = getattr(value, attr)
+        out[o.name] = value
+    return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """Flat options from a JSON object (keys starting with '_' are notes); one clear error otherwise."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise OtfuseError(f"--config {path}: the file does not exist") from None
+    except IsADirectoryError:
+        raise OtfuseError(f"--config {path} is a directory; give a JSON file") from None
+    except (OSError, ValueError) as exc:
+        raise OtfuseError(f"--config {path}: not a readable JSON file ({str(exc)[:100]}); write one with otfuse tune") from None
+    if not isinstance(obj, dict):
+        raise OtfuseError(f"--config {path}: expected a JSON object of options")
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+def resolve(cls, args: argparse.Namespace, config: str = ""):
+    """The config from the defaults, then the JSON file `config`, then the options given on the command
+    line (parsed with `only_given`), each later source overriding the earlier."""
+    names = {o.name for o in options_of(cls)}
+    flat = read_config(config) if config else {}
+    cfg = build(cls, flat, f"--config {config}")
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return build(cls, {**flatten(cfg), **given})

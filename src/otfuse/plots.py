@@ -1,0 +1,79 @@
+"""Figures written as PNG files: the interpolation curves and a tuning study's history.
+
+    save_figure(interpolation_figure(rows, title), "results/interp.png")
+
+matplotlib is imported when a figure is drawn, not with the package: most commands draw none.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from otfuse.storage import atomic_write_bytes
+
+CURVE_STYLE = {  # curve -> (colour, marker, legend label)
+    "vanilla": ("tab:gray", "o", "vanilla average + BN reset"),
+    "aligned": ("tab:blue", "s", "OT-aligned + BN reset"),
+    "aligned+repair": ("tab:green", "^", "OT-aligned + REPAIR"),
+}
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: plots are written, never shown."""
+    import matplotlib  # optional at import time: a heavy import that only plotting commands need
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
+    """Accuracy and loss against alpha, one line per curve."""
+    fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
+    for curve, (colour, marker, label) in CURVE_STYLE.items():
+        pts = [r for r in rows if r["curve"] == curve]
+        if not pts:
+            continue
+        al = [r["alpha"] for r in pts]
+        ax_acc.plot(al, [r["accuracy"] for r in pts], color=colour, marker=marker, ms=4, label=label)
+        ax_loss.plot(al, [r["loss"] for r in pts], color=colour, marker=marker, ms=4, label=label)
+    for ax, what in ((ax_acc, f"{split} accuracy (%)"), (ax_loss, f"{split} loss (cross-entropy)")):
+        ax.set_xlabel("alpha: weight of model B  (0 = model A, 1 = model B)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(trials: list[tuple[int, str, float]], what: str):
+    """Validation accuracy of every trial (number, method, value), by method, and the best so far."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
+    trials = sorted(trials)
+    for method in dict.fromkeys(m for _, m, _ in trials):
+        pts = [(n, v) for n, m, v in trials if m == method]
+        ax.scatter(*zip(*pts), s=18, label=method, alpha=0.8)
+    best, run = [], float("-inf")
+    for _, _, v in trials:
+        run = max(run, v)
+        best.append(run)
+    ax.step([n for n, _, _ in trials], best, where="post", color="black", lw=1.2, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("fused validation accuracy (%)")
+    ax.set_title(f"otfuse tune: {what}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,157 @@
+"""The fusion scripts: fuse every pair of trained seeds under checkpoint/, write results/ tables.
+
+    python run_activation_based_fusion.py --dataset fashion-mnist
+    python run_weight_based_fusion.py --method weight-matching --pairs 0-1
+
+For every dataset and architecture with two or more trained seeds under checkpoint/ (checkpoints
+whose metadata says `kind: trained`: fine-tuned and fused ones are never taken for seeds), each
+pair is fused and one row written to results/<dataset>_<method>.csv; summary.md lays the means
+out like the original repository's table, with the ensemble and vanilla averaging beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+from otfuse.align import METHODS
+from otfuse.checkpoints import data_of, load_checkpoint, pick_device, save_checkpoint
+from otfuse.errors import OtfuseError, run_main
+from otfuse.fuse import FuseConfig
+from otfuse.models import build_model
+from otfuse.options import Parser, add_options, flatten, resolve
+from otfuse.report import fusion_table
+from otfuse.results import fusion_row, upsert_row, write_summary
+from otfuse.storage import load_torch, writable_dir
+from otfuse.train import finetune
+
+
+def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, str, int], list[tuple[Path, dict]]]:
+    """Trained seeds by (dataset folder, arch, width), from the folders <dataset>/<arch>-w<width>/, sorted by seed.
+    A checkpoint counts as a seed only if its metadata says `kind: trained`."""
+    out: dict[tuple[str, str, int], list[tuple[Path, dict]]] = {}
+    for folder in sorted(p for p in checkpoint_dir.glob("*/*") if p.is_dir()):
+        if dataset and folder.parent.name != dataset:
+            continue
+        for path in sorted(folder.glob("*.pt")):
+            meta = load_torch(path).get("meta", {})
+            if isinstance(meta, dict) and meta.get("kind") == "trained" and isinstance(meta.get("seed"), int):
+                out.setdefault((folder.parent.name, str(meta.get("arch")), int(meta.get("width", 0))), []).append((path, meta))
+    for seeds in out.values():
+        seeds.sort(key=lambda pm: pm[1]["seed"])
+    return out
+
+
+def pairs_to_fuse(checkpoint_dir: Path, dataset: str | None, widths: tuple[int, int] | None,
+                  wanted: set[tuple[int, int]]) -> list[tuple[str, list[tuple[Path, dict]]]]:
+    """(dataset folder, [first parent, second parent]) for every pair to fuse: pairs of seeds of one width,
+    or with `widths` (a, b), every seed of width a with every other seed of width b."""
+    seeds = trained_seeds(checkpoint_dir, dataset)
+    jobs = []
+    for (ds, arch, width), first in seeds.items():
+        if widths is None:
+            jobs += [(ds, [first[i], first[j]]) for i, j in itertools.combinations(range(len(first)), 2)]
+        elif width == widths[0]:
+            second = seeds.get((ds, arch, widths[1]), [])
+            jobs += [(ds, [a, b]) for a in first for b in second if a[1]["seed"] != b[1]["seed"]]
+    if not jobs:
+        what = f"seeds of widths {widths[0]} and {widths[1]}" if widths else "two or more trained seeds of one width"
+        raise OtfuseError(f"no folder under {checkpoint_dir}/ holds {what}; train them first (run_train_all.sh)")
+    chosen = [(ds, pair) for ds, pair in jobs if not wanted or (pair[0][1]["seed"], pair[1][1]["seed"]) in wanted]
+    if not chosen:
+        found = sorted({m["seed"] for _, pair in jobs for _, m in pair})
+        raise OtfuseError(f"--pairs {','.join(f'{a}-{b}' for a, b in sorted(wanted))!r} matches no pair of trained seeds "
+                          f"(seeds found: {found}); e.g. --pairs {found[0]}-{found[-1]}")
+    return chosen
+
+
+def parse_pairs(text: str) -> set[tuple[int, int]]:
+    """'0-1,0-2' -> {(0, 1), (0, 2)}; one clear error for anything else."""
+    pairs = set()
+    for item in filter(None, text.split(",")):
+        parts = item.split("-")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise OtfuseError(f"--pairs {text!r}: write seed pairs as A-B, comma-separated, e.g. 0-1,0-2")
+        pairs.add((int(parts[0]), int(parts[1])))
+    return pairs
+
+
+def parser(default_method: str) -> argparse.ArgumentParser:
+    p = Parser(description=f"Fuse every pair of trained seeds ({default_method}-based) and write results/.")
+    p.add_argument("--dataset", default=None, help="folder name under checkpoint/ (default: all)")
+    p.add_argument("--pairs", default="", help="seed pairs, e.g. 0-1,0-2 (default: every pair)")
+    p.add_argument("--checkpoint-dir", default="checkpoint")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--widths", default="", help="fuse parents of two widths, e.g. 16,8: every seed of the first with every other seed of the second")
+    p.add_argument("--width", type=int, default=0, help="width of the fused models (default 0: the first parent's)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each fused model this many epochs (otfuse finetune's defaults) and report it")
+    p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
+    p.add_argument("--device", default="auto", help="auto: cuda when available")
+    p.add_argument("--data-dir", default=None, help="dataset cache (default: $OTFUSE_DATA_DIR or ~/.cache/otfuse)")
+    add_options(p, FuseConfig, {"method": default_method}, only_given=True, helps={"method": " | ".join(METHODS)})
+    return p
+
+
+def main(argv: list[str] | None, default_method: str) -> int:
+    args = parser(default_method).parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main(lambda: sweep(args, default_method))
+
+
+def parse_widths(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise OtfuseError(f"--widths {text!r}: give the two parents' widths, e.g. --widths 16,8")
+    return int(parts[0]), int(parts[1])
+
+
+def sweep(args: argparse.Namespace, default_method: str) -> int:
+    if "method" not in vars(args) and not args.config:
+        args.method = default_method
+    cfg = resolve(FuseConfig, args, args.config)
+    cfg.check(2)
+    if args.finetune_epochs < 0:
+        raise OtfuseError(f"--finetune-epochs {args.finetune_epochs} must be 0 (none) or more")
+    if args.width < 0:
+        raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
+    device = pick_device(args.device)
+    results = writable_dir(args.results_dir)  # before any work: an unwritable folder must not cost a fusion
+    jobs = pairs_to_fuse(Path(args.checkpoint_dir), args.dataset, parse_widths(args.widths), parse_pairs(args.pairs))
+    method = cfg.align.method
+    for ds, pair in jobs:
+        loaded = [load_checkpoint(p) for p, _ in pair]
+        meta0 = loaded[0][1]
+        width = args.width or meta0["width"]
+        folder = writable_dir(Path(args.checkpoint_dir) / ds / f"{meta0['arch']}-w{width}")
+        data = data_of(meta0, args.data_dir).to(device)
+        seeds, widths = [m["seed"] for _, m in pair], [m["width"] for _, m in pair]
+        mixed = len(set(widths + [width])) > 1
+        print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]}" + (f" (widths {widths[0]}, {widths[1]})" if mixed else "")
+              + f" ({method})", flush=True)
+        target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(device)
+        fusion, acc = fusion_table([m.to(device) for m, _, _ in loaded], data, cfg, progress=True, target=target)
+        meta = {k: v for k, v in meta0.items() if k not in ("history", "config")}
+        meta.update(kind="fused", width=width, parent_widths=widths, method=method, options=flatten(cfg),
+                    parents=[str(p) for p, _ in pair], val_size=len(data.val_y), test_acc=acc["fused"])
+        name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"
+        fused_path = folder / f"fused-{method}-{name}.pt"
+        save_checkpoint(fused_path, fusion.model, meta)
+        seconds = dict(fusion.seconds)
+        if args.finetune_epochs > 0:
+            t0 = time.perf_counter()
+            out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}.pt"), args.data_dir,
+                           args.device, epochs=args.finetune_epochs, overwrite=True)
+            acc["fused_ft"] = float(load_checkpoint(out)[1]["test_acc"])
+            seconds["finetune"] = time.perf_counter() - t0
+        row = fusion_row(ds, {**meta0, "width": width}, seeds, method, acc, seconds, flatten(cfg))
+        row["widths"] = "-".join(str(w) for w in widths)
+        if args.finetune_epochs > 0:
+            row["finetune_epochs"] = args.finetune_epochs
+        upsert_row(results / f"{ds}_{method}.csv", row)
+        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+    print(write_summary(results).read_text())
+    return 0

@@ -1,0 +1,3 @@
+"""The package version, recorded in every checkpoint otfuse writes."""
+
+__version__ = "0.2.0"

@@ -1,0 +1,81 @@
+"""The package reads top-down: no import cycles, the library never imports the command line, and no
+function imports another otfuse module except where README says why."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import otfuse
+
+PACKAGE = Path(otfuse.__file__).parent
+COMMAND_LINE = {"otfuse.cli", "otfuse.entry", "otfuse.__main__"}
+# (module, imported module): function-level imports README explains (the entry point's Ctrl-C guard)
+ALLOWED_INNER = {("otfuse.entry", "otfuse.cli")}
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {f"otfuse.{p.stem}" if p.stem != "__init__" else "otfuse": ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
+
+
+def _imported(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.startswith("otfuse")]
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("otfuse"):
+        if node.module == "otfuse":  # `from otfuse import cli`: the names are modules
+            return [f"otfuse.{a.name}" for a in node.names]
+        return [node.module]
+    return []
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> otfuse modules it imports at module level."""
+    return {name: {m for node in tree.body for m in _imported(node)} for name, tree in _modules().items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_the_library_never_imports_the_command_line():
+    for module, imports in _graph().items():
+        if module not in COMMAND_LINE:
+            assert not imports & COMMAND_LINE, f"{module} imports {imports & COMMAND_LINE}"
+
+
+def test_no_function_imports_another_otfuse_module_except_where_readme_says_why():
+    inner = set()
+    for name, tree in _modules().items():
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(fn):
+                inner |= {(name, m) for m in _imported(node)}
+    assert inner == ALLOWED_INNER
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    for module, imported in ALLOWED_INNER:
+        assert f"`{module}` imports `{imported}` inside" in readme

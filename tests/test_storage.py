@@ -1,0 +1,80 @@
+"""Files: written atomically with the umask's permissions, stale temporaries of killed writers cleaned up,
+checkpoints that could run code refused, and finished results never overwritten by accident."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import otfuse.train as T
+from otfuse.checkpoints import load_checkpoint
+from otfuse.errors import OtfuseError
+from otfuse.storage import atomic_write_text, load_torch
+from otfuse.sweep import trained_seeds
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".x.pt.{dead.stdout.strip()}-abc123.tmp"
+    live = tmp_path / f".y.pt.{os.getppid()}-abc123.tmp"  # a running process: still writing
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    atomic_write_text(tmp_path / "z.txt", "x")
+    assert not stale.exists() and live.exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"meta": {}, "state_dict": {}, "payload": RunsCode()}, path)
+    with pytest.raises(OtfuseError, match="could run code"):
+        load_torch(path)
+
+
+def _cfg(tmp_path, **kw) -> T.TrainConfig:
+    return T.TrainConfig(**{"dataset": "digits", "width": 4, "batch_size": 64, "lr": 0.1, "device": "cpu", "epochs": 1,
+                            "data_dir": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "ck"), **kw})
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path):
+    path = T.train(_cfg(tmp_path), progress=False)
+    before = path.read_bytes()
+    with pytest.raises(OtfuseError, match="already exists.*--resume.*--overwrite"):
+        T.train(_cfg(tmp_path, seed=0), progress=False)
+    assert path.read_bytes() == before
+    T.train(_cfg(tmp_path, overwrite=True, lr=0.05), progress=False)
+    assert load_checkpoint(path)[1]["config"]["lr"] == 0.05
+
+
+def test_seeds_are_found_by_their_metadata_and_finetuning_keeps_the_seed(trained, tmp_path):
+    _, _, paths, root = trained
+    folder = tmp_path / "ck" / "digits" / "resnet18-w8"
+    folder.mkdir(parents=True)
+    for p in paths:
+        shutil.copy(p, folder / p.name)
+    tuned = T.finetune(folder / "seed1.pt", folder / "seed1-ft1.pt", str(root / "data"), "cpu", batch_size=64)
+    assert load_checkpoint(tuned)[1]["seed"] == 1 and load_checkpoint(tuned)[1]["kind"] == "finetuned"
+    shutil.copy(tuned, folder / "seed7.pt")  # a fine-tuned model under a seed's name is still no seed
+    found, = trained_seeds(tmp_path / "ck", None).values()
+    assert [m["seed"] for _, m in found] == [0, 1]
