@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import load_parents
+from otfuse.checkpoints import load_parents, recipe_options
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
         methods = [m for m in args.methods.split(",") if m]
         t0 = time.perf_counter()
         models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+        base = {**recipe_options(metas), **base}  # the defaults `otfuse fuse` takes for these parents
         x, y = data.split(args.split)
         rows = []
         cfg = build(FuseConfig, {**base, "method": methods[0]})

@@ -4,6 +4,7 @@ however they are written (--no-x, --x=v, abbreviations)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,18 @@ def test_bad_config_values_are_one_clear_error(tmp_path, obj, message):
     path.write_text(json.dumps(obj))
     with pytest.raises(OtfuseError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(FuseConfig, read_config(path), f"--config {path}")
+
+
+def _meta(train_acc: float, augment: bool = True) -> dict:
+    return {"train_acc": train_acc, "config": {"augment": augment, "epochs": 50}}
+
+
+def test_the_parents_training_recipe_sets_defaults_that_options_still_override(best):
+    parser = build_parser()
+    fit = [_meta(99.8), _meta(99.7)]
+    assert fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), fit).bn.augment  # long-trained: augmented statistics
+    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.8), _meta(91.5)]).bn.augment
+    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.8, False)] * 2).bn.augment
+    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt", "--no-bn-augment"]), fit).bn.augment
+    Path(best).write_text(json.dumps({"bn_augment": False}))
+    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt", "--config", best]), fit).bn.augment

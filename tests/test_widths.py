@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from conftest import config, randomize_bn
-from otfuse.align import merge_plan, split_plan
+from otfuse.align import channel_importance, merge_plan, split_plan
 from otfuse.cli import main
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.fuse import fuse
+from otfuse.groups import channel_groups
+from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 from otfuse.train import TrainConfig, train
 
@@ -57,6 +59,19 @@ def test_split_and_merge_plans_keep_uniform_marginals():
     merged = merge_plan(corr, 3)
     pairs = {tuple(sorted(row.nonzero().flatten().tolist())) for row in merged.plan}
     assert pairs == {(0, 3), (1, 4), (2, 5)}  # the correlated channels merge
+
+
+def test_importance_marginals_weight_the_channels_and_keep_the_oracle():
+    data, model = _data(), _model(4)
+    copy = permute(model, groups := channel_groups(model, torch.randn(1, 3, 16, 16)), random_maps(groups, seed=2))
+    result = fuse([model, copy], data.train_x, data.norm, config(marginals="importance", **EXACT))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(result.raw.state_dict().values(), model.state_dict().values()))
+    wide = _model(8, 1)
+    mass = channel_importance(wide, channel_groups(wide, torch.randn(1, 3, 16, 16)))
+    result = fuse([model, wide], data.train_x, data.norm, config(marginals="importance", **EXACT))
+    for g in result.groups:
+        plan = result.maps[1][g.name].plan  # the width-8 parent onto the width-4 anchor: soft, its columns hold its masses
+        assert plan.shape[1] == 2 * plan.shape[0] and torch.allclose(plan.sum(0) / plan.sum(), mass[g.name] / mass[g.name].sum(), atol=1e-6)
 
 
 def test_parents_of_different_widths_fuse_into_either_width():

@@ -50,6 +50,7 @@ class AlignConfig:
     n_images: int = 1000  # training images (no augmentation) whose activations are compared
     act_batch_size: int = 250  # images per forward pass while collecting activations
     solver: str = "emd"  # emd (exact, a permutation) | sinkhorn (soft map)
+    marginals: str = "uniform"  # each channel's mass in the transport: uniform | importance (its producers' weight norm)
     reg: float = 0.01  # sinkhorn regularisation, relative to the largest cost
     seed: int = 0  # image sample and weight-matching order
 
@@ -62,6 +63,8 @@ class AlignConfig:
             raise OtfuseError(f"--point {self.point!r} is unknown; choose post, pre or both")
         if self.solver not in ("emd", "sinkhorn"):
             raise OtfuseError(f"--solver {self.solver!r} is unknown; choose emd or sinkhorn")
+        if self.marginals not in ("uniform", "importance"):
+            raise OtfuseError(f"--marginals {self.marginals!r} is unknown; choose uniform or importance")
         if not 0 <= self.mix <= 1:
             raise OtfuseError(f"--mix {self.mix} must be between 0 and 1")
         if not self.n_images >= 2:
@@ -130,7 +133,25 @@ def activation_maps(anchor: nn.Module, source: nn.Module, anchor_groups: list[Ch
         return _sequential_weight_maps(anchor, source, anchor_groups, cfg, costs)
     costs = {ga.name: costs[ga.name] + TIE_BREAK * _invariant_cost(anchor, source, ga, gs) for ga, gs in zip(anchor_groups, source_groups)}
     betas = family_betas(costs, anchor_groups, source_groups)
-    return {ga.name: group_map(costs[ga.name], ga, gs, betas, cfg) for ga, gs in zip(anchor_groups, source_groups)}
+    masses = {}
+    if cfg.marginals == "importance":
+        wa, ws = channel_importance(anchor, anchor_groups), channel_importance(source, source_groups)
+        masses = {ga.name: (wa[ga.name], ws[gs.name]) for ga, gs in zip(anchor_groups, source_groups)}
+    return {ga.name: group_map(costs[ga.name], ga, gs, betas, cfg, *masses.get(ga.name, ())) for ga, gs in zip(anchor_groups, source_groups)}
+
+
+def channel_importance(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
+    """Per group, each channel's share of the norm of its producers' weights (conv/linear rows; the
+    norm layers' where there are none): a channel a parent barely uses carries little mass, so
+    where widths differ the transport spends the target's channels on the ones that matter."""
+    ts, ix, names = tensors_of(model, dense=True), _AxisIndex(groups), frozenset(g.name for g in groups)
+    out = {}
+    with torch.no_grad():
+        for g in groups:
+            rows = torch.cat([ix.view(ts[tensor_key(m)], m, g.name, {}, names - {g.name}).double() for m in _producer_weights(g)], 1)
+            norm = rows.norm(dim=1).cpu()
+            out[g.name] = norm + 1e-6 * norm.mean().clamp_min(1e-30)  # a dead channel keeps a sliver of mass
+    return out
 
 
 # --- grouped convs: blocks ---------------------------------------------------------------------
@@ -164,10 +185,12 @@ def family_betas(costs: dict[str, torch.Tensor], anchor_groups: list[ChannelGrou
     return {f: torch.from_numpy(linear_sum_assignment(c.numpy())[1]).long() for f, c in total.items()}
 
 
-def group_map(cost: torch.Tensor, ga: ChannelGroup, gs: ChannelGroup, betas: dict[str, torch.Tensor], cfg: AlignConfig) -> ChannelMap:
-    """The OT map of one group; in a grouped conv's group, solved within each matched pair of blocks."""
+def group_map(cost: torch.Tensor, ga: ChannelGroup, gs: ChannelGroup, betas: dict[str, torch.Tensor], cfg: AlignConfig,
+              target_mass: torch.Tensor | None = None, source_mass: torch.Tensor | None = None) -> ChannelMap:
+    """The OT map of one group (uniform marginals unless masses are given); in a grouped conv's group,
+    solved within each matched pair of blocks, with uniform marginals."""
     if ga.blocks is None:
-        return transport_map(cost, cfg.solver, cfg.reg)
+        return transport_map(cost, cfg.solver, cfg.reg, target_mass, source_mass)
     beta = betas[ga.family]
     if cfg.solver == "emd":
         within = lambda b, t, src: transport_map(cost[t][:, src], "emd").perm
@@ -342,6 +365,7 @@ def _sequential_weight_maps(anchor: nn.Module, source: nn.Module, groups: list[C
     ta, tb, ix = tensors_of(anchor, dense=True), tensors_of(source, dense=True), _AxisIndex(groups)
     maps: dict[str, ChannelMap] = {}
     betas: dict[str, torch.Tensor] = {}
+    wa, wb = (channel_importance(anchor, groups), channel_importance(source, groups)) if cfg.marginals == "importance" else ({}, {})
     with torch.no_grad():
         for g in groups:
             outs = _producer_weights(g)
@@ -353,7 +377,7 @@ def _sequential_weight_maps(anchor: nn.Module, source: nn.Module, groups: list[C
                 cost = (1 - cfg.mix) * _unit(act_costs[g.name].double()) + cfg.mix * _unit(cost)
             if g.blocks is not None and g.family not in betas:  # the family's blocks follow its first group
                 betas.update(family_betas({g.name: cost}, [g], [g]))
-            maps[g.name] = group_map(cost, g, g, betas, cfg)
+            maps[g.name] = group_map(cost, g, g, betas, cfg, wa.get(g.name), wb.get(g.name))
     return maps
 
 

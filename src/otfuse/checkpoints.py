@@ -25,6 +25,7 @@ from otfuse.version import __version__
 # metadata every otfuse checkpoint has, with its type
 REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
 MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
+FITS = 99.0  # training accuracy (%) from which a parent counts as fitting its (augmented) training set
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,6 +92,28 @@ def val_size_of(meta: dict) -> int | None:
 def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
     """The checkpoint's dataset, with the validation split it was trained without."""
     return load_dataset(meta["dataset"], data_dir, val_size_of(meta))
+
+
+def recipe_options(metas: list[dict]) -> dict[str, object]:
+    """Fusion defaults that follow from how the parents were trained, each chosen on a validation split
+    (README, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
+    50 epochs at width 64) saw only augmented images: their BatchNorm statistics are those of crops
+    and flips, so the averaged model's are recomputed on such images too. Explicit options win."""
+    def fits(meta: dict) -> bool:
+        acc, recipe = meta.get("train_acc"), meta.get("config") or {}
+        return isinstance(acc, (int, float)) and acc >= FITS and bool(recipe.get("augment"))
+    return {"bn_augment": True} if metas and all(fits(m) for m in metas) else {}
+
+
+def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, val_size: int,
+               test_acc: float | None) -> dict:
+    """A fused checkpoint's metadata: the first parent's identity (dataset, normalisation, classes), the
+    fused width and options, and what each parent was (path, width, training accuracy)."""
+    meta = {k: v for k, v in metas[0].items() if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc")}
+    meta.update(kind="fused", width=width, parent_widths=[m["width"] for m in metas], method=options.get("method"),
+                options=options, parents=[str(p) for p in parents], val_size=val_size, test_acc=test_acc,
+                parent_train_acc=[m.get("train_acc") for m in metas])
+    return meta
 
 
 def load_parents(paths: list[str | Path], data_dir: str | Path | None, device_name: str,

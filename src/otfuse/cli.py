@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import data_of, load_checkpoint, load_parents, pick_device, save_checkpoint
+from otfuse.checkpoints import data_of, load_checkpoint, fused_meta, load_parents, pick_device, recipe_options, save_checkpoint
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import loss_and_accuracy
@@ -67,9 +67,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def fuse_config(args: argparse.Namespace) -> FuseConfig:
-    """The fusion options: defaults, then --config, then the options given on the command line."""
-    return resolve(FuseConfig, args, args.config)
+def fuse_config(args: argparse.Namespace, metas: list[dict] | None = None) -> FuseConfig:
+    """The fusion options: defaults (those the parents' training recipe implies, given their `metas`),
+    then --config, then the options given on the command line."""
+    return resolve(FuseConfig, args, args.config, recipe_options(metas or []))
 
 
 def _check_out(out: str, inputs: list[str]) -> None:
@@ -91,6 +92,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     cfg.check(len(args.checkpoints))
     _check_out(args.out, args.checkpoints)
     models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device, same_width=False)
+    cfg = fuse_config(args, metas)
     meta0 = metas[0]
     width = args.width or meta0["width"]
     target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(next(models[0].parameters()).device)
@@ -101,10 +103,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         print(f"  {k:<14} {v:6.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.seconds.items()))
     if args.out:
-        meta = {k: v for k, v in meta0.items() if k not in ("history", "config")}
-        meta.update(kind="fused", width=width, parent_widths=[m["width"] for m in metas], method=cfg.align.method,
-                    options=flatten(cfg), parents=list(args.checkpoints), val_size=len(data.val_y),
-                    test_acc=acc["fused"] if args.split == "test" else None)
+        meta = fused_meta(metas, args.checkpoints, width, flatten(cfg), len(data.val_y),
+                          acc["fused"] if args.split == "test" else None)
         save_checkpoint(args.out, fusion.model, meta)
         print(f"saved {args.out}")
     return 0
@@ -121,6 +121,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.width < 0:
         raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
     models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device, same_width=False)
+    base = fuse_config(args, metas)
     width = args.width or metas[0]["width"]
     target = build_model(metas[0]["arch"], width, metas[0]["in_channels"], metas[0]["num_classes"]).to(next(models[0].parameters()).device)
     out = run_study(models, data, metas, tcfg, base, progress=True, target=target, width=width)
@@ -142,6 +143,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     cfg.check(2)
     results = writable_dir(args.results_dir)
     models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+    cfg = replace(fuse_config(args, metas), weights="")
     meta0, seeds = metas[0], "-".join(str(m.get("seed", "?")) for m in metas)
     rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
     stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{meta0['arch']}-w{meta0['width']}-seeds{seeds}"

@@ -182,11 +182,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if not k.startswith("_")}
 
 
-def resolve(cls, args: argparse.Namespace, config: str = ""):
-    """The config from the defaults, then the JSON file `config`, then the options given on the command
+def resolve(cls, args: argparse.Namespace, config: str = "", defaults: dict[str, Any] | None = None):
+    """The config from the defaults (the dataclass's, then `defaults`, e.g. those the checkpoints'
+    training recipe implies), then the JSON file `config`, then the options given on the command
     line (parsed with `only_given`), each later source overriding the earlier."""
     names = {o.name for o in options_of(cls)}
-    flat = read_config(config) if config else {}
+    flat = {**(defaults or {}), **(read_config(config) if config else {})}
     cfg = build(cls, flat, f"--config {config}")
     given = {k: v for k, v in vars(args).items() if k in names}
     return build(cls, {**flatten(cfg), **given})

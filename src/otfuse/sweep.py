@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import data_of, load_checkpoint, pick_device, save_checkpoint
+from otfuse.checkpoints import data_of, fused_meta, load_checkpoint, pick_device, recipe_options, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fuse import FuseConfig
 from otfuse.models import build_model
@@ -125,6 +125,7 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
     for ds, pair in jobs:
         loaded = [load_checkpoint(p) for p, _ in pair]
         meta0 = loaded[0][1]
+        cfg = resolve(FuseConfig, args, args.config, recipe_options([m for _, m in pair]))
         width = args.width or meta0["width"]
         folder = writable_dir(Path(args.checkpoint_dir) / ds / f"{meta0['arch']}-w{width}")
         data = data_of(meta0, args.data_dir).to(device)
@@ -134,9 +135,7 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
               + f" ({method})", flush=True)
         target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(device)
         fusion, acc = fusion_table([m.to(device) for m, _, _ in loaded], data, cfg, progress=True, target=target)
-        meta = {k: v for k, v in meta0.items() if k not in ("history", "config")}
-        meta.update(kind="fused", width=width, parent_widths=widths, method=method, options=flatten(cfg),
-                    parents=[str(p) for p, _ in pair], val_size=len(data.val_y), test_acc=acc["fused"])
+        meta = fused_meta([m for _, m in pair], [p for p, _ in pair], width, flatten(cfg), len(data.val_y), acc["fused"])
         name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"
         fused_path = folder / f"fused-{method}-{name}.pt"
         save_checkpoint(fused_path, fusion.model, meta)

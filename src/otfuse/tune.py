@@ -84,6 +84,8 @@ def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = Fa
         align.mix = 0.0 if mixed_widths else trial.suggest_float("mix", *MIX)
     if METHODS[method].needs_images:
         align.n_images = trial.suggest_categorical("n_images", list(N_IMAGES))
+    if method != "weight-matching":  # weight matching is a hard assignment: masses do not enter it
+        align.marginals = trial.suggest_categorical("marginals", ["uniform", "importance"])
     align.solver = trial.suggest_categorical("solver", ["emd", "sinkhorn"])
     if align.solver == "sinkhorn":
         align.reg = trial.suggest_float("reg", *REG, log=True)
