@@ -122,6 +122,8 @@ CASES = [
     ("sweep --checkpoint-dir {w}/ck --pairs 0to1 --results-dir {w}/res", "write seed pairs as A-B"),
     ("sweep --checkpoint-dir {w}/ck --results-dir {w}/afile", "is a file, not a directory"),
     ("sweep --checkpoint-dir {w}/ck --finetune-epochs -1 --results-dir {w}/res", "--finetune-epochs -1"),
+    ("sweep --checkpoint-dir {w}/ck --finetune-distill --results-dir {w}/res", "give --finetune-epochs 1"),
+    ("fuse {w}/a.pt {w}/b.pt --marginals mass", "--marginals 'mass' is unknown"),
 ]
 
 

@@ -40,9 +40,12 @@ def test_summary_gains_repair_and_finetuning_columns_when_runs_have_them(tmp_pat
 def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path, capsys):
     _, _, paths, root = trained
     code = main(["--checkpoint-dir", str(root / "ck"), "--results-dir", str(tmp_path), "--data-dir", str(root / "data"),
-                  "--device", "cpu", "--bn-batches", "4", "--n-images", "128", "--finetune-epochs", "1"], "activation")
+                  "--device", "cpu", "--bn-batches", "4", "--n-images", "128", "--finetune-epochs", "1", "--finetune-distill"], "activation")
     assert code == 0, capsys.readouterr().err
     row = read_rows(tmp_path / "digits_activation.csv")[0]
     assert float(row["fused_ft"]) > float(row["fused"]) - 5 and row["finetune_epochs"] == "1" and row["fused_repair"]
     assert (root / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1-ft1.pt").is_file()
-    assert "Activation + 1 ep fine-tuning" in (tmp_path / "summary.md").read_text()
+    assert float(row["fused_ft_distill"]) > float(row["fused"]) - 5
+    assert (root / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1-ft1-distill.pt").is_file()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Activation + 1 ep fine-tuning" in summary and "Activation + 1 ep distillation" in summary

@@ -20,7 +20,8 @@ from otfuse.storage import atomic_write_csv, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "widths", "seeds")  # width: the fused model's; widths: its parents'
 
-PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation", "finetune")
+PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation", "finetune",
+          "finetune_distill")
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -41,7 +42,7 @@ def upsert_row(path: Path, row: dict) -> None:
 def fusion_row(dataset: str, meta: dict, seeds: list, method: str, acc: dict, seconds: dict, options: dict) -> dict:
     """One CSV row: what was fused, every accuracy column, seconds per phase, and the options."""
     row = {"dataset": dataset, "arch": meta["arch"], "width": meta["width"], "seeds": "-".join(str(s) for s in seeds), "method": method}
-    row.update({k: f"{acc[k]:.2f}" for k in (*COLUMNS, "fused_ft") if k in acc})
+    row.update({k: f"{acc[k]:.2f}" for k in (*COLUMNS, "fused_ft", "fused_ft_distill") if k in acc})
     row.update({f"s_{p}": f"{seconds.get(p, 0.0):.2f}" for p in PHASES})
     row["options"] = json.dumps(options, sort_keys=True)
     return row
@@ -71,6 +72,8 @@ def write_summary(results_dir: Path) -> Path:
     cols += [(f"{_short(m)} + REPAIR", m, "fused_repair") for m in methods if any(r.get("fused_repair") for r in rows_of(m))]
     epochs = sorted({r.get("finetune_epochs") for m in methods for r in rows_of(m) if r.get("fused_ft")})
     cols += [(f"{_short(m)} + {'/'.join(epochs)} ep fine-tuning", m, "fused_ft") for m in methods if any(r.get("fused_ft") for r in rows_of(m))]
+    cols += [(f"{_short(m)} + {'/'.join(epochs)} ep distillation", m, "fused_ft_distill") for m in methods
+             if any(r.get("fused_ft_distill") for r in rows_of(m))]
     refit_col = [("Vanilla + refit", "vanilla_refit")] if any(r.get("vanilla_refit") for m in methods for r in rows_of(m)) else []
     head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [c[0] for c in cols] + ["Ensemble", "Vanilla", "Vanilla + BN"]
     head += [h for h, _ in refit_col]

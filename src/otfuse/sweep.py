@@ -29,6 +29,10 @@ from otfuse.storage import load_torch, writable_dir
 from otfuse.train import finetune
 
 
+# the fine-tuning columns: (CSV column, checkpoint suffix, changes to otfuse finetune's defaults)
+FINETUNES = (("fused_ft", "", {}), ("fused_ft_distill", "-distill", {"distill": True}))
+
+
 def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, str, int], list[tuple[Path, dict]]]:
     """Trained seeds by (dataset folder, arch, width), from the folders <dataset>/<arch>-w<width>/, sorted by seed.
     A checkpoint counts as a seed only if its metadata says `kind: trained`."""
@@ -88,6 +92,8 @@ def parser(default_method: str) -> argparse.ArgumentParser:
     p.add_argument("--widths", default="", help="fuse parents of two widths, e.g. 16,8: every seed of the first with every other seed of the second")
     p.add_argument("--width", type=int, default=0, help="width of the fused models (default 0: the first parent's)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each fused model this many epochs (otfuse finetune's defaults) and report it")
+    p.add_argument("--finetune-distill", action="store_true", help="with --finetune-epochs: also fine-tune by label-free "
+                   "distillation from the parents (otfuse finetune --distill), its own column")
     p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help="dataset cache (default: $OTFUSE_DATA_DIR or ~/.cache/otfuse)")
@@ -116,6 +122,8 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
     cfg.check(2)
     if args.finetune_epochs < 0:
         raise OtfuseError(f"--finetune-epochs {args.finetune_epochs} must be 0 (none) or more")
+    if args.finetune_distill and args.finetune_epochs < 1:
+        raise OtfuseError("--finetune-distill fine-tunes: give --finetune-epochs 1 (or more) too")
     if args.width < 0:
         raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
     device = pick_device(args.device)
@@ -140,12 +148,12 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
         fused_path = folder / f"fused-{method}-{name}.pt"
         save_checkpoint(fused_path, fusion.model, meta)
         seconds = dict(fusion.seconds)
-        if args.finetune_epochs > 0:
+        for column, suffix, extra in FINETUNES[:(2 if args.finetune_distill else 1) if args.finetune_epochs > 0 else 0]:
             t0 = time.perf_counter()
-            out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}.pt"), args.data_dir,
-                           args.device, epochs=args.finetune_epochs, overwrite=True)
-            acc["fused_ft"] = float(load_checkpoint(out)[1]["test_acc"])
-            seconds["finetune"] = time.perf_counter() - t0
+            out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}{suffix}.pt"), args.data_dir,
+                           args.device, epochs=args.finetune_epochs, overwrite=True, **extra)
+            acc[column] = float(load_checkpoint(out)[1]["test_acc"])
+            seconds[column.replace("fused_ft", "finetune")] = time.perf_counter() - t0
         row = fusion_row(ds, {**meta0, "width": width}, seeds, method, acc, seconds, flatten(cfg))
         row["widths"] = "-".join(str(w) for w in widths)
         if args.finetune_epochs > 0:
