@@ -3,6 +3,7 @@
 
     python bench/bench_scale.py ../shared/checkpoints/cifar10-jpeg-w64-e50/seed0.pt ../shared/checkpoints/cifar10-jpeg-w64-e50/seed1.pt
     python bench/bench_scale.py A.pt B.pt --split val --methods activation      # choosing defaults: never the test set
+    python bench/bench_scale.py A.pt B.pt --save fused.pt && otfuse finetune fused.pt --epochs 1
 
 Row `default`: the default fusion (`otfuse fuse A B`) beside each parent, their ensemble,
 vanilla averaging (+ BatchNorm reset, + refit), the aligned average with BatchNorm reset
@@ -20,14 +21,14 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import load_parents, recipe_options
+from otfuse.checkpoints import fused_meta, load_parents, recipe_options, save_checkpoint
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.report import fusion_table
-from otfuse.storage import atomic_write_csv
+from otfuse.storage import atomic_write_csv, writable_file
 
 PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation")
 
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    p.add_argument("--save", default="", help="also save the default fusion as a checkpoint (for otfuse finetune)")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -51,11 +53,16 @@ def main(argv: list[str]) -> int:
         base = {**recipe_options(metas), **base}  # the defaults `otfuse fuse` takes for these parents
         x, y = data.split(args.split)
         rows = []
+        if args.save:
+            writable_file(Path(args.save), "--save")
         cfg = build(FuseConfig, {**base, "method": methods[0]})
         fusion, acc = fusion_table(models, data, cfg, args.split, progress=True)
         rows.append({"row": "default", "method": methods[0], **{k: f"{v:.2f}" for k, v in acc.items()},
                      **{f"s_{k}": f"{fusion.seconds.get(k, 0.0):.1f}" for k in PHASES}})
         print(_line(rows[-1]), flush=True)
+        if args.save:
+            save_checkpoint(args.save, fusion.model, fused_meta(metas, args.checkpoints, metas[0]["width"], flatten(cfg),
+                                                                len(data.val_y), acc["fused"] if args.split == "test" else None))
         parent = [logits(m, x, data.norm) for m in models]
         for method in methods[1:]:
             cfg = build(FuseConfig, {**base, "method": method})

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize_bn  # noqa: E402  (the tests' own randomiser: one way to do it)
 
 
-def check(name: str, size: int) -> dict:
+def check(name: str, size: int, limit: float) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     kwargs = {"num_classes": 10}
@@ -40,7 +40,7 @@ def check(name: str, size: int) -> dict:
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "build_s": f"{time.perf_counter() - t0:.1f}"}
     try:
         t1 = time.perf_counter()
-        groups = channel_groups(model, x[:1])
+        groups = channel_groups(model, x[:1], time_limit=limit)
         t2 = time.perf_counter()
         out = permute(model, groups, random_maps(groups, seed=3))
         t3 = time.perf_counter()
@@ -61,12 +61,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", default="", help="comma-separated model names (default: every classification model)")
     p.add_argument("--size", type=int, default=224, help="image side (default: 224, what every model accepts)")
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
     p.add_argument("--out", default=str(Path(__file__).parent / "zoo-torchvision.csv"))
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n] or torchvision.models.list_models(module=torchvision.models)
     rows = []
     for name in names:
-        rows.append(check(name, args.size))
+        rows.append(check(name, args.size, args.time_limit))
         r = rows[-1]
         print(f"{name:<22} {r['result']:<8} {r.get('rel_error', ''):>8} {r['total_s']:>6} s  {r['message'][:110]}", flush=True)
     fields = ["model", "result", "rel_error", "groups", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]

@@ -170,3 +170,10 @@ def test_grouping_never_moves_a_training_models_statistics_and_keeps_its_mode():
 def test_an_input_the_model_cannot_take_is_one_clear_error():
     with pytest.raises(OtfuseError, match=r"cannot run on an example of shape \(1, 1, 16, 16\)"):
         channel_groups(build_model("resnet18", 4, 3, 10).eval(), torch.randn(1, 1, 16, 16))
+
+
+def test_a_grouping_that_runs_out_of_time_is_one_clear_error():
+    model = _random(FAMILIES["resnext"])
+    with pytest.raises(OtfuseError, match="did not finish grouping ResNet's channels in 0 s"):
+        channel_groups(model, torch.randn(1, 3, 32, 32), time_limit=1e-4)
+    assert len(channel_groups(model, torch.randn(1, 3, 32, 32))) > 0  # the alarm is gone afterwards

@@ -51,9 +51,9 @@ def test_refit_brings_the_fusion_nearer_its_parents_mean(trained):
     assert acc(fused) >= acc(plain)
 
 
-def test_units_pair_layers_with_their_batchnorm_and_skip_depthwise_convs():
+def test_units_pair_layers_with_their_batchnorm_grouped_convs_included():
     found = dict(units(CatNet().eval(), torch.randn(2, 3, 8, 8)))
-    assert found == {"a": "bn_a", "b": None, "c": None, "fc": None}  # dw (groups=10) keeps its average
+    assert found == {"a": "bn_a", "b": None, "dw": "bn", "c": None, "fc": None}  # dw (groups=10): block by block
 
 
 class NoBias(nn.Module):
@@ -78,9 +78,33 @@ def test_refit_gives_back_models_with_and_without_batchnorm(make):
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
 
-def test_refit_fits_two_different_models_better_than_their_average():
+class Grouped(nn.Module):
+    """A grouped conv (4 blocks) between dense ones, each with BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=4, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.n1(self.c1(x)))
+        return self.fc(torch.flatten(torch.relu(self.n2(self.c2(x))), 1))
+
+
+def test_refit_gives_back_a_grouped_conv_model_and_refits_its_blocks():
+    torch.manual_seed(1)
+    model, data = randomize_bn(Grouped()), _images()
+    assert dict(units(model, torch.randn(2, 3, 8, 8)))["c2"] == "n2"
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).model
+    z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
+    assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("make", [NoBias, lambda: randomize_bn(Grouped())], ids=["no-bias", "grouped"])
+def test_refit_fits_two_different_models_better_than_their_average(make):
     torch.manual_seed(0)
-    a, b, data = NoBias().eval(), NoBias().eval(), _images()
+    a, b, data = make().eval(), make().eval(), _images()
     result = fuse([a, b], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96))
     fused, raw = result.model, result.raw
     target = (logits(a, data.train_x, data.norm) + logits(b, data.train_x, data.norm)) / 2

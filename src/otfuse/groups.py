@@ -12,7 +12,11 @@ concatenation).
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch_pruning as tp
@@ -71,11 +75,13 @@ class ChannelGroup:
 # --- finding groups --------------------------------------------------------------------------
 
 
-def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
     """Every permutable channel group of `model`, in forward order; the logits are never grouped.
 
     The model is traced in eval mode (a trace must not move BatchNorm statistics) on `example_input`,
-    moved to the model's device. Anything otfuse cannot permute exactly is one OtfuseError naming it."""
+    moved to the model's device. Anything otfuse cannot permute exactly is one OtfuseError naming it,
+    and so is a grouping that takes longer than `time_limit` seconds (0: no limit; the limit needs
+    the main thread)."""
     was_training = model.training
     order: dict[str, int] = {}
     layers: list[nn.Module] = []
@@ -108,7 +114,12 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     ignored = [layers[-1]]  # the last layer run produces the logits
     names = {m: n for n, m in model.named_modules()}
     try:
-        tp_groups = list(_tp_groups(graph, order, names, ignored))
+        with _time_limited(time_limit):
+            tp_groups = list(_tp_groups(graph, order, names, ignored))
+    except _OutOfTime:
+        raise OtfuseError(f"Torch-Pruning's DepGraph did not finish grouping {type(model).__name__}'s channels in {time_limit:.0f} s "
+                          f"(on an input of shape {tuple(example_input.shape)}, its index mappings through reshapes and "
+                          "window partitions grow with the feature maps); give a smaller example input or a larger time_limit") from None
     except Exception as exc:  # Torch-Pruning's own failure on a layout it cannot index (e.g. a channel shuffle)
         raise OtfuseError(_trace_failure(model, example_input, exc)) from None
     params_by_id = {id(p): n for n, p in model.named_parameters()}
@@ -121,6 +132,29 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[Channe
     groups.sort(key=lambda g: g.order)
     _link_grouped_convs(model, groups)
     return groups
+
+
+class _OutOfTime(BaseException):  # not an Exception: library code that catches those must not swallow it
+    pass
+
+
+@contextmanager
+def _time_limited(seconds: float) -> Iterator[None]:
+    """Raise _OutOfTime in the block after `seconds` (wall clock), where a signal can reach it: the main thread."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(_signum, _frame):
+        raise _OutOfTime()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception) -> str:

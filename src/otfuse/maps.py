@@ -283,14 +283,29 @@ def _complement(used: torch.Tensor, n: int) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def output_maps(groups: list[ChannelGroup], maps: dict[str, ChannelMap]) -> dict[str, tuple[torch.Tensor, ChannelMap]]:
-    """For every conv/linear layer that produces a group's channels: (the channels' index on its output, the group's map).
-    What carries that layer's (and its norm's) activations onto the target's channels."""
-    out = {}
+def output_maps(groups: list[ChannelGroup], maps: dict[str, ChannelMap]) -> dict[str, list[tuple[torch.Tensor, ChannelMap]]]:
+    """For every conv/linear layer that produces a group's channels: (the channels' index on its output, the
+    group's map) for each group it produces (several for a depthwise conv after a concatenation). What
+    carries that layer's (and its norm's) activations onto the target's channels (`carry_outputs`)."""
+    out: dict[str, list[tuple[torch.Tensor, ChannelMap]]] = {}
     for g in groups:
         for m in g.members:
             if m.role == "out" and m.kind == "layer" and m.tensor == "weight" and g.name in maps:
-                out[m.module] = (m.index, maps[g.name])
+                out.setdefault(m.module, []).append((m.index, maps[g.name]))
+    return out
+
+
+def carry_outputs(t: torch.Tensor, axis: int, parts: list[tuple[torch.Tensor, ChannelMap]]) -> torch.Tensor:
+    """A layer's activations `t` carried onto the target's channels through `parts` (from `output_maps`)."""
+    if len(parts) == 1:
+        index, m = parts[0]
+        return mix_positions(t, axis, index, m)
+    if any(m.n_target != m.n_source for _, m in parts):
+        raise OtfuseError("a layer whose outputs span several channel groups (a depthwise conv after a concatenation) "
+                          "can be fused at its own width only; leave --width out")
+    out = t
+    for index, m in parts:  # each group's positions, from the original activations
+        out = out.index_copy(axis, index.reshape(-1).to(t.device), mix_positions(t, axis, index, m))
     return out
 
 

@@ -15,7 +15,8 @@ permuted copy of itself is returned as it was.
 It generalises REPAIR, which corrects only each channel's mean and standard deviation. The
 architecture is unchanged: the fit is folded into the conv/linear weight and bias and the
 following BatchNorm, whose statistics become the exact ones of the refit layer on the sample.
-Conv2d (groups=1, zero padding) and Linear layers are refit; any other layer keeps its average.
+Conv2d (zero padding; a grouped conv block by block) and Linear layers are refit; any other layer
+keeps its average.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from otfuse.data import augment_batch, fixed_sample, normalize
 from otfuse.errors import OtfuseError
 from otfuse.hooks import tapped, tapping
-from otfuse.maps import ChannelMap, mix_positions
+from otfuse.maps import ChannelMap, carry_outputs
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -92,7 +93,12 @@ def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None
 def _refittable(m: nn.Module) -> bool:
     if isinstance(m, nn.Linear):
         return True
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+    return isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"
+
+
+def _groups(m: nn.Module) -> int:
+    """How many independent blocks the layer's map has (a grouped conv's groups; 1 otherwise)."""
+    return m.groups if isinstance(m, nn.Conv2d) else 1
 
 
 def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -129,10 +135,12 @@ def _unit_map(model: nn.Module, layer: str, norm: str | None) -> torch.Tensor:
 
 
 def _set_unit(model: nn.Module, layer: str, norm: str | None, fit: torch.Tensor, gram: torch.Tensor) -> None:
-    """Write the affine map `fit` into the layer (and its BatchNorm, whose statistics become the
-    refit layer's exact output mean and variance under the sample's `gram`)."""
+    """Write the affine map `fit` (out, fan-in + 1) into the layer (and its BatchNorm, whose statistics
+    become the refit layer's exact output mean and variance under the sample's second moments `gram`,
+    (blocks, fan-in + 1, fan-in + 1): one per block of a grouped conv, each for its outputs)."""
     m = model.get_submodule(layer)
     w, b = fit[:, :-1], fit[:, -1]
+    per_block = w.reshape(len(gram), -1, w.shape[1])
     m.weight.copy_(w.reshape(m.weight.shape).to(m.weight))
     if norm is None:
         if m.bias is not None:
@@ -141,9 +149,9 @@ def _set_unit(model: nn.Module, layer: str, norm: str | None, fit: torch.Tensor,
     if m.bias is not None:
         m.bias.zero_()
     n = model.get_submodule(norm)
-    count = gram[-1, -1]
-    mean = w @ (gram[:-1, -1] / count)
-    var = (((w @ (gram[:-1, :-1] / count)) * w).sum(1) - mean**2).clamp_min(0)
+    moments = gram / gram[:, -1:, -1:]  # E[x x^T] per block, with E[x] in the last column
+    mean = torch.einsum("goi,gi->go", per_block, moments[:, :-1, -1]).reshape(-1)
+    var = (torch.einsum("goi,gij,goj->go", per_block, moments[:, :-1, :-1], per_block).reshape(-1) - mean**2).clamp_min(0)
     n.running_mean.copy_(mean.to(n.running_mean))
     n.running_var.copy_(var.to(n.running_var))
     if n.affine:  # normalise, then undo it: the unit computes w x + b, and BatchNorm stays a true normaliser
@@ -173,7 +181,7 @@ def _positions(n: int, length: int, keep: int, seed: int, device: torch.device) 
 @torch.no_grad()
 def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
           cfg: RefitConfig, progress: bool = False,
-          sources: list[tuple[nn.Module, dict[str, tuple[torch.Tensor, ChannelMap]]]] | None = None) -> nn.Module:
+          sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None) -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
     `parents` must already be carried onto the fused model's channels: their averaged units are the
@@ -202,8 +210,7 @@ def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], imag
                 fired.add(layer)
                 rows = _output_rows(y.float(), bn is None and isinstance(fused.get_submodule(layer), nn.Linear))
                 if layer in carried:
-                    index, m = carried[layer]
-                    rows = mix_positions(rows, 2, index, m)
+                    rows = carry_outputs(rows, 2, carried[layer])
                 if len(chosen[layer]) == bi:  # the same positions for every parent
                     per_image = -(-cfg.max_rows // len(sample)) if cfg.max_rows else rows.shape[1]
                     chosen[layer].append(_positions(rows.shape[0], rows.shape[1], per_image, cfg.seed * 7919 + ui * 104_729 + bi, dev))
@@ -220,21 +227,25 @@ def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], imag
     # pass 2: each unit in forward order, fed the fused model's own (already refit) inputs
     for layer, bn in tqdm(todo, desc="refit", disable=True if not progress else None, leave=False):
         mod = fused.get_submodule(layer)
+        g = _groups(mod)  # a grouped conv's blocks are independent least-squares problems, solved as a batch
         gram = cross = None
         for bi, xb in enumerate(raw):
             x = _pick(_input_rows(mod, tapped(fused, layer, "input", normalize(xb.to(dev), norm)).float()), chosen[layer][bi])
-            x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+            x = torch.cat([x.reshape(len(x), g, -1), torch.ones_like(x[:, None, :1]).expand(-1, g, 1)], 2)  # rows, blocks, fan-in + 1
+            t = targets[layer][bi].reshape(len(x), g, -1)
             # products in single precision (the big part), sums over batches in double
-            gram = (x.T @ x).double() + (0 if gram is None else gram)
-            cross = (x.T @ targets[layer][bi]).double() + (0 if cross is None else cross)
+            gram = torch.einsum("rgi,rgj->gij", x, x).double() + (0 if gram is None else gram)
+            cross = torch.einsum("rgi,rgo->gio", x, t).double() + (0 if cross is None else cross)
         targets[layer] = []  # free the memory as we go
         # the anchor: the parents' units averaged with BatchNorm folded in, exact for a permuted copy
-        anchor = sum(w * _unit_map(p, layer, bn) for w, p in zip(weights, parents))
-        k = len(gram) if bn is not None or mod.bias is not None else len(gram) - 1  # no bias to hold an intercept
-        lam = cfg.ridge * gram.diagonal()[:k].mean()
+        anchor = sum(w * _unit_map(p, layer, bn) for w, p in zip(weights, parents)).reshape(g, -1, gram.shape[-1])
+        n = gram.shape[-1]
+        k = n if bn is not None or mod.bias is not None else n - 1  # no bias to hold an intercept
+        lam = cfg.ridge * gram.diagonal(dim1=1, dim2=2)[:, :k].mean(1)
         eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        fit = torch.linalg.solve(gram[:k, :k] + lam * eye, cross[:k] + lam * anchor[:, :k].T).T
-        if k < len(gram):
-            fit = torch.cat([fit, torch.zeros_like(fit[:, :1])], 1)
-        _set_unit(fused, layer, bn, fit, gram)
+        fit = torch.linalg.solve(gram[:, :k, :k] + lam[:, None, None] * eye,
+                                 cross[:, :k] + lam[:, None, None] * anchor[:, :, :k].transpose(1, 2)).transpose(1, 2)
+        if k < n:
+            fit = torch.cat([fit, torch.zeros_like(fit[:, :, :1])], 2)
+        _set_unit(fused, layer, bn, fit.reshape(-1, n), gram)
     return fused
