@@ -84,6 +84,8 @@ def test_parents_of_different_widths_fuse_into_either_width():
         assert all(torch.isfinite(t).all() for t in result.model.state_dict().values() if t.is_floating_point())
     with pytest.raises(OtfuseError, match="aligns models of one width only"):
         fuse([a, b], data.train_x, data.norm, config(method="weight", n_images=64))
+    with pytest.raises(OtfuseError, match="--repair matches the aligned parents' channel statistics"):
+        fuse([a, b], data.train_x, data.norm, config(repair=True, n_images=64))
 
 
 def test_cli_fuses_mixed_widths_and_compresses_one_model(trained, tmp_path, capsys):
@@ -94,7 +96,7 @@ def test_cli_fuses_mixed_widths_and_compresses_one_model(trained, tmp_path, caps
     out = tmp_path / "fused.pt"
     assert main(["fuse", str(paths[0]), str(narrow), "--out", str(out), *base]) == 0
     text = capsys.readouterr().out
-    assert "w8+w4 -> w8" in text and "vanilla" not in text
+    assert "w8+w4 -> w8" in text and "vanilla" not in text and "fused_repair" not in text
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["width"] == 8 and meta["parent_widths"] == [8, 4]
     small = tmp_path / "small.pt"

@@ -109,6 +109,9 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
                               for m, g in zip(models[1:], per_model[1:])]
     if len(maps) != len(models):
         raise OtfuseError(f"give one set of maps per model: {len(models)}, got {len(maps)}")
+    if cfg.repair.enabled and not same_widths(maps):
+        raise OtfuseError("--repair matches the aligned parents' channel statistics, which needs parents of the fused "
+                          "model's width; leave --repair out (the refit handles other widths)")
     into = target if target is not None else anchor
     aligned = [carry(m, g, mp, into=into, into_groups=groups) for m, g, mp in zip(models, per_model, maps)]
     with timed(seconds, "averaging"):
@@ -126,6 +129,11 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
             sources = [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             refit(fused, aligned, weights, images, norm, cfg.refit, progress, sources)
     return Fusion(fused, plain, raw, aligned, maps, groups, weights, seconds)
+
+
+def same_widths(maps: list[dict[str, ChannelMap]]) -> bool:
+    """Whether every map is between as many channels on both sides (parents of the fused model's width)."""
+    return all(m.n_target == m.n_source for per_model in maps for m in per_model.values())
 
 
 def _chain(onto_anchor: dict[str, ChannelMap], to_target: dict[str, ChannelMap]) -> dict[str, ChannelMap]:

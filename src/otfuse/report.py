@@ -19,7 +19,7 @@ from torch import nn
 from otfuse.bn import recompute_bn
 from otfuse.data import ImageData
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
-from otfuse.fuse import FuseConfig, Fusion, average, fuse, repaired, timed
+from otfuse.fuse import FuseConfig, Fusion, average, fuse, repaired, same_widths, timed
 from otfuse.refit import refit
 
 # every accuracy column a fusion table may hold, in table order
@@ -40,17 +40,17 @@ def fusion_table(models: list[nn.Module], data: ImageData, cfg: FuseConfig, spli
                  with_baselines: bool = True, target: nn.Module | None = None) -> tuple[Fusion, dict[str, float]]:
     """(the fusion, its accuracies on `split`): every stage, every baseline, and the fused model's
     agreement with each parent's predictions (%). Seconds per phase go to `fusion.seconds`. Vanilla
-    averaging needs parents of the fused model's shapes; with other widths its columns are left out."""
+    averaging and REPAIR need parents of the fused model's shapes; with other widths their columns are left out."""
     fusion = fuse(models, data.train_x, data.norm, cfg, target=target, progress=progress)
     x, y = data.split(split)
     seconds = fusion.seconds
     stages = {"fused_no_bn": fusion.raw, "fused_average": fusion.average, "fused": fusion.model}
-    if not cfg.repair.enabled or cfg.refit.enabled:  # the REPAIR column: REPAIR alone, from the same alignment
+    if cfg.repair.enabled and not cfg.refit.enabled:
+        stages["fused_repair"] = fusion.model
+    elif same_widths(fusion.maps):  # the REPAIR column: REPAIR alone, from the same alignment (one width only)
         with timed(seconds, "repair"):
             stages["fused_repair"] = repaired(copy.deepcopy(fusion.average), fusion.aligned, fusion.weights, fusion.groups,
                                               data.train_x, data.norm, cfg)
-    else:
-        stages["fused_repair"] = fusion.model
     if with_baselines and len(models) > 1 and all(_same_shapes(m, fusion.model) for m in models):
         with timed(seconds, "baselines"):
             stages.update(baselines(models, fusion.weights, data.train_x, data.norm, cfg))
