@@ -1,18 +1,19 @@
 #!/usr/bin/env python
 """Every classification architecture in torchvision: group its channels, permute them at random, compare outputs.
 
-    python bench/bench_zoo.py [--only resnext50_32x4d,convnext_tiny] [--size 224]
+    python bench/bench_zoo.py [--only resnext50_32x4d,convnext_tiny] [--size 224] [--time-limit 120]
 
 Each model is built with random weights and random BatchNorm statistics (num_classes=10), grouped
 on one image, permuted with random maps and run on two images. A row is `exact` (largest output
 difference relative to the largest output), `refused` (the project's own one-line error, quoted)
 or `crash` (any other exception: a bug). Rows go to bench/zoo-torchvision.csv with the seconds each
-step took.
+step took; with --only, the listed models' rows are replaced and the others kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,10 @@ def main() -> int:
         r = rows[-1]
         print(f"{name:<22} {r['result']:<8} {r.get('rel_error', ''):>8} {r['total_s']:>6} s  {r['message'][:110]}", flush=True)
     fields = ["model", "result", "rel_error", "groups", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
+    if args.only and Path(args.out).is_file():  # a rerun of some models updates their rows and keeps the others
+        with open(args.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if r["model"] not in {r2["model"] for r2 in rows}]
+        rows = sorted(kept + rows, key=lambda r: r["model"])
     atomic_write_csv(args.out, rows, fields)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {sum(r['result'] == k for r in rows)}" for k in ("exact", "refused", "crash", "WRONG")))
     return 0 if not any(r["result"] in ("crash", "WRONG") for r in rows) else 1

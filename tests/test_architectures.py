@@ -177,3 +177,24 @@ def test_a_grouping_that_runs_out_of_time_is_one_clear_error():
     with pytest.raises(OtfuseError, match="did not finish grouping ResNet's channels in 0 s"):
         channel_groups(model, torch.randn(1, 3, 32, 32), time_limit=1e-4)
     assert len(channel_groups(model, torch.randn(1, 3, 32, 32))) > 0  # the alarm is gone afterwards
+
+
+class Tokens(nn.Module):
+    """Patches as tokens (flatten(2).transpose(1, 2), as vision transformers do), then a Linear: not a shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.mlp = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mlp(self.patch(x).flatten(2).transpose(1, 2))).mean(1))
+
+
+def test_tokens_made_by_a_transpose_are_not_taken_for_a_channel_shuffle():
+    torch.manual_seed(0)
+    model, x = Tokens().eval(), torch.randn(2, 3, 8, 8)
+    groups = channel_groups(model, x[:1])
+    out = permute(model, groups, random_maps(groups, seed=1))
+    assert torch.allclose(model(x), out(x), atol=1e-5)

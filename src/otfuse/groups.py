@@ -178,20 +178,38 @@ def _shuffle_note(model: nn.Module, x: torch.Tensor) -> str:
             out = model(x)
         except Exception:
             return ""
+    consumer: dict = {}  # backward node -> the node that used its output (the step after it in the forward pass)
     seen, todo = set(), [out.grad_fn] if isinstance(out, torch.Tensor) else []
     while todo:
         f = todo.pop()
         if f is None or f in seen:
             continue
         seen.add(f)
-        if type(f).__name__ == "TransposeBackward0" and {f._saved_dim0, f._saved_dim1} == {1, 2}:
-            before = f.next_functions[0][0]
-            if "View" in type(before).__name__ or "Reshape" in type(before).__name__:
-                return (f"{type(model).__name__} shuffles channels (view as groups, transpose(1, 2), view back): the shuffle "
-                        "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
-                        "otfuse refuses it rather than fuse it wrongly")
-        todo.extend(n for n, _ in f.next_functions)
+        if type(f).__name__ == "TransposeBackward0" and {f._saved_dim0, f._saved_dim1} == {1, 2} and _is_shuffle(f, consumer):
+            return (f"{type(model).__name__} shuffles channels (view as groups, transpose(1, 2), view back): the shuffle "
+                    "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
+                    "otfuse refuses it rather than fuse it wrongly")
+        for n, _ in f.next_functions:
+            if n is not None:
+                consumer.setdefault(n, f)
+                todo.append(n)
     return ""
+
+
+def _sizes(f) -> tuple:
+    """The input sizes a view/reshape backward node saved (empty for any other node)."""
+    named = type(f).__name__
+    return tuple(getattr(f, "_saved_self_sym_sizes", ())) if "View" in named or "Reshape" in named else ()
+
+
+def _is_shuffle(transpose, consumer: dict) -> bool:
+    """Whether a transpose(1, 2) sits between a view of an (N, C, H, W) map as (N, g, C / g, H, W) and a view
+    back to four dimensions: not attention's (batch, tokens, dim) views, nor a flatten(2).transpose(1, 2)."""
+    before = transpose.next_functions[0][0]
+    after = consumer.get(transpose)
+    while after is not None and type(after).__name__ == "CloneBackward0":  # .contiguous() before the view back
+        after = consumer.get(after)
+    return len(_sizes(before)) == 4 and after is not None and len(_sizes(after)) == 5
 
 
 def _tp_groups(graph: tp.DependencyGraph, order: dict[str, int], names: dict, ignored: list[nn.Module]):
