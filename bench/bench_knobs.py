@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from otfuse.checkpoints import load_parents
+from otfuse.checkpoints import load_parents, recipe_options
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.fuse import FuseConfig
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     def run() -> int:
         models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
         changes = [parse_assignments(c, FuseConfig) for c in args.only] or CHANGES
-        base = parse_assignments(args.base, FuseConfig)
+        base = {**recipe_options(metas), **parse_assignments(args.base, FuseConfig)}  # the defaults `otfuse fuse` takes
         rows = []
         for change in changes:
             cfg = build(FuseConfig, {**base, **change})

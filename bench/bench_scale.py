@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         if args.save:
             save_checkpoint(args.save, fusion.model, fused_meta(metas, args.checkpoints, metas[0]["width"], flatten(cfg),
                                                                 len(data.val_y), acc["fused"] if args.split == "test" else None))
-        parent = [logits(m, x, data.norm) for m in models]
+        parent = [logits(m, x, data.norm) for m in models] if methods[1:] else []  # for the other rows' agreement
         for method in methods[1:]:
             cfg = build(FuseConfig, {**base, "method": method})
             result = fuse(models, data.train_x, data.norm, cfg, progress=True)
