@@ -130,6 +130,7 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
     results = writable_dir(args.results_dir)  # before any work: an unwritable folder must not cost a fusion
     jobs = pairs_to_fuse(Path(args.checkpoint_dir), args.dataset, parse_widths(args.widths), parse_pairs(args.pairs))
     method = cfg.align.method
+    finetunes = () if args.finetune_epochs == 0 else FINETUNES if args.finetune_distill else FINETUNES[:1]
     for ds, pair in jobs:
         loaded = [load_checkpoint(p) for p, _ in pair]
         meta0 = loaded[0][1]
@@ -148,7 +149,7 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
         fused_path = folder / f"fused-{method}-{name}.pt"
         save_checkpoint(fused_path, fusion.model, meta)
         seconds = dict(fusion.seconds)
-        for column, suffix, extra in FINETUNES[:(2 if args.finetune_distill else 1) if args.finetune_epochs > 0 else 0]:
+        for column, suffix, extra in finetunes:
             t0 = time.perf_counter()
             out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}{suffix}.pt"), args.data_dir,
                            args.device, epochs=args.finetune_epochs, overwrite=True, **extra)
