@@ -52,8 +52,9 @@ class CatNet(nn.Module):
 
 
 def config(**flat) -> FuseConfig:
-    """A FuseConfig from flat option names, as on the command line: config(method="weight", refit=False)."""
-    return build(FuseConfig, flat)
+    """A FuseConfig from flat option names, as on the command line: config(method="weight", refit=False).
+    In fp32 unless `precision` is given: exactness properties are properties of exact arithmetic."""
+    return build(FuseConfig, {"precision": "fp32", **flat})
 
 
 @pytest.fixture

@@ -116,3 +116,21 @@ def test_a_negative_ridge_is_one_clear_error(capsys, tmp_path):
     assert main(["fuse", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--refit-ridge", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--refit-ridge" in err[0]
+
+
+def test_recomputing_batchnorm_before_the_refit_changes_nothing(trained, monkeypatch):
+    """The refit sets every BatchNorm's statistics of a ResNet18 itself, so the pipeline skips the
+    recomputation before it: the fused model is the one the full sequence gives."""
+    import importlib
+
+    F = importlib.import_module("otfuse.fuse")  # the module (the package's `fuse` is the function)
+    models, data, _, _ = trained
+    cfg = config(bn_batches=4, n_images=200, refit_n_images=200)
+    skipped = F.fuse(models, data.train_x, data.norm, cfg)
+    assert "batchnorm" not in skipped.seconds
+    monkeypatch.setattr(F, "refit_sets_every_batchnorm", lambda *a: False)
+    full = F.fuse(models, data.train_x, data.norm, cfg)
+    assert "batchnorm" in full.seconds
+    a, b = skipped.model.state_dict(), full.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5) for k in a if a[k].is_floating_point())  # counters aside
+    assert all(torch.equal(u, v) for u, v in zip(skipped.average.state_dict().values(), full.average.state_dict().values()))

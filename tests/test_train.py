@@ -59,8 +59,9 @@ def test_no_augment_trains_as_on_a_dataset_without_augmentation(tmp_path):
     assert same("off", "plain") and not same("on", "plain")
 
 
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    full = T.train(_cfg(tmp_path / "full", epochs=3), progress=False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, precision):
+    full = T.train(_cfg(tmp_path / "full", epochs=3, precision=precision), progress=False)
     saves = []
     real_save = T.save_checkpoint
 
@@ -72,14 +73,23 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatc
 
     monkeypatch.setattr(T, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        T.train(_cfg(tmp_path / "cut", epochs=3), progress=False)
+        T.train(_cfg(tmp_path / "cut", epochs=3, precision=precision), progress=False)
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     cut = T.checkpoint_path(_cfg(tmp_path / "cut", epochs=3))
     assert torch.load(cut, weights_only=True)["meta"]["epoch"] == 2
-    T.train(_cfg(tmp_path / "cut", epochs=3, resume=True), progress=False)
+    T.train(_cfg(tmp_path / "cut", epochs=3, resume=True, precision=precision), progress=False)
     sf, sc = (torch.load(p, weights_only=True) for p in (full, cut))
-    assert sc["meta"]["epoch"] == 3
+    assert sc["meta"]["epoch"] == 3 and sc["meta"]["precision"] == sf["meta"]["precision"] == precision
     assert all(torch.equal(sf["state_dict"][k], sc["state_dict"][k]) for k in sf["state_dict"])
+
+
+def test_bf16_and_fp32_runs_differ_and_resuming_in_another_precision_is_refused(tmp_path):
+    a = T.train(_cfg(tmp_path / "a", epochs=1, precision="fp32"), progress=False)
+    b = T.train(_cfg(tmp_path / "b", epochs=1, precision="bf16"), progress=False)
+    sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+    assert not torch.equal(sa["conv1.weight"], sb["conv1.weight"])  # bf16 really ran: its rounding shows
+    with pytest.raises(OtfuseError, match="was trained in fp32 but this run resolves to bf16"):
+        T.train(_cfg(tmp_path / "a", epochs=2, precision="bf16", resume=True), progress=False)
 
 
 def test_resume_rejects_a_checkpoint_of_another_architecture(tmp_path):

@@ -287,8 +287,9 @@ def activation_costs(anchor: nn.Module, source: nn.Module, anchor_groups: list[C
         per_point = [s.cost(cfg.cost) for (i, _), s in stats.items() if i == gi]
         if not per_point:
             raise OtfuseError(f"no activations reached group {g.name}; the model's forward pass skips it")
-        # each point weighs the same: a stream's late, large activations must not drown its early ones
-        costs[g.name] = sum(per_point) / len(per_point)
+        # each point weighs the same: a stream's late, large activations must not drown its early ones;
+        # costs live on the CPU, where the transport problems are solved (and every other cost is)
+        costs[g.name] = (sum(per_point) / len(per_point)).cpu()
     return costs
 
 
@@ -314,7 +315,7 @@ def _invariant_cost(anchor: nn.Module, source: nn.Module, ga: ChannelGroup, gs: 
         t = tensors_of(model)
         return torch.cat([_quantiles(_rows(t[tensor_key(m)], m)) for m in g.members if m.role == "out"] or [torch.zeros(g.size, 1)], 1)
 
-    d = torch.cdist(features(anchor, ga).double(), features(source, gs).double()) ** 2
+    d = torch.cdist(features(anchor, ga).double().cpu(), features(source, gs).double().cpu()) ** 2
     return (d / d.max().clamp_min(1e-30)).float()
 
 
@@ -372,7 +373,7 @@ def _sequential_weight_maps(anchor: nn.Module, source: nn.Module, groups: list[C
             unknown = frozenset(h.name for h in groups) - set(maps)
             fa = torch.cat([ix.view(ta[tensor_key(m)], m, g.name, {}, unknown) for m in outs], 1)
             fb = torch.cat([ix.view(tb[tensor_key(m)], m, g.name, maps, unknown) for m in outs], 1)
-            cost = torch.cdist(fa.double(), fb.double()) ** 2
+            cost = torch.cdist(fa.double(), fb.double()).cpu() ** 2
             if act_costs is not None:
                 cost = (1 - cfg.mix) * _unit(act_costs[g.name].double()) + cfg.mix * _unit(cost)
             if g.blocks is not None and g.family not in betas:  # the family's blocks follow its first group

@@ -18,6 +18,7 @@ from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Observation
 from otfuse.hooks import tapping
+from otfuse.precision import autocast, channels_last
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -54,10 +55,11 @@ class RepairConfig:
 
 @torch.no_grad()
 def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: BatchNormConfig,
-                 progress: bool = False) -> nn.Module:
+                 progress: bool = False, precision: str = "fp32") -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over
     `cfg.batches` shuffled batches of `images` (unaugmented, or with training's crops and flips), in
-    place; returns the model in eval mode."""
+    place; returns the model in eval mode. The forward passes run in `precision`; the statistics
+    accumulate in the BatchNorms' own float32 buffers."""
     bns = [m for m in model.modules() if isinstance(m, _BN)]
     if not bns or cfg.batches <= 0:
         return model.eval()
@@ -70,11 +72,12 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: Batch
     size = min(cfg.batch_size, len(images))
     done, epoch = 0, 0
     try:
-        with tqdm(total=cfg.batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar:
+        with tqdm(total=cfg.batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar, \
+                autocast(precision, dev):
             while done < cfg.batches:
                 # fewer images than batches * batch_size: go round again in a new order
                 for xb in image_batches(images, size, norm, seed=cfg.seed, epoch=epoch, drop_last=True, augment=cfg.augment):
-                    model(xb.to(dev))
+                    model(channels_last(xb.to(dev), precision))
                     done += 1
                     bar.update()
                     if done == cfg.batches:
@@ -88,7 +91,7 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: Batch
 
 @torch.no_grad()
 def channel_moments(model: nn.Module, points: list[Observation], images: torch.Tensor, norm: tuple, n_images: int = 1000,
-                    batch_size: int = 250, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                    batch_size: int = 250, seed: int = 0, precision: str = "fp32") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation at each Observation (a module's input or output), on a fixed
     sample of unaugmented images; streamed, only running sums are kept."""
     sums = [[0.0, 0.0, 0] for _ in points]
@@ -102,9 +105,9 @@ def channel_moments(model: nn.Module, points: list[Observation], images: torch.T
 
     model.eval()
     dev = next(model.parameters()).device
-    with tapping(model, [(p.module, p.on, add(k, p)) for k, p in enumerate(points)]):
+    with tapping(model, [(p.module, p.on, add(k, p)) for k, p in enumerate(points)]), autocast(precision, dev):
         for xb in image_batches(fixed_sample(images, n_images, seed), batch_size, norm):
-            model(xb.to(dev))
+            model(channels_last(xb.to(dev), precision))
     out = []
     for s1, s2, cnt in sums:
         mean = s1 / cnt
@@ -114,12 +117,12 @@ def channel_moments(model: nn.Module, points: list[Observation], images: torch.T
 
 @torch.no_grad()
 def repair(fused: nn.Module, parents: list[nn.Module], weights: list[float], groups: list[ChannelGroup], images: torch.Tensor,
-           norm: tuple, cfg: RepairConfig) -> nn.Module:
+           norm: tuple, cfg: RepairConfig, precision: str = "fp32") -> nn.Module:
     """REPAIR-style renormalisation, in place: at every group's norm outputs (or producer outputs where
     there is no norm), give each fused channel the weighted mean of the aligned parents' activation
     mean and standard deviation, folded into that layer's affine parameters (the architecture stays)."""
     points = [p for g in groups for p in g.pre_observations]
-    moments = lambda m: channel_moments(m, points, images, norm, cfg.n_images, cfg.batch_size, cfg.seed)
+    moments = lambda m: channel_moments(m, points, images, norm, cfg.n_images, cfg.batch_size, cfg.seed, precision)
     target = [(sum(w * m for w, (m, _) in zip(weights, ms)), sum(w * s for w, (_, s) in zip(weights, ms)))
               for ms in zip(*(moments(p) for p in parents))]
     for p, (mu_t, sd_t), (mu_f, sd_f) in zip(points, target, moments(fused)):

@@ -54,7 +54,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, **extra) -> 
     if bad:
         raise OtfuseError(f"refusing to save {path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
                           "lower the learning rate or check the inputs")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last weights saved plainly
     save_torch(path, {"state_dict": state, "meta": {**meta, "version": __version__}, **extra})
 
 

@@ -18,13 +18,14 @@ from otfuse.align import METHODS
 from otfuse.checkpoints import data_of, load_checkpoint, fused_meta, load_parents, pick_device, recipe_options, save_checkpoint
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
-from otfuse.evaluate import loss_and_accuracy
-from otfuse.fuse import FuseConfig
+from otfuse.evaluate import accuracy, loss_and_accuracy
+from otfuse.fuse import FuseConfig, fuse, timed
 from otfuse.interpolate import interpolation, options_note
 from otfuse.models import build_model
 from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.plots import interpolation_figure, save_figure
-from otfuse.report import fusion_table
+from otfuse.precision import resolve_precision
+from otfuse.report import table
 from otfuse.storage import atomic_write_csv, writable_dir, writable_file
 from otfuse.train import FINETUNE, TrainConfig, checkpoint_path, finetune_config, train
 from otfuse.tune import TuneConfig, run_study
@@ -62,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     data = data_of(meta, args.data_dir)
     x, y = data.split(args.split)
-    loss, acc = loss_and_accuracy(model.to(device), x.to(device), y, (meta["mean"], meta["std"]))
+    loss, acc = loss_and_accuracy(model.to(device), x.to(device), y, (meta["mean"], meta["std"]), resolve_precision(args.precision, device))
     print(f"{args.checkpoint}: {meta['dataset']} {args.split} accuracy {acc:.2f}% (loss {loss:.4f}, {len(y)} images)")
     return 0
 
@@ -96,17 +97,24 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     meta0 = metas[0]
     width = args.width or meta0["width"]
     target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(next(models[0].parameters()).device)
-    fusion, acc = fusion_table(models, data, cfg, split=args.split, progress=True, target=target)
+    fusion = fuse(models, data.train_x, data.norm, cfg, target=target, progress=True)
+    made = sum(fusion.seconds.values())
+    meta = lambda acc: fused_meta(metas, args.checkpoints, width, flatten(cfg), len(data.val_y), acc if args.split == "test" else None)
+    if args.out:  # the fused model first: the evaluation below is extra, never a reason to lose it
+        save_checkpoint(args.out, fusion.model, meta(None))
+        print(f"saved {args.out} (fused in {made:.1f} s, {fusion.precision})", flush=True)
+    if args.baselines:
+        acc = table(fusion, models, data, cfg, args.split, progress=True)
+    else:
+        with timed(fusion.seconds, "evaluation", True):
+            acc = {"fused": accuracy(fusion.model, *data.split(args.split), data.norm, fusion.precision)}
     widths = "+".join(f"w{m['width']}" for m in metas)
     print(f"{meta0['dataset']} {meta0['arch']} {widths} -> w{width}, {args.split} accuracy (%), method {cfg.align.method}:")
     for k, v in acc.items():
         print(f"  {k:<14} {v:6.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.seconds.items()))
-    if args.out:
-        meta = fused_meta(metas, args.checkpoints, width, flatten(cfg), len(data.val_y),
-                          acc["fused"] if args.split == "test" else None)
-        save_checkpoint(args.out, fusion.model, meta)
-        print(f"saved {args.out}")
+    if args.out and args.split == "test":  # the metadata gains the accuracy just measured
+        save_checkpoint(args.out, fusion.model, meta(acc["fused"]))
     return 0
 
 
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help=f"dataset cache (default: {default_data_dir()})")
+    p.add_argument("--precision", default="auto", help="auto (bf16 autocast where the device has native bf16) | fp32 | bf16")
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser("fuse", help="fuse two or more checkpoints (widths may differ) and print the accuracy table")
     p.add_argument("checkpoints", nargs="*")
@@ -187,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "with one checkpoint, compresses or widens it")
     p.add_argument("--out", default="", help="where to save the fused checkpoint")
     p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
+                   help="also evaluate every stage and baseline: parents, ensemble, vanilla averaging, REPAIR (default: off, "
+                        "only the fused model, after it is saved)")
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)
     p = sub.add_parser("tune", help="optuna study over the fusion options on the validation split (resumable, shareable)")

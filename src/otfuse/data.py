@@ -13,6 +13,7 @@ PATH/test/<class>/*, or a .tar.xz of that layout).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -364,11 +365,18 @@ def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageDat
 # --- batches ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=32)
+def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    """(1/(255 std), -mean/std) as (1, C, 1, 1) tensors: built once per normalisation and device, not per batch."""
+    m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * s)).to(device, dtype), (-m / s).to(device, dtype)
+
+
 def normalize(x: torch.Tensor, norm: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW -> float, per-channel standardised."""
-    mean = torch.tensor(norm[0], device=x.device, dtype=dtype).view(1, -1, 1, 1)
-    std = torch.tensor(norm[1], device=x.device, dtype=dtype).view(1, -1, 1, 1)
-    return (x.to(dtype) / 255.0 - mean) / std
+    scale, shift = _scale_shift(tuple(map(float, norm[0])), tuple(map(float, norm[1])), x.device, dtype)
+    return torch.addcmul(shift, x.to(dtype), scale)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, groups_of
 from otfuse.maps import ChannelMap, carry, output_maps
-from otfuse.refit import RefitConfig, refit
+from otfuse.precision import autocast, resolve_precision
+from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 
 
 @dataclass
@@ -40,10 +42,12 @@ class FuseConfig:
     repair: RepairConfig = field(default_factory=RepairConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)
     weights: str = ""  # comma-separated model weights for the average; empty: equal
+    precision: str = "auto"  # forward passes: auto (bf16 autocast where the device has native bf16) | fp32 | bf16
 
     def check(self, n_models: int | None = None) -> None:
         for stage in self.STAGES:
             getattr(self, stage).check()
+        resolve_precision(self.precision, torch.device("cpu"))
         if n_models is not None:
             self.model_weights(n_models)
 
@@ -65,13 +69,25 @@ class Fusion:
     """What `fuse` returns: every stage's model, the maps, and seconds per phase."""
 
     model: nn.Module  # the fused model: every stage the config asks for
-    average: nn.Module  # the aligned average with BatchNorm recomputed ("average only")
     raw: nn.Module  # the aligned weighted average, before BatchNorm recomputation
     aligned: list[nn.Module]  # each parent carried onto the fused model's channels
     maps: list[dict[str, ChannelMap]]  # per parent: group name -> map onto the fused model's channels
     groups: list[ChannelGroup]  # the fused model's channel groups
     weights: list[float]  # the averaging weights
     seconds: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"  # the forward passes' precision, resolved (fp32 or bf16): evaluate the models in it too
+    make_average: Callable[[], nn.Module] | None = field(default=None, repr=False)
+    computed_average: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def average(self) -> nn.Module:
+        """The aligned average with BatchNorm recomputed ("average only"). When the refit sets every
+        BatchNorm's statistics itself the pipeline does not need it, so it is computed on first use
+        (its seconds then count as "batchnorm")."""
+        if self.computed_average is None:
+            with timed(self.seconds, "batchnorm"):
+                self.computed_average = self.make_average()
+        return self.computed_average
 
 
 def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
@@ -100,13 +116,16 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
     weights = cfg.model_weights(len(models))
     seconds: dict[str, float] = {}
     anchor = models[0]
-    with timed(seconds, "groups"):
+    dev = next(anchor.parameters()).device
+    precision = resolve_precision(cfg.precision, dev)
+    with timed(seconds, "groups", progress):
         per_model = groups_of(models + ([target] if target is not None else []), images, norm, same_width=False)
         groups = per_model.pop() if target is not None else per_model[0]
     if maps is None:
-        to_target = to_target_maps(anchor, per_model[0], groups, cfg.align, images, norm, progress)
-        maps = [to_target] + [_chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress, seconds), to_target)
-                              for m, g in zip(models[1:], per_model[1:])]
+        with timed(seconds, "alignment", progress), autocast(precision, dev):  # activations in `precision`, costs in float64
+            to_target = to_target_maps(anchor, per_model[0], groups, cfg.align, images, norm, progress)
+            maps = [to_target] + [_chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress), to_target)
+                                  for m, g in zip(models[1:], per_model[1:])]
     if len(maps) != len(models):
         raise OtfuseError(f"give one set of maps per model: {len(models)}, got {len(maps)}")
     if cfg.repair.enabled and not same_widths(maps):
@@ -114,21 +133,26 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
                           "model's width; leave --repair out (the refit handles other widths)")
     into = target if target is not None else anchor
     aligned = [carry(m, g, mp, into=into, into_groups=groups) for m, g, mp in zip(models, per_model, maps)]
-    with timed(seconds, "averaging"):
+    with timed(seconds, "averaging", progress):
         raw = average(aligned, weights).eval()
-    with timed(seconds, "batchnorm"):
-        plain = recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn, progress)
-    fused = copy.deepcopy(plain) if cfg.repair.enabled or cfg.refit.enabled else plain
+    make_average = lambda: recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn, progress, precision)
+    plain = None
+    if cfg.refit.enabled and not cfg.repair.enabled and refit_sets_every_batchnorm(raw, images[:2], norm):
+        fused = copy.deepcopy(raw)  # the refit gives every BatchNorm its exact statistics: recomputing them first is wasted
+    else:
+        with timed(seconds, "batchnorm", progress):
+            plain = make_average()
+        fused = copy.deepcopy(plain) if cfg.repair.enabled or cfg.refit.enabled else plain
     if cfg.repair.enabled:
-        with timed(seconds, "repair"):
-            repaired(fused, aligned, weights, groups, images, norm, cfg)
+        with timed(seconds, "repair", progress):
+            repaired(fused, aligned, weights, groups, images, norm, cfg, precision)
     if cfg.refit.enabled:
-        with timed(seconds, "refit"):
+        with timed(seconds, "refit", progress):
             # no BatchNorm recomputation after it: the refit leaves each BatchNorm its layer's exact statistics;
             # its targets are the parents' own outputs carried through the maps
             sources = [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
-            refit(fused, aligned, weights, images, norm, cfg.refit, progress, sources)
-    return Fusion(fused, plain, raw, aligned, maps, groups, weights, seconds)
+            refit(fused, aligned, weights, images, norm, cfg.refit, progress, sources, precision)
+    return Fusion(fused, raw, aligned, maps, groups, weights, seconds, precision, make_average, plain)
 
 
 def same_widths(maps: list[dict[str, ChannelMap]]) -> bool:
@@ -141,17 +165,30 @@ def _chain(onto_anchor: dict[str, ChannelMap], to_target: dict[str, ChannelMap])
 
 
 def repaired(model: nn.Module, aligned: list[nn.Module], weights: list[float], groups: list[ChannelGroup],
-             images: torch.Tensor, norm: tuple, cfg: FuseConfig) -> nn.Module:
+             images: torch.Tensor, norm: tuple, cfg: FuseConfig, precision: str = "fp32") -> nn.Module:
     """REPAIR in place on a merged model, then BatchNorm recomputed: the corrections move every later layer's inputs."""
-    repair(model, aligned, weights, groups, images, norm, cfg.repair)
-    return recompute_bn(model, images, norm, cfg.bn)
+    repair(model, aligned, weights, groups, images, norm, cfg.repair, precision)
+    return recompute_bn(model, images, norm, cfg.bn, precision=precision)
 
 
 @contextmanager
-def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
-    """Add the seconds the block takes to `seconds[phase]`."""
+def timed(seconds: dict[str, float], phase: str, progress: bool = False) -> Iterator[None]:
+    """Add the seconds the block takes to `seconds[phase]`; on a GPU, once its queued work is done (CUDA runs
+    asynchronously: without the synchronisation a phase's kernels would be counted in the next phase).
+    With `progress` and stderr not a terminal (a log file, where no progress bar shows), one line per phase on
+    stdout, beside training's per-epoch lines (stderr stays for the one-line error of a bad input)."""
+    _synchronize()
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t0
+        _synchronize()
+        took = time.perf_counter() - t0
+        seconds[phase] = seconds.get(phase, 0.0) + took
+        if progress and not sys.stderr.isatty():
+            print(f"{phase}: {took:.1f} s", flush=True)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

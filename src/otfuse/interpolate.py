@@ -23,6 +23,7 @@ from otfuse.evaluate import loss_and_accuracy
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.groups import groups_of
 from otfuse.maps import ChannelMap
+from otfuse.precision import autocast, resolve_precision
 
 CURVES = ("vanilla", "aligned", "aligned+repair")
 
@@ -33,7 +34,10 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
     a, b = models
     ga, gb = groups_of(models, data.train_x, data.norm)
     keep = {g.name: ChannelMap.identity(g.size) for g in ga}
-    aligned = [keep, align(a, b, ga, gb, cfg.align, data.train_x, data.norm, progress)]
+    dev = next(a.parameters()).device
+    precision = resolve_precision(cfg.precision, dev)
+    with autocast(precision, dev):
+        aligned = [keep, align(a, b, ga, gb, cfg.align, data.train_x, data.norm, progress)]
     identity = [keep, keep]
     # the plain average along the line: the refit would mask the barrier this plot is there to show
     plain = replace(cfg, repair=replace(cfg.repair, enabled=False), refit=replace(cfg.refit, enabled=False))
@@ -46,7 +50,7 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
         for curve in CURVES:
             maps, c = curves[curve]
             model = fuse(models, data.train_x, data.norm, replace(c, weights=f"{1 - alpha},{alpha}"), maps=maps).model
-            loss, acc = loss_and_accuracy(model, x, y, data.norm)
+            loss, acc = loss_and_accuracy(model, x, y, data.norm, precision)
             rows.append({"alpha": round(alpha, 6), "curve": curve, "accuracy": round(acc, 4), "loss": round(loss, 6)})
     return rows
 

@@ -21,20 +21,26 @@ keeps its average.
 
 from __future__ import annotations
 
+import copy
+import queue
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from scipy.linalg import blas
 from torch import nn
 from tqdm import tqdm
 
 from otfuse.data import augment_batch, fixed_sample, normalize
 from otfuse.errors import OtfuseError
-from otfuse.hooks import tapped, tapping
+from otfuse.hooks import tapping
 from otfuse.maps import ChannelMap, carry_outputs
+from otfuse.precision import autocast, channels_last
 
 _BN = nn.modules.batchnorm._BatchNorm
+CHUNK_ELEMENTS = 1 << 25  # unfolded input entries per Gram product (128 MiB of float32): bounds the refit's peak memory
 
 
 @dataclass
@@ -90,6 +96,14 @@ def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None
     return out
 
 
+def refit_sets_every_batchnorm(model: nn.Module, images: torch.Tensor, norm: tuple) -> bool:
+    """Whether every BatchNorm of `model` follows a refit layer directly, so that the refit sets all their
+    statistics (and recomputing them before it changes nothing). `images`: one or two uint8 examples."""
+    dev = next(model.parameters()).device
+    covered = {bn for _, bn in units(model, normalize(images, norm).to(dev)) if bn is not None}
+    return all(name in covered for name, m in model.named_modules() if isinstance(m, _BN))
+
+
 def _refittable(m: nn.Module) -> bool:
     if isinstance(m, nn.Linear):
         return True
@@ -101,18 +115,41 @@ def _groups(m: nn.Module) -> int:
     return m.groups if isinstance(m, nn.Conv2d) else 1
 
 
-def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(images, positions, fan-in): each output position's receptive field, as the layer's weight sees it."""
+def _positions_of(layer: nn.Module, x: torch.Tensor) -> int:
+    """Output positions per image of a conv (or the leading positions of a Linear's input)."""
     if isinstance(layer, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    return F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride).transpose(1, 2)
+        return x[0].numel() // x.shape[-1]
+    h, w = x.shape[-2:]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _input_rows(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """(images x chosen positions, fan-in): each chosen output position's receptive field, as the layer's
+    weight sees it (a conv's in (channel, row, column) order), gathered straight from a strided view of
+    the padded input: only the chosen positions are ever copied (idx None: every position)."""
+    n = x.shape[0]
+    if isinstance(layer, nn.Linear):
+        rows = x.reshape(n, -1, x.shape[-1])
+        return _pick(rows, idx)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    xp = F.pad(x, (pw, pw, ph, ph))
+    c, hp, wp = xp.shape[1:]
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = xp.stride()
+    view = xp.as_strided((n, ho, wo, c, kh, kw), (sn, sh * sy, sw * sx, sc, dh * sy, dw * sx))
+    if idx is None:
+        return view.reshape(n * ho * wo, c * kh * kw)
+    image = torch.arange(n, device=x.device)[:, None].expand_as(idx)
+    return view[image, idx // wo, idx % wo].reshape(-1, c * kh * kw)
 
 
 def _output_rows(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """(images, positions, channels) of a layer's or BatchNorm's output (channels on axis 1, or last for Linear)."""
+    """(images, positions, channels) of a layer's or BatchNorm's output (channels on axis 1, or last for Linear):
+    a view wherever the layout allows (a channels_last activation is one already)."""
     if y.ndim <= 2 or channels_last:
         return y.reshape(y.shape[0], -1, y.shape[-1])
-    return y.flatten(2).transpose(1, 2)
+    return y.movedim(1, -1).reshape(y.shape[0], -1, y.shape[1])
 
 
 def _pick(rows: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
@@ -160,7 +197,7 @@ def _set_unit(model: nn.Module, layer: str, norm: str | None, fit: torch.Tensor,
 
 
 def _batches(sample: torch.Tensor, norm: tuple, cfg: RefitConfig, device: torch.device) -> list[torch.Tensor]:
-    """The refit's batches, the same on every pass (augmented with a fixed draw where asked), as uint8 slices."""
+    """The refit's batches, the same for every model (augmented with a fixed draw where asked), as uint8 slices."""
     out = []
     for i, start in enumerate(range(0, len(sample), cfg.batch_size)):
         xb = sample[start:start + cfg.batch_size]
@@ -178,74 +215,206 @@ def _positions(n: int, length: int, keep: int, seed: int, device: torch.device) 
     return torch.rand(n, length, generator=gen).argsort(1)[:, :keep].to(device)
 
 
+class _Stopped(Exception):
+    """Raised inside a stream's forward pass when the refit needs nothing more from it."""
+
+
+_DONE = object()
+
+
+class _Stream:
+    """One model's forward pass over one batch, in a thread of its own, paused at each tap until the
+    refit takes the tensor the tap produced (transformed by `transform(key, tensor)`). Only one
+    thread computes at a time: the main thread waits while a stream runs, and the stream waits
+    while the main thread fits. So each batch's forward pass runs once, and no layer's inputs or
+    targets are held longer than the fit that reads them."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, taps: list[tuple[int, str, str]], transform, precision: str):
+        self.model, self.x, self.taps, self.transform, self.precision = model, x, taps, transform, precision
+        self.items: queue.Queue = queue.Queue()
+        self.go = threading.Semaphore(0)
+        self.stash: dict[int, torch.Tensor] = {}
+        self.state = "new"  # new | paused (a tap is waiting for go) | done
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        fired: set[int] = set()
+
+        def tap(key: int):
+            def fn(t: torch.Tensor) -> None:
+                if key in fired:  # a layer called twice is refit at its first call
+                    return
+                fired.add(key)
+                with torch.autocast(self.x.device.type, enabled=False):  # the targets' arithmetic in full precision
+                    value = self.transform(key, t)
+                self.items.put((key, value))
+                self.go.acquire()
+                if self.stop:
+                    raise _Stopped
+            return fn
+
+        try:
+            with torch.no_grad(), autocast(self.precision, self.x.device), \
+                    tapping(self.model, [(name, where, tap(key)) for key, name, where in self.taps]):
+                self.model(channels_last(self.x, self.precision))
+        except _Stopped:
+            pass
+        except BaseException as exc:  # re-raised in the main thread by take()
+            self.items.put((_DONE, exc))
+            return
+        self.items.put((_DONE, None))
+
+    def take(self, key: int) -> torch.Tensor:
+        """The tensor of tap `key`, running the forward pass on until it is produced."""
+        while key not in self.stash:
+            if self.state == "done":
+                raise OtfuseError(f"module {self.taps[key][1]} is not reached by the forward pass; it cannot be refit")
+            if self.state == "new":
+                self.thread.start()
+            else:
+                self.go.release()
+            k, value = self.items.get()
+            if k is _DONE:
+                self.state = "done"
+                if value is not None:
+                    raise value
+                continue
+            self.state = "paused"
+            self.stash[k] = value
+        return self.stash.pop(key)
+
+    def close(self) -> None:
+        self.stop = True
+        if self.state == "paused":
+            self.go.release()
+        if self.state != "new":
+            self.thread.join()
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """(blocks, k, k) float64 sums of x x^T over the rows of x (rows, blocks, k). On the CPU through BLAS's
+    symmetric rank-k update (half the products of a matmul); elsewhere a batched matmul."""
+    if x.device.type != "cpu":
+        return torch.einsum("rgi,rgj->gij", x, x).double()
+    out = []
+    for b in range(x.shape[1]):
+        a = x[:, b, :].numpy().T  # (k, rows), Fortran-ordered when x has one block: no copy
+        c = torch.from_numpy(blas.ssyrk(1.0, a, trans=0, lower=0)).double()  # the upper triangle of a a^T
+        out.append(c.triu() + c.triu(1).T)
+    return torch.stack(out)
+
+
+def _fan_in(layer: nn.Module) -> int:
+    """Entries of one input row (receptive field) of a conv or linear layer."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+
+
+def _accumulate(layer: nn.Module, x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None, sums: list) -> None:
+    """Add one batch's second moments to `sums` = [gram, cross] of the rows with a constant 1 appended
+    (the intercept), from the layer's inputs `x` and its picked targets `t`, a few images at a time:
+    the receptive fields of a whole batch need not fit in memory at once."""
+    g, n = _groups(layer), len(x)
+    t = t.reshape(n, -1, t.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // (t.shape[1] * _fan_in(layer)))
+    for i0 in range(0, n, step):
+        xi = _input_rows(layer, x[i0:i0 + step], None if idx is None else idx[i0:i0 + step]).float()
+        xi = xi.reshape(len(xi), g, -1)
+        ti = t[i0:i0 + step].reshape(len(xi), g, -1)
+        # products in single precision (the big part), sums over chunks in double; the intercept's
+        # row and column are the sums of the inputs and targets, not a column of ones multiplied out
+        k, sx, st = xi.shape[2], xi.sum(0).double(), ti.sum(0).double()
+        gram = torch.zeros(g, k + 1, k + 1, dtype=torch.float64, device=x.device)
+        gram[:, :k, :k] = _gram(xi)
+        gram[:, :k, k], gram[:, k, :k], gram[:, k, k] = sx, sx, float(len(xi))
+        cross = torch.cat([torch.einsum("rgi,rgo->gio", xi, ti).double(), st[:, None, :]], 1)
+        sums[0] = gram if sums[0] is None else sums[0] + gram
+        sums[1] = cross if sums[1] is None else sums[1] + cross
+
+
+def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], layer: str, bn: str | None,
+           gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> None:
+    """Ridge least squares of one unit, pulled towards the parents' averaged unit, written into `fused`."""
+    mod = fused.get_submodule(layer)
+    g = _groups(mod)
+    # the anchor: the parents' units averaged with BatchNorm folded in, exact for a permuted copy
+    anchor = sum(w * _unit_map(p, layer, bn) for w, p in zip(weights, parents)).reshape(g, -1, gram.shape[-1]).to(gram.device)
+    n = gram.shape[-1]
+    k = n if bn is not None or mod.bias is not None else n - 1  # no bias to hold an intercept
+    lam = ridge * gram.diagonal(dim1=1, dim2=2)[:, :k].mean(1)
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    fit = torch.linalg.solve(gram[:, :k, :k] + lam[:, None, None] * eye,
+                             cross[:, :k] + lam[:, None, None] * anchor[:, :, :k].transpose(1, 2)).transpose(1, 2)
+    if k < n:
+        fit = torch.cat([fit, torch.zeros_like(fit[:, :, :1])], 2)
+    _set_unit(fused, layer, bn, fit.reshape(-1, n).to(mod.weight.device), gram.to(mod.weight.device))
+
+
 @torch.no_grad()
 def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
           cfg: RefitConfig, progress: bool = False,
-          sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None) -> nn.Module:
+          sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
+          precision: str = "fp32") -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
     `parents` must already be carried onto the fused model's channels: their averaged units are the
     ridge's anchor. The targets are their outputs, or, with `sources`, each original parent's outputs
     carried through its maps ((model, `otfuse.maps.output_maps(...)`) per parent): the same for
     permutations, and the exact features to merge where a map merges or splits channels. The ridge
-    is relative to the mean diagonal of the inputs' second-moment matrix. Returns `fused` in eval mode."""
+    is relative to the mean diagonal of the inputs' second-moment matrix. Forward passes run in
+    `precision`; the products, sums and solves in float32/float64. Returns `fused` in eval mode."""
     dev = next(fused.parameters()).device
     fused.eval()
-    for p in parents + [m for m, _ in sources or []]:
-        p.eval()
+    teachers = sources or [(p, {}) for p in parents]
+    for m, _ in teachers + [(p, {}) for p in parents]:
+        m.eval()
     sample = fixed_sample(images, cfg.n_images, cfg.seed)
     todo = units(fused, normalize(sample[:2], norm).to(dev))
-    raw = _batches(sample, norm, cfg, dev)
-    # pass 1: the parents' weighted mean output of every unit, once, at each unit's chosen positions
-    targets: dict[str, list[torch.Tensor]] = {layer: [] for layer, _ in todo}
-    chosen: dict[str, list[torch.Tensor | None]] = {layer: [] for layer, _ in todo}
-    for bi, xb in enumerate(tqdm(raw, desc="refit targets", disable=True if not progress else None, leave=False)):
-        xb = normalize(xb.to(dev), norm)
-        sums: dict[str, torch.Tensor] = {}
+    raw = [normalize(xb.to(dev), norm) for xb in _batches(sample, norm, cfg, dev)]
+    linear_out = {layer: bn is None and isinstance(fused.get_submodule(layer), nn.Linear) for layer, bn in todo}
+    chosen: dict[tuple[int, int], torch.Tensor | None] = {}
 
-        def keep(layer: str, bn: str | None, ui: int, w: float, fired: set, carried: dict):
-            def fn(y: torch.Tensor) -> None:
-                if layer in fired:  # a layer called twice is refit at its first call
-                    return
-                fired.add(layer)
-                rows = _output_rows(y.float(), bn is None and isinstance(fused.get_submodule(layer), nn.Linear))
-                if layer in carried:
-                    rows = carry_outputs(rows, 2, carried[layer])
-                if len(chosen[layer]) == bi:  # the same positions for every parent
-                    per_image = -(-cfg.max_rows // len(sample)) if cfg.max_rows else rows.shape[1]
-                    chosen[layer].append(_positions(rows.shape[0], rows.shape[1], per_image, cfg.seed * 7919 + ui * 104_729 + bi, dev))
-                picked = w * _pick(rows, chosen[layer][bi])
-                sums[layer] = picked if layer not in sums else sums[layer] + picked
-            return fn
+    def positions(ui: int, bi: int, rows: torch.Tensor) -> torch.Tensor | None:
+        if (ui, bi) not in chosen:  # the same positions for every parent and for the fused model's inputs
+            per_image = -(-cfg.max_rows // len(sample)) if cfg.max_rows else rows.shape[1]
+            chosen[ui, bi] = _positions(rows.shape[0], rows.shape[1], per_image, cfg.seed * 7919 + ui * 104_729 + bi, dev)
+        return chosen[ui, bi]
 
-        for w, (p, carried) in zip(weights, sources or [(p, {}) for p in parents]):
-            fired: set = set()
-            with tapping(p, [(bn or layer, "output", keep(layer, bn, ui, w, fired, carried)) for ui, (layer, bn) in enumerate(todo)]):
-                p(xb)
-        for layer in sums:
-            targets[layer].append(sums[layer])
-    # pass 2: each unit in forward order, fed the fused model's own (already refit) inputs
-    for layer, bn in tqdm(todo, desc="refit", disable=True if not progress else None, leave=False):
-        mod = fused.get_submodule(layer)
-        g = _groups(mod)  # a grouped conv's blocks are independent least-squares problems, solved as a batch
-        gram = cross = None
-        for bi, xb in enumerate(raw):
-            x = _pick(_input_rows(mod, tapped(fused, layer, "input", normalize(xb.to(dev), norm)).float()), chosen[layer][bi])
-            x = torch.cat([x.reshape(len(x), g, -1), torch.ones_like(x[:, None, :1]).expand(-1, g, 1)], 2)  # rows, blocks, fan-in + 1
-            t = targets[layer][bi].reshape(len(x), g, -1)
-            # products in single precision (the big part), sums over batches in double
-            gram = torch.einsum("rgi,rgj->gij", x, x).double() + (0 if gram is None else gram)
-            cross = torch.einsum("rgi,rgo->gio", x, t).double() + (0 if cross is None else cross)
-        targets[layer] = []  # free the memory as we go
-        # the anchor: the parents' units averaged with BatchNorm folded in, exact for a permuted copy
-        anchor = sum(w * _unit_map(p, layer, bn) for w, p in zip(weights, parents)).reshape(g, -1, gram.shape[-1])
-        n = gram.shape[-1]
-        k = n if bn is not None or mod.bias is not None else n - 1  # no bias to hold an intercept
-        lam = cfg.ridge * gram.diagonal(dim1=1, dim2=2)[:, :k].mean(1)
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        fit = torch.linalg.solve(gram[:, :k, :k] + lam[:, None, None] * eye,
-                                 cross[:, :k] + lam[:, None, None] * anchor[:, :, :k].transpose(1, 2)).transpose(1, 2)
-        if k < n:
-            fit = torch.cat([fit, torch.zeros_like(fit[:, :, :1])], 2)
-        _set_unit(fused, layer, bn, fit.reshape(-1, n), gram)
-    return fused
+    def target_of(carried: dict, bi: int):
+        def fn(ui: int, y: torch.Tensor) -> torch.Tensor:
+            layer = todo[ui][0]
+            rows = _output_rows(y, linear_out[layer])
+            idx = positions(ui, bi, rows)
+            if idx is not None:  # the chosen positions first: carrying acts on channels, and fewer rows are cheaper
+                rows = rows.gather(1, idx[:, :, None].expand(-1, -1, rows.shape[2]))
+            rows = rows.float()
+            if layer in carried:
+                rows = carry_outputs(rows, 2, carried[layer])
+            return rows.reshape(-1, rows.shape[2])
+        return fn
+
+    target_taps = [(ui, bn or layer, "output") for ui, (layer, bn) in enumerate(todo)]
+    input_taps = [(ui, layer, "input") for ui, (layer, _) in enumerate(todo)]
+    # the same module object twice (a model fused with itself) must not carry two streams' hooks at once
+    distinct, seen = [], set()
+    for m, carried in teachers:
+        distinct.append((copy.deepcopy(m) if id(m) in seen or m is fused else m, carried))
+        seen.add(id(m))
+    targets = [[_Stream(m, xb, target_taps, target_of(carried, bi), precision) for bi, xb in enumerate(raw)]
+               for m, carried in distinct]
+    inputs = [_Stream(fused, xb, input_taps, lambda _k, x: x, precision) for xb in raw]
+    try:
+        for ui, (layer, bn) in enumerate(tqdm(todo, desc="refit", disable=True if not progress else None, leave=False)):
+            mod = fused.get_submodule(layer)
+            sums: list = [None, None]
+            for bi in range(len(raw)):
+                t = sum(w * streams[bi].take(ui) for w, streams in zip(weights, targets))
+                x = inputs[bi].take(ui)
+                _accumulate(mod, x, t, chosen.get((ui, bi)), sums)
+            _solve(fused, parents, weights, layer, bn, sums[0], sums[1], cfg.ridge)
+    finally:
+        for s in [s for row in targets for s in row] + inputs:
+            s.close()
+    return fused.eval()

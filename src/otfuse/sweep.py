@@ -94,6 +94,8 @@ def parser(default_method: str) -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each fused model this many epochs (otfuse finetune's defaults) and report it")
     p.add_argument("--finetune-distill", action="store_true", help="with --finetune-epochs: also fine-tune by label-free "
                    "distillation from the parents (otfuse finetune --distill), its own column")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate every stage and baseline beside the fusion (default: on; --no-baselines: the fused model only)")
     p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help="dataset cache (default: $OTFUSE_DATA_DIR or ~/.cache/otfuse)")
@@ -143,7 +145,8 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
         print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]}" + (f" (widths {widths[0]}, {widths[1]})" if mixed else "")
               + f" ({method})", flush=True)
         target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(device)
-        fusion, acc = fusion_table([m.to(device) for m, _, _ in loaded], data, cfg, progress=True, target=target)
+        fusion, acc = fusion_table([m.to(device) for m, _, _ in loaded], data, cfg, progress=True, target=target,
+                                   with_baselines=args.baselines)
         meta = fused_meta([m for _, m in pair], [p for p, _ in pair], width, flatten(cfg), len(data.val_y), acc["fused"])
         name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"
         fused_path = folder / f"fused-{method}-{name}.pt"
@@ -152,7 +155,7 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
         for column, suffix, extra in finetunes:
             t0 = time.perf_counter()
             out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}{suffix}.pt"), args.data_dir,
-                           args.device, epochs=args.finetune_epochs, overwrite=True, **extra)
+                           args.device, epochs=args.finetune_epochs, overwrite=True, precision=cfg.precision, progress=True, **extra)
             acc[column] = float(load_checkpoint(out)[1]["test_acc"])
             seconds[column.replace("fused_ft", "finetune")] = time.perf_counter() - t0
         row = fusion_row(ds, {**meta0, "width": width}, seeds, method, acc, seconds, flatten(cfg))

@@ -25,6 +25,7 @@ from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
 from otfuse.models import build_model
+from otfuse.precision import autocast, channels_last, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, writable_file
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
     checkpoint_dir: str = "checkpoint"
     device: str = "auto"  # auto: cuda when available
+    precision: str = "auto"  # auto: bf16 autocast where the device has native bf16, else fp32 | fp32 | bf16
     resume: bool = False  # continue the interrupted run in the checkpoint (same options)
     overwrite: bool = False  # replace an existing checkpoint with a new run (otherwise refused)
     init: str = ""  # start from this checkpoint's weights instead of a fresh initialisation (fine-tuning)
@@ -71,6 +73,7 @@ class TrainConfig:
         for ok, flag, want in bad:
             if not ok:
                 raise OtfuseError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))} must be {want}")
+        resolve_precision(self.precision, torch.device("cpu"))  # the name only; the device decides later
         if self.resume and self.overwrite:
             raise OtfuseError("--resume and --overwrite contradict each other; give one")
 
@@ -83,6 +86,7 @@ RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
 # (validation, one epoch from the default fusion: Fashion-MNIST 93.02 without, 91.96 with; bench/finetune-*.csv)
 FINETUNE = {"epochs": 1, "lr": 0.05, "warmup": 0.1, "augment": False}
+PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads the running loss from the device)
 
 
 def checkpoint_path(cfg: TrainConfig) -> Path:
@@ -116,11 +120,12 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     cfg.check()
     rank, world = _dist()
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     path = checkpoint_path(cfg)
     writable_file(path, "checkpoint")
-    _check_existing(path, cfg)
+    _check_existing(path, cfg, precision)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
     if len(data.train_y) // cfg.batch_size < 1:
@@ -137,17 +142,15 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
         start, history = _restore(path, cfg, model, opt, data)
     elif cfg.init:
         model.load_state_dict(_compatible(cfg.init, "--init", cfg, data)[0].state_dict())
-    model.to(device)
+    model.to(device, memory_format=memory_format(precision))
     _optimizer_to(opt, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     gpu_data = data.to(device)
-    teachers = [t.to(device, memory_format=torch.channels_last) if device.type == "cuda" else t.to(device) for t in teachers]
+    teachers = [t.to(device, memory_format=memory_format(precision)) for t in teachers]
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = (len(data.train_y) // world) // (cfg.batch_size // world)
     total = steps_per_epoch * cfg.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    meta = _meta(cfg, data)
+    meta = {**_meta(cfg, data), "precision": precision}
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         model.train()
@@ -156,13 +159,15 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
                     seed=cfg.seed, epoch=epoch, rank=rank, world=world, drop_last=True),
             total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=True if not progress or rank != 0 else None, leave=False,
         )
-        loss_sum = correct = seen = 0.0
+        # running sums stay on the device: one host sync per epoch (and per progress update), not two per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         for i, (xb, yb) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xb = channels_last(xb, precision)
+            with autocast(precision, device):
                 out = net(xb)
                 if teachers:
                     loss = _distill_loss(out.float(), teachers, xb, cfg.temperature)
@@ -171,16 +176,17 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * len(yb)
-            correct += (out.argmax(1) == yb).sum().item()
+            loss_sum += loss.detach() * len(yb)
+            correct += (out.argmax(1) == yb).sum()
             seen += len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": 100 * correct / max(seen, 1),
+            if not bar.disable and i % PROGRESS_EVERY == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
                "seconds": time.time() - t0}
         if rank == 0:
-            row["val_acc"] = accuracy(model, gpu_data.val_x, gpu_data.val_y, data.norm) if len(data.val_y) else float("nan")
+            row["val_acc"] = accuracy(model, gpu_data.val_x, gpu_data.val_y, data.norm, precision) if len(data.val_y) else float("nan")
             if epoch + 1 == cfg.epochs:
-                row["test_acc"] = accuracy(model, gpu_data.test_x, gpu_data.test_y, data.norm)
+                row["test_acc"] = accuracy(model, gpu_data.test_x, gpu_data.test_y, data.norm, precision)
             history.append(row)
             meta.update(epoch=epoch + 1, history=history, **{k: v for k, v in row.items() if k.endswith("acc")})
             save_checkpoint(path, model, meta, optimizer=opt.state_dict())
@@ -196,10 +202,10 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
 
 
 def finetune(init: str | Path, out: str | Path, data_dir: str, device: str = "auto", data: ImageData | None = None,
-             **changes) -> Path:
+             progress: bool = False, **changes) -> Path:
     """Fine-tune checkpoint `init` with FINETUNE's settings (and `changes`, e.g. epochs=2) into `out`;
     returns `out`. Dataset, architecture, width, validation split and seed come from the checkpoint."""
-    return train(finetune_config(load_checkpoint(init)[1], init, out, data_dir=data_dir, device=device, **changes), data, progress=False)
+    return train(finetune_config(load_checkpoint(init)[1], init, out, data_dir=data_dir, device=device, **changes), data, progress)
 
 
 def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) -> TrainConfig:
@@ -242,7 +248,7 @@ def _distill_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor
     return nn.functional.cross_entropy(out / temperature, target) * temperature**2
 
 
-def _check_existing(path: Path, cfg: TrainConfig) -> None:
+def _check_existing(path: Path, cfg: TrainConfig, precision: str) -> None:
     """A checkpoint already at `path` is continued only with --resume (and the same options), replaced
     only with --overwrite: a finished or interrupted run is never lost by accident."""
     if not path.exists() or cfg.overwrite:
@@ -253,6 +259,9 @@ def _check_existing(path: Path, cfg: TrainConfig) -> None:
         raise OtfuseError(f"checkpoint {path} already exists ({done}); add --resume to continue it, "
                           "--out to write a new one elsewhere, or --overwrite to replace it")
     old = saved.get("config") or {}
+    if saved.get("precision", "fp32") != precision:
+        raise OtfuseError(f"--resume: {path} was trained in {saved.get('precision', 'fp32')} but this run resolves to {precision}; "
+                          f"resume with --precision {saved.get('precision', 'fp32')} (a run changing precision is not bit-exact)")
     changed = [k for k in RUN_OPTIONS if k in old and old[k] != getattr(cfg, k)]
     if changed:
         k = changed[0]

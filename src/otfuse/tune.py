@@ -35,6 +35,7 @@ from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.options import build, flatten
 from otfuse.plots import history_figure, save_figure
+from otfuse.precision import resolve_precision
 from otfuse.storage import atomic_write_text, writable_dir
 
 RIDGE = (1e-4, 1.0)  # refit's ridge: from nearly a plain least-squares fit to nearly the plain average
@@ -155,11 +156,12 @@ def load_study(storage, name: str, seed: int, worker: str):
 def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
                  target: nn.Module | None = None) -> tuple[nn.Module, float, list[float]]:
     """(fused model, its validation accuracy, its agreement with each parent's predictions in %)."""
-    fused = fuse(models, data.train_x, data.norm, cfg, target=target).model
+    fusion = fuse(models, data.train_x, data.norm, cfg, target=target)
+    fused, precision = fusion.model, fusion.precision
     x, y = data.split("val")
-    z = logits(fused, x, data.norm)
+    z = logits(fused, x, data.norm, precision=precision)
     # accuracy alone cannot tell a blend of both parents from one parent with the other blurred away
-    agree = [agreement(z, logits(m, x, data.norm)) for m in models]
+    agree = [agreement(z, logits(m, x, data.norm, precision=precision)) for m in models]
     return fused, accuracy_of_logits(z, y), agree
 
 
@@ -213,7 +215,7 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg:
     cfg = build(FuseConfig, best.user_attrs["options"])
     fused, val, _ = val_accuracy(models, data, cfg, target)
     x, y = data.split("test")
-    test = accuracy(fused, x, y, data.norm)
+    test = accuracy(fused, x, y, data.norm, resolve_precision(cfg.precision, next(fused.parameters()).device))
     what = f"{meta['dataset']} {meta['arch']} w{meta['width']}, seeds {'-'.join(map(str, seeds))}"
     paths = write_outputs(study, results / f"tune-{name}", best, test, what)
     return {"study": name, "trials": len(done), "best_trial": best.number, "val_accuracy": best.value,

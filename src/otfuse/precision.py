@@ -1,0 +1,72 @@
+"""Numeric precision of forward and backward passes: bf16 autocast where the hardware computes it natively.
+
+    prec = resolve_precision("auto", device)   # "bf16" on CUDA with bf16 and on CPUs with avx512_bf16/amx; else "fp32"
+    with autocast(prec, device):
+        y = model(channels_last(x, prec))
+
+`auto` is the default of every command: bf16 autocast (matmuls and convolutions in bfloat16,
+with float32 accumulation; BatchNorm running statistics, losses, OT costs and the refit's Gram
+matrices and solves stay in float32 or float64) where it is native, float32 elsewhere, where
+emulated bf16 would be slower than float32. Under bf16, 4-D activations use the channels_last
+layout, which the bf16 kernels run fastest on.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from otfuse.errors import OtfuseError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags of native bf16 dot products
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags") or line.startswith("Features"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(cpu_flags() & BF16_FLAGS)
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` -> "bf16" where native on `device`, else "fp32"; `fp32` and `bf16` as given; anything else one clear error."""
+    if name not in PRECISIONS:
+        raise OtfuseError(f"--precision {name!r} is unknown; choose {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    """A context in which forward passes on `device` run in `precision` (resolved: fp32 or bf16)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def memory_format(precision: str) -> torch.memory_format:
+    return torch.channels_last if precision == "bf16" else torch.contiguous_format
+
+
+def channels_last(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """A 4-D batch in the layout `precision` runs fastest on (channels_last under bf16); other tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if precision == "bf16" and x.ndim == 4 else x
