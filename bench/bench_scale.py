@@ -9,13 +9,15 @@ Row `default`: the default fusion (`otfuse fuse A B`) beside each parent, their 
 vanilla averaging (+ BatchNorm reset, + refit), the aligned average with BatchNorm reset
 ("average only") and REPAIR on it; then one row per other alignment method (its fusion and its
 average only). Every row has the fused model's agreement with each parent and seconds per phase.
-Rows go to bench/scale-<dataset>-w<width>[-<split>].csv. About 35 minutes on 2 CPU cores for two
-width-64 ResNet18s, evaluation included.
+Rows go to bench/scale-<dataset>-w<width>[-<split>].csv, one per (row, precision), each as it
+finishes; a row already there is skipped, so a stopped run resumes (`--base precision=fp32` for
+the float32 reference). Evaluation runs in the fusion's precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -27,10 +29,14 @@ from otfuse.errors import run_main
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.options import build, flatten, parse_assignments
+from otfuse.precision import resolve_precision
 from otfuse.report import fusion_table
 from otfuse.storage import atomic_write_csv, writable_file
 
 PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation")
+FIELDS = ["row", "method", "model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn",
+          "fused_average", "fused_repair", "fused", "agree_model1", "agree_model2", *(f"s_{k}" for k in PHASES),
+          "precision", "split", "dataset", "options"]
 
 
 def main(argv: list[str]) -> int:
@@ -51,39 +57,47 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
         base = {**recipe_options(metas), **base}  # the defaults `otfuse fuse` takes for these parents
-        x, y = data.split(args.split)
-        rows = []
-        if args.save:
-            writable_file(Path(args.save), "--save")
-        cfg = build(FuseConfig, {**base, "method": methods[0]})
-        fusion, acc = fusion_table(models, data, cfg, args.split, progress=True)
-        rows.append({"row": "default", "method": methods[0], **{k: f"{v:.2f}" for k, v in acc.items()},
-                     **{f"s_{k}": f"{fusion.seconds.get(k, 0.0):.1f}" for k in PHASES}})
-        print(_line(rows[-1]), flush=True)
-        if args.save:
-            save_checkpoint(args.save, fusion.model, fused_meta(metas, args.checkpoints, metas[0]["width"], flatten(cfg),
-                                                                len(data.val_y), acc["fused"] if args.split == "test" else None))
-        parent = [logits(m, x, data.norm) for m in models] if methods[1:] else []  # for the other rows' agreement
-        for method in methods[1:]:
-            cfg = build(FuseConfig, {**base, "method": method})
-            result = fuse(models, data.train_x, data.norm, cfg, progress=True)
-            t1 = time.perf_counter()
-            z = logits(result.model, x, data.norm)
-            row = {"row": method, "method": method, "fused": f"{accuracy_of_logits(z, y):.2f}",
-                   "fused_average": f"{accuracy_of_logits(logits(result.average, x, data.norm), y):.2f}",
-                   **{f"agree_model{i + 1}": f"{agreement(z, q):.2f}" for i, q in enumerate(parent)}}
-            result.seconds["evaluation"] = time.perf_counter() - t1
-            row.update({f"s_{k}": f"{result.seconds.get(k, 0.0):.1f}" for k in PHASES})
-            rows.append(row)
-            print(_line(row), flush=True)
+        precision = resolve_precision(build(FuseConfig, base).precision, next(models[0].parameters()).device)
         meta = metas[0]
         suffix = "" if args.split == "test" else f"-{args.split}"
         out = Path(args.out_dir) / f"scale-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}-w{meta['width']}{suffix}.csv"
+        # rows of earlier runs stay; a row already there for this precision is skipped (a stopped run resumes)
+        rows = [r for r in (csv.DictReader(out.open()) if out.is_file() else []) if r.get("precision")]
+        done = {(r["row"], r["precision"]) for r in rows}
         options = flatten(build(FuseConfig, base))
-        fields = ["row", "method", "model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn",
-                  "fused_average", "fused_repair", "fused", "agree_model1", "agree_model2", *(f"s_{k}" for k in PHASES)]
-        atomic_write_csv(out, [{**r, "split": args.split, "dataset": meta["dataset"], "options": options} for r in rows],
-                         fields + ["split", "dataset", "options"])
+        x, y = data.split(args.split)
+
+        def record(row: dict) -> None:
+            rows.append({**row, "precision": precision, "split": args.split, "dataset": meta["dataset"], "options": options})
+            atomic_write_csv(out, rows, FIELDS)
+            print(_line(row), flush=True)
+
+        if args.save:
+            writable_file(Path(args.save), "--save")
+        if ("default", precision) not in done or args.save:
+            cfg = build(FuseConfig, {**base, "method": methods[0]})
+            fusion, acc = fusion_table(models, data, cfg, args.split, progress=True)
+            if ("default", precision) not in done:
+                record({"row": "default", "method": methods[0], **{k: f"{v:.2f}" for k, v in acc.items()},
+                        **{f"s_{k}": f"{fusion.seconds.get(k, 0.0):.1f}" for k in PHASES}})
+            if args.save:
+                save_checkpoint(args.save, fusion.model, fused_meta(metas, args.checkpoints, meta["width"], flatten(cfg),
+                                                                    len(data.val_y), acc["fused"] if args.split == "test" else None))
+        parent = None  # the parents' logits, for the other rows' agreement: computed once, when a row needs them
+        for method in methods[1:]:
+            if (method, precision) in done:
+                continue
+            cfg = build(FuseConfig, {**base, "method": method})
+            result = fuse(models, data.train_x, data.norm, cfg, progress=True)
+            t1 = time.perf_counter()
+            parent = parent or [logits(m, x, data.norm, precision=precision) for m in models]
+            z = logits(result.model, x, data.norm, precision=precision)
+            row = {"row": method, "method": method, "fused": f"{accuracy_of_logits(z, y):.2f}",
+                   "fused_average": f"{accuracy_of_logits(logits(result.average, x, data.norm, precision=precision), y):.2f}",
+                   **{f"agree_model{i + 1}": f"{agreement(z, q):.2f}" for i, q in enumerate(parent)}}
+            result.seconds["evaluation"] = time.perf_counter() - t1
+            row.update({f"s_{k}": f"{result.seconds.get(k, 0.0):.1f}" for k in PHASES})
+            record(row)
         print(f"wrote {out} ({time.perf_counter() - t0:.0f} s in all)")
         return 0
 

@@ -68,7 +68,8 @@ def tmp_data_dir(tmp_path):
 def trained(tmp_path_factory):
     """Two digits ResNet18s (width 8), trained for a few epochs, and their data."""
     root = tmp_path_factory.mktemp("trained")
-    cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu",
+    # fp32: the same parents on every machine, whether or not its CPU has native bf16 (which `auto` would pick)
+    cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu", precision="fp32",
                         data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
     paths = [train(c, progress=False) for c in cfgs]
     return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root

@@ -32,7 +32,7 @@ def test_a_registered_method_is_offered_by_fuse(toy, trained, tmp_path, capsys):
     assert toy in capsys.readouterr().out
     out = tmp_path / "fused.pt"
     code = main(["fuse", str(paths[0]), str(paths[1]), "--method", toy, "--bn-batches", "4", "--no-refit", "--out", str(out),
-                 "--data-dir", str(root / "data"), "--device", "cpu"])
+                 "--data-dir", str(root / "data"), "--device", "cpu", "--baselines"])
     text = capsys.readouterr().out
     assert code == 0 and f"method {toy}" in text
     meta = torch.load(out, weights_only=True)["meta"]

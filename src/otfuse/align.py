@@ -203,31 +203,41 @@ def group_map(cost: torch.Tensor, ga: ChannelGroup, gs: ChannelGroup, betas: dic
 
 
 class _Stats:
-    """Running sums for the cross-covariance of two sets of channel vectors."""
+    """Running moments for the cross-covariance of two sets of channel vectors: each batch centred on its own
+    means, its products in single precision, merged into float64 totals (Chan et al.'s pairwise update).
+    Centring keeps a constant channel (a saturated ReLU6) exactly constant: uncentred single-precision
+    moments would give it a variance of rounding noise, and a correlation with everything."""
 
     def __init__(self):
         self.n = 0
-        self.ab = self.a = self.b = self.aa = self.bb = 0.0
+        self.ma = self.mb = self.cab = self.caa = self.cbb = 0.0
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = a.double(), b.double()
-        self.n += a.shape[1]
-        self.ab = self.ab + a @ b.T
-        self.a, self.b = self.a + a.sum(1), self.b + b.sum(1)
-        self.aa, self.bb = self.aa + (a * a).sum(1), self.bb + (b * b).sum(1)
+        a, b = a.float(), b.float()
+        k = a.shape[1]
+        ma, mb = a.mean(1, keepdim=True), b.mean(1, keepdim=True)
+        a, b = a - ma, b - mb
+        cab, caa, cbb = (a @ b.T).double(), (a * a).sum(1).double(), (b * b).sum(1).double()
+        ma, mb = ma[:, 0].double(), mb[:, 0].double()
+        if self.n:
+            da, db, f = ma - self.ma, mb - self.mb, self.n * k / (self.n + k)
+            cab, caa, cbb = cab + f * da[:, None] * db[None, :], caa + f * da * da, cbb + f * db * db
+            ma, mb = self.ma + da * (k / (self.n + k)), self.mb + db * (k / (self.n + k))
+        self.cab, self.caa, self.cbb = self.cab + cab, self.caa + caa, self.cbb + cbb
+        self.ma, self.mb, self.n = ma, mb, self.n + k
 
     def cost(self, kind: str) -> torch.Tensor:
-        n = self.n
+        n, ma, mb = self.n, self.ma, self.mb
+        aa, bb = self.caa / n + ma**2, self.cbb / n + mb**2  # raw second moments
         if kind == "euclidean":
-            return ((self.aa[:, None] + self.bb[None, :] - 2 * self.ab) / n).clamp_min(0).float()
-        ma, mb = self.a / n, self.b / n
-        cov = self.ab / n - ma[:, None] * mb[None, :]
-        sa = (self.aa / n - ma**2).clamp_min(0).sqrt()
-        sb = (self.bb / n - mb**2).clamp_min(0).sqrt()
+            ab = self.cab / n + ma[:, None] * mb[None, :]
+            return (aa[:, None] + bb[None, :] - 2 * ab).clamp_min(0).float()
+        cov = self.cab / n
+        sa, sb = (self.caa / n).clamp_min(0).sqrt(), (self.cbb / n).clamp_min(0).sqrt()
         # a channel whose spread is float noise next to the group's scale is dead: its correlations
         # would be noise, so it correlates with nothing and the weight tie-break pairs it
-        live_a = sa > DEAD * (self.aa / n).mean().sqrt()
-        live_b = sb > DEAD * (self.bb / n).mean().sqrt()
+        live_a = sa > DEAD * aa.mean().sqrt()
+        live_b = sb > DEAD * bb.mean().sqrt()
         live = live_a[:, None] & live_b[None, :]
         corr = torch.where(live, cov / (sa[:, None] * sb[None, :]).clamp_min(1e-300), torch.zeros_like(cov))
         return (1 - corr).float()

@@ -1,6 +1,6 @@
 """BatchNorm statistics recomputed after the weights changed under them, and REPAIR.
 
-    recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=100))        # in place
+    recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=40))         # in place
     repair(fused, aligned_parents, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig())
 """
 
@@ -26,7 +26,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 @dataclass
 class BatchNormConfig:
     FLAG_PREFIX: ClassVar[str] = "bn"
-    batches: int = 100  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
+    batches: int = 40  # batches of training images for the BatchNorm statistics (0: keep the averaged ones)
     batch_size: int = 128  # images per BatchNorm batch
     augment: bool = False  # statistics from crop+flip batches, as training saw them (for models trained so)
     seed: int = 0  # order of the batches
@@ -98,9 +98,9 @@ def channel_moments(model: nn.Module, points: list[Observation], images: torch.T
 
     def add(k: int, p: Observation):
         def fn(x: torch.Tensor) -> None:
-            rows = channel_rows(x.detach(), p.index, p.axis).double()
+            rows = channel_rows(x.detach(), p.index, p.axis).float()
             s = sums[k]
-            s[0], s[1], s[2] = s[0] + rows.sum(1), s[1] + (rows * rows).sum(1), s[2] + rows.shape[1]
+            s[0], s[1], s[2] = s[0] + rows.sum(1).double(), s[1] + (rows * rows).sum(1).double(), s[2] + rows.shape[1]
         return fn
 
     model.eval()

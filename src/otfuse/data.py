@@ -366,17 +366,16 @@ def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageDat
 
 
 @functools.lru_cache(maxsize=32)
-def _scale_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype):
-    """(1/(255 std), -mean/std) as (1, C, 1, 1) tensors: built once per normalisation and device, not per batch."""
-    m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
-    return (1.0 / (255.0 * s)).to(device, dtype), (-m / s).to(device, dtype)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    """(mean, std) as (1, C, 1, 1) tensors: built once per normalisation and device, not per batch."""
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
 
 
 def normalize(x: torch.Tensor, norm: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW -> float, per-channel standardised."""
-    scale, shift = _scale_shift(tuple(map(float, norm[0])), tuple(map(float, norm[1])), x.device, dtype)
-    return torch.addcmul(shift, x.to(dtype), scale)
+    mean, std = _mean_std(tuple(map(float, norm[0])), tuple(map(float, norm[1])), x.device, dtype)
+    return (x.to(dtype) / 255.0 - mean) / std
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from otfuse.evaluate import loss_and_accuracy
 from otfuse.fuse import FuseConfig, fuse
 from otfuse.groups import groups_of
 from otfuse.maps import ChannelMap
-from otfuse.precision import autocast, resolve_precision
+from otfuse.precision import resolve_precision
 
 CURVES = ("vanilla", "aligned", "aligned+repair")
 
@@ -34,10 +34,8 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
     a, b = models
     ga, gb = groups_of(models, data.train_x, data.norm)
     keep = {g.name: ChannelMap.identity(g.size) for g in ga}
-    dev = next(a.parameters()).device
-    precision = resolve_precision(cfg.precision, dev)
-    with autocast(precision, dev):
-        aligned = [keep, align(a, b, ga, gb, cfg.align, data.train_x, data.norm, progress)]
+    precision = resolve_precision(cfg.precision, next(a.parameters()).device)
+    aligned = [keep, align(a, b, ga, gb, cfg.align, data.train_x, data.norm, progress)]  # float32, as in `fuse`
     identity = [keep, keep]
     # the plain average along the line: the refit would mask the barrier this plot is there to show
     plain = replace(cfg, repair=replace(cfg.repair, enabled=False), refit=replace(cfg.refit, enabled=False))

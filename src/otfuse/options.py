@@ -2,7 +2,7 @@
 
     add_options(parser, FuseConfig)                      # one --flag per field, help from its comment
     cfg = resolve(FuseConfig, args, args.config)         # defaults <- JSON file <- flags given
-    flatten(cfg)                                         # {"method": "activation", "bn_batches": 100, ...}
+    flatten(cfg)                                         # {"method": "activation", "bn_batches": 40, ...}
 
 A nested stage config (a field whose value is a dataclass with a FLAG_PREFIX) contributes its
 fields as `<prefix>_<field>`, and its `enabled` field as `<prefix>` itself: FuseConfig's

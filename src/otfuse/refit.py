@@ -17,6 +17,14 @@ architecture is unchanged: the fit is folded into the conv/linear weight and bia
 following BatchNorm, whose statistics become the exact ones of the refit layer on the sample.
 Conv2d (zero padding; a grouped conv block by block) and Linear layers are refit; any other layer
 keeps its average.
+
+One pass: every model (the fused one and each parent) runs its forward pass over each batch once,
+in a thread of its own that pauses at every unit, so the fit of unit L reads the parents' outputs
+and the fused model's inputs at L batch by batch, then writes L before the fused model's passes
+go on. No layer's inputs or targets are held beyond their fit, and no prefix of the network is
+run twice. The fit reads at most `max_rows` output positions per layer (the same random positions
+for every model): on the width-64 ResNet18 the default 65,536 gave the same validation accuracy
+as all 1,048,576 positions of the first stage, in half the time (README, "Speed").
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ class RefitConfig:
     ridge: float = 0.01  # pull towards the parents' averaged layers (BatchNorm folded in), relative to the inputs' scale
     n_images: int = 1000  # training images (no labels) the layers are refit on
     augment: bool = False  # refit on crop+flip versions of those images (for models trained with them)
-    max_rows: int = 0  # output positions per layer fitted at most (a random subset per image); 0: all
+    max_rows: int = 65536  # output positions per layer fitted at most (the same random subset per image for every model); 0: all
     batch_size: int = 250  # images per forward pass
     seed: int = 0  # image sample, augmentation and position subsets
 
@@ -293,16 +301,21 @@ class _Stream:
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    """(blocks, k, k) float64 sums of x x^T over the rows of x (rows, blocks, k). On the CPU through BLAS's
-    symmetric rank-k update (half the products of a matmul); elsewhere a batched matmul."""
+    """(blocks, k, k) float64 sums of x^T x over the rows of x (rows, blocks, k): on the CPU only the upper
+    triangle (BLAS's symmetric rank-k update, half the products of a matmul; `_symmetric` completes the
+    sum once), elsewhere the whole of it (a batched matmul)."""
     if x.device.type != "cpu":
         return torch.einsum("rgi,rgj->gij", x, x).double()
-    out = []
-    for b in range(x.shape[1]):
-        a = x[:, b, :].numpy().T  # (k, rows), Fortran-ordered when x has one block: no copy
-        c = torch.from_numpy(blas.ssyrk(1.0, a, trans=0, lower=0)).double()  # the upper triangle of a a^T
-        out.append(c.triu() + c.triu(1).T)
-    return torch.stack(out)
+    # (k, rows) per block: Fortran-ordered, so BLAS reads it in place, when x has one block
+    return torch.stack([torch.from_numpy(blas.ssyrk(1.0, x[:, b, :].numpy().T, trans=0, lower=0)) for b in range(x.shape[1])]).double()
+
+
+def _symmetric(gram: torch.Tensor) -> torch.Tensor:
+    """The full matrices of sums of `_gram` results (upper triangles on the CPU)."""
+    if gram.device.type != "cpu":
+        return gram
+    upper = gram.triu()
+    return upper + upper.triu(1).transpose(1, 2)
 
 
 def _fan_in(layer: nn.Module) -> int:
@@ -329,7 +342,11 @@ def _accumulate(layer: nn.Module, x: torch.Tensor, t: torch.Tensor, idx: torch.T
         gram = torch.zeros(g, k + 1, k + 1, dtype=torch.float64, device=x.device)
         gram[:, :k, :k] = _gram(xi)
         gram[:, :k, k], gram[:, k, :k], gram[:, k, k] = sx, sx, float(len(xi))
-        cross = torch.cat([torch.einsum("rgi,rgo->gio", xi, ti).double(), st[:, None, :]], 1)
+        if g == 1:  # a plain matmul reads the transposed operand in place; einsum would copy it
+            products = (xi[:, 0, :].T @ ti[:, 0, :])[None]
+        else:
+            products = torch.einsum("rgi,rgo->gio", xi, ti)
+        cross = torch.cat([products.double(), st[:, None, :]], 1)
         sums[0] = gram if sums[0] is None else sums[0] + gram
         sums[1] = cross if sums[1] is None else sums[1] + cross
 
@@ -345,8 +362,10 @@ def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], lay
     k = n if bn is not None or mod.bias is not None else n - 1  # no bias to hold an intercept
     lam = ridge * gram.diagonal(dim1=1, dim2=2)[:, :k].mean(1)
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-    fit = torch.linalg.solve(gram[:, :k, :k] + lam[:, None, None] * eye,
-                             cross[:, :k] + lam[:, None, None] * anchor[:, :, :k].transpose(1, 2)).transpose(1, 2)
+    lhs = gram[:, :k, :k] + lam[:, None, None] * eye
+    rhs = cross[:, :k] + lam[:, None, None] * anchor[:, :, :k].transpose(1, 2)
+    factor, info = torch.linalg.cholesky_ex(lhs)  # symmetric positive definite with a ridge: half the work of LU
+    fit = (torch.cholesky_solve(rhs, factor) if not info.any() else torch.linalg.solve(lhs, rhs)).transpose(1, 2)
     if k < n:
         fit = torch.cat([fit, torch.zeros_like(fit[:, :, :1])], 2)
     _set_unit(fused, layer, bn, fit.reshape(-1, n).to(mod.weight.device), gram.to(mod.weight.device))
@@ -413,7 +432,7 @@ def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], imag
                 t = sum(w * streams[bi].take(ui) for w, streams in zip(weights, targets))
                 x = inputs[bi].take(ui)
                 _accumulate(mod, x, t, chosen.get((ui, bi)), sums)
-            _solve(fused, parents, weights, layer, bn, sums[0], sums[1], cfg.ridge)
+            _solve(fused, parents, weights, layer, bn, _symmetric(sums[0]), sums[1], cfg.ridge)
     finally:
         for s in [s for row in targets for s in row] + inputs:
             s.close()

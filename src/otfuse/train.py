@@ -259,14 +259,14 @@ def _check_existing(path: Path, cfg: TrainConfig, precision: str) -> None:
         raise OtfuseError(f"checkpoint {path} already exists ({done}); add --resume to continue it, "
                           "--out to write a new one elsewhere, or --overwrite to replace it")
     old = saved.get("config") or {}
-    if saved.get("precision", "fp32") != precision:
-        raise OtfuseError(f"--resume: {path} was trained in {saved.get('precision', 'fp32')} but this run resolves to {precision}; "
-                          f"resume with --precision {saved.get('precision', 'fp32')} (a run changing precision is not bit-exact)")
     changed = [k for k in RUN_OPTIONS if k in old and old[k] != getattr(cfg, k)]
     if changed:
         k = changed[0]
         raise OtfuseError(f"--resume: {path} was trained with {k}={old[k]!r} but this run asks for {getattr(cfg, k)!r}; "
                           f"resume with the same options, or start a new run with --out")
+    if saved.get("precision", "fp32") != precision:
+        raise OtfuseError(f"--resume: {path} was trained in {saved.get('precision', 'fp32')} but this run resolves to {precision}; "
+                          f"resume with --precision {saved.get('precision', 'fp32')} (a run changing precision is not bit-exact)")
 
 
 def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):

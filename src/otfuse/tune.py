@@ -73,10 +73,11 @@ class TuneConfig:
         return chosen
 
 
-def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False) -> FuseConfig:
+def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False, other_width: bool = False) -> FuseConfig:
     """The fusion options of one trial: the search space of the study (validation accuracy decides
     whether, e.g., augmented BatchNorm statistics suit these models). Parents of different widths
-    keep weight costs out (they need one width)."""
+    keep weight costs out (they need one width); any parent of another width than the fused model's
+    (`other_width`) keeps REPAIR out (it matches statistics channel for channel)."""
     method = trial.suggest_categorical("method", methods)
     align = replace(base.align, method=method)
     if method == "activation":
@@ -90,7 +91,7 @@ def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = Fa
     align.solver = trial.suggest_categorical("solver", ["emd", "sinkhorn"])
     if align.solver == "sinkhorn":
         align.reg = trial.suggest_float("reg", *REG, log=True)
-    repair = replace(base.repair, enabled=trial.suggest_categorical("repair", [False, True]))
+    repair = replace(base.repair, enabled=False if other_width else trial.suggest_categorical("repair", [False, True]))
     refit = replace(base.refit, enabled=trial.suggest_categorical("refit", [False, True]))
     if refit.enabled:
         refit.ridge = trial.suggest_float("refit_ridge", *RIDGE, log=True)
@@ -188,7 +189,7 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg:
     study = load_study(open_storage(tcfg.storage, results, name), name, tcfg.sampler_seed, worker)
 
     def objective(trial) -> float:
-        cfg = suggest(trial, methods, base, mixed)
+        cfg = suggest(trial, methods, base, mixed, mixed or bool(width and width != metas[0]["width"]))
         others = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
         if any(t.number != trial.number and t.params == trial.params for t in others):
             raise optuna.TrialPruned("these options are already in the study")  # drawn again: never a repeated trial

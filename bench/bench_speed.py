@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Throughput and phase seconds on this machine: what `--precision` buys, and where a fusion's time goes.
+
+    python bench/bench_speed.py                                   # throughput rows (random weights and images)
+    python bench/bench_speed.py --parents A.pt B.pt               # + one default fusion of A and B per precision
+    python bench/bench_speed.py --parents A.pt B.pt --table       # + the whole w64 table (bench_scale.py --methods activation)
+
+Rows go to bench/speed-<machine>.csv (machine: e.g. `cpu2-avx512_bf16`, `cuda-nvidia-h200`) as each
+finishes; a rerun skips the rows already there, so a stopped run resumes. Columns: `what`
+(inference, training, fusion, fusion:<phase>, table), `width`, `precision`, `value` and `unit`
+(img/s or s). Inference: batches of 250 32x32 RGB images, no gradients; training: SGD steps of
+128 images (forward, backward, update). Each throughput is the best of a few timed repetitions
+after a warm-up, so other work on the machine lowers it less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from otfuse.checkpoints import load_parents, pick_device, recipe_options
+from otfuse.errors import run_main
+from otfuse.fuse import FuseConfig, fuse
+from otfuse.models import build_model
+from otfuse.options import build
+from otfuse.precision import autocast, channels_last, cpu_flags, memory_format, resolve_precision
+from otfuse.storage import atomic_write_csv
+
+FIELDS = ["what", "width", "precision", "value", "unit", "machine", "torch", "threads"]
+INFER_BATCH, TRAIN_BATCH = 250, 128  # images
+REPEATS = 3  # timed repetitions per throughput; the best counts
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    bf16 = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return f"cpu{torch.get_num_threads()}-" + ("-".join(bf16) if bf16 else "no-bf16")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(width: int, precision: str, training: bool, device: torch.device, steps: int) -> float:
+    """Images per second of inference or training steps of a width-`width` ResNet18 on 32x32 images."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", width, 3, 10).to(device, memory_format=memory_format(precision))
+    n = TRAIN_BATCH if training else INFER_BATCH
+    x = channels_last(torch.randn(n, 3, 32, 32, device=device), precision)
+    y = torch.randint(0, 10, (n,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        if training:
+            with autocast(precision, device):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.no_grad(), autocast(precision, device):
+                model(x)
+
+    model.train(training)
+    step()  # warm-up: kernel selection, allocations
+    best = float("inf")
+    for _ in range(REPEATS):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return steps * n / best
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parents", nargs=2, default=None, metavar=("A.pt", "B.pt"), help="two checkpoints: time one default fusion")
+    p.add_argument("--table", action="store_true", help="with --parents: also time the whole table (bench_scale.py --methods activation)")
+    p.add_argument("--widths", default="16,64")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        device = pick_device(args.device)
+        machine = machine_name(device)
+        out = Path(args.out_dir) / f"speed-{machine}.csv"
+        rows = list(csv.DictReader(out.open())) if out.is_file() else []
+        done = {(r["what"], r["width"], r["precision"]) for r in rows}
+        precisions = [resolve_precision(q, device) for q in args.precisions.split(",") if q]
+
+        def record(what: str, width: int, precision: str, value: float, unit: str) -> None:
+            rows.append({"what": what, "width": width, "precision": precision, "value": f"{value:.1f}", "unit": unit,
+                         "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads()})
+            atomic_write_csv(out, rows, FIELDS)
+            print(f"{what:<20} w{width:<3} {precision:<5} {value:9.1f} {unit}", flush=True)
+
+        def todo(what: str, width: int, precision: str) -> bool:
+            return (what, str(width), precision) not in done
+
+        for width in (int(w) for w in args.widths.split(",") if w):
+            for precision in precisions:
+                for what, training in (("inference", False), ("training", True)):
+                    if todo(what, width, precision):
+                        record(what, width, precision, throughput(width, precision, training, device, args.steps), "img/s")
+        if args.parents:
+            models, metas, data = load_parents(args.parents, args.data_dir, args.device)
+            width = metas[0]["width"]
+            for precision in precisions:
+                if todo("fusion", width, precision):
+                    cfg = build(FuseConfig, {**recipe_options(metas), "precision": precision})
+                    t0 = time.perf_counter()
+                    fusion = fuse(models, data.train_x, data.norm, cfg)
+                    total = time.perf_counter() - t0
+                    for phase, seconds in fusion.seconds.items():
+                        record(f"fusion:{phase}", width, precision, seconds, "s")
+                    record("fusion", width, precision, total, "s")
+            for precision in precisions if args.table else []:
+                if todo("table", width, precision):
+                    t0 = time.perf_counter()
+                    subprocess.run([sys.executable, str(Path(__file__).parent / "bench_scale.py"), *args.parents, "--methods",
+                                    "activation", "--base", f"precision={precision}", "--out-dir", args.out_dir]
+                                   + (["--data-dir", args.data_dir] if args.data_dir else []), check=True)
+                    record("table", width, precision, time.perf_counter() - t0, "s")
+        print(f"wrote {out}")
+        return 0
+
+    return run_main(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
