@@ -123,15 +123,6 @@ def _groups(m: nn.Module) -> int:
     return m.groups if isinstance(m, nn.Conv2d) else 1
 
 
-def _positions_of(layer: nn.Module, x: torch.Tensor) -> int:
-    """Output positions per image of a conv (or the leading positions of a Linear's input)."""
-    if isinstance(layer, nn.Linear):
-        return x[0].numel() // x.shape[-1]
-    h, w = x.shape[-2:]
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-
-
 def _input_rows(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """(images x chosen positions, fan-in): each chosen output position's receptive field, as the layer's
     weight sees it (a conv's in (channel, row, column) order), gathered straight from a strided view of
