@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from otfuse.groups import channel_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 

@@ -73,3 +73,142 @@ def trained(tmp_path_factory):
                         data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
     paths = [train(c, progress=False) for c in cfgs]
     return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root
+
+
+# --- channel splits, slices, gates, norm groups, parametrised and tied weights: patterns users write ---------------
+
+class _Head(nn.Module):
+    def head(self, x):
+        return self.fc(torch.relu(x).mean((2, 3)))
+
+
+class SplitNet(_Head):
+    """A BatchNorm'd map split into unequal parts, each read by its own conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(5, 4, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        p, q = torch.relu(self.bn(self.c(x))).split([3, 5], 1)
+        return self.head(torch.cat([self.a(p), self.b(q)], 1))
+
+
+class GLUNet(_Head):
+    """A gated linear unit: the first half of the channels times the sigmoid of the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = self.c(x).chunk(2, 1)
+        return self.head(self.d(a * torch.sigmoid(b)))
+
+
+class PartialResidualNet(_Head):
+    """A residual added to the first k channels only."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.s, self.d, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 3, 1), nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.c(x)
+        return self.head(self.d(torch.cat([y[:, :3] + self.s(x), y[:, 3:]], 1)))
+
+
+class Res2Net(_Head):
+    """Res2Net's hierarchical split: part i goes through its conv after adding the previous part's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12)
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.d, self.fc = nn.Conv2d(12, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        parts = torch.relu(self.bn(self.c(x))).chunk(3, 1)
+        out, prev = [], None
+        for i, conv in enumerate(self.convs):
+            prev = torch.relu(conv(parts[i] if prev is None else parts[i] + prev))
+            out.append(prev)
+        return self.head(self.d(torch.cat(out + [parts[2]], 1)))
+
+
+class GhostNet(_Head):
+    """A Ghost module: a conv, cheap depthwise 'ghost' features of it, concatenated, then cut to the output width."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.d, self.fc = nn.Conv2d(6, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.primary(x))
+        return self.head(self.d(torch.cat([y, torch.relu(self.cheap(y))], 1)[:, :6]))
+
+
+class MixConvNet(_Head):
+    """Mixed kernels: the channels split, each part through a depthwise conv of its own kernel size."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 1)
+        self.k3, self.k5 = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 5, padding=2, groups=4)
+        self.bn, self.d, self.fc = nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.c(x)).split(4, 1)
+        return self.head(self.d(torch.relu(self.bn(torch.cat([self.k3(a), self.k5(b)], 1)))))
+
+
+class GroupNormNet(_Head):
+    def __init__(self):
+        super().__init__()
+        self.a, self.n, self.d, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.d(torch.relu(self.n(self.a(x)))))
+
+
+class WeightNormNet(_Head):
+    """Convs under torch.nn.utils.parametrizations.weight_norm (the stored tensors are g and v)."""
+
+    def __init__(self):
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.c, self.d, self.fc = wn(nn.Conv2d(3, 8, 3, padding=1)), wn(nn.Conv2d(8, 6, 1)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.d(torch.relu(self.c(x))))
+
+
+class SpectralNormNet(_Head):
+    """A conv under spectral_norm, whose power-iteration vectors u and v are per-channel buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 8, 3, padding=1))
+        self.d, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.d(torch.relu(self.c(x))))
+
+
+class TiedNet(_Head):
+    """One conv called twice (tied weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.t, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return self.head(self.t(torch.relu(self.t(y)) + y))
+
+
+PATTERNS = {"split": SplitNet, "glu": GLUNet, "partial-residual": PartialResidualNet, "res2net": Res2Net, "ghost": GhostNet,
+            "mixconv": MixConvNet, "groupnorm": GroupNormNet, "weight-norm": WeightNormNet, "spectral-norm": SpectralNormNet,
+            "tied": TiedNet}

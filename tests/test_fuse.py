@@ -13,7 +13,7 @@ from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
 from otfuse.fuse import average, fuse
-from otfuse.groups import channel_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 from otfuse.report import fusion_table

@@ -9,7 +9,8 @@ from torch import nn
 
 from conftest import CatNet, randomize_bn
 from otfuse.errors import OtfuseError
-from otfuse.groups import channel_groups, check_same_groups
+from otfuse.groups import check_same_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import CatNet, randomize_bn
 from otfuse.errors import OtfuseError
-from otfuse.groups import channel_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import ChannelMap, carry, permute, random_maps, transport_map
 from otfuse.models import build_model
 

@@ -12,7 +12,7 @@ from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.evaluate import logits
 from otfuse.fuse import fuse
-from otfuse.groups import channel_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.refit import units
 

@@ -13,7 +13,7 @@ from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.fuse import fuse
-from otfuse.groups import channel_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 from otfuse.train import TrainConfig, train

@@ -36,7 +36,7 @@ from otfuse.version import __version__
 _EXPORTS = {
     "fuse": "otfuse.fuse", "FuseConfig": "otfuse.fuse", "Fusion": "otfuse.fuse",
     "AlignConfig": "otfuse.align", "register_method": "otfuse.align", "METHODS": "otfuse.align",
-    "channel_groups": "otfuse.groups", "ChannelMap": "otfuse.maps", "carry": "otfuse.maps", "permute": "otfuse.maps",
+    "channel_groups": "otfuse.maps", "ChannelMap": "otfuse.maps", "carry": "otfuse.maps", "permute": "otfuse.maps",
     "random_maps": "otfuse.maps", "transport_map": "otfuse.maps", "build_model": "otfuse.models",
     "load_checkpoint": "otfuse.checkpoints", "save_checkpoint": "otfuse.checkpoints", "fusion_table": "otfuse.report",
     "OtfuseError": "otfuse.errors",

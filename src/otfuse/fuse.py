@@ -26,8 +26,8 @@ from torch import nn
 from otfuse.align import AlignConfig, align, to_target_maps
 from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup, groups_of
-from otfuse.maps import ChannelMap, carry, output_maps
+from otfuse.groups import ChannelGroup
+from otfuse.maps import ChannelMap, carry, groups_of, output_maps
 from otfuse.precision import resolve_precision
 from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 

@@ -6,8 +6,16 @@
 A group is a set of channels that must move together: a conv's outputs, the BatchNorm after
 it, the next convs' inputs, every tensor tied by a residual addition, the slices a torch.cat
 splices into its consumers. Each member names a tensor, an axis and, per group channel, the
-indices of that axis that belong to it (several for a Linear after a flatten, a slice of a
-concatenation).
+indices of that axis that belong to it (several for a Linear after a flatten, or for the two
+halves of a GLU gate that multiply each other).
+
+Channels that reach different consumers (a `split`, `chunk` or slice along the channel axis, a
+residual added to some channels only) form one group per part: a part's channels move among
+themselves. A GroupNorm's channels move within their norm group (or whole norm groups move), as
+a grouped conv's do. Parametrised weights (`torch.nn.utils.parametrize`: weight_norm, spectral_norm,
+any parametrisation that commutes with permuting channels) are carried through the tensors the
+model stores; the old `torch.nn.utils.weight_norm` is refused by name. `otfuse.maps.channel_groups` checks the result
+numerically: a grouping that does not permute exactly is refused, never returned.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from typing import Iterator
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import parametrize
+from torch_pruning import ops as tp_ops
+from torch_pruning._helpers import _HybridIndex
 
 from otfuse.data import normalize
 from otfuse.errors import OtfuseError
@@ -31,6 +42,8 @@ CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+PIXEL_SHUFFLES = {"PixelShuffleBackward0": "pixel_shuffle", "PixelUnshuffleBackward0": "pixel_unshuffle",
+                  "ChannelShuffleBackward0": "channel_shuffle"}
 
 
 @dataclass
@@ -67,6 +80,7 @@ class ChannelGroup:
     order: int = 0  # position of the first producer in the forward pass
     blocks: torch.Tensor | None = None  # per channel, its block of a grouped conv: channels move within blocks, blocks as a whole
     family: str = ""  # groups whose blocks must move alike (linked by grouped convs): the first such conv's name
+    norm_blocks: dict[str, list[list[int]]] = field(default_factory=dict)  # per GroupNorm: each channel's positions in it
 
     def signature(self) -> tuple:
         return (self.name, self.size, tuple((m.module, m.tensor, m.axis, tuple(m.index.shape)) for m in self.members))
@@ -75,8 +89,9 @@ class ChannelGroup:
 # --- finding groups --------------------------------------------------------------------------
 
 
-def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
+def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
     """Every permutable channel group of `model`, in forward order; the logits are never grouped.
+    Not checked numerically: `otfuse.maps.channel_groups` is this plus that check.
 
     The model is traced in eval mode (a trace must not move BatchNorm statistics) on `example_input`,
     moved to the model's device. Anything otfuse cannot permute exactly is one OtfuseError naming it,
@@ -96,6 +111,7 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: fl
     params = list(model.parameters())
     if not params:
         raise OtfuseError(f"the model ({type(model).__name__}) has no parameters; nothing to align")
+    _refuse_old_weight_norm(model)
     example_input = example_input.to(params[0].device)
     # one forward pass serves both: Torch-Pruning's trace, and our forward order
     taps = [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
@@ -111,27 +127,34 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: fl
         model.train(was_training)
     if not layers:
         raise OtfuseError("the model has no conv or linear layer; nothing to align")
-    ignored = [layers[-1]]  # the last layer run produces the logits
+    ignored = layers[-1]  # the last layer run produces the logits
     names = {m: n for n, m in model.named_modules()}
+    params_by_id = {id(p): n for n, p in model.named_parameters()}
+    unwrapped = {id(p): dim for p, dim in getattr(graph, "unwrapped_parameters", [])}
     try:
         with _time_limited(time_limit):
-            tp_groups = list(_tp_groups(graph, order, names, ignored))
+            _repair_index_maps(graph)
+            groups = [g for items in _coupled(graph, order, names, ignored)
+                      for g in _to_groups(items, names, order, params_by_id, unwrapped)]
     except _OutOfTime:
         raise OtfuseError(f"Torch-Pruning's DepGraph did not finish grouping {type(model).__name__}'s channels in {time_limit:.0f} s "
                           f"(on an input of shape {tuple(example_input.shape)}, its index mappings through reshapes and "
                           "window partitions grow with the feature maps); give a smaller example input or a larger time_limit") from None
-    except Exception as exc:  # Torch-Pruning's own failure on a layout it cannot index (e.g. a channel shuffle)
-        raise OtfuseError(_trace_failure(model, example_input, exc)) from None
-    params_by_id = {id(p): n for n, p in model.named_parameters()}
-    unwrapped = {id(p): dim for p, dim in getattr(graph, "unwrapped_parameters", [])}
-    try:
-        groups = [_to_group(g, names, order, params_by_id, unwrapped) for g in tp_groups]
     except OtfuseError as exc:
-        note = _shuffle_note(model, example_input)
-        raise OtfuseError(note or str(exc)) from None
-    groups.sort(key=lambda g: g.order)
-    _link_grouped_convs(model, groups)
+        raise OtfuseError(channel_rearrangement(model, example_input) or str(exc)) from None
+    except Exception as exc:  # Torch-Pruning's own failure on a layout it cannot index
+        raise OtfuseError(_trace_failure(model, example_input, exc)) from None
+    groups.sort(key=lambda g: (g.order, g.name))
+    _link_blocks(model, groups)
     return groups
+
+
+def _refuse_old_weight_norm(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if any(type(h).__name__ == "WeightNorm" for h in mod._forward_pre_hooks.values()):
+            raise OtfuseError(f"module {name} uses the deprecated torch.nn.utils.weight_norm, whose weight is recomputed in "
+                              "every forward pass and cannot be copied exactly; use torch.nn.utils.parametrizations.weight_norm "
+                              "(the same function, supported) or torch.nn.utils.remove_weight_norm before fusing")
 
 
 class _OutOfTime(BaseException):  # not an Exception: library code that catches those must not swallow it
@@ -166,13 +189,13 @@ def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception) -> str:
     except Exception as forward:
         why = " ".join(str(forward).split()[:16]) or type(forward).__name__
         return f"the model cannot run on an example of shape {tuple(x.shape)} ({type(forward).__name__}: {why}); give an input it accepts"
-    return _shuffle_note(model, x) or (f"Torch-Pruning's DepGraph cannot trace {type(model).__name__}: {type(exc).__name__}: "
+    return channel_rearrangement(model, x) or (f"Torch-Pruning's DepGraph cannot trace {type(model).__name__}: {type(exc).__name__}: "
                                         f"{first}; otfuse cannot find its channel groups")
 
 
-def _shuffle_note(model: nn.Module, x: torch.Tensor) -> str:
-    """The refusal for a channel shuffle (a view of the channels as (groups, channels / groups), transposed),
-    or "" when the model has none."""
+def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
+    """The refusal for an op that moves channels otfuse does not follow (a channel shuffle: a view of the channels
+    as (groups, channels / groups), transposed; a pixel shuffle or unshuffle), or "" when the model has none."""
     with torch.enable_grad():
         try:
             out = model(x)
@@ -185,6 +208,9 @@ def _shuffle_note(model: nn.Module, x: torch.Tensor) -> str:
         if f is None or f in seen:
             continue
         seen.add(f)
+        if type(f).__name__ in PIXEL_SHUFFLES:
+            return (f"{type(model).__name__} uses {PIXEL_SHUFFLES[type(f).__name__]}, which moves channels into pixels or back; "
+                    "otfuse does not follow that index map yet and refuses it rather than fuse it wrongly")
         if type(f).__name__ == "TransposeBackward0" and {f._saved_dim0, f._saved_dim1} == {1, 2} and _is_shuffle(f, consumer):
             return (f"{type(model).__name__} shuffles channels (view as groups, transpose(1, 2), view back): the shuffle "
                     "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
@@ -212,28 +238,108 @@ def _is_shuffle(transpose, consumer: dict) -> bool:
     return len(_sizes(before)) == 4 and after is not None and len(_sizes(after)) == 5
 
 
-def _tp_groups(graph: tp.DependencyGraph, order: dict[str, int], names: dict, ignored: list[nn.Module]):
-    """Torch-Pruning's get_all_groups, but rooted at layers in forward order: a producer is always
-    the root of its channels, so a depthwise conv after a torch.cat never merges the two producers'
-    channels into one group (a permutation across them could not be applied)."""
+def _repair_index_maps(graph: tp.DependencyGraph) -> None:
+    """Torch-Pruning's index maps, with those of splits and concatenations along channels redone from the autograd
+    graph. Torch-Pruning 1.6 pairs a split's outputs and a concatenation's inputs with offsets in the order it
+    found them (a split's parts land on the wrong consumers), sizes a chunk's parts by guessing, and drops a
+    concatenation's offsets when a slice follows it. Where the autograd graph is ambiguous (one op reading two
+    parts of one split, a concatenation of a constant or of one tensor twice) Torch-Pruning's maps stand and the
+    exactness check guards them."""
+    tp.dependency.index_mapping.update_index_mapping(graph)
+    mapping = tp.dependency.index_mapping
+    for node in graph.module2node.values():
+        fn = node.grad_fn
+        if fn is None or getattr(fn, "_saved_dim", None) != 1:
+            continue
+        if node.type == tp_ops.OPTYPE.SPLIT:
+            offsets = _offsets([m.shape[1] for m in fn._input_metadata])
+            for out in node.outputs:
+                nrs = [i for f, i in getattr(out.grad_fn, "next_functions", ()) if f is fn]
+                if len(nrs) == 1:
+                    _set_map(node, out, 0, mapping._SplitIndexMapping, offsets[nrs[0]:nrs[0] + 2])
+        elif node.type == tp_ops.OPTYPE.CONCAT:
+            producers = [f for f, _ in fn.next_functions]
+            if None in producers or len({id(f) for f in producers}) != len(producers):
+                continue
+            offsets = _offsets([int(_output_shape(f, i)[1]) for f, i in fn.next_functions])
+            for k, f in enumerate(producers):
+                for inp in [n for n in node.inputs if n.grad_fn is f]:
+                    _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            if node.type == tp_ops.OPTYPE.CONCAT and dep.target.type == tp_ops.OPTYPE.SPLIT and None not in dep.index_mapping:
+                # back from a concatenation into a split that feeds it: out of the concatenation first, then into the split
+                dep.index_mapping = [dep.index_mapping[1], dep.index_mapping[0]]
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + int(n))
+    return out
+
+
+def _set_map(a, b, slot: int, kind, offset: list[int]) -> None:
+    """Set the index map on the dependencies a -> b (forward) and b -> a (reverse); for a concatenation the forward
+    direction is input -> concatenation, for a split split -> output."""
+    for dep in a.dependencies:
+        if dep.target is b:
+            dep.index_mapping[slot] = kind(offset=offset, reverse=False)
+    for dep in b.dependencies:
+        if dep.target is a:
+            dep.index_mapping[slot] = kind(offset=offset, reverse=True)
+
+
+def _output_shape(fn, nr: int) -> torch.Size:
+    """The shape of output `nr` of the forward op behind autograd node `fn` (a leaf's own shape)."""
+    if hasattr(fn, "variable"):
+        return fn.variable.shape
+    return fn._input_metadata[nr].shape
+
+
+def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, ignored: nn.Module) -> Iterator[dict]:
+    """Per producer in forward order (a producer is always the root of its channels, so a depthwise conv after a
+    torch.cat never merges two producers' channels), every (node, handler) its out-channels reach, with the
+    (index, root index) pairs of every path. Torch-Pruning's get_pruning_group keeps one root index per index,
+    which loses couplings such as a GLU gate's (channel i multiplied by channel C + i)."""
     roots = sorted((m for m in graph.module2node if isinstance(m, CONV + CONV_T + (nn.Linear,))),
                    key=lambda m: order.get(names.get(m), 1 << 30))
     visited: set = set()
     for m in roots:
-        if m in ignored or m in visited:
+        if m is ignored or m in visited:
             continue
         pruner = graph.get_pruner_of_module(m)
         channels = pruner.get_out_channels(m) if pruner else None
         if channels is None:
             continue
-        group = graph.get_pruning_group(m, pruner.prune_out_channels, list(range(channels)))
-        touches_ignored = False
-        for item in group.items:
-            if graph.is_out_channel_pruning_fn(item.dep.handler):
-                visited.add(item.dep.target.module)
-                touches_ignored |= item.dep.target.module in ignored
-        if not touches_ignored:
-            yield group
+        fn = pruner.prune_out_channels
+        if isinstance(m, CONV) and m.groups == m.out_channels > 1:
+            fn = tp.function.prune_depthwise_conv_out_channels
+        reached = _reach(graph, graph.module2node[m], fn, channels)
+        outs = [node.module for (node, handler) in reached if graph.is_out_channel_pruning_fn(handler)]
+        visited.update(outs)
+        if not any(o is ignored for o in outs):
+            yield reached
+
+
+def _reach(graph: tp.DependencyGraph, root, fn, n: int) -> dict:
+    """{(node, handler): {(index, root index)}} of every dependency triggered from `root`'s n channels."""
+    reached = {(root, fn): {(i, i) for i in range(n)}}
+    stack = [(root, fn, [_HybridIndex(i, i) for i in range(n)])]
+    while stack:
+        node, handler, idxs = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(handler):
+                continue
+            new = idxs
+            for mapping in dep.index_mapping:
+                if mapping is not None:
+                    new = mapping(new)
+            fresh = {(int(i.idx), int(i.root_idx)) for i in new} - reached.get((dep.target, dep.handler), set())
+            if fresh:
+                reached.setdefault((dep.target, dep.handler), set()).update(fresh)
+                stack.append((dep.target, dep.handler, [_HybridIndex(i, r) for i, r in sorted(fresh)]))
+    return reached
 
 
 def _role_and_slots(module: nn.Module, name: str, handler_name: str) -> list[tuple[str, str, int, str]]:
@@ -252,9 +358,7 @@ def _role_and_slots(module: nn.Module, name: str, handler_name: str) -> list[tup
         return [(name, "weight", 0, "out"), (name, "bias", 0, "out")] if out else [(name, "weight", 1, "in")]
     if isinstance(module, BATCHNORM + INSTANCENORM):
         return [(name, t, 0, "out") for t in NORM_TENSORS if getattr(module, t, None) is not None]
-    if isinstance(module, nn.GroupNorm):
-        if module.num_groups != 1:
-            raise OtfuseError(f"module {name} is a GroupNorm with {module.num_groups} groups; only 1 group can be permuted exactly")
+    if isinstance(module, nn.GroupNorm):  # with several norm groups, channels move within them (_link_blocks)
         return [(name, "weight", 0, "out"), (name, "bias", 0, "out")]
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         return [(name, "weight", 0, "out"), (name, "bias", 0, "out")]
@@ -271,34 +375,85 @@ def _kind(module: nn.Module) -> str:
     return "norm" if isinstance(module, BATCHNORM + INSTANCENORM + (nn.GroupNorm, nn.LayerNorm)) else "other"
 
 
-def _to_group(tp_group, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int]) -> ChannelGroup:
-    pairs: dict[tuple[str, str, int, str], set[tuple[int, int]]] = {}
+def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int]) -> list[ChannelGroup]:
+    """The channel groups of one producer's reach: its channels coupled into group channels (every root index
+    that reaches one index of one tensor belongs to one group channel), then split into parts by where they go
+    (a split's parts, a partial residual's two sides): each part is a group whose channels move among themselves."""
+    slots: dict[tuple[str, str, int, str], set[tuple[int, int]]] = {}
     kinds: dict[str, str] = {}
     last: set[str] = set()  # modules that see channels on the last axis
     dense: dict[str, int] = {}
+    norm_groups: dict[str, set[tuple[int, int]]] = {}  # GroupNorms: their channels move within norm groups
     root = None
-    for item in tp_group.items:
-        module = item.dep.target.module
+    for (node, handler), pairs in reached.items():
+        module = node.module
         if isinstance(module, nn.Parameter):
-            slots, name = _parameter_slots(module, params, unwrapped)
+            found, name = _parameter_slots(module, params, unwrapped)
+            found = [(sl, 1) for sl in found]
         else:
             name = names.get(module, None)
             if name is None:
-                continue  # Torch-Pruning's own placeholder ops
-            slots = _role_and_slots(module, name, getattr(item.dep.handler, "__name__", ""))
+                continue  # Torch-Pruning's own placeholder ops (additions, splits, concatenations)
+            found = [sl for sl in _role_and_slots(module, name, getattr(handler, "__name__", "")) if getattr(module, sl[1], None) is not None]
+            found = [(sl, 1) for sl in found] + _stored_slots(module, name, found)
             kinds[name] = _kind(module)
             if _channels_last(module):
                 last.add(name)
             if isinstance(module, CONV) and 1 < module.groups and not _depthwise(module):
                 dense[name] = module.groups
+            if isinstance(module, nn.GroupNorm) and module.num_groups > 1:
+                norm_groups.setdefault(name, set()).update(pairs)
         root = root or name
-        for owner, tensor, axis, role in slots:
-            if isinstance(module, nn.Module) and getattr(module, tensor, None) is None:
-                continue  # no bias, no affine parameters
-            pairs.setdefault((owner, tensor, axis, role), set()).update(zip(item.idxs, item.root_idxs))
-    size = max(r for s in pairs.values() for _, r in s) + 1
-    members = [Member(n, t, a, _index_matrix(s, size, n), role, kinds.get(n, "other"), dense.get(n, 1) if t == "weight" else 1)
-               for (n, t, a, role), s in pairs.items()]
+        for slot, k in found:
+            slots.setdefault(slot, set()).update(_spread(pairs, k))
+    if not slots:
+        return []
+    channel = _union_roots([pairs for pairs in slots.values()] + list(norm_groups.values()))
+    parts: dict[tuple, list[int]] = {}  # a part's signature (positions per tensor) -> its group channels
+    positions = {slot: _positions(pairs, channel) for slot, pairs in slots.items()}
+    for c in sorted(set(channel.values())):
+        parts.setdefault(tuple(len(positions[sl].get(c, ())) for sl in slots), []).append(c)
+    out = []
+    for signature, chans in parts.items():
+        members = [Member(n, t, a, _index_matrix([positions[(n, t, a, role)][c] for c in chans], n), role,
+                          kinds.get(n, "other"), dense.get(n, 1) if t == "weight" else 1)
+                   for ((n, t, a, role), count) in zip(slots, signature) if count]
+        name = root if len(parts) == 1 else f"{root}[{min(chans)}]"
+        group = _group(name, len(chans), members, last, order)
+        group.norm_blocks = {n: [sorted(i for i, r in pairs if channel[r] == c) for c in chans] for n, pairs in norm_groups.items()}
+        out.append(group)
+    return out
+
+
+def _union_roots(pair_sets: list[set[tuple[int, int]]]) -> dict[int, int]:
+    """Root index -> its group channel (the smallest root index it is coupled with): two root indices that
+    reach the same position of one tensor are one channel."""
+    parent: dict[int, int] = {}
+
+    def find(r: int) -> int:
+        while parent.setdefault(r, r) != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+
+    for pairs in pair_sets:
+        first: dict[int, int] = {}
+        for idx, r in pairs:
+            a, b = find(first.setdefault(idx, r)), find(r)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {r: find(r) for r in list(parent)}
+
+
+def _positions(pairs: set[tuple[int, int]], channel: dict[int, int]) -> dict[int, list[int]]:
+    """Group channel -> its positions (sorted) on one tensor's axis."""
+    out: dict[int, set[int]] = {}
+    for idx, r in pairs:
+        out.setdefault(channel[r], set()).add(idx)
+    return {c: sorted(v) for c, v in out.items()}
+
+
+def _group(name: str, size: int, members: list[Member], last: set[str], order: dict[str, int]) -> ChannelGroup:
     axis = lambda m: -1 if m.module in last else 1
     observations = [Observation(m.module, m.index, "input", axis(m)) for m in members if m.role == "in" and m.tensor == "weight"]
     producers = [m for m in members if m.role == "out" and m.tensor == "weight"]
@@ -308,7 +463,46 @@ def _to_group(tp_group, names: dict, order: dict[str, int], params: dict[int, st
     pre = [Observation(m.module, m.index, "output", axis(m)) for m in producers
            if m.kind == "norm" or (m.kind == "layer" and m.module not in normed)]
     first = min((order.get(m.module, 1 << 30) for m in members if m.role == "out"), default=1 << 30)
-    return ChannelGroup(root, size, members, observations, pre, first)
+    return ChannelGroup(name, size, members, observations, pre, first)
+
+
+def _stored_slots(module: nn.Module, name: str, slots: list) -> list[tuple[tuple, int]]:
+    """(slot, spread) for each tensor a model stores behind a parametrised one in `slots`: `torch.nn.utils.parametrize`'s
+    originals (and its parametrisations' own per-channel buffers, such as spectral norm's u and v). Carrying
+    rewrites these; the parametrised tensor is computed from them.
+    `spread` > 1: a vector over the weight's flattened columns, channel i at positions i * spread ... A stored
+    tensor whose axis cannot follow is one error naming it."""
+    out = []
+    for _, tensor, axis, role in slots:
+        logical = getattr(module, tensor)
+        stored = []
+        if parametrize.is_parametrized(module, tensor):
+            prefix = f"{name}.parametrizations.{tensor}"
+            stored = [(f"{prefix}.{n}".rpartition("."), t) for n, t in module.parametrizations[tensor].named_parameters()]
+            stored += [(f"{prefix}.{n}".rpartition("."), t) for n, t in module.parametrizations[tensor].named_buffers()]
+        size = logical.shape[axis]
+        columns = logical[0].numel() if logical.ndim > 1 else -1
+        for (owner, _, attr), t in stored:
+            if t.ndim == logical.ndim and t.shape[axis] == size:
+                out.append(((owner, attr, axis, role), 1))
+            elif t.ndim == logical.ndim and t.shape[axis] == 1:
+                continue  # broadcast along this axis (weight_norm's g on the input axis): nothing to permute
+            elif t.ndim == 1 and axis == 0 and t.numel() == size:
+                out.append(((owner, attr, 0, role), 1))
+            elif t.ndim == 1 and axis == 1 and t.numel() == columns:
+                out.append(((owner, attr, 0, role), columns // size))
+            elif t.ndim == 1 and t.numel() == (columns if axis == 0 else size if logical.ndim > 1 else -2):
+                continue  # the vector runs along the other axis
+            else:
+                raise OtfuseError(f"module {name}: its {tensor} is computed from {owner}.{attr} of shape {tuple(t.shape)}, "
+                                  f"which otfuse cannot permute along the {tensor}'s axis {axis}; remove the parametrisation "
+                                  "(torch.nn.utils.parametrize.remove_parametrizations) before fusing")
+    return out
+
+
+def _spread(pairs: set[tuple[int, int]], k: int) -> set[tuple[int, int]]:
+    """(position, root) pairs of a vector over flattened columns: input channel i at i * k ... i * k + k - 1."""
+    return pairs if k == 1 else {(i * k + j, r) for i, r in pairs for j in range(k)}
 
 
 def _parameter_slots(p: nn.Parameter, params: dict[int, str], unwrapped: dict[int, int]) -> tuple[list, str]:
@@ -332,10 +526,12 @@ def _depthwise(conv: nn.Module) -> bool:
     return conv.groups == conv.in_channels == conv.out_channels
 
 
-def _link_grouped_convs(model: nn.Module, groups: list[ChannelGroup]) -> None:
-    """Give the groups a grouped conv reads and writes their block structure, and link them into one family:
-    a permutation may move channels only within their block, and must move the blocks of both sides alike."""
+def _link_blocks(model: nn.Module, groups: list[ChannelGroup]) -> None:
+    """Give the groups a grouped conv reads and writes, and those a GroupNorm normalises, their block structure,
+    and link them into one family: a permutation may move channels only within their block (a conv group, a
+    norm group), and must move the blocks of every linked side alike."""
     where = {(m.module, m.axis): g for g in groups for m in g.members if m.conv_groups > 1 and m.tensor == "weight"}
+    normed = {n: g for g in groups for n in g.norm_blocks}
     parent = {g.name: g.name for g in groups}
 
     def find(n: str) -> str:
@@ -343,20 +539,26 @@ def _link_grouped_convs(model: nn.Module, groups: list[ChannelGroup]) -> None:
             n = parent[n]
         return n
 
-    for name, conv in model.named_modules():
-        if not (isinstance(conv, CONV) and conv.groups > 1 and not _depthwise(conv)):
+    for name, mod in model.named_modules():
+        if isinstance(mod, CONV) and mod.groups > 1 and not _depthwise(mod):
+            sides = [(where.get((name, 1)), mod.in_channels, mod.groups, 1), (where.get((name, 0)), mod.out_channels, mod.groups, 0)]
+        elif isinstance(mod, nn.GroupNorm) and mod.num_groups > 1:
+            sides = [(normed.get(name), mod.num_channels, mod.num_groups, None)]
+        else:
             continue
-        sides = [(where.get((name, 1)), conv.in_channels), (where.get((name, 0)), conv.out_channels)]
-        for g, channels in sides:
+        for g, channels, n_blocks, axis in sides:
             if g is None:
                 continue
-            m = next(m for m in g.members if m.module == name and m.tensor == "weight")
-            blocks = m.index[:, 0] // (channels // conv.groups)
+            if axis is None:
+                first = torch.tensor([p[0] for p in g.norm_blocks[name]])
+            else:
+                first = next(m for m in g.members if m.module == name and m.tensor == "weight" and m.axis == axis).index[:, 0]
+            blocks = first // (channels // n_blocks)
             if g.blocks is not None and not torch.equal(g.blocks, blocks):
-                raise OtfuseError(f"module {name}: its channels are split into blocks that another grouped conv splits "
-                                  f"differently (groups={conv.groups}); they cannot be permuted exactly")
+                raise OtfuseError(f"module {name}: its channels are split into blocks that another grouped layer splits "
+                                  f"differently (groups={n_blocks}); they cannot be permuted exactly")
             g.blocks = blocks
-        linked = [g for g, _ in sides if g is not None]
+        linked = [g for g, *_ in sides if g is not None]
         for g in linked[1:]:
             parent[find(g.name)] = find(linked[0].name)
     for g in groups:
@@ -369,14 +571,11 @@ def _follows(norm: str, layer: str, order: dict[str, int]) -> bool:
     return order.get(norm, -2) == order.get(layer, -10) + 1
 
 
-def _index_matrix(pairs: set[tuple[int, int]], size: int, name: str) -> torch.Tensor:
-    per: list[list[int]] = [[] for _ in range(size)]
-    for idx, r in pairs:
-        per[r].append(idx)
-    counts = {len(p) for p in per}
-    if len(counts) != 1 or 0 in counts:
+def _index_matrix(per: list[list[int]], name: str) -> torch.Tensor:
+    """(channels, m): each group channel's positions on one tensor's axis; every channel must have as many."""
+    if len({len(p) for p in per}) != 1 or not per[0]:
         raise OtfuseError(f"module {name}: channels map to uneven index sets; this layout cannot be permuted exactly")
-    return torch.tensor([sorted(p) for p in per], dtype=torch.long)
+    return torch.tensor(per, dtype=torch.long)
 
 
 def check_same_groups(a: list[ChannelGroup], b: list[ChannelGroup], sizes: bool = True) -> None:
@@ -403,12 +602,3 @@ def _layout(g: ChannelGroup) -> tuple:
 def example_input(images: torch.Tensor, norm: tuple, model: nn.Module) -> torch.Tensor:
     """One normalised image on the model's device: what tracing a model needs."""
     return normalize(images[:1], norm).to(next(model.parameters()).device)
-
-
-def groups_of(models: list[nn.Module], images: torch.Tensor, norm: tuple, same_width: bool = True) -> list[list[ChannelGroup]]:
-    """Every model's channel groups, after checking they all have the first one's structure
-    (and its numbers of channels, unless `same_width` is False)."""
-    per_model = [channel_groups(m, example_input(images, norm, m)) for m in models]
-    for g in per_model[1:]:
-        check_same_groups(per_model[0], g, sizes=same_width)
-    return per_model

@@ -21,7 +21,7 @@ from otfuse.align import align
 from otfuse.data import ImageData
 from otfuse.evaluate import loss_and_accuracy
 from otfuse.fuse import FuseConfig, fuse
-from otfuse.groups import groups_of
+from otfuse.maps import groups_of
 from otfuse.maps import ChannelMap
 from otfuse.precision import resolve_precision
 

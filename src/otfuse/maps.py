@@ -4,6 +4,7 @@
     m = transport_map(cost)                                 # exact OT between the rows' and the columns' channels
     same = carry(model, groups, maps)                       # permutations: a copy computing the same function
     narrow = carry(model, groups, maps, into=template, into_groups=channel_groups(template, x))
+    groups = channel_groups(model, x)                       # found by DepGraph, then checked to permute exactly
 
 A map is a transport plan of shape (n_target, n_source): `plan[t, s]` is the mass of source channel
 `s` that goes to target channel `t`. The numbers of channels may differ, and the plan may be soft;
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup, Member
+from otfuse.groups import ChannelGroup, Member, channel_rearrangement, check_same_groups, example_input, find_groups
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,20 +128,31 @@ def _mass(w: torch.Tensor) -> np.ndarray:
     return w / w.sum()
 
 
-def random_maps(groups: list[ChannelGroup], seed: int = 0) -> dict[str, ChannelMap]:
+def random_maps(groups: list[ChannelGroup], seed: int = 0, cycles: bool = False) -> dict[str, ChannelMap]:
     """A random permutation for every group; groups with blocks (grouped convs) move their channels
-    within blocks, and the blocks of one family alike."""
+    within blocks, and the blocks of one family alike. With `cycles`, every permutation is one cycle
+    through all its channels (and blocks): it moves each channel, and mixes any two subsets of them, so
+    a group that should have been two cannot pass an exactness check by chance."""
     gen = torch.Generator().manual_seed(seed)
+    draw = lambda n: _cycle(n, gen) if cycles else torch.randperm(n, generator=gen)
     families: dict[str, torch.Tensor] = {}
     out = {}
     for g in groups:
         if g.blocks is None:
-            out[g.name] = ChannelMap.permutation(torch.randperm(g.size, generator=gen))
+            out[g.name] = ChannelMap.permutation(draw(g.size))
             continue
         n_blocks = int(g.blocks.max()) + 1
-        beta = families.setdefault(g.family, torch.randperm(n_blocks, generator=gen))
-        out[g.name] = ChannelMap.permutation(block_permutation(g.blocks, beta, lambda b, t, s: torch.randperm(len(t), generator=gen)))
+        beta = families.setdefault(g.family, draw(n_blocks))
+        out[g.name] = ChannelMap.permutation(block_permutation(g.blocks, beta, lambda b, t, s: draw(len(t))))
     return out
+
+
+def _cycle(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation of n that is a single n-cycle."""
+    order = torch.randperm(n, generator=gen)
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(1)
+    return perm
 
 
 def block_permutation(blocks: torch.Tensor, beta: torch.Tensor, within) -> torch.Tensor:
@@ -157,10 +169,15 @@ def block_permutation(blocks: torch.Tensor, beta: torch.Tensor, within) -> torch
 
 
 def tensors_of(model: nn.Module, dense: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by its full name; with `dense`, grouped convs' weights in their dense
+    """Every parameter and buffer by its full name, and every parametrised weight as computed (read-only:
+    carrying writes the tensors it is computed from); with `dense`, grouped convs' weights in their dense
     block-diagonal form, whose input axis counts every input channel (what channel groups index)."""
     out = dict(model.named_parameters())
     out.update(dict(model.named_buffers()))
+    for name, mod in model.named_modules():
+        for t in getattr(mod, "parametrizations", {}).keys():
+            with torch.no_grad():
+                out[f"{name}.{t}" if name else t] = getattr(mod, t).detach()
     if dense:
         for name, g in grouped_convs(model).items():
             out[f"{name}.weight"] = to_dense(out[f"{name}.weight"], g)
@@ -207,7 +224,7 @@ def carry(model: nn.Module, groups: list[ChannelGroup], maps: dict[str, ChannelM
     A group without a map keeps its channels (its sizes must then agree)."""
     target = copy.deepcopy(into if into is not None else model)
     dst_groups = {g.name: g for g in (into_groups or groups)}
-    src, dst = tensors_of(model, dense=True), tensors_of(target)
+    src, dst = tensors_of(model, dense=True), _stored(target)
     grouped = {f"{n}.weight": g for n, g in grouped_convs(target).items()}
     work: dict[str, dict[int, list]] = {}  # tensor -> axis -> [(source index, target index, map, role)]
     for g in groups:
@@ -226,6 +243,8 @@ def carry(model: nn.Module, groups: list[ChannelGroup], maps: dict[str, ChannelM
             work.setdefault(tensor_key(mem), {}).setdefault(mem.axis, []).append((mem.index, tm.index, m, mem.role))
     with torch.no_grad():
         for key, t in src.items():
+            if key not in dst:
+                continue  # a parametrised weight: computed from the stored tensors carried here
             out = t
             for axis, items in work.get(key, {}).items():
                 length = dst[key].shape[axis] * (grouped[key] if key in grouped and axis == 1 else 1)
@@ -236,6 +255,11 @@ def carry(model: nn.Module, groups: list[ChannelGroup], maps: dict[str, ChannelM
                 raise OtfuseError(f"{key} has shape {tuple(out.shape)} after carrying but {tuple(dst[key].shape)} in the target model")
             dst[key].copy_(out)
     return target.train(model.training)
+
+
+def _stored(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the model stores (parameters and buffers), by full name: what carrying writes."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 def _carry_axis(t: torch.Tensor, axis: int, items: list, new_len: int) -> torch.Tensor:
@@ -313,3 +337,90 @@ def permute(model: nn.Module, groups: list[ChannelGroup], perms: dict[str, torch
     """A copy of `model` with each group's channels permuted (target channel c <- channel perms[g][c])."""
     maps = {k: v if isinstance(v, ChannelMap) else ChannelMap.permutation(v) for k, v in perms.items()}
     return carry(model, groups, maps)
+
+
+# --- groups found, then checked -----------------------------------------------------------------
+
+EXACT_RTOL = 1e-3  # relative output error of a randomly permuted copy above which a grouping is refused
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
+    """Every permutable channel group of `model`, in forward order (`otfuse.groups.find_groups`), checked
+    numerically: a copy with random weights, every group randomly permuted, must compute what the copy
+    computes on `example_input`. A grouping that fails is one OtfuseError naming the first group that
+    breaks it, never a silently wrong model. Random weights, because a model's own (a branch
+    initialised to zero) could hide a wrong group that another model's weights would show."""
+    groups = find_groups(model, example_input, time_limit)
+    check_exact(model, groups, example_input)
+    return groups
+
+
+def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -> None:
+    """Raise one OtfuseError unless permuting every group of `groups` keeps `model`'s function (random weights, input `x`)."""
+    probe = _randomized(model).eval()
+    x = x.to(next(probe.parameters()).device)
+    try:
+        with torch.no_grad():
+            want = probe(x)
+            if _error(want, carry(probe, groups, random_maps(groups, seed=0, cycles=True))(x)) <= EXACT_RTOL:
+                return
+            for g in groups:  # the first group whose permutation alone changes the function
+                if _error(want, carry(probe, [g], random_maps([g], seed=0, cycles=True))(x)) > EXACT_RTOL:
+                    culprit = g
+                    break
+            else:
+                culprit = groups[0]
+    except Exception as exc:
+        why = str(exc) if isinstance(exc, OtfuseError) else f"{type(exc).__name__}: {' '.join(str(exc).split()[:16])}"
+        raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting its channel groups fails "
+                          f"({why}); otfuse cannot fuse it") from None
+    parametrized = sorted({m.module.partition(".parametrizations.")[0] for m in culprit.members if ".parametrizations." in m.module})
+    if parametrized:
+        raise OtfuseError(f"{type(model).__name__}: module {parametrized[0]}'s parametrised weight does not commute with permuting "
+                          "its channels (an orthogonal or other coupling parametrisation), so it cannot be permuted exactly; "
+                          "remove it (torch.nn.utils.parametrize.remove_parametrizations) before fusing")
+    where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
+    raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} ({where}) "
+                      "changes what the model computes, so the layout between these layers (a channel split, shuffle or "
+                      "reshape otfuse does not follow) cannot be permuted exactly; otfuse refuses it rather than fuse it wrongly")
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = _first_tensor(a), _first_tensor(b)
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """A model's output as one float tensor (the first of a tuple or dict)."""
+    while not isinstance(out, torch.Tensor):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return out.float()
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    """A copy of `model` with random stored tensors of a sensible scale (seeded): conv/linear weights ~ N(0, 1/fan-in),
+    per-channel vectors near 1 (variances, scales) or near 0 (means, biases)."""
+    probe = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in _stored(probe).items():
+            if not t.is_floating_point():
+                continue
+            leaf = name.rpartition(".")[2]
+            if t.ndim >= 2:
+                r = torch.randn(t.shape, generator=gen) / max(1, t[0].numel()) ** 0.5
+            elif leaf in ("running_var", "weight", "weight_g", "original0", "gamma") or "scale" in leaf:
+                r = torch.rand(t.shape, generator=gen) + 0.5
+            else:
+                r = torch.randn(t.shape, generator=gen) * 0.2
+            t.copy_(r.to(t))
+    return probe
+
+
+def groups_of(models: list[nn.Module], images: torch.Tensor, norm: tuple, same_width: bool = True) -> list[list[ChannelGroup]]:
+    """Every model's channel groups, after checking they all have the first one's structure
+    (and its numbers of channels, unless `same_width` is False)."""
+    per_model = [channel_groups(m, example_input(images, norm, m)) for m in models]
+    for g in per_model[1:]:
+        check_same_groups(per_model[0], g, sizes=same_width)
+    return per_model

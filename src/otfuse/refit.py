@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy.linalg import blas
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from otfuse.data import augment_batch, fixed_sample, normalize
@@ -177,7 +178,7 @@ def _set_unit(model: nn.Module, layer: str, norm: str | None, fit: torch.Tensor,
     m = model.get_submodule(layer)
     w, b = fit[:, :-1], fit[:, -1]
     per_block = w.reshape(len(gram), -1, w.shape[1])
-    m.weight.copy_(w.reshape(m.weight.shape).to(m.weight))
+    _write_weight(m, layer, w.reshape(m.weight.shape).to(m.weight))
     if norm is None:
         if m.bias is not None:
             m.bias.copy_(b.to(m.bias))
@@ -193,6 +194,21 @@ def _set_unit(model: nn.Module, layer: str, norm: str | None, fit: torch.Tensor,
     if n.affine:  # normalise, then undo it: the unit computes w x + b, and BatchNorm stays a true normaliser
         n.weight.copy_((var + n.eps).sqrt().to(n.weight))
         n.bias.copy_((mean + b).to(n.bias))
+
+
+def _write_weight(m: nn.Module, layer: str, w: torch.Tensor) -> None:
+    """Set a layer's weight; a parametrised one through its right inverse, checked to give back `w`."""
+    if not parametrize.is_parametrized(m, "weight"):
+        m.weight.copy_(w)
+        return
+    try:
+        m.weight = w
+    except Exception as exc:
+        raise OtfuseError(f"the refit cannot write module {layer}'s parametrised weight ({type(exc).__name__}: {exc}); "
+                          "fuse with --no-refit") from None
+    if not torch.allclose(m.weight, w, rtol=1e-4, atol=1e-6 * float(w.abs().max())):
+        raise OtfuseError(f"the refit cannot write module {layer}'s parametrised weight: its parametrisation does not give back "
+                          "the fitted weight (spectral norm rescales it); fuse with --no-refit")
 
 
 def _batches(sample: torch.Tensor, norm: tuple, cfg: RefitConfig, device: torch.device) -> list[torch.Tensor]:
