@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Every classification architecture in torchvision: group its channels, permute them at random, compare outputs.
+"""Every classification architecture in torchvision, and 100 timm CNNs: group channels, permute at random, compare outputs.
 
     python bench/bench_zoo.py [--only resnext50_32x4d,convnext_tiny] [--size 224] [--time-limit 120]
+    python bench/bench_zoo.py --source timm          # needs timm (pip install -e .[timm]); nothing is downloaded
 
 Each model is built with random weights and random BatchNorm statistics (num_classes=10), grouped
 on one image, permuted with random maps and run on two images. A row is `exact` (largest output
-difference relative to the largest output), `refused` (the project's own one-line error, quoted)
-or `crash` (any other exception: a bug). Rows go to bench/zoo-torchvision.csv with the seconds each
-step took; with --only, the listed models' rows are replaced and the others kept.
+difference relative to the largest output), `refused` (the project's own one-line error, quoted),
+`crash` (any other exception: a bug) or `WRONG` (permuted but not exact: the worst bug). Rows go to
+bench/zoo-<source>.csv with the seconds each step took, each as it finishes; with --only, the listed
+models' rows are replaced and the others kept. timm rows name the model's family (its timm module).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torchvision
 
 from otfuse.errors import OtfuseError
-from otfuse.groups import channel_groups
+from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.storage import atomic_write_csv
 
@@ -30,15 +32,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize_bn  # noqa: E402  (the tests' own randomiser: one way to do it)
 
 
-def check(name: str, size: int, limit: float) -> dict:
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
+# CNNs only (transformers and attention hybrids are counted apart), small variants, 30 families
+TIMM_CNNS = """resnet10t resnet14t resnet18 resnet18d resnet26 resnet26d resnet34 resnet50 resnet50d seresnet18
+seresnext26t_32x4d seresnext26d_32x4d ecaresnet26t ecaresnet50t resnetblur18 resnetrs50 resnext26ts gcresnet26ts
+regnetz_b16 repvgg_a0 repvgg_a2 gernet_s gernet_m mobileone_s0 skresnet18 skresnet34 skresnext50_32x4d resnest14d
+resnest26d res2net50_14w_8s res2net50_26w_4s res2next50 cspresnet50 cspresnext50 cspdarknet53 darknet17 darknet21
+cs3darknet_s cs3darknet_m cs3edgenet_x cs3sedarknet_l dla34 dla46_c dla46x_c dla60 dla60x_c dpn48b dpn68
+efficientnet_b0 efficientnet_lite0 efficientnet_es tf_efficientnetv2_b0 efficientnetv2_rw_t mixnet_s mixnet_m
+tf_mixnet_s mnasnet_small mnasnet_100 fbnetc_100 spnasnet_100 semnasnet_075 mobilenetv2_050 tinynet_a tinynet_e
+ghostnet_050 ghostnet_100 ghostnetv2_100 repghostnet_050 hrnet_w18_small inception_v3 inception_v4
+inception_next_atto mobilenetv3_small_050 mobilenetv3_large_100 lcnet_050 lcnet_100 mobilenetv4_conv_small
+nf_resnet26 nf_regnet_b0 dm_nfnet_f0 regnetx_002 regnetx_004 regnety_002 regnety_004 rexnet_100 rexnetr_100
+selecsls42b legacy_seresnet18 tresnet_m vgg11 vgg11_bn vovnet39a ese_vovnet19b_dw xception41 xception65
+convnext_atto convnext_femto convnextv2_atto densenet121 densenetblur121d hardcorenas_a hardcorenas_f hgnet_tiny
+hgnetv2_b0""".split()
+
+
+def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
+    """(a model with random weights and 10 classes, its family)."""
+    if source == "timm":
+        import timm  # optional: only this source needs it
+        return timm.create_model(name, pretrained=False, num_classes=10), _timm_family(name)
     kwargs = {"num_classes": 10}
     if name.startswith(("inception", "googlenet")):
         kwargs.update(aux_logits=False, init_weights=False)
-    model = randomize_bn(torchvision.models.get_model(name, **kwargs)).eval()
+    return torchvision.models.get_model(name, **kwargs), name.rstrip("0123456789_").split("_")[0]
+
+
+def _timm_family(name: str) -> str:
+    import timm
+    return timm.models._registry._model_to_module.get(name, "").rpartition(".")[2] or name.split("_")[0]
+
+
+def check(source: str, name: str, size: int, limit: float) -> dict:
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    try:
+        model, family = build(source, name)
+    except Exception as exc:
+        return {"model": name, "result": "crash", "message": f"build: {type(exc).__name__}: {str(exc)[:200]}", "total_s": "0"}
+    model = randomize_bn(model).eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    row = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "build_s": f"{time.perf_counter() - t0:.1f}"}
+    row = {"model": name, "family": family, "parameters": sum(p.numel() for p in model.parameters()),
+           "build_s": f"{time.perf_counter() - t0:.1f}"}
     try:
         t1 = time.perf_counter()
         groups = channel_groups(model, x[:1], time_limit=limit)
@@ -60,24 +96,27 @@ def check(name: str, size: int, limit: float) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="", help="comma-separated model names (default: every classification model)")
+    p.add_argument("--source", default="torchvision", choices=["torchvision", "timm"])
+    p.add_argument("--only", default="", help="comma-separated model names (default: every classification model of the source)")
     p.add_argument("--size", type=int, default=224, help="image side (default: 224, what every model accepts)")
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "zoo-torchvision.csv"))
+    p.add_argument("--out", default="", help="default: bench/zoo-<source>.csv")
     args = p.parse_args()
-    names = [n for n in args.only.split(",") if n] or torchvision.models.list_models(module=torchvision.models)
+    out = Path(args.out or Path(__file__).parent / f"zoo-{args.source}.csv")
+    every = TIMM_CNNS if args.source == "timm" else torchvision.models.list_models(module=torchvision.models)
+    names = [n for n in args.only.split(",") if n] or every
+    fields = ["model", "family", "result", "rel_error", "groups", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
+    # rows of models not rerun are kept: a stopped run, or one with --only, leaves the others as they were
+    kept = [r for r in csv.DictReader(out.open(newline=""))] if out.is_file() else []
     rows = []
     for name in names:
-        rows.append(check(name, args.size, args.time_limit))
+        rows.append(check(args.source, name, args.size, args.time_limit))
         r = rows[-1]
         print(f"{name:<22} {r['result']:<8} {r.get('rel_error', ''):>8} {r['total_s']:>6} s  {r['message'][:110]}", flush=True)
-    fields = ["model", "result", "rel_error", "groups", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
-    if args.only and Path(args.out).is_file():  # a rerun of some models updates their rows and keeps the others
-        with open(args.out, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if r["model"] not in {r2["model"] for r2 in rows}]
-        rows = sorted(kept + rows, key=lambda r: r["model"])
-    atomic_write_csv(args.out, rows, fields)
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {sum(r['result'] == k for r in rows)}" for k in ("exact", "refused", "crash", "WRONG")))
+        fresh = {r2["model"] for r2 in rows}
+        atomic_write_csv(out, sorted([r2 for r2 in kept if r2["model"] not in fresh] + rows, key=lambda r2: r2["model"]), fields)
+    rows = list(csv.DictReader(out.open(newline="")))
+    print(f"wrote {out}: " + ", ".join(f"{k} {sum(r['result'] == k for r in rows)}" for k in ("exact", "refused", "crash", "WRONG")))
     return 0 if not any(r["result"] in ("crash", "WRONG") for r in rows) else 1
 
 

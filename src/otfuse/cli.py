@@ -21,7 +21,7 @@ from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import accuracy, loss_and_accuracy
 from otfuse.fuse import FuseConfig, fuse, timed
 from otfuse.interpolate import interpolation, options_note
-from otfuse.models import build_model
+from otfuse.models import arch_folder, build_model
 from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
@@ -154,7 +154,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     cfg = replace(fuse_config(args, metas), weights="")
     meta0, seeds = metas[0], "-".join(str(m.get("seed", "?")) for m in metas)
     rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
-    stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{meta0['arch']}-w{meta0['width']}-seeds{seeds}"
+    stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{arch_folder(meta0['arch'], meta0['width'])}-seeds{seeds}"
     atomic_write_csv(f"{stem}.csv", rows)
     title = (f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}, seeds {seeds}: "
              f"interpolating A (seed {metas[0].get('seed')}) to B\n{options_note(cfg)}")

@@ -4,6 +4,9 @@ The CIFAR-style ResNet18 has a 3x3 stride-1 stem and no max-pool, BasicBlocks [2
 with widths (w, 2w, 4w, 8w). `resnext18` has the same layout with ResNeXt bottlenecks whose
 3x3 convs are grouped (4 groups). Register another architecture with `@register("name")` on
 a function taking (width, in_channels, num_classes).
+
+`timm:<name>` builds any model of timm (`pip install -e .[timm]`) with random weights (nothing is
+downloaded); timm models have no width knob, so their width is recorded as 0.
 """
 
 from __future__ import annotations
@@ -27,12 +30,42 @@ def register(name: str):
     return wrap
 
 
+TIMM = "timm:"
+
+
 def build_model(arch: str, width: int = 64, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    if arch.startswith(TIMM):
+        return timm_model(arch[len(TIMM):], width, in_channels, num_classes)
     if arch not in REGISTRY:
         raise OtfuseError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
     if width < 1 or in_channels < 1 or num_classes < 2:
         raise OtfuseError(f"width {width}, in_channels {in_channels}, num_classes {num_classes}: need width>=1, in_channels>=1, num_classes>=2")
     return REGISTRY[arch](width, in_channels, num_classes)
+
+
+def timm_model(name: str, width: int, in_channels: int, num_classes: int) -> nn.Module:
+    """timm's model `name` with random weights; `width` must be 0 (timm models have no width knob)."""
+    try:
+        import timm  # optional extra: only timm architectures need it
+    except ImportError:
+        raise OtfuseError(f"--arch {TIMM}{name} needs timm; install it with pip install -e .[timm]") from None
+    if width:
+        raise OtfuseError(f"--width {width}: timm models have no width knob; leave --width out for --arch {TIMM}{name}")
+    if name not in timm.list_models():
+        raise OtfuseError(f"--arch {TIMM}{name}: timm has no model {name!r}; see timm.list_models()")
+    if num_classes < 2 or in_channels < 1:
+        raise OtfuseError(f"in_channels {in_channels}, num_classes {num_classes}: need in_channels>=1, num_classes>=2")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def arch_width(arch: str, width: int) -> int:
+    """The width a run of `arch` records: timm models have none (0)."""
+    return 0 if arch.startswith(TIMM) else width
+
+
+def arch_folder(arch: str, width: int) -> str:
+    """The checkpoint folder of an architecture and width: `resnet18-w16`, `timm-mixnet_s-w0`."""
+    return f"{arch.replace(':', '-')}-w{arch_width(arch, width)}"
 
 
 def shortcut(cin: int, cout: int, stride: int) -> nn.Sequential:

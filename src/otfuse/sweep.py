@@ -21,7 +21,7 @@ from otfuse.align import METHODS
 from otfuse.checkpoints import data_of, fused_meta, load_checkpoint, pick_device, recipe_options, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fuse import FuseConfig
-from otfuse.models import build_model
+from otfuse.models import arch_folder, build_model
 from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.report import fusion_table
 from otfuse.results import fusion_row, upsert_row, write_summary
@@ -138,7 +138,7 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
         meta0 = loaded[0][1]
         cfg = resolve(FuseConfig, args, args.config, recipe_options([m for _, m in pair]))
         width = args.width or meta0["width"]
-        folder = writable_dir(Path(args.checkpoint_dir) / ds / f"{meta0['arch']}-w{width}")
+        folder = writable_dir(Path(args.checkpoint_dir) / ds / arch_folder(meta0["arch"], width))
         data = data_of(meta0, args.data_dir).to(device)
         seeds, widths = [m["seed"] for _, m in pair], [m["width"] for _, m in pair]
         mixed = len(set(widths + [width])) > 1

@@ -24,7 +24,7 @@ from otfuse.checkpoints import load_checkpoint, pick_device, save_checkpoint, va
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
-from otfuse.models import build_model
+from otfuse.models import TIMM, arch_folder, arch_width, build_model
 from otfuse.precision import autocast, channels_last, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, writable_file
 
@@ -54,6 +54,7 @@ class TrainConfig:
     distill: bool = False  # label-free: learn the teachers' mean softmax instead of the labels
     teachers: str = ""  # comma-separated teacher checkpoints for --distill; empty: the --init checkpoint's parents
     temperature: float = 1.0  # softmax temperature of distillation (the loss is scaled by its square)
+    distill_weight: float = 1.0  # with --distill: the teachers' share of the loss (1: label-free; the rest is the label loss)
     out: str = ""  # checkpoint path; empty: <checkpoint_dir>/<dataset>/<arch>-w<width>/seed<seed>.pt
 
     def check(self) -> None:
@@ -67,20 +68,23 @@ class TrainConfig:
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "0 or more"),
             (0 <= self.label_smoothing < 1, "--label-smoothing", "between 0 and 1 (excluded)"),
             (self.val_size >= -1, "--val-size", "-1 (the default split) or 0 or more"),
-            (self.width >= 1, "--width", "at least 1"),
+            (self.width >= 1 or self.arch.startswith(TIMM), "--width", "at least 1"),
             (math.isfinite(self.temperature) and self.temperature > 0, "--temperature", "a positive number"),
+            (0 <= self.distill_weight <= 1, "--distill-weight", "between 0 and 1"),
         ]
         for ok, flag, want in bad:
             if not ok:
                 raise OtfuseError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))} must be {want}")
         resolve_precision(self.precision, torch.device("cpu"))  # the name only; the device decides later
+        if self.arch.startswith(TIMM) and self.width not in (0, TrainConfig.width):
+            raise OtfuseError(f"--width {self.width}: timm models have no width knob; leave --width out for --arch {self.arch}")
         if self.resume and self.overwrite:
             raise OtfuseError("--resume and --overwrite contradict each other; give one")
 
 
 # options that define a run: resuming with other values would make the checkpoint's metadata lie
 RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay",
-               "label_smoothing", "augment", "seed", "val_size", "init", "distill", "teachers", "temperature")
+               "label_smoothing", "augment", "seed", "val_size", "init", "distill", "teachers", "temperature", "distill_weight")
 
 
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
@@ -92,7 +96,7 @@ PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads 
 def checkpoint_path(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
-    return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / f"{cfg.arch}-w{cfg.width}" / f"seed{cfg.seed}.pt"
+    return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / arch_folder(cfg.arch, cfg.width) / f"seed{cfg.seed}.pt"
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -135,7 +139,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     if world > 1:
         device = _init_distributed(device, rank)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.width, data.in_channels, data.num_classes)
+    model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes)
     opt = make_optimizer(model, cfg)
     start, history = 0, []
     if cfg.resume and path.is_file():
@@ -169,10 +173,10 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
             xb = channels_last(xb, precision)
             with autocast(precision, device):
                 out = net(xb)
+                loss = loss_fn(out.float(), yb) if not teachers or cfg.distill_weight < 1 else 0.0
                 if teachers:
-                    loss = _distill_loss(out.float(), teachers, xb, cfg.temperature)
-                else:
-                    loss = loss_fn(out.float(), yb)
+                    w = cfg.distill_weight
+                    loss = w * _distill_loss(out.float(), teachers, xb, cfg.temperature) + (1 - w) * loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -217,7 +221,7 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
 
 def _meta(cfg: TrainConfig, data: ImageData) -> dict:
     return {
-        "kind": "trained", "arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels,
+        "kind": "trained", "arch": cfg.arch, "width": arch_width(cfg.arch, cfg.width), "in_channels": data.in_channels,
         "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
         "val_size": len(data.val_y), "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
         **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),

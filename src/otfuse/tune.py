@@ -33,6 +33,7 @@ from otfuse.data import ImageData, dataset_slug
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
 from otfuse.fuse import FuseConfig, fuse
+from otfuse.models import arch_folder
 from otfuse.options import build, flatten
 from otfuse.plots import history_figure, save_figure
 from otfuse.precision import resolve_precision
@@ -106,7 +107,7 @@ def default_study_name(metas: list[dict], width: int = 0) -> str:
     m = metas[0]
     width = width or m["width"]
     widths = "" if all(x["width"] == width for x in metas) else "-from-" + "-".join(f"w{x['width']}" for x in metas)
-    return f"{dataset_slug(m['dataset'])}-{m['arch']}-w{width}{widths}-seeds{'-'.join(str(x.get('seed', '?')) for x in metas)}"
+    return f"{dataset_slug(m['dataset'])}-{arch_folder(m['arch'], width)}{widths}-seeds{'-'.join(str(x.get('seed', '?')) for x in metas)}"
 
 
 def open_storage(url: str, results_dir: Path, study: str):
