@@ -1,77 +1,110 @@
 #!/usr/bin/env python
-"""Measure fine-tuning's settings on the validation split (never the test set), one change at a time.
+"""Fine-tuning a fusion against fair baselines: the fused model and each parent given the same epochs and recipe.
 
-    python bench/bench_finetune.py FUSED.pt A.pt B.pt [--data-dir DIR] [--device cpu] [--only augment=True]
+    python bench/bench_finetune.py FUSED.pt A.pt B.pt                                  # the default grid
+    python bench/bench_finetune.py FUSED.pt A.pt B.pt --run "fused,seed0: epochs=2 lr=0.02 augment=True distill=True"
+    nohup python bench/bench_finetune.py FUSED.pt A.pt B.pt > ft.log &                 # hours on 2 cores: run it in the background
 
-Each row fine-tunes FUSED (made by `otfuse fuse A.pt B.pt`) with `otfuse finetune`'s defaults
-(FINETUNE in otfuse.train) plus one change, and reports the validation accuracy and seconds. The
-last rows give the parents A and B the same fine-tuning with the defaults: the fair comparison
-for "fused + K epochs", since a parent trained one epoch more also gains. The rows go to
-bench/finetune-<dataset>-w<width>.csv; FINETUNE's values were chosen from these tables.
+FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of A and B with
+BatchNorm recomputed and refit, made here) and the parents A (`seed<a>`) and B (`seed<b>`) are the
+other starts. A run is starts + TrainConfig options (`otfuse finetune`'s defaults, then these);
+every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
+validation split (its accuracy after that epoch, from the run's history) and one on the test split
+after the last epoch, to bench/finetune-<dataset>-w<width>.csv, as soon as the run finishes. A run
+whose rows are there is skipped, so a stopped sweep resumes. Choose recipes on `split=val` only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from otfuse.checkpoints import load_checkpoint, load_parents
+from otfuse.checkpoints import fused_meta, load_checkpoint, load_parents, recipe_options, save_checkpoint
 from otfuse.data import dataset_slug
-from otfuse.errors import run_main
-from otfuse.options import parse_assignments
+from otfuse.errors import OtfuseError, run_main
+from otfuse.fuse import FuseConfig
+from otfuse.options import build, flatten, parse_assignments
+from otfuse.precision import resolve_precision
+from otfuse.report import baselines
 from otfuse.storage import atomic_write_csv
 from otfuse.train import FINETUNE, TrainConfig, finetune
 
-# one change from FINETUNE per row
-CHANGES = [
-    {},
-    {"augment": True},
-    {"lr": 0.02},
-    {"lr": 0.1},
-    {"label_smoothing": 0.0},
-    {"batch_size": 128},
+# (starts, options): every start of a run gets the same recipe; the fair comparison is within a run
+GRID = [
+    ("fused,seed0,seed1", "epochs=2 lr=0.02 augment=True"),
+    ("fused,seed0,seed1", "epochs=2 lr=0.02 augment=True distill=True distill_weight=0.5"),
+    ("fused,seed0,seed1", "epochs=4 lr=0.02 augment=True distill=True distill_weight=0.5"),
+    ("vanilla", "epochs=2 lr=0.02 augment=True"),
 ]
+FIELDS = ["start", "distill", "epochs", "epoch", "split", "acc", "seconds", "options", "dataset", "width"]
+
+
+def parse_run(text: str) -> tuple[list[str], dict]:
+    starts, _, options = text.partition(":")
+    return [s.strip() for s in starts.split(",") if s.strip()], parse_assignments(",".join(options.split()), TrainConfig)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs=3, metavar="FUSED.pt A.pt B.pt")
+    p.add_argument("--run", action="append", default=[], help='"starts: options", e.g. "fused,seed0: epochs=2 lr=0.02" (repeatable; default: the grid)')
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--only", action="append", default=[], help="measure only these changes (repeatable); skips the parents")
     p.add_argument("--out-dir", default=str(Path(__file__).parent))
     args = p.parse_args(argv)
 
     def run() -> int:
-        data_dir = args.data_dir
-        _, metas, data = load_parents(args.checkpoints, data_dir, args.device)
-        changes = [parse_assignments(c, TrainConfig) for c in args.only] or CHANGES
-        jobs = [(args.checkpoints[0], "fused", c) for c in changes]
-        if not args.only:
-            jobs += [(path, f"parent {name}", {}) for path, name in zip(args.checkpoints[1:], "AB")]
-        rows = []
+        fused, a, b = args.checkpoints
+        models, metas, data = load_parents([a, b], args.data_dir, args.device)
+        fmeta = load_checkpoint(fused)[1]
+        if fmeta.get("kind") != "fused":
+            raise OtfuseError(f"{fused} is not a fused checkpoint (kind {fmeta.get('kind')!r}); make one with otfuse fuse A.pt B.pt --out FUSED.pt")
+        runs = [parse_run(r) for r in args.run] or [parse_run(f"{s}: {o}") for s, o in GRID]
+        meta = metas[0]
+        out = Path(args.out_dir) / f"finetune-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}-w{meta['width']}.csv"
+        rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
+        done = {(r["start"], r["options"]) for r in rows}
         with tempfile.TemporaryDirectory() as tmp:
-            for i, (start, label, change) in enumerate(jobs):
-                t0 = time.perf_counter()
-                out = finetune(start, Path(tmp) / f"{i}.pt", data_dir, args.device, data, **change)
-                acc = load_checkpoint(out)[1]["val_acc"]
-                rows.append({"start": label, "change": ",".join(f"{k}={v}" for k, v in change.items()) or "defaults",
-                             "val_accuracy": f"{acc:.2f}", "seconds": f"{time.perf_counter() - t0:.1f}"})
-                r = rows[-1]
-                print(f"{r['start']:<9} {r['change']:<24} val {r['val_accuracy']:>6}%  {r['seconds']:>6} s", flush=True)
-        meta = metas[1]
-        seeds = "-".join(str(m.get("seed")) for m in metas[1:])
-        out = Path(args.out_dir) / f"finetune-{dataset_slug(meta['dataset'])}-w{meta['width']}.csv"
-        atomic_write_csv(out, [{"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r,
-                                "defaults": json.dumps(FINETUNE, sort_keys=True)} for r in rows])
+            paths = {"fused": fused, f"seed{metas[0]['seed']}": a, f"seed{metas[1]['seed']}": b}
+            for starts, options in runs:
+                opts = " ".join(f"{k}={v}" for k, v in sorted(options.items()))
+                for start in starts:
+                    if (start, opts) in done:
+                        continue
+                    if start == "vanilla" and "vanilla" not in paths:
+                        paths["vanilla"] = _vanilla(models, metas, [a, b], data, Path(tmp) / "vanilla.pt")
+                    if start not in paths:
+                        raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + ['vanilla'])}")
+                    teachers = {"teachers": f"{a},{b}"} if options.get("distill") else {}
+                    t0 = time.perf_counter()
+                    ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**options, **teachers})
+                    seconds = time.perf_counter() - t0
+                    history = load_checkpoint(ck)[1]["history"]
+                    ck.unlink()
+                    common = {"start": start, "distill": bool(options.get("distill")), "epochs": len(history), "options": opts,
+                              "seconds": f"{seconds:.0f}", "dataset": meta["dataset"], "width": meta["width"]}
+                    rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in history]
+                    rows.append({**common, "epoch": history[-1]["epoch"], "split": "test", "acc": f"{history[-1]['test_acc']:.2f}"})
+                    atomic_write_csv(out, rows, FIELDS)
+                    print(f"{start:<8} {opts:<70} val {history[-1]['val_acc']:.2f} test {history[-1]['test_acc']:.2f} "
+                          f"({seconds:.0f} s)", flush=True)
         print(f"wrote {out}")
         return 0
 
     return run_main(run)
+
+
+def _vanilla(models, metas, parents, data, path: Path) -> Path:
+    """The plain average of the parents, BatchNorm recomputed and refit with the fusion's defaults, saved to `path`."""
+    cfg = build(FuseConfig, recipe_options(metas))
+    precision = resolve_precision(cfg.precision, next(models[0].parameters()).device)
+    model = baselines(models, cfg.model_weights(len(models)), data.train_x, data.norm, cfg, precision)["vanilla_refit"]
+    save_checkpoint(path, model, {**fused_meta(metas, parents, metas[0]["width"], flatten(cfg), len(data.val_y), None), "method": "vanilla"})
+    return path
 
 
 if __name__ == "__main__":

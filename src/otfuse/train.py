@@ -88,7 +88,7 @@ RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup
 
 
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
-# (validation, one epoch from the default fusion: Fashion-MNIST 93.02 without, 91.96 with; bench/finetune-*.csv)
+# (validation, one epoch from the default fusion: Fashion-MNIST 93.02 without, 91.96 with; bench/finetune-settings-*.csv)
 FINETUNE = {"epochs": 1, "lr": 0.05, "warmup": 0.1, "augment": False}
 PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads the running loss from the device)
 
