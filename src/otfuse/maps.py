@@ -420,7 +420,8 @@ def _randomized(model: nn.Module) -> nn.Module:
 def groups_of(models: list[nn.Module], images: torch.Tensor, norm: tuple, same_width: bool = True) -> list[list[ChannelGroup]]:
     """Every model's channel groups, after checking they all have the first one's structure
     (and its numbers of channels, unless `same_width` is False)."""
-    per_model = [channel_groups(m, example_input(images, norm, m)) for m in models]
+    per_model = [find_groups(m, example_input(images, norm, m)) for m in models]
     for g in per_model[1:]:
         check_same_groups(per_model[0], g, sizes=same_width)
+    check_exact(models[0], per_model[0], example_input(images, norm, models[0]))  # one structure: one check
     return per_model
