@@ -212,3 +212,32 @@ class TiedNet(_Head):
 PATTERNS = {"split": SplitNet, "glu": GLUNet, "partial-residual": PartialResidualNet, "res2net": Res2Net, "ghost": GhostNet,
             "mixconv": MixConvNet, "groupnorm": GroupNormNet, "weight-norm": WeightNormNet, "spectral-norm": SpectralNormNet,
             "tied": TiedNet}
+
+
+# --- small instances of torchvision's classes: the same code paths as the full-size models (bench_zoo.py covers those) ---
+
+def small_resnet50():
+    """torchvision's ResNet with Bottleneck blocks, one per stage, narrow."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+    return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16)
+
+
+def small_densenet():
+    """torchvision's DenseNet: dense blocks of concatenations and transitions, narrow."""
+    from torchvision.models.densenet import DenseNet
+    return DenseNet(growth_rate=8, block_config=(2, 2, 2), num_init_features=16, bn_size=2, num_classes=10)
+
+
+def small_vgg_bn():
+    """torchvision's VGG with BatchNorm: its flatten after a 7x7 adaptive pool into Linear layers, narrow."""
+    from torchvision.models.vgg import VGG, make_layers
+    vgg = VGG(make_layers([8, "M", 16, "M", 32, 32, "M"], batch_norm=True), num_classes=10, init_weights=False)
+    vgg.classifier = nn.Sequential(nn.Linear(32 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    return vgg
+
+
+def small_mobilenet_v2():
+    """torchvision's MobileNetV2 (inverted residuals, depthwise convs) at half width (at a quarter, the weight method
+    cannot tell the 8 stem channels apart: an ambiguity of that method, not of the grouping)."""
+    from torchvision.models import mobilenet_v2
+    return mobilenet_v2(num_classes=10, width_mult=0.5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import CatNet, config, randomize_bn
+from conftest import CatNet, config, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
@@ -46,14 +46,6 @@ def test_fusing_a_trained_model_with_a_permuted_copy_returns_the_model(trained, 
     _assert_returns_model(models[0], data, method)
 
 
-def _narrow_head(vgg):
-    """vgg11_bn with 64-wide hidden layers: the flatten->Linear coupling stays, the 4096-wide OT problems
-    (minutes on 2 cores, and covered by the permutation tests) go."""
-    vgg.classifier = torch.nn.Sequential(torch.nn.Linear(512 * 7 * 7, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
-                                         torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    return vgg
-
-
 @pytest.mark.parametrize("options", [dict(point="pre"), dict(point="post"), dict(cost="euclidean"), dict(mix=0.5)])
 def test_the_oracle_holds_for_every_activation_option(trained, options):
     models, data, _, _ = trained
@@ -63,10 +55,10 @@ def test_the_oracle_holds_for_every_activation_option(trained, options):
 ARCHS = {
     "resnet18-w16-rgb": (lambda: build_model("resnet18", 16, 3, 10), (3, 32, 32)),
     "tv-resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
-    "tv-resnet50": (lambda: torchvision.models.resnet50(num_classes=10), (3, 32, 32)),
-    "tv-vgg11_bn-narrow-head": (lambda: _narrow_head(torchvision.models.vgg11_bn(num_classes=10)), (3, 32, 32)),
-    "tv-mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 32, 32)),
-    "tv-densenet121": (lambda: torchvision.models.densenet121(num_classes=10), (3, 32, 32)),
+    "tv-resnet50-small": (small_resnet50, (3, 32, 32)),
+    "tv-vgg_bn-small": (small_vgg_bn, (3, 32, 32)),
+    "tv-mobilenet_v2-small": (small_mobilenet_v2, (3, 32, 32)),
+    "tv-densenet-small": (small_densenet, (3, 32, 32)),
     "catnet": (lambda: CatNet(), (3, 8, 8)),
 }
 
