@@ -357,32 +357,41 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: fl
 
 def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -> None:
     """Raise one OtfuseError unless permuting every group of `groups` keeps `model`'s function (random weights, input `x`)."""
-    probe = _randomized(model).eval()
-    x = x.to(next(probe.parameters()).device)
     try:
+        probe = _randomized(model).eval()
+        x = x.to(next(probe.parameters()).device)
         with torch.no_grad():
             want = probe(x)
-            if _error(want, carry(probe, groups, random_maps(groups, seed=0, cycles=True))(x)) <= EXACT_RTOL:
-                return
-            for g in groups:  # the first group whose permutation alone changes the function
-                if _error(want, carry(probe, [g], random_maps([g], seed=0, cycles=True))(x)) > EXACT_RTOL:
-                    culprit = g
-                    break
-            else:
-                culprit = groups[0]
-    except Exception as exc:
-        why = str(exc) if isinstance(exc, OtfuseError) else f"{type(exc).__name__}: {' '.join(str(exc).split()[:16])}"
-        raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting its channel groups fails "
-                          f"({why}); otfuse cannot fuse it") from None
+    except Exception as exc:  # a model that cannot be copied, or run with random weights
+        raise OtfuseError(f"{type(model).__name__}: otfuse cannot check its channel groups on a random-weight copy "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); it cannot fuse this model") from None
+    with torch.no_grad():
+        if _breaks(probe, groups, x, want) is None:
+            return
+        # the first group whose permutation alone fails or changes the function
+        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, [g], x, want)] if w is not None), (groups[0], ""))
+    where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
+    if why:
+        raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} "
+                          f"({where}) fails ({why}): the layout between these layers is one otfuse does not follow; it "
+                          "cannot fuse this model")
     parametrized = sorted({m.module.partition(".parametrizations.")[0] for m in culprit.members if ".parametrizations." in m.module})
     if parametrized:
         raise OtfuseError(f"{type(model).__name__}: module {parametrized[0]}'s parametrised weight does not commute with permuting "
                           "its channels (an orthogonal or other coupling parametrisation), so it cannot be permuted exactly; "
                           "remove it (torch.nn.utils.parametrize.remove_parametrizations) before fusing")
-    where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
     raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} ({where}) "
                       "changes what the model computes, so the layout between these layers (a channel split, shuffle or "
                       "reshape otfuse does not follow) cannot be permuted exactly; otfuse refuses it rather than fuse it wrongly")
+
+
+def _breaks(probe: nn.Module, groups: list[ChannelGroup], x: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None when permuting `groups` (one full cycle each) keeps `probe`'s output `want` on `x`; "" when it changes
+    the output; the failure, in a few words, when permuting raises."""
+    try:
+        return None if _error(want, carry(probe, groups, random_maps(groups, seed=0, cycles=True))(x)) <= EXACT_RTOL else ""
+    except Exception as exc:
+        return str(exc) if isinstance(exc, OtfuseError) else f"{type(exc).__name__}: {' '.join(str(exc).split()[:12])}"
 
 
 def _error(a: torch.Tensor, b: torch.Tensor) -> float:
