@@ -346,16 +346,16 @@ def _role_and_slots(module: nn.Module, name: str, handler_name: str) -> list[tup
     """(module, tensor, axis, role) slots a group item touches, or one clear error for layers we cannot permute."""
     out = handler_name == "prune_out_channels"
     if isinstance(module, CONV):
-        if _depthwise(module):
-            return [(name, "weight", 0, "out"), (name, "bias", 0, "out")]  # depthwise: input channel c is output channel c
+        if _depthwise(module):  # depthwise: input channel c is output channel c
+            return [(name, "weight", 0, "out"), (name, "bias", 0, "out")] + _per_output(module, name)
         # plain and grouped convs alike (a grouped one's weight is handled in its dense block-diagonal form)
-        return [(name, "weight", 0, "out"), (name, "bias", 0, "out")] if out else [(name, "weight", 1, "in")]
+        return [(name, "weight", 0, "out"), (name, "bias", 0, "out")] + _per_output(module, name) if out else [(name, "weight", 1, "in")]
     if isinstance(module, CONV_T):
         if module.groups != 1:
             raise OtfuseError(f"module {name} is a grouped transposed conv; it cannot be permuted exactly")
         return [(name, "weight", 1, "out"), (name, "bias", 0, "out")] if out else [(name, "weight", 0, "in")]
     if isinstance(module, nn.Linear):
-        return [(name, "weight", 0, "out"), (name, "bias", 0, "out")] if out else [(name, "weight", 1, "in")]
+        return [(name, "weight", 0, "out"), (name, "bias", 0, "out")] + _per_output(module, name) if out else [(name, "weight", 1, "in")]
     if isinstance(module, BATCHNORM + INSTANCENORM):
         return [(name, t, 0, "out") for t in NORM_TENSORS if getattr(module, t, None) is not None]
     if isinstance(module, nn.GroupNorm):  # with several norm groups, channels move within them (_link_blocks)
@@ -367,6 +367,15 @@ def _role_and_slots(module: nn.Module, name: str, handler_name: str) -> list[tup
     if any(True for _ in module.parameters(recurse=False)) or any(b is not None for b in module.buffers(recurse=False)):
         raise OtfuseError(f"module {name} ({type(module).__name__}) holds tensors in a channel group and otfuse cannot permute it exactly")
     return []  # parameter-free: activations, additions, concatenations, flattens
+
+
+def _per_output(module: nn.Module, name: str) -> list[tuple[str, str, int, str]]:
+    """Slots of a conv or linear subclass's own extra per-output-channel tensors (an NFNet conv's `gain`, shape
+    (out, 1, 1, 1)): they move with the outputs."""
+    n = module.weight.shape[0]
+    extra = [(k, t) for k, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+             if k not in ("weight", "bias") and t is not None and t.ndim >= 1 and t.shape[0] == n and t[0].numel() == 1]
+    return [(name, k, 0, "out") for k, _ in extra]
 
 
 def _kind(module: nn.Module) -> str:

@@ -407,18 +407,21 @@ def _first_tensor(out) -> torch.Tensor:
 
 
 def _randomized(model: nn.Module) -> nn.Module:
-    """A copy of `model` with random stored tensors of a sensible scale (seeded): conv/linear weights ~ N(0, 1/fan-in),
-    per-channel vectors near 1 (variances, scales) or near 0 (means, biases)."""
+    """A copy of `model` with random parameters and BatchNorm statistics of a sensible scale (seeded): weights of
+    two or more dimensions ~ N(0, 1/fan-in), per-channel vectors near 1 (variances, scales) or near 0 (means,
+    biases). Other buffers keep their values: a fixed blur filter or a constant is the same in every model that
+    is fused, and one that varies by channel shows unpermuted just as well."""
     probe = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(0)
+    stats = {n for n, _ in probe.named_buffers() if n.endswith(("running_mean", "running_var"))}
     with torch.no_grad():
         for name, t in _stored(probe).items():
-            if not t.is_floating_point():
+            if not t.is_floating_point() or (name not in stats and not isinstance(t, nn.Parameter)):
                 continue
             leaf = name.rpartition(".")[2]
-            if t.ndim >= 2:
-                r = torch.randn(t.shape, generator=gen) / max(1, t[0].numel()) ** 0.5
-            elif leaf in ("running_var", "weight", "weight_g", "original0", "gamma") or "scale" in leaf:
+            if t.ndim >= 2 and t[0].numel() > 1:
+                r = torch.randn(t.shape, generator=gen) / t[0].numel() ** 0.5
+            elif leaf in ("running_var", "weight", "original0", "gamma", "gain") or "scale" in leaf:
                 r = torch.rand(t.shape, generator=gen) + 0.5
             else:
                 r = torch.randn(t.shape, generator=gen) * 0.2
