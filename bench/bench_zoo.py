@@ -34,7 +34,7 @@ from conftest import randomize_bn  # noqa: E402  (the tests' own randomiser: one
 
 # CNNs only (transformers and attention hybrids are counted apart), small variants, 30 families
 TIMM_CNNS = """resnet10t resnet14t resnet18 resnet18d resnet26 resnet26d resnet34 resnet50 resnet50d seresnet18
-seresnext26t_32x4d seresnext26d_32x4d ecaresnet26t ecaresnet50t resnetblur18 resnetrs50 resnext26ts gcresnet26ts
+seresnext26t_32x4d seresnext26d_32x4d ecaresnet26t ecaresnet50t resnetblur18 resnetrs50 resnext26ts resnet26t
 regnetz_b16 repvgg_a0 repvgg_a2 gernet_s gernet_m mobileone_s0 skresnet18 skresnet34 skresnext50_32x4d resnest14d
 resnest26d res2net50_14w_8s res2net50_26w_4s res2next50 cspresnet50 cspresnext50 cspdarknet53 darknet17 darknet21
 cs3darknet_s cs3darknet_m cs3edgenet_x cs3sedarknet_l dla34 dla46_c dla46x_c dla60 dla60x_c dpn48b dpn68
@@ -81,10 +81,10 @@ def check(source: str, name: str, size: int, limit: float) -> dict:
         t2 = time.perf_counter()
         out = permute(model, groups, random_maps(groups, seed=3))
         t3 = time.perf_counter()
-        with torch.no_grad():
-            a, b = model(x), out(x)
+        with torch.no_grad():  # in float64: deep random networks reach outputs of 1e8, where float32 rounds at 1e-4
+            a, b = model.double()(x.double()), out.double()(x.double())
         err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-        row.update(result="exact" if err <= 1e-4 else "WRONG", groups=len(groups), rel_error=f"{err:.1e}",
+        row.update(result="exact" if err <= 1e-8 else "WRONG", groups=len(groups), rel_error=f"{err:.1e}",
                    groups_s=f"{t2 - t1:.1f}", permute_s=f"{t3 - t2:.1f}", message="")
     except OtfuseError as exc:
         row.update(result="refused", message=str(exc)[:300])

@@ -341,7 +341,7 @@ def permute(model: nn.Module, groups: list[ChannelGroup], perms: dict[str, torch
 
 # --- groups found, then checked -----------------------------------------------------------------
 
-EXACT_RTOL = 1e-3  # relative output error of a randomly permuted copy above which a grouping is refused
+EXACT_RTOL = 1e-7  # relative output error (float64) of a randomly permuted copy above which a grouping is refused
 
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
@@ -358,18 +358,20 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: fl
 def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -> None:
     """Raise one OtfuseError unless permuting every group of `groups` keeps `model`'s function (random weights, input `x`)."""
     try:
-        probe = _randomized(model).eval()
-        x = x.to(next(probe.parameters()).device)
+        # float64: a deep random network's outputs can reach 1e8, where float32's rounding alone is 1e-4 relative,
+        # while a wrong group changes them by a fraction of their size even where the signal has decayed
+        probe = _randomized(model).eval().double()
+        x64 = x.to(next(probe.parameters()).device, torch.float64)
         with torch.no_grad():
-            want = probe(x)
+            want = probe(x64)
     except Exception as exc:  # a model that cannot be copied, or run with random weights
         raise OtfuseError(f"{type(model).__name__}: otfuse cannot check its channel groups on a random-weight copy "
                           f"({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); it cannot fuse this model") from None
     with torch.no_grad():
-        if _breaks(probe, groups, x, want) is None:
+        if _breaks(probe, groups, x64, want) is None:
             return
         # the first group whose permutation alone fails or changes the function
-        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, [g], x, want)] if w is not None), (groups[0], ""))
+        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, [g], x64, want)] if w is not None), (groups[0], ""))
     where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
     if why:
         raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} "
