@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -117,7 +118,8 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     taps = [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
     try:
         model.eval()
-        with tapping(model, taps), torch.enable_grad():
+        with tapping(model, taps), torch.enable_grad(), _lenient_concat_maps(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="torch_pruning")  # its shape inference's depth notices: not the user's concern
             graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
     except OtfuseError:
         raise
@@ -238,6 +240,26 @@ def _is_shuffle(transpose, consumer: dict) -> bool:
     return len(_sizes(before)) == 4 and after is not None and len(_sizes(after)) == 5
 
 
+@contextmanager
+def _lenient_concat_maps() -> Iterator[None]:
+    """Let Torch-Pruning 1.6 finish building a graph with a concatenation it cannot size (DPN, CSP-Darknet: its
+    own TypeError, summing a None); `_repair_index_maps` then sizes it from the autograd graph."""
+    maps = tp.dependency.index_mapping
+    original = maps.update_concat_index_mapping
+
+    def lenient(graph, node):
+        try:
+            original(graph, node)
+        except TypeError:
+            pass
+
+    maps.update_concat_index_mapping = lenient
+    try:
+        yield
+    finally:
+        maps.update_concat_index_mapping = original
+
+
 def _repair_index_maps(graph: tp.DependencyGraph) -> None:
     """Torch-Pruning's index maps, with those of splits and concatenations along channels redone from the autograd
     graph. Torch-Pruning 1.6 pairs a split's outputs and a concatenation's inputs with offsets in the order it
@@ -245,7 +267,8 @@ def _repair_index_maps(graph: tp.DependencyGraph) -> None:
     concatenation's offsets when a slice follows it. Where the autograd graph is ambiguous (one op reading two
     parts of one split, a concatenation of a constant or of one tensor twice) Torch-Pruning's maps stand and the
     exactness check guards them."""
-    tp.dependency.index_mapping.update_index_mapping(graph)
+    with _lenient_concat_maps():
+        tp.dependency.index_mapping.update_index_mapping(graph)
     mapping = tp.dependency.index_mapping
     for node in graph.module2node.values():
         fn = node.grad_fn
