@@ -111,7 +111,7 @@ def main() -> int:
     names = [n for n in args.only.split(",") if n] or every
     fields = ["model", "family", "result", "rel_error", "groups", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
     # rows of models not rerun are kept: a stopped run, or one with --only, leaves the others as they were
-    kept = [r for r in csv.DictReader(out.open(newline=""))] if out.is_file() else []
+    kept = [r for r in csv.DictReader(out.open(newline="")) if r["model"] in every] if out.is_file() else []
     rows = []
     for name in names:
         rows.append(check(args.source, name, args.size, args.time_limit))
