@@ -39,14 +39,13 @@ def test_finetune_bad_inputs_are_one_line(trained, tmp_path, capsys):
 
 
 def test_distillation_mixes_the_teachers_loss_with_the_label_loss_by_distill_weight(trained, tmp_path):
-    """distill_weight 0 is training on labels alone (the teachers run but weigh nothing); 1 is label-free;
-    in between is neither."""
+    """distill_weight 0 is training on labels alone (the teachers run but weigh nothing); 0.5 is not
+    (1, label-free distillation, is tests/test_results.py's fused_ft_distill column)."""
     from otfuse.train import finetune
     _, data, paths, root = trained
     run = lambda name, **kw: load_checkpoint(finetune(paths[0], tmp_path / f"{name}.pt", str(root / "data"), "cpu", data,
-                                                      batch_size=64, precision="fp32", **kw))[0].state_dict()
+                                                      batch_size=256, precision="fp32", **kw))[0].state_dict()
     labels, zero = run("labels"), run("zero", distill=True, teachers=f"{paths[0]},{paths[1]}", distill_weight=0.0)
-    free, half = (run(n, distill=True, teachers=f"{paths[0]},{paths[1]}", distill_weight=w) for n, w in (("free", 1.0), ("half", 0.5)))
+    half = run("half", distill=True, teachers=f"{paths[0]},{paths[1]}", distill_weight=0.5)
     assert all(torch.equal(labels[k], zero[k]) for k in labels)
-    assert not torch.equal(labels["fc.weight"], free["fc.weight"])
-    assert not torch.equal(half["fc.weight"], free["fc.weight"]) and not torch.equal(half["fc.weight"], labels["fc.weight"])
+    assert not torch.equal(half["fc.weight"], labels["fc.weight"])

@@ -35,14 +35,14 @@ def test_the_oracle_holds_for_a_timm_split_architecture(method):
 
 
 def test_train_and_fuse_a_timm_model_from_the_cli(tmp_path, capsys):
-    cfg = dict(dataset="digits", arch="timm:resnet10t", epochs=1, batch_size=128, device="cpu", precision="fp32",
+    cfg = dict(dataset="digits", arch="timm:resnet10t", epochs=1, batch_size=256, device="cpu", precision="fp32",
                data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ck"))
     paths = [train(TrainConfig(**cfg, seed=s), progress=False) for s in (0, 1)]
     assert paths[0] == checkpoint_path(TrainConfig(**cfg)) and paths[0].parent.name == "timm-resnet10t-w0"
     model, meta, _ = load_checkpoint(paths[0])
     assert meta["arch"] == "timm:resnet10t" and meta["width"] == 0
     assert main(["fuse", *map(str, paths), "--out", str(tmp_path / "f.pt"), "--n-images", "64", "--bn-batches", "2",
-                 "--refit-n-images", "64", "--data-dir", cfg["data_dir"], "--device", "cpu"]) == 0
+                 "--no-refit", "--data-dir", cfg["data_dir"], "--device", "cpu"]) == 0
     assert load_checkpoint(tmp_path / "f.pt")[1]["arch"] == "timm:resnet10t"
     assert main(["fuse", *map(str, paths), "--width", "8", "--data-dir", cfg["data_dir"], "--device", "cpu"]) == 2
     assert "timm models have no width knob" in capsys.readouterr().err
