@@ -341,7 +341,9 @@ def permute(model: nn.Module, groups: list[ChannelGroup], perms: dict[str, torch
 
 # --- groups found, then checked -----------------------------------------------------------------
 
-EXACT_RTOL = 1e-7  # relative output error (float64) of a randomly permuted copy above which a grouping is refused
+EXACT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative output error of a permuted copy that refuses a grouping
+EXACT_FLOAT64_PARAMS = 100_000_000  # above this many parameters the check runs in float32: two float64 copies of
+                                    # regnet_y_128gf (644M) and its trace do not fit in 24 GB
 
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
@@ -360,18 +362,19 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
     try:
         # float64: a deep random network's outputs can reach 1e8, where float32's rounding alone is 1e-4 relative,
         # while a wrong group changes them by a fraction of their size even where the signal has decayed
-        probe = _randomized(model).eval().double()
-        x64 = x.to(next(probe.parameters()).device, torch.float64)
+        dtype = torch.float64 if sum(p.numel() for p in model.parameters()) <= EXACT_FLOAT64_PARAMS else torch.float32
+        probe = _randomized(model).eval().to(dtype)
+        probe_x = x.to(next(probe.parameters()).device, dtype)
         with torch.no_grad():
-            want = probe(x64)
+            want = probe(probe_x)
     except Exception as exc:  # a model that cannot be copied, or run with random weights
         raise OtfuseError(f"{type(model).__name__}: otfuse cannot check its channel groups on a random-weight copy "
                           f"({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); it cannot fuse this model") from None
     with torch.no_grad():
-        if _breaks(probe, groups, x64, want) is None:
+        if _breaks(probe, groups, probe_x, want) is None:
             return
         # the first group whose permutation alone fails or changes the function
-        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, [g], x64, want)] if w is not None), (groups[0], ""))
+        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, [g], probe_x, want)] if w is not None), (groups[0], ""))
     where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
     if why:
         raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} "
@@ -391,7 +394,7 @@ def _breaks(probe: nn.Module, groups: list[ChannelGroup], x: torch.Tensor, want:
     """None when permuting `groups` (one full cycle each) keeps `probe`'s output `want` on `x`; "" when it changes
     the output; the failure, in a few words, when permuting raises."""
     try:
-        return None if _error(want, carry(probe, groups, random_maps(groups, seed=0, cycles=True))(x)) <= EXACT_RTOL else ""
+        return None if _error(want, carry(probe, groups, random_maps(groups, seed=0, cycles=True))(x)) <= EXACT_RTOL[x.dtype] else ""
     except Exception as exc:
         return str(exc) if isinstance(exc, OtfuseError) else f"{type(exc).__name__}: {' '.join(str(exc).split()[:12])}"
 
