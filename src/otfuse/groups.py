@@ -134,7 +134,8 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     params_by_id = {id(p): n for n, p in model.named_parameters()}
     unwrapped = {id(p): dim for p, dim in getattr(graph, "unwrapped_parameters", [])}
     try:
-        with _time_limited(time_limit):
+        with _time_limited(time_limit), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="torch_pruning")
             _repair_index_maps(graph)
             groups = [g for items in _coupled(graph, order, names, ignored)
                       for g in _to_groups(items, names, order, params_by_id, unwrapped)]
