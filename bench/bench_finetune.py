@@ -31,7 +31,7 @@ from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.report import baselines
 from otfuse.storage import atomic_write_csv
-from otfuse.train import FINETUNE, TrainConfig, finetune
+from otfuse.train import TrainConfig, finetune
 
 # (starts, options): every start of a run gets the same recipe; the fair comparison is within a run
 GRID = [

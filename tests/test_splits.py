@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PATTERNS, SplitNet, randomize_bn
+from conftest import PATTERNS, randomize_bn
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, find_groups
 from otfuse.maps import channel_groups, check_exact, permute, random_maps
