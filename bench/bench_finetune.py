@@ -50,7 +50,7 @@ def parse_run(text: str) -> tuple[list[str], dict]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoints", nargs=3, metavar=("FUSED.pt", "A.pt", "B.pt"))
+    p.add_argument("checkpoints", nargs=3, metavar="CKPT", help="FUSED.pt A.pt B.pt: the fusion and its two parents")
     p.add_argument("--run", action="append", default=[], help='"starts: options", e.g. "fused,seed0: epochs=2 lr=0.02" (repeatable; default: the grid)')
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
