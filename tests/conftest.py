@@ -209,9 +209,33 @@ class TiedNet(_Head):
         return self.head(self.t(torch.relu(self.t(y)) + y))
 
 
+class PixelShuffleNet(_Head):
+    """Sub-pixel upsampling: 16 channels become 4 at twice the resolution (channel c * 4 + k is pixel k of channel c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.up = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.PixelShuffle(2)
+        self.d, self.fc = nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.d(self.up(torch.relu(self.bn(self.c(x))))))
+
+
+class PixelUnshuffleNet(_Head):
+    """Space-to-depth: 4 channels become 16 at half the resolution, then a conv and BatchNorm over all 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.down = nn.Conv2d(3, 4, 3, padding=1), nn.PixelUnshuffle(2)
+        self.d, self.bn, self.fc = nn.Conv2d(16, 6, 1), nn.BatchNorm2d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.d(self.down(torch.relu(self.c(x)))))))
+
+
 PATTERNS = {"split": SplitNet, "glu": GLUNet, "partial-residual": PartialResidualNet, "res2net": Res2Net, "ghost": GhostNet,
             "mixconv": MixConvNet, "groupnorm": GroupNormNet, "weight-norm": WeightNormNet, "spectral-norm": SpectralNormNet,
-            "tied": TiedNet}
+            "tied": TiedNet, "pixel-shuffle": PixelShuffleNet, "pixel-unshuffle": PixelUnshuffleNet}
 
 
 # --- small instances of torchvision's classes: the same code paths as the full-size models (bench_zoo.py covers those) ---

@@ -2,7 +2,7 @@
 
 Each pattern of conftest.PATTERNS is what users write (Res2Net's hierarchical split, a Ghost module's
 concatenate-then-cut, mixed kernels, a GLU gate, a residual on some channels, GroupNorm, weight_norm,
-spectral_norm, one conv called twice). For each: permuting every group keeps the function, and fusing
+spectral_norm, one conv called twice, a pixel shuffle and unshuffle). For each: permuting every group keeps the function, and fusing
 the model with a permuted copy of itself returns the model, with every alignment method. A grouping
 that would not be exact is refused by the exactness check, never returned.
 """
@@ -45,6 +45,13 @@ def test_the_oracle_holds_for_every_pattern_and_method(name, method):
     _assert_returns_model(_model(name), _random_data((3, 8, 8)), method, n_images=32)
 
 
+def test_a_pixel_shuffle_moves_each_channels_block_of_sub_pixels_together():
+    groups = channel_groups(_model("pixel-shuffle"), torch.randn(1, 3, 8, 8))
+    producer = next(m for m in groups[0].members if m.module == "c" and m.tensor == "weight")
+    consumer = next(m for m in groups[0].members if m.module == "d" and m.tensor == "weight")
+    assert producer.index.tolist() == [[4 * c + k for k in range(4)] for c in range(4)] and consumer.index.tolist() == [[c] for c in range(4)]
+
+
 def test_a_split_becomes_one_group_per_part_and_merging_the_parts_is_refused():
     model, x = _model("split"), torch.randn(1, 3, 8, 8)
     groups = find_groups(model, x)
@@ -80,11 +87,7 @@ def test_parametrised_weights_are_carried_through_the_tensors_the_model_stores()
 class _Reshuffle(nn.Module):
     def __init__(self, op):
         super().__init__()
-        self.op, self.c, self.d, self.fc = op, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8 // self._shrink(op), 6, 1), nn.Linear(6, 3)
-
-    @staticmethod
-    def _shrink(op) -> int:
-        return 4 if isinstance(op, nn.PixelShuffle) else 1
+        self.op, self.c, self.d, self.fc = op, nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
 
     def forward(self, x):
         return self.fc(torch.relu(self.d(self.op(torch.relu(self.c(x))))).mean((2, 3)))
@@ -124,7 +127,7 @@ def _old_weight_norm():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("case,match", [
-    (lambda: (_Reshuffle(nn.PixelShuffle(2)), torch.randn(1, 3, 8, 8)), "uses pixel_shuffle"),
+    (lambda: (_Reshuffle(nn.ChannelShuffle(2)), torch.randn(1, 3, 8, 8)), "uses channel_shuffle"),
     (lambda: (_Reshuffle(_Flip()), torch.randn(1, 3, 8, 8)), "permuting channel group c .*changes what the model computes"),
     (lambda: (_Reshuffle(_CumSum()), torch.randn(1, 3, 8, 8)), "permuting channel group c .*changes what the model computes"),
     (_orthogonal, "module d's parametrised weight does not commute"),

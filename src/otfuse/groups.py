@@ -43,8 +43,7 @@ CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
-PIXEL_SHUFFLES = {"PixelShuffleBackward0": "pixel_shuffle", "PixelUnshuffleBackward0": "pixel_unshuffle",
-                  "ChannelShuffleBackward0": "channel_shuffle"}
+CHANNEL_SHUFFLES = {"ChannelShuffleBackward0": "channel_shuffle"}
 
 
 @dataclass
@@ -198,7 +197,7 @@ def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception) -> str:
 
 def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
     """The refusal for an op that moves channels otfuse does not follow (a channel shuffle: a view of the channels
-    as (groups, channels / groups), transposed; a pixel shuffle or unshuffle), or "" when the model has none."""
+    as (groups, channels / groups), transposed), or "" when the model has none."""
     with torch.enable_grad():
         try:
             out = model(x)
@@ -211,9 +210,9 @@ def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
         if f is None or f in seen:
             continue
         seen.add(f)
-        if type(f).__name__ in PIXEL_SHUFFLES:
-            return (f"{type(model).__name__} uses {PIXEL_SHUFFLES[type(f).__name__]}, which moves channels into pixels or back; "
-                    "otfuse does not follow that index map yet and refuses it rather than fuse it wrongly")
+        if type(f).__name__ in CHANNEL_SHUFFLES:
+            return (f"{type(model).__name__} uses {CHANNEL_SHUFFLES[type(f).__name__]}, which interleaves the channels of its "
+                    "groups, so no permutation of one group keeps the function; otfuse refuses it rather than fuse it wrongly")
         if type(f).__name__ == "TransposeBackward0" and {f._saved_dim0, f._saved_dim1} == {1, 2} and _is_shuffle(f, consumer):
             return (f"{type(model).__name__} shuffles channels (view as groups, transpose(1, 2), view back): the shuffle "
                     "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
@@ -290,10 +289,43 @@ def _repair_index_maps(graph: tp.DependencyGraph) -> None:
                 for inp in [n for n in node.inputs if n.grad_fn is f]:
                     _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
     for node in graph.module2node.values():
+        _map_pixel_shuffle(node)
+    for node in graph.module2node.values():
         for dep in node.dependencies:
             if node.type == tp_ops.OPTYPE.CONCAT and dep.target.type == tp_ops.OPTYPE.SPLIT and None not in dep.index_mapping:
                 # back from a concatenation into a split that feeds it: out of the concatenation first, then into the split
                 dep.index_mapping = [dep.index_mapping[1], dep.index_mapping[0]]
+
+
+class _ChannelBlocks:
+    """The index map through a pixel shuffle: with factor f = r * r, channel c on the wide side (C * f channels) is
+    pixel c % f of channel c // f on the narrow side. `widen`: narrow -> wide (every position of the block)."""
+
+    def __init__(self, factor: int, widen: bool):
+        self.factor, self.widen = factor, widen
+
+    def __call__(self, idxs: list) -> list:
+        f = self.factor
+        if self.widen:
+            return [_HybridIndex(i.idx * f + k, i.root_idx) for i in idxs for k in range(f)]
+        return list({(i.idx // f, i.root_idx): _HybridIndex(i.idx // f, i.root_idx) for i in idxs}.values())
+
+
+def _map_pixel_shuffle(node) -> None:
+    """Give a pixel shuffle (C * r * r channels -> C) or unshuffle (C -> C * r * r) node, which Torch-Pruning 1.6 takes
+    for an elementwise op, the index map it defines; the node's own index space is its output's channels."""
+    name = type(node.grad_fn).__name__
+    if name not in ("PixelShuffleBackward0", "PixelUnshuffleBackward0"):
+        return
+    shuffle = name == "PixelShuffleBackward0"
+    factor = int(getattr(node.grad_fn, "_saved_upscale_factor" if shuffle else "_saved_downscale_factor")) ** 2
+    for inp in node.inputs:  # input -> node: narrow to the output's channels (shuffle) or widen (unshuffle), and back
+        for dep in inp.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [_ChannelBlocks(factor, widen=not shuffle), None]
+        for dep in node.dependencies:
+            if dep.target is inp:
+                dep.index_mapping = [_ChannelBlocks(factor, widen=shuffle), None]
 
 
 def _offsets(sizes: list[int]) -> list[int]:
