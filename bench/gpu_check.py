@@ -72,7 +72,7 @@ def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: di
     fused(["w16s0", "w8s1"], 16, "fuse w16+w8 -> w16")
     t0 = time.perf_counter()
     models, metas, data = load_parents([parents["w16s0"], parents["w16s1"]], data_dir, device)
-    out = run_study(models, data, metas, TuneConfig(n_trials=1, results_dir=str(work / device / "tune")), fuse_cfg)
+    out = run_study(models, data, metas, [parents["w16s0"], parents["w16s1"]], TuneConfig(n_trials=1, results_dir=str(work / device / "tune")), fuse_cfg)
     add("tune 1 trial", {"val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"]}, time.perf_counter() - t0)
     t0 = time.perf_counter()
     points = interpolation(models, data, fuse_cfg, points=3)

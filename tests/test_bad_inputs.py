@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,113 @@ def world(trained, tmp_path_factory):
         (one / split / "cat").mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(one / split / "cat" / f"{i}.png")
+    _damaged_checkpoints(w, raw)
+    _bad_image_folders(w)
+    _bad_data_dirs(w)
+    _outputs_that_exist(w, a)
+    _sweep_folders(w, paths)
     return w, root / "data"
+
+
+def _damaged_checkpoints(w: Path, raw: dict) -> None:
+    """Checkpoints that load as files but are not sound: each a copy of a.pt with one thing wrong."""
+    sd, meta = raw["state_dict"], raw["meta"]
+    var = next(k for k in sd if k.endswith("running_var"))
+    for name, ckpt in {
+        "negvar": {**raw, "state_dict": {**sd, var: -sd[var]}},
+        "huge": {**raw, "state_dict": {**sd, "conv1.weight": sd["conv1.weight"] * 1e30}},
+        "intweight": {**raw, "state_dict": {**sd, "conv1.weight": sd["conv1.weight"].long()}},
+        "shape": {**raw, "state_dict": {**sd, "conv1.weight": sd["conv1.weight"][:2]}},
+        "missing": {**raw, "state_dict": {k: v for k, v in sd.items() if k != "conv1.weight"}},
+        "extra": {**raw, "state_dict": {**sd, "stray.weight": sd["conv1.weight"]}},
+        "statelist": {**raw, "state_dict": list(sd.values())},
+        "toplist": [raw["state_dict"], raw["meta"]],
+        "meanlen": {**raw, "meta": {**meta, "mean": meta["mean"] + [0.5, 0.5]}},
+        "stdzero": {**raw, "meta": {**meta, "std": [0.0] * len(meta["std"])}},
+        "stdtext": {**raw, "meta": {**meta, "std": "0.2"}},
+        "classes1": {**raw, "meta": {**meta, "num_classes": 1}},
+        "inch0": {**raw, "meta": {**meta, "in_channels": 0}},
+        "widthneg": {**raw, "meta": {**meta, "width": -8}},
+        "seedtext": {**raw, "meta": {**meta, "seed": "0"}},
+        "kind": {**raw, "meta": {**meta, "kind": "bogus"}},
+        "parents": {**raw, "meta": {**meta, "parents": "a.pt,b.pt"}},
+        "classnames": {**raw, "meta": {**meta, "classes": ["zero", "one"]}},
+        "trainacc": {**raw, "meta": {**meta, "train_acc": "high"}},
+        "history": {**raw, "meta": {**meta, "history": {"epoch": 1}}},
+        "archbool": {**raw, "meta": {**meta, "width": True}},
+    }.items():
+        torch.save(ckpt, w / f"bad-{name}.pt")
+
+
+def _bad_image_folders(w: Path) -> None:
+    """Image folders that break `split/class/file`: deeper files, a file outside a class, a nested split, a link,
+    classes that differ between train and test, and truncated or linked archives."""
+    def folder(name: str, extra: list[str]) -> Path:
+        root = w / f"img-{name}"
+        for split in ("train", "test"):
+            for c in ("cat", "dog"):
+                (root / split / c).mkdir(parents=True)
+                for i in range(3):
+                    Image.fromarray(np.full((4, 4, 3), i * 40, np.uint8)).save(root / split / c / f"{i}.png")
+        for rel in extra:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / rel)
+        return root
+
+    folder("deep", ["train/cat/kittens/k.png"])
+    folder("loose", ["train/loose.png"])
+    folder("nested", ["train/cat/test/dog/n.png"])
+    folder("onlytrain", ["train/bird/b.png"])
+    link = folder("link", [])
+    (link / "train" / "bird").symlink_to(link / "train" / "cat")
+    (link / "test" / "bird").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(link / "test" / "bird" / "b.png")
+    good = folder("tarsrc", [])
+    with tarfile.open(w / "cut.tar.xz", "w:xz") as tar:
+        tar.add(good, arcname="data")
+    blob = (w / "cut.tar.xz").read_bytes()
+    (w / "cut.tar.xz").write_bytes(blob[: len(blob) // 2])
+    with tarfile.open(w / "linked.tar", "w") as tar:
+        tar.add(good, arcname="data")
+        info = tarfile.TarInfo("data/train/cat/linked.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "0.png"
+        tar.addfile(info)
+
+
+def _bad_data_dirs(w: Path) -> None:
+    """Data dirs whose dataset files are there but damaged (a disk error, an interrupted copy)."""
+    cifar = w / "baddata-cifar" / "cifar-10-batches-py"
+    cifar.mkdir(parents=True)
+    for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (cifar / f).write_bytes(b"\x80\x04 truncated pickle")
+    fashion = w / "baddata-fashion" / "FashionMNIST" / "raw"
+    fashion.mkdir(parents=True)
+    for n in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]:
+        (fashion / n).write_bytes(b"\x00\x00\x08")
+
+
+def _outputs_that_exist(w: Path, a: Path) -> None:
+    """Files an output must not replace: a trained checkpoint that is no parent, a config, a user's CSV, a held lock."""
+    shutil.copy(a, w / "other.pt")
+    (w / "cfg.json").write_text(json.dumps({"bn_batches": 4}))
+    (w / "user.csv").write_text("name,value\nmine,1\n")
+    (w / ".locked.pt.lock").write_text("1")  # pid 1 is always alive: another process holds locked.pt
+    (w / "locked-results").mkdir()
+    (w / "locked-results" / ".summary.md.lock").write_text("1")
+
+
+def _sweep_folders(w: Path, paths: list[Path]) -> None:
+    """Checkpoint dirs for the fusion scripts: two files of one seed, parents of different validation splits."""
+    dup = w / "ck-dup" / "digits" / "resnet18-w8"
+    dup.mkdir(parents=True)
+    shutil.copy(paths[0], dup / "seed0.pt")
+    shutil.copy(paths[0], dup / "seed0-copy.pt")
+    shutil.copy(paths[1], dup / "seed1.pt")
+    split = w / "ck-split" / "digits" / "resnet18-w8"
+    split.mkdir(parents=True)
+    shutil.copy(paths[0], split / "seed0.pt")
+    raw = torch.load(paths[1], weights_only=True)
+    torch.save({**raw, "meta": {**raw["meta"], "val_size": 17}}, split / "seed1.pt")
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -69,7 +176,7 @@ CASES = [
     ("fuse {w}/a.pt {w}/b.pt --weights 1", "give 2 finite"),
     ("fuse {w}/a.pt {w}/b.pt --weights a,b", "must be comma-separated numbers"),
     ("fuse {w}/a.pt {w}/nan.pt", "holds NaN or infinite weights"),
-    ("fuse {w}/a.pt {w}/b.pt --out {w}/a.pt", "is one of the input checkpoints"),
+    ("fuse {w}/a.pt {w}/b.pt --out {w}/a.pt", "is also input checkpoint 1"),
     ("fuse {w}/a.pt {w}/b.pt --out {w}/outdir", "is a directory"),
     ("fuse {w}/a.pt {w}/b.pt --out {w}/afile/x.pt", "is a file, not a directory"),
     ("fuse {w}/a.pt {w}/b.pt --bn-batches -3", "--bn-batches -3 must be 0"),
@@ -124,6 +231,63 @@ CASES = [
     ("sweep --checkpoint-dir {w}/ck --finetune-epochs -1 --results-dir {w}/res", "--finetune-epochs -1"),
     ("sweep --checkpoint-dir {w}/ck --finetune-distill --results-dir {w}/res", "give --finetune-epochs 1"),
     ("fuse {w}/a.pt {w}/b.pt --marginals mass", "--marginals 'mass' is unknown"),
+    # --- the second round: outputs never replace what they should not, and are never inputs ---
+    ("fuse {w}/a.pt {w}/b.pt --out {w}/other.pt", "already exists and is not this command's earlier result"),
+    ("fuse {w}/a.pt {w}/b.pt --out {w}/user.csv", "already exists and is not this command's earlier result"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/cfg.json --out {w}/cfg.json", "is also --config"),
+    ("fuse {w}/a.pt {w}/b.pt --out {w}/b.pt --overwrite", "is also input checkpoint 2"),
+    ("fuse {w}/a.pt {w}/b.pt --out {w}/locked.pt", "is being written by another otfuse process (pid 1)"),
+    ("train --dataset digits --width 4 --epochs 1 --out {w}/model.csv", "ends in .csv"),
+    ("train --dataset digits --width 4 --epochs 1 --out {w}/user.pt", "the per-epoch log"),
+    ("train --dataset digits --width 4 --epochs 1 --out {w}/locked.pt", "is being written by another otfuse process"),
+    ("finetune {w}/a.pt --out {w}/a.pt --overwrite", "is also the --init checkpoint"),
+    ("finetune {w}/a.pt --distill --teachers {w}/b.pt --out {w}/b.pt --overwrite", "is also teacher"),
+    ("finetune {w}/a.pt --out {w}/other.pt", "already exists"),
+    # --- checkpoints: every tensor and metadata field checked on load ---
+    ("evaluate {w}/bad-negvar.pt", "holds negative values"),
+    ("evaluate {w}/bad-huge.pt", "beyond any trained network"),
+    ("evaluate {w}/bad-intweight.pt", "is torch.int64, not a floating-point tensor"),
+    ("evaluate {w}/bad-shape.pt", "does not match its own metadata"),
+    ("evaluate {w}/bad-missing.pt", "does not match its own metadata"),
+    ("evaluate {w}/bad-extra.pt", "does not match its own metadata"),
+    ("evaluate {w}/bad-statelist.pt", "is not a mapping of names to tensors"),
+    ("evaluate {w}/bad-toplist.pt", "is not an otfuse checkpoint"),
+    ("evaluate {w}/bad-meanlen.pt", "metadata mean"),
+    ("evaluate {w}/bad-stdzero.pt", "metadata std"),
+    ("evaluate {w}/bad-stdtext.pt", "metadata std"),
+    ("evaluate {w}/bad-classes1.pt", "metadata num_classes"),
+    ("evaluate {w}/bad-inch0.pt", "metadata in_channels"),
+    ("evaluate {w}/bad-widthneg.pt", "metadata width"),
+    ("evaluate {w}/bad-seedtext.pt", "metadata seed"),
+    ("evaluate {w}/bad-kind.pt", "metadata kind"),
+    ("evaluate {w}/bad-parents.pt", "metadata parents"),
+    ("evaluate {w}/bad-classnames.pt", "metadata classes"),
+    ("evaluate {w}/bad-trainacc.pt", "metadata train_acc"),
+    ("evaluate {w}/bad-history.pt", "metadata history"),
+    ("evaluate {w}/bad-archbool.pt", "metadata width"),
+    ("fuse {w}/a.pt {w}/bad-negvar.pt", "holds negative values"),
+    # --- numbers beyond what the machine holds ---
+    ("train --dataset digits --width 4 --seed 99999999999999999999 --out {w}/new.pt", "beyond a 64-bit integer"),
+    ("train --dataset digits --width 4 --seed -1 --out {w}/new.pt", "a seed is from 0"),
+    ("fuse {w}/a.pt {w}/b.pt --bn-batches 99999999999999999999", "beyond a 64-bit integer"),
+    ("interpolate {w}/a.pt {w}/b.pt --points 100000000 --results-dir {w}/res", "give 2 (the two parents) to 1001"),
+    # --- image folders: exactly split/class/file ---
+    ("train --dataset imagefolder:{w}/img-deep --width 4 --out {w}/new.pt", "train/cat/kittens/k.png lies below a class folder"),
+    ("train --dataset imagefolder:{w}/img-loose --width 4 --out {w}/new.pt", "train/loose.png lies directly in train/"),
+    ("train --dataset imagefolder:{w}/img-nested --width 4 --out {w}/new.pt", "train/cat/test/dog/n.png lies below a class folder"),
+    ("train --dataset imagefolder:{w}/img-onlytrain --width 4 --out {w}/new.pt", "only in one of them: bird"),
+    ("train --dataset imagefolder:{w}/img-link --width 4 --out {w}/new.pt", "train/bird is a symbolic link"),
+    ("train --dataset imagefolder:{w}/cut.tar.xz --width 4 --out {w}/new.pt", "is corrupt or truncated"),
+    ("train --dataset imagefolder:{w}/linked.tar --width 4 --out {w}/new.pt", "data/train/cat/linked.png is a link"),
+    # --- damaged dataset files in the data dir ---
+    ("train --dataset cifar10 --width 4 --out {w}/new.pt --data-dir {w}/baddata-cifar", "are corrupt or truncated"),
+    ("train --dataset fashion-mnist --width 4 --out {w}/new.pt --data-dir {w}/baddata-fashion", "are corrupt or truncated"),
+    # --- tune storages that are not one ---
+    ("tune {w}/a.pt {w}/b.pt --n-trials 1 --storage {w}/afile --results-dir {w}/res", "--storage"),
+    # --- the fusion scripts: the checks of otfuse fuse, and checkpoint folders in odd states ---
+    ("sweep --checkpoint-dir {w}/ck-dup --results-dir {w}/res", "are both seed 0"),
+    ("sweep --checkpoint-dir {w}/ck-split --results-dir {w}/res", "fuse models trained on the same split"),
+    ("sweep --checkpoint-dir {w}/ck --results-dir {w}/locked-results", "summary.md is being written by another otfuse process"),
 ]
 
 
@@ -132,7 +296,7 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, line, message,
     w, data = world
     before = _snapshot(w)
     cache = _snapshot(data)
-    argv = line.format(w=w).split() + ["--data-dir", str(data)]
+    argv = line.format(w=w).split() + ([] if "--data-dir" in line else ["--data-dir", str(data)])
     try:
         code = sweep_main(argv[1:] + ["--device", "cpu"], "activation") if argv[0] == "sweep" else main(argv)
     except SystemExit as exc:  # argparse's own errors

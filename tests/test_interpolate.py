@@ -30,7 +30,7 @@ def test_cli_interpolate_writes_csv_and_png(trained, tmp_path, capsys):
     code = main(["interpolate", str(paths[0]), str(paths[1]), "--points", "3", "--bn-batches", "4", "--n-images", "128",
                  "--results-dir", str(tmp_path), "--data-dir", str(root / "data"), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    csv_path = tmp_path / "interp-digits-resnet18-w8-seeds0-1.csv"
+    (csv_path,) = tmp_path.glob("interp-digits-resnet18-w8-seed0-seed1-*.csv")
     rows = list(csv.DictReader(open(csv_path)))
     assert len(rows) == 3 * len(CURVES) and set(rows[0]) == {"alpha", "curve", "accuracy", "loss"}
     assert csv_path.with_suffix(".png").stat().st_size > 20_000

@@ -73,8 +73,8 @@ def test_bad_config_values_are_one_clear_error(tmp_path, obj, message):
         build(FuseConfig, read_config(path), f"--config {path}")
 
 
-def _meta(train_acc: float, augment: bool = True) -> dict:
-    return {"train_acc": train_acc, "config": {"augment": augment, "epochs": 50}}
+def _meta(train_acc: float, augment: bool = True, dataset: str = "cifar10") -> dict:
+    return {"train_acc": train_acc, "dataset": dataset, "config": {"augment": augment, "epochs": 50}}
 
 
 def test_the_parents_training_recipe_sets_defaults_that_options_still_override(best):
@@ -83,6 +83,8 @@ def test_the_parents_training_recipe_sets_defaults_that_options_still_override(b
     assert fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), fit).bn.augment  # long-trained: augmented statistics
     assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.8), _meta(91.5)]).bn.augment
     assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.8, False)] * 2).bn.augment
+    # digits has no augmentation, whatever the recipe said: its statistics are never drawn from crops and flips
+    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.9, True, "digits")] * 2).bn.augment
     assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt", "--no-bn-augment"]), fit).bn.augment
     Path(best).write_text(json.dumps({"bn_augment": False}))
     assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt", "--config", best]), fit).bn.augment

@@ -11,12 +11,13 @@ run, the optimiser state.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from otfuse.data import ImageData, load_dataset
+from otfuse.data import ImageData, dataset_augments, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.models import build_model
 from otfuse.storage import load_torch, save_torch
@@ -25,6 +26,7 @@ from otfuse.version import __version__
 # metadata every otfuse checkpoint has, with its type
 REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
 MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
+MAX_ABS = 1e6  # no trained network holds a weight or statistic this large: a file that does is damaged
 FITS = 99.0  # training accuracy (%) from which a parent counts as fitting its (augmented) training set
 
 
@@ -60,27 +62,71 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, **extra) -> 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
     """(model in eval mode, meta, the whole checkpoint dict), or one clear error for a file that is not a
-    sound otfuse checkpoint: foreign, corrupt, with missing or mistyped metadata, or non-finite weights."""
+    sound otfuse checkpoint: foreign, corrupt, with missing or mistyped metadata, tensors of the wrong
+    dtype or shape, negative BatchNorm variances, non-finite or implausibly large weights."""
     ckpt = load_torch(path)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "state_dict" not in ckpt:
         raise OtfuseError(f"checkpoint {path} is not an otfuse checkpoint (no metadata); give one written by otfuse train or fuse")
-    for key, kind in REQUIRED.items():
-        value = meta.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            got = "missing" if key not in meta else f"{value!r}"
-            raise OtfuseError(f"checkpoint {path}: metadata {key} is {got}, not {'an integer' if kind is int else 'a ' + kind.__name__}; "
-                              "re-create it with otfuse train or fuse")
+    _check_meta(path, meta)
     model = build_model(meta["arch"], meta["width"], meta["in_channels"], meta["num_classes"])
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise OtfuseError(f"checkpoint {path}: its state_dict is not a mapping of names to tensors; re-create it")
+    own = model.state_dict()
+    for k, t in state.items():
+        if k in own and t.is_floating_point() != own[k].is_floating_point():
+            raise OtfuseError(f"checkpoint {path}: tensor {k} is {t.dtype}, not a {'floating-point' if own[k].is_floating_point() else 'integer'} "
+                              "tensor; re-create it")
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OtfuseError(f"checkpoint {path} does not match its own metadata ({first[:120]}); re-create it") from None
     bad = non_finite(model)
     if bad:
         raise OtfuseError(f"checkpoint {path} holds NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}); use a sound checkpoint")
+    for k, t in model.state_dict().items():
+        if k.endswith("running_var") and bool((t < 0).any()):
+            raise OtfuseError(f"checkpoint {path}: BatchNorm variance {k} holds negative values; the file is damaged, re-create it")
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_ABS:
+            raise OtfuseError(f"checkpoint {path}: tensor {k} holds a value of magnitude {float(t.abs().max()):.3g}, beyond any "
+                              f"trained network's ({MAX_ABS:.0e}); the file is damaged, re-create it")
     return model.eval(), meta, ckpt
+
+
+def _check_meta(path: str | Path, meta: dict) -> None:
+    """Every metadata field otfuse reads, with its type and range (one error naming the field)."""
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            got = "missing" if key not in meta else repr(meta[key])[:60]
+            raise OtfuseError(f"checkpoint {path}: metadata {key} is {got}, not {what}; re-create it with otfuse train or fuse")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def numbers(v, n: int, positive: bool) -> bool:
+        return (isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                                          and (x > 0 or not positive) for x in v))
+
+    for key, kind in REQUIRED.items():
+        need(isinstance(meta.get(key), kind) and not isinstance(meta.get(key), bool), key,
+             "an integer" if kind is int else "a " + kind.__name__)
+    need(meta["width"] >= 0, "width", "a width of 0 or more")
+    need(1 <= meta["in_channels"] <= 64, "in_channels", "a channel count from 1 to 64")
+    need(2 <= meta["num_classes"] <= 100_000, "num_classes", "a class count from 2 to 100000")
+    need(numbers(meta["mean"], meta["in_channels"], False), "mean", f"{meta['in_channels']} finite numbers (one per input channel)")
+    need(numbers(meta["std"], meta["in_channels"], True), "std", f"{meta['in_channels']} positive numbers (one per input channel)")
+    optional = {"seed": (is_int, "an integer"), "val_size": (is_int, "an integer"), "epoch": (is_int, "an integer"),
+                "kind": (lambda v: v in ("trained", "finetuned", "fused"), "trained, finetuned or fused"),
+                "config": (lambda v: isinstance(v, dict), "a dict"), "history": (lambda v: isinstance(v, list), "a list"),
+                "parents": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
+                "classes": (lambda v: isinstance(v, list) and len(v) == meta["num_classes"] and all(isinstance(c, str) for c in v),
+                            f"a list of {meta['num_classes']} class names"),
+                "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number")}
+    for key, (ok, what) in optional.items():
+        if key in meta:
+            need(ok(meta[key]), key, what)
 
 
 def val_size_of(meta: dict) -> int | None:
@@ -90,18 +136,28 @@ def val_size_of(meta: dict) -> int | None:
 
 
 def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
-    """The checkpoint's dataset, with the validation split it was trained without."""
-    return load_dataset(meta["dataset"], data_dir, val_size_of(meta))
+    """The checkpoint's dataset, with the validation split it was trained without, and the classes it was
+    trained on (a renamed, added or removed class folder would evaluate to nonsense without a word)."""
+    data = load_dataset(meta["dataset"], data_dir, val_size_of(meta))
+    want = meta.get("classes")
+    if want is not None and list(data.classes) != list(want):
+        diff = next((f"{a!r} where it had {b!r}" for a, b in zip(data.classes, want) if a != b),
+                    f"{len(data.classes)} classes where it had {len(want)}")
+        raise OtfuseError(f"dataset {meta['dataset']} has class {diff} (the checkpoint was trained on {', '.join(map(str, want[:5]))}"
+                          f"{', ...' if len(want) > 5 else ''}); give the data it was trained on")
+    return data
 
 
 def recipe_options(metas: list[dict]) -> dict[str, object]:
     """Fusion defaults that follow from how the parents were trained, each chosen on a validation split
     (README, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
     50 epochs at width 64) saw only augmented images: their BatchNorm statistics are those of crops
-    and flips, so the averaged model's are recomputed on such images too. Explicit options win."""
+    and flips, so the averaged model's are recomputed on such images too; only where the dataset has
+    augmentation at all (digits never does, whatever the recipe said). Explicit options win."""
     def fits(meta: dict) -> bool:
         acc, recipe = meta.get("train_acc"), meta.get("config") or {}
-        return isinstance(acc, (int, float)) and acc >= FITS and bool(recipe.get("augment"))
+        augmented = bool(recipe.get("augment")) and dataset_augments(str(meta.get("dataset", "")))
+        return isinstance(acc, (int, float)) and acc >= FITS and augmented
     return {"bn_augment": True} if metas and all(fits(m) for m in metas) else {}
 
 

@@ -26,7 +26,7 @@ from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
 from otfuse.report import table
-from otfuse.storage import atomic_write_csv, writable_dir, writable_file
+from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, load_torch, output_lock, writable_dir
 from otfuse.train import FINETUNE, TrainConfig, checkpoint_path, finetune_config, train
 from otfuse.tune import TuneConfig, run_study
 
@@ -74,14 +74,19 @@ def fuse_config(args: argparse.Namespace, metas: list[dict] | None = None) -> Fu
     return resolve(FuseConfig, args, args.config, recipe_options(metas or []))
 
 
-def _check_out(out: str, inputs: list[str]) -> None:
-    """--out must be a new or replaceable file, not a directory and not one of the inputs."""
-    if not out:
-        return
-    p = Path(out)
-    if any(p.resolve() == Path(i).resolve() for i in inputs):
-        raise OtfuseError(f"--out {out} is one of the input checkpoints; choose another path (the parents are never overwritten)")
-    writable_file(p, "--out")
+def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
+    """An input's role by name, for the output checks: each checkpoint and the --config file."""
+    return {**{f"input checkpoint {i + 1} ({c})": c for i, c in enumerate(checkpoints)}, "--config": config}
+
+
+def _fused_from(path: Path, checkpoints: list[str]) -> bool:
+    """Whether `path` is an earlier `otfuse fuse` result of exactly these checkpoints (which it may replace)."""
+    try:
+        meta = load_torch(path).get("meta", {})
+        parents = [Path(p).resolve() for p in meta.get("parents", [])]
+    except (OtfuseError, AttributeError, TypeError):
+        return False
+    return meta.get("kind") == "fused" and parents == [Path(c).resolve() for c in checkpoints]
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
@@ -91,7 +96,12 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if len(args.checkpoints) < 2 and not args.width:
         raise OtfuseError(f"fuse needs two or more checkpoints, or one and --width W to compress or widen it; got {len(args.checkpoints)}")
     cfg.check(len(args.checkpoints))
-    _check_out(args.out, args.checkpoints)
+    check_outputs({"--out": args.out}, _inputs(args.checkpoints, args.config), args.overwrite, lambda p: _fused_from(p, args.checkpoints))
+    with output_lock(args.out):
+        return _fuse(args, cfg)
+
+
+def _fuse(args: argparse.Namespace, cfg: FuseConfig) -> int:
     models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device, same_width=False)
     cfg = fuse_config(args, metas)
     meta0 = metas[0]
@@ -132,7 +142,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     base = fuse_config(args, metas)
     width = args.width or metas[0]["width"]
     target = build_model(metas[0]["arch"], width, metas[0]["in_channels"], metas[0]["num_classes"]).to(next(models[0].parameters()).device)
-    out = run_study(models, data, metas, tcfg, base, progress=True, target=target, width=width)
+    out = run_study(models, data, metas, args.checkpoints, tcfg, base, progress=True, target=target, width=width)
     print(f"study {out['study']}: {out['trials']} completed trials; best #{out['best_trial']} "
           f"validation {out['val_accuracy']:.2f}% (again: {out['val_accuracy_again']:.2f}%)")
     print("best options: " + ", ".join(f"{k}={v}" for k, v in out["options"].items()))
@@ -143,8 +153,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
     cfg = fuse_config(args)
-    if args.points < 2:
-        raise OtfuseError(f"--points {args.points}: give at least 2 (the two parents)")
+    if not 2 <= args.points <= 1001:
+        raise OtfuseError(f"--points {args.points}: give 2 (the two parents) to 1001")
     if len(args.checkpoints) != 2:
         raise OtfuseError(f"interpolate needs exactly two checkpoints, got {len(args.checkpoints)}; give A.pt B.pt")
     cfg = replace(cfg, weights="")
@@ -152,13 +162,16 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     results = writable_dir(args.results_dir)
     models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
     cfg = replace(fuse_config(args, metas), weights="")
-    meta0, seeds = metas[0], "-".join(str(m.get("seed", "?")) for m in metas)
-    rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
-    stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{arch_folder(meta0['arch'], meta0['width'])}-seeds{seeds}"
-    atomic_write_csv(f"{stem}.csv", rows)
-    title = (f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}, seeds {seeds}: "
-             f"interpolating A (seed {metas[0].get('seed')}) to B\n{options_note(cfg)}")
-    save_figure(interpolation_figure(rows, title, args.split), f"{stem}.png")
+    meta0, names = metas[0], " and ".join(Path(c).name for c in args.checkpoints)
+    # named by the inputs' identities: the same inputs replace their own earlier result, other inputs never do
+    stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{arch_folder(meta0['arch'], meta0['width'])}-{inputs_name(args.checkpoints)}"
+    check_outputs({"the CSV": f"{stem}.csv", "the plot": f"{stem}.png"}, _inputs(args.checkpoints, args.config), own=lambda _: True)
+    with output_lock(f"{stem}.csv", f"{stem}.png"):
+        rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
+        atomic_write_csv(f"{stem}.csv", rows)
+        title = (f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}: "
+                 f"interpolating {names}\n{options_note(cfg)}")
+        save_figure(interpolation_figure(rows, title, args.split), f"{stem}.png")
     for r in rows:
         print(f"  alpha {r['alpha']:.2f} {r['curve']:<15} accuracy {r['accuracy']:6.2f}  loss {r['loss']:.4f}")
     print(f"wrote {stem}.csv, {stem}.png")
@@ -194,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="*")
     p.add_argument("--width", type=int, default=0, help="width of the fused model (default 0: the first parent's); "
                                                          "with one checkpoint, compresses or widens it")
-    p.add_argument("--out", default="", help="where to save the fused checkpoint")
+    p.add_argument("--out", default="", help="where to save the fused checkpoint (an existing file only if it is an "
+                                             "earlier fusion of these checkpoints, or with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file whatever it holds")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate every stage and baseline: parents, ensemble, vanilla averaging, REPAIR (default: off, "

@@ -17,9 +17,11 @@ import functools
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -74,6 +76,9 @@ class ImageData:
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         if which not in ("train", "val", "test"):
             raise OtfuseError(f"unknown split {which!r}; use train, val or test")
+        if not len(getattr(self, f"{which}_y")):
+            raise OtfuseError(f"{self.name} has no {which} images (a model trained with --val-size 0 holds out no validation "
+                              "split); use another split, or train with a validation split")
         return getattr(self, f"{which}_x"), getattr(self, f"{which}_y")
 
     def to(self, device: torch.device | str) -> "ImageData":
@@ -112,15 +117,23 @@ class _Source:
 
 SourceFn = Callable[[str, Path], _Source]
 SOURCES: dict[str, SourceFn] = {}
+AUGMENTS: dict[str, bool] = {}  # whether training augments the dataset's images (crops and flips suit natural images)
 
 
-def register_dataset(name: str):
-    """Add a dataset: `@register_dataset("name")` on a function (argument after "name:", data dir) -> _Source."""
+def register_dataset(name: str, augment: bool = True):
+    """Add a dataset: `@register_dataset("name")` on a function (argument after "name:", data dir) -> _Source;
+    `augment=False` for images that crops and flips would damage (digits)."""
     def wrap(fn: SourceFn) -> SourceFn:
         SOURCES[name] = fn
+        AUGMENTS[name] = augment
         return fn
 
     return wrap
+
+
+def dataset_augments(name: str) -> bool:
+    """Whether training on dataset `name` augments its images (False for a name otfuse does not know)."""
+    return AUGMENTS.get(name.partition(":")[0], False)
 
 
 def _source(name: str, data_dir: Path) -> _Source:
@@ -229,7 +242,7 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims).copy())
 
 
-@register_dataset("digits")
+@register_dataset("digits", augment=False)
 def _digits_source(_arg: str, _data_dir: Path) -> _Source:
     import sklearn  # optional at import time: only the digits set needs scikit-learn
 
@@ -246,7 +259,7 @@ def _decode_digits() -> dict:
     return dict(
         train_x=torch.from_numpy(tx), train_y=torch.from_numpy(ty).long(),
         test_x=torch.from_numpy(vx), test_y=torch.from_numpy(vy).long(),
-        classes=[str(i) for i in range(10)], augment=False,
+        classes=[str(i) for i in range(10)], augment=dataset_augments("digits"),
     )
 
 
@@ -262,16 +275,28 @@ def _imagefolder_source(arg: str, _data_dir: Path) -> _Source:
 
 
 def _decode_imagefolder(path: Path) -> dict:
-    """Decode every image; hidden files (.DS_Store, ...) are skipped, any other file that is not a
-    decodable image is named in one clear error."""
-    entries = _tar_entries(path) if path.is_file() else _dir_entries(path)
+    """Decode every image of `split/class/file` (`split`: train or test; one common top folder, as many archives
+    have, is allowed above them). Hidden files and folders (.DS_Store, .ipynb_checkpoints/) and files outside
+    train/ and test/ (a README) are skipped; a file at any other depth, a symbolic link, or a file that is not
+    a decodable image is named in one clear error."""
+    entries = list(_tar_entries(path) if path.is_file() else _dir_entries(path))
+    top = {parts[0] for parts, _ in entries if parts}
+    if len(top) == 1 and not top & {"train", "test"}:  # one folder above train/ and test/
+        entries = [(parts[1:], read) for parts, read in entries]
     splits: dict[str, dict[str, list[tuple[str, bytes]]]] = {"train": {}, "test": {}}
     for parts, read in entries:
-        if len(parts) >= 3 and parts[-3] in splits and not parts[-1].startswith("."):
-            splits[parts[-3]].setdefault(parts[-2], []).append(("/".join(parts), read()))
+        if not parts or any(p.startswith(".") for p in parts) or parts[0] not in splits:
+            continue
+        if len(parts) != 3:
+            where = "directly in" if len(parts) == 2 else "below a class folder of"
+            raise OtfuseError(f"imagefolder {path}: {'/'.join(parts)} lies {where} {parts[0]}/; the layout is exactly "
+                              f"{parts[0]}/<class>/<image>: move or remove it")
+        splits[parts[0]].setdefault(parts[1], []).append(("/".join(parts), read()))
     classes = sorted(splits["train"])
     if not classes or sorted(splits["test"]) != classes:
-        raise OtfuseError(f"imagefolder {path} needs train/<class>/* and test/<class>/* with the same classes")
+        missing = sorted(set(splits["train"]) ^ set(splits["test"]))
+        raise OtfuseError(f"imagefolder {path} needs train/<class>/* and test/<class>/* with the same classes"
+                          + (f" (only in one of them: {', '.join(missing[:5])})" if missing and classes else ""))
 
     def decode(name: str, blob: bytes) -> np.ndarray:
         try:
@@ -300,17 +325,28 @@ def _tar_entries(path: Path):
     try:
         with tarfile.open(path) as tar:
             for m in tar:
+                parts = Path(m.name).parts
+                if (m.issym() or m.islnk()) and not any(p.startswith(".") for p in parts):
+                    raise OtfuseError(f"imagefolder archive {path}: {m.name} is a link; archive the files themselves")
                 if m.isfile():
-                    parts = Path(m.name).parts
                     blob = tar.extractfile(m).read()
                     yield parts, (lambda b=blob: b)
-    except tarfile.TarError as exc:
-        raise OtfuseError(f"imagefolder archive {path} cannot be read ({exc}); give a .tar.xz of train/ and test/") from None
+    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
+        raise OtfuseError(f"imagefolder archive {path} is corrupt or truncated ({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); "
+                          "give a complete .tar.xz of train/ and test/") from None
 
 
 def _dir_entries(path: Path):
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
+    """(relative parts, reader) of every file under `path`; a symbolic link is refused, never silently followed or dropped."""
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            p = Path(folder) / name
+            if p.is_symlink() and not name.startswith("."):
+                raise OtfuseError(f"imagefolder {path}: {p.relative_to(path)} is a symbolic link; copy what it points to "
+                                  "into the folder instead")
+        for name in sorted(files):
+            p = Path(folder) / name
             yield p.relative_to(path).parts, p.read_bytes
 
 
@@ -327,7 +363,14 @@ def _cached(source: _Source, data_dir: Path) -> dict:
                 return raw
         except OtfuseError:
             pass  # a broken or foreign cache is rebuilt, not reported
-    raw = source.decode()
+    try:
+        raw = source.decode()
+    except OtfuseError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as exc:
+        raise OtfuseError(f"the files of dataset {source.key.rsplit('-', 1)[0]} in {data_dir} are corrupt or truncated "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); delete them so they are fetched again, "
+                          "or replace them") from None
     _check_decoded(raw, source.key)
     x = raw["train_x"].float() / 255.0
     raw["mean"] = x.mean(dim=(0, 2, 3)).tolist()

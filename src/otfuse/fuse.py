@@ -61,7 +61,9 @@ class FuseConfig:
             raise OtfuseError(f"--weights {self.weights!r} must be comma-separated numbers") from None
         if len(w) != k or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
             raise OtfuseError(f"--weights {self.weights!r}: give {k} finite, non-negative numbers with a positive sum")
-        return [v / sum(w) for v in w]
+        top = max(w)  # scaled first: a sum of huge weights overflows to inf (and every weight to 0), tiny ones underflow
+        scaled = [v / top for v in w]
+        return [v / sum(scaled) for v in scaled]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Accuracy and loss along the line between two models, without and with alignment.
 
-    otfuse interpolate A.pt B.pt                     # results/interp-<dataset>-<arch>-w<width>-seeds<a>-<b>.{csv,png}
+    otfuse interpolate A.pt B.pt                     # results/interp-<dataset>-<arch>-w<width>-<A>-<B>-<hash>.{csv,png}
     otfuse interpolate A.pt B.pt --points 21 --method weight-matching
 
 At each alpha the model (1 - alpha) * A + alpha * B' is evaluated, where B' is B itself

@@ -93,6 +93,10 @@ def add_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = No
             parser.add_argument(o.flag, type=_parser_of(o), metavar=o.name.upper(), **kw)
 
 
+INT_LIMIT = 2**63  # torch's seeds and sizes are 64-bit: a larger integer is a traceback deep inside
+SEED_LIMIT = 2**32  # seeds are combined with epochs and batch numbers (seed * 100003 + epoch) within 64 bits
+
+
 def _parser_of(o: Option):
     """The argparse type of an option: a bad value is one line naming the option."""
     def parse(text: str):
@@ -102,6 +106,10 @@ def _parser_of(o: Option):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if o.kind is int else 'a number'}") from None
         if o.kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if o.kind is int and not -INT_LIMIT < value < INT_LIMIT:
+            raise argparse.ArgumentTypeError(f"{text!r} is beyond a 64-bit integer")
+        if o.name.endswith("seed") and not 0 <= value < SEED_LIMIT:
+            raise argparse.ArgumentTypeError(f"{text!r}: a seed is from 0 to {SEED_LIMIT - 1}")
         return value
     return parse
 
@@ -128,6 +136,8 @@ def _typed(o: Option, value: Any, source: str) -> Any:
         value, ok = float(value), True
     if o.kind is float and ok and not math.isfinite(value):
         ok = False
+    if o.kind is int and ok and not (0 <= value < SEED_LIMIT if o.name.endswith("seed") else -INT_LIMIT < value < INT_LIMIT):
+        raise OtfuseError(f"{source}: option {o.name} {value} is out of range (a seed: 0 to {SEED_LIMIT - 1}; other integers: 64-bit)")
     if not ok:
         want = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[o.kind]
         raise OtfuseError(f"{source}: option {o.name} must be {want}, got {value!r}")

@@ -372,7 +372,13 @@ def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], lay
     lhs = gram[:, :k, :k] + lam[:, None, None] * eye
     rhs = cross[:, :k] + lam[:, None, None] * anchor[:, :, :k].transpose(1, 2)
     factor, info = torch.linalg.cholesky_ex(lhs)  # symmetric positive definite with a ridge: half the work of LU
-    fit = (torch.cholesky_solve(rhs, factor) if not info.any() else torch.linalg.solve(lhs, rhs)).transpose(1, 2)
+    try:
+        fit = (torch.cholesky_solve(rhs, factor) if not info.any() else torch.linalg.solve(lhs, rhs)).transpose(1, 2)
+    except RuntimeError:  # torch.linalg.LinAlgError: singular without a ridge
+        fit = None
+    if fit is None or not torch.isfinite(fit).all():
+        raise OtfuseError(f"the refit of layer {layer} is singular (its inputs are linearly dependent on these images, "
+                          f"ridge {ridge:g}); give --refit-ridge above 0 or --no-refit")
     if k < n:
         fit = torch.cat([fit, torch.zeros_like(fit[:, :, :1])], 2)
     _set_unit(fused, layer, bn, fit.reshape(-1, n).to(mod.weight.device), gram.to(mod.weight.device))

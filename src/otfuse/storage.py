@@ -4,17 +4,26 @@ Everything otfuse writes goes to a temporary file in the target folder first and
 renamed over the target, so an interrupted run never leaves a half-written file. A temporary
 file left by a killed writer (its process is gone) is removed by the next write to that folder.
 Written files get the permissions the umask allows, like any other file the user creates.
+
+Every command's outputs follow one rule (`check_outputs`): an existing file is replaced only when
+it is this command's own earlier result for the same inputs, or with --overwrite; an output is
+never an input, the config, or another output of the same run. A command holds an exclusive lock
+(`output_lock`, a `.<name>.lock` file beside the output naming its process) while it writes, so
+two processes writing one output cannot both succeed.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import io
 import os
 import re
 import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -54,6 +63,82 @@ def writable_file(path: str | Path, what: str) -> Path:
                 raise OtfuseError(f"cannot write to directory {folder} (permission denied); choose a writable path for {what}")
             break
     return path
+
+
+def check_outputs(outputs: dict[str, str | Path], inputs: dict[str, str | Path], overwrite: bool = False,
+                  own: Callable[[Path], bool] = lambda _: False) -> None:
+    """Refuse, before any work, an output (`{what: path}`) that is an input (`{what: path}`: checkpoints, the
+    config), another output of the same run, or an existing file that is neither this command's earlier
+    result for the same inputs (`own(path)`) nor replaceable by `overwrite`."""
+    seen: dict[Path, str] = {}
+    ins = {Path(p).expanduser().resolve(): what for what, p in inputs.items() if p}
+    for what, path in outputs.items():
+        if not path:
+            continue
+        p = Path(path).expanduser()
+        writable_file(p, what)
+        key = p.resolve()
+        if key in ins:
+            raise OtfuseError(f"{what} {path} is also {ins[key]}; choose another path (inputs are never overwritten)")
+        if key in seen:
+            raise OtfuseError(f"{what} {path} is also {seen[key]} of this run; choose paths that differ")
+        seen[key] = what
+        if p.exists() and not overwrite and not own(p):
+            raise OtfuseError(f"{what} {path} already exists and is not this command's earlier result for these inputs; "
+                              "choose a new path, or add --overwrite to replace it")
+
+
+@contextmanager
+def output_lock(*paths: str | Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside each output while writing it: a second process that wants one of them gets
+    one clear error instead of both succeeding. A lock left by a process that is gone is taken over."""
+    with ExitStack() as stack:
+        for path in sorted({Path(p).expanduser().resolve() for p in paths if p}):
+            stack.enter_context(_locked(path))
+        yield
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    writable_dir(path.parent)
+    lock = path.parent / f".{path.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise OtfuseError(f"{path} is being written by another otfuse process (pid {pid}); wait for it to finish "
+                                  f"or choose another output path (a lock left by a crash: remove {lock})") from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise OtfuseError(f"cannot take the lock {lock} for {path}; remove it if no otfuse process is running")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def identity(path: str | Path) -> str:
+    """A short content hash of a file: what names results and studies, so that two different inputs never share one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:8]
+
+
+def inputs_name(paths: list[str | Path]) -> str:
+    """A results or study name for these input files: their stems, then a hash of their contents (in order), so
+    a fused or fine-tuned checkpoint never shares a name with the parents whose seeds its metadata inherits."""
+    joined = "-".join(identity(p) for p in paths)
+    return "-".join(Path(p).stem for p in paths) + "-" + hashlib.sha256(joined.encode()).hexdigest()[:8]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -115,8 +200,14 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result follows the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OtfuseError(f"cannot write {path} ({exc.strerror}); free space or choose another path "
+                              "(nothing was written there)") from None
+        if isinstance(exc, RuntimeError) and ("file write failed" in str(exc) or "No space left" in str(exc)):
+            raise OtfuseError(f"cannot write {path} (no space left on the device); free space or choose another path "
+                              "(nothing was written there)") from None
         raise
 
 

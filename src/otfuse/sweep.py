@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import data_of, fused_meta, load_checkpoint, pick_device, recipe_options, save_checkpoint
+from otfuse.checkpoints import fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fuse import FuseConfig
 from otfuse.models import arch_folder, build_model
 from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.report import fusion_table
 from otfuse.results import fusion_row, upsert_row, write_summary
-from otfuse.storage import load_torch, writable_dir
+from otfuse.storage import load_torch, output_lock, writable_dir
 from otfuse.train import finetune
 
 
@@ -40,12 +40,21 @@ def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, 
     for folder in sorted(p for p in checkpoint_dir.glob("*/*") if p.is_dir()):
         if dataset and folder.parent.name != dataset:
             continue
-        for path in sorted(folder.glob("*.pt")):
-            meta = load_torch(path).get("meta", {})
-            if isinstance(meta, dict) and meta.get("kind") == "trained" and isinstance(meta.get("seed"), int):
+        for path in sorted(p for p in folder.glob("*.pt") if not p.name.startswith(".")):
+            try:
+                ckpt = load_torch(path)
+            except OtfuseError as exc:  # a stray or half-copied file beside the seeds: said, and left out
+                print(f"skipping {path}: {exc}", file=sys.stderr)
+                continue
+            meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+            if isinstance(meta, dict) and meta.get("kind") == "trained" and isinstance(meta.get("seed"), int) \
+                    and isinstance(meta.get("width", 0), int):
                 out.setdefault((folder.parent.name, str(meta.get("arch")), int(meta.get("width", 0))), []).append((path, meta))
     for seeds in out.values():
         seeds.sort(key=lambda pm: pm[1]["seed"])
+        for (p, m), (q, n) in zip(seeds, seeds[1:]):
+            if m["seed"] == n["seed"]:
+                raise OtfuseError(f"{p} and {q} are both seed {m['seed']}; keep one of them in {p.parent} (move the other away)")
     return out
 
 
@@ -128,24 +137,30 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
         raise OtfuseError("--finetune-distill fine-tunes: give --finetune-epochs 1 (or more) too")
     if args.width < 0:
         raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
-    device = pick_device(args.device)
+    pick_device(args.device)
     results = writable_dir(args.results_dir)  # before any work: an unwritable folder must not cost a fusion
     jobs = pairs_to_fuse(Path(args.checkpoint_dir), args.dataset, parse_widths(args.widths), parse_pairs(args.pairs))
+    with output_lock(results / "summary.md"):  # one sweep at a time writes a results folder: rows are read, then replaced
+        return _sweep(args, cfg, jobs, results)
+
+
+def _sweep(args: argparse.Namespace, cfg: FuseConfig, jobs: list, results: Path) -> int:
+    device = pick_device(args.device)
     method = cfg.align.method
     finetunes = () if args.finetune_epochs == 0 else FINETUNES if args.finetune_distill else FINETUNES[:1]
     for ds, pair in jobs:
-        loaded = [load_checkpoint(p) for p, _ in pair]
-        meta0 = loaded[0][1]
-        cfg = resolve(FuseConfig, args, args.config, recipe_options([m for _, m in pair]))
+        # the checks `otfuse fuse` makes: one architecture, class count, dataset and validation split
+        models, metas, data = load_parents([p for p, _ in pair], args.data_dir, args.device, same_width=False)
+        meta0 = metas[0]
+        cfg = resolve(FuseConfig, args, args.config, recipe_options(metas))
         width = args.width or meta0["width"]
         folder = writable_dir(Path(args.checkpoint_dir) / ds / arch_folder(meta0["arch"], width))
-        data = data_of(meta0, args.data_dir).to(device)
         seeds, widths = [m["seed"] for _, m in pair], [m["width"] for _, m in pair]
         mixed = len(set(widths + [width])) > 1
         print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]}" + (f" (widths {widths[0]}, {widths[1]})" if mixed else "")
               + f" ({method})", flush=True)
         target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(device)
-        fusion, acc = fusion_table([m.to(device) for m, _, _ in loaded], data, cfg, progress=True, target=target,
+        fusion, acc = fusion_table(models, data, cfg, progress=True, target=target,
                                    with_baselines=args.baselines)
         meta = fused_meta([m for _, m in pair], [p for p, _ in pair], width, flatten(cfg), len(data.val_y), acc["fused"])
         name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"

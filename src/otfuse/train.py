@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
 from otfuse.models import TIMM, arch_folder, arch_width, build_model
 from otfuse.precision import autocast, channels_last, memory_format, resolve_precision
-from otfuse.storage import atomic_write_csv, writable_file
+from otfuse.storage import atomic_write_csv, check_outputs, output_lock
 
 
 @dataclass
@@ -123,12 +124,37 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     """Train (or resume) the model `cfg` describes; returns the checkpoint path."""
     cfg.check()
     rank, world = _dist()
+    path = checkpoint_path(cfg)
+    _check_paths(cfg, path)
+    with output_lock(path, path.with_suffix(".csv")) if rank == 0 else nullcontext():
+        return _train(cfg, path, data, progress, rank, world)
+
+
+def _check_paths(cfg: TrainConfig, path: Path) -> None:
+    """The checkpoint and its per-epoch log (`path` with .csv) are two files, neither the --init checkpoint nor a
+    teacher; an existing log is replaced only when it is an otfuse log (the checkpoint's own rules: _check_existing)."""
+    if path.suffix == ".csv":
+        raise OtfuseError(f"checkpoint {path} ends in .csv, the name of its own per-epoch log, which would replace it "
+                          "every epoch; give a path ending in .pt")
+    teachers = {f"teacher {t}": t for t in cfg.teachers.split(",") if t.strip()} if cfg.distill else {}
+    check_outputs({"checkpoint": path, "the per-epoch log": path.with_suffix(".csv")},
+                  {"the --init checkpoint": cfg.init, **teachers}, overwrite=cfg.overwrite,
+                  own=lambda p: p.suffix == ".csv" and _is_log(p) or p == path)
+
+
+def _is_log(path: Path) -> bool:
+    try:
+        with open(path) as f:
+            return f.readline().startswith("epoch,")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _train(cfg: TrainConfig, path: Path, data: ImageData | None, progress: bool, rank: int, world: int) -> Path:
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
-    path = checkpoint_path(cfg)
-    writable_file(path, "checkpoint")
     _check_existing(path, cfg, precision)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
@@ -223,7 +249,8 @@ def _meta(cfg: TrainConfig, data: ImageData) -> dict:
     return {
         "kind": "trained", "arch": cfg.arch, "width": arch_width(cfg.arch, cfg.width), "in_channels": data.in_channels,
         "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
-        "val_size": len(data.val_y), "seed": cfg.seed, "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
+        "val_size": len(data.val_y), "seed": cfg.seed, "classes": list(data.classes),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
         **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),
     }
 

@@ -37,7 +37,7 @@ from otfuse.models import arch_folder
 from otfuse.options import build, flatten
 from otfuse.plots import history_figure, save_figure
 from otfuse.precision import resolve_precision
-from otfuse.storage import atomic_write_text, writable_dir
+from otfuse.storage import atomic_write_text, inputs_name, writable_dir
 
 RIDGE = (1e-4, 1.0)  # refit's ridge: from nearly a plain least-squares fit to nearly the plain average
 N_IMAGES = (250, 500, 1000, 2000)  # sample sizes the study may pick for the alignment and the refit
@@ -102,12 +102,13 @@ def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = Fa
     return replace(base, align=align, bn=bn, repair=repair, refit=refit)
 
 
-def default_study_name(metas: list[dict], width: int = 0) -> str:
-    """<dataset>-<arch>-w<width>-seeds<a>-<b>, with the parents' widths where they differ from the fused model's."""
+def default_study_name(metas: list[dict], parents: list[str], width: int = 0) -> str:
+    """<dataset>-<arch>-w<width>-<A's stem>-<B's stem>-<hash of both files>, with the parents' widths where they
+    differ from the fused model's: named by what the inputs are, never by the seeds their metadata inherits."""
     m = metas[0]
     width = width or m["width"]
     widths = "" if all(x["width"] == width for x in metas) else "-from-" + "-".join(f"w{x['width']}" for x in metas)
-    return f"{dataset_slug(m['dataset'])}-{arch_folder(m['arch'], width)}{widths}-seeds{'-'.join(str(x.get('seed', '?')) for x in metas)}"
+    return f"{dataset_slug(m['dataset'])}-{arch_folder(m['arch'], width)}{widths}-{inputs_name(parents)}"
 
 
 def open_storage(url: str, results_dir: Path, study: str):
@@ -119,6 +120,7 @@ def open_storage(url: str, results_dir: Path, study: str):
         url = f"sqlite:///{(results_dir / f'tune-{study}.db').resolve()}"
     if "://" not in url:
         writable_dir(Path(url).parent)
+        _check_journal(Path(url))
         return JournalStorage(JournalFileBackend(url))
     # SQLite serialises writers: wait for the lock instead of failing when workers commit together;
     # heartbeats let a later worker mark trials of a killed worker as failed
@@ -134,6 +136,22 @@ def open_storage(url: str, results_dir: Path, study: str):
             time.sleep(0.5 + attempt)
 
 
+def _check_journal(path: Path) -> None:
+    """An existing --storage file must be an optuna journal (JSON lines): anything else is the user's file, never appended to."""
+    if path.is_dir():
+        raise OtfuseError(f"--storage {path} is a directory; give a journal file path (e.g. results/study.jsonl) or a database URL")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline())
+        ok = isinstance(first, dict) and "op_code" in first
+    except (ValueError, OSError):
+        ok = False
+    if not ok:
+        raise OtfuseError(f"--storage {path} exists and is not an optuna journal; give a new file or a journal written by otfuse tune")
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -147,10 +165,14 @@ def load_study(storage, name: str, seed: int, worker: str):
         try:
             study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
             break
-        except Exception:  # two workers creating the schema or the study at once: the loser retries
+        except Exception as exc:  # two workers creating the schema or the study at once: the loser retries
             if attempt == 4:
-                raise
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+                raise OtfuseError(f"study {name!r} cannot be opened in its storage ({type(exc).__name__}: {first}); "
+                                  "give another --study or --storage") from None
             time.sleep(0.5 + attempt)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise OtfuseError(f"study {name!r} in this storage minimises its objective, so otfuse did not make it; give another --study")
     study.sampler = optuna.samplers.TPESampler(seed=(seed * 1_000_003 + zlib.crc32(worker.encode())) % 2**31, n_startup_trials=8)
     return study
 
@@ -167,7 +189,7 @@ def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
     return fused, accuracy_of_logits(z, y), agree
 
 
-def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg: TuneConfig,
+def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], parents: list[str], tcfg: TuneConfig,
               base: FuseConfig, progress: bool = True, target: nn.Module | None = None, width: int = 0) -> dict:
     """Add this worker's trials to the study, write CSV, JSON and PNG, and report the best trial's
     test accuracy (the only read of the test set). Returns the best options and both accuracies.
@@ -185,9 +207,17 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg:
             raise OtfuseError(f"--methods {tcfg.methods!r}: none of them aligns models of other widths; add "
                               + " or ".join(m.name for m in METHODS.values() if m.mixed_widths))
     results = writable_dir(tcfg.results_dir)
-    name = tcfg.study or default_study_name(metas, width)
+    data.split("val")  # the objective: a model trained without a validation split cannot be tuned
+    name = tcfg.study or default_study_name(metas, parents, width)
     worker = worker_id()
-    study = load_study(open_storage(tcfg.storage, results, name), name, tcfg.sampler_seed, worker)
+    try:
+        storage = open_storage(tcfg.storage, results, name)
+    except OtfuseError:
+        raise
+    except Exception as exc:  # a journal file that is not one, a folder, ...
+        raise OtfuseError(f"--storage {tcfg.storage or results}: cannot open it as an optuna storage ({type(exc).__name__}); "
+                          "give a new file or a database URL") from None
+    study = load_study(storage, name, tcfg.sampler_seed, worker)
 
     def objective(trial) -> float:
         cfg = suggest(trial, methods, base, mixed, mixed or bool(width and width != metas[0]["width"]))
@@ -201,7 +231,7 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg:
             trial.set_user_attr(f"agree_model{i + 1}", round(a, 2))
         return acc
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed or interrupted trial is reported once, by otfuse
     mine = lambda: sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                        if t.user_attrs.get("worker") == worker)
     start, deadline = time.time(), time.time() + tcfg.timeout if tcfg.timeout else None
@@ -214,6 +244,8 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], tcfg:
     if not done:
         raise OtfuseError(f"study {name!r} has no completed trial yet; run more trials (--n-trials)")
     best = study.best_trial
+    if not isinstance(best.user_attrs.get("options"), dict):
+        raise OtfuseError(f"study {name!r} holds trials otfuse did not write (trial {best.number} has no options); give another --study")
     cfg = build(FuseConfig, best.user_attrs["options"])
     fused, val, _ = val_accuracy(models, data, cfg, target)
     x, y = data.split("test")
