@@ -233,9 +233,45 @@ class PixelUnshuffleNet(_Head):
         return self.head(torch.relu(self.bn(self.d(self.down(torch.relu(self.c(x)))))))
 
 
+class SelectiveKernelNet(_Head):
+    """Selective kernel (SKNet): two paths stacked on a new dim, attention over the paths viewed as (paths, channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.paths = nn.ModuleList(nn.Sequential(nn.Conv2d(8, 8, 3, padding=d, dilation=d), nn.BatchNorm2d(8)) for d in (1, 2))
+        self.reduce, self.bn, self.select = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 16, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.c(x))
+        paths = torch.stack([torch.relu(p(x)) for p in self.paths], 1)
+        attn = self.select(torch.relu(self.bn(self.reduce(paths.sum(1).mean((2, 3), keepdim=True)))))
+        return self.head((paths * attn.view(len(x), 2, 8, 1, 1).softmax(1)).sum(1))
+
+
+class SplitAttentionNet(_Head):
+    """Split attention (ResNeSt): a grouped conv's outputs viewed as (radix, channels), a radix softmax through
+    view, transpose and reshape, then summed over the radix."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.conv, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16)
+        self.fc1, self.bn1, self.fc2 = nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 16, 1)
+        self.d, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        n = len(x)
+        x = torch.relu(self.bn0(self.conv(torch.relu(self.c(x))))).reshape(n, 2, 8, *x.shape[2:])
+        a = self.fc2(torch.relu(self.bn1(self.fc1(x.sum(1).mean((2, 3), keepdim=True)))))
+        a = a.view(n, 1, 2, -1).transpose(1, 2).softmax(1).reshape(n, -1).view(n, -1, 1, 1).reshape(n, 2, 8, 1, 1)
+        return self.head(self.d((x * a).sum(1)))
+
+
 PATTERNS = {"split": SplitNet, "glu": GLUNet, "partial-residual": PartialResidualNet, "res2net": Res2Net, "ghost": GhostNet,
             "mixconv": MixConvNet, "groupnorm": GroupNormNet, "weight-norm": WeightNormNet, "spectral-norm": SpectralNormNet,
-            "tied": TiedNet, "pixel-shuffle": PixelShuffleNet, "pixel-unshuffle": PixelUnshuffleNet}
+            "tied": TiedNet, "pixel-shuffle": PixelShuffleNet, "pixel-unshuffle": PixelUnshuffleNet,
+            "selective-kernel": SelectiveKernelNet, "split-attention": SplitAttentionNet}
 
 
 # --- small instances of torchvision's classes: the same code paths as the full-size models (bench_zoo.py covers those) ---

@@ -2,7 +2,8 @@
 
 Each pattern of conftest.PATTERNS is what users write (Res2Net's hierarchical split, a Ghost module's
 concatenate-then-cut, mixed kernels, a GLU gate, a residual on some channels, GroupNorm, weight_norm,
-spectral_norm, one conv called twice, a pixel shuffle and unshuffle). For each: permuting every group keeps the function, and fusing
+spectral_norm, one conv called twice, a pixel shuffle and unshuffle, SKNet's selective kernel,
+ResNeSt's split attention). For each: permuting every group keeps the function, and fusing
 the model with a permuted copy of itself returns the model, with every alignment method. A grouping
 that would not be exact is refused by the exactness check, never returned.
 """
@@ -153,3 +154,13 @@ def test_the_refit_refuses_a_parametrisation_it_cannot_write():
 def test_resnet18_groups_are_unchanged_by_the_split_handling():
     groups = channel_groups(build_model("resnet18", 8, 3, 10), torch.randn(1, 3, 16, 16))
     assert not any("[" in g.name for g in groups) and len(groups) == 12
+
+
+def test_split_attention_moves_each_channel_in_every_radix_and_keeps_the_grouped_inputs_blocks():
+    groups = channel_groups(_model("split-attention"), torch.randn(1, 3, 8, 8))
+    weight = lambda g, axis: next((m for m in g.members if m.module == "conv" and m.tensor == "weight" and m.axis == axis), None)
+    out = next(g for g in groups if weight(g, 0) is not None)
+    assert weight(out, 0).index.tolist() == [[c, 8 + c] for c in range(8)] and out.blocks is None
+    inp = next(g for g in groups if weight(g, 1) is not None)  # radix r reads input block r: the blocks cannot swap
+    assert inp.blocks.tolist() == [0, 0, 1, 1] and inp.pinned
+    assert all(torch.equal(random_maps(groups, seed=s)[inp.name].perm // 2, torch.tensor([0, 0, 1, 1])) for s in range(5))

@@ -182,7 +182,9 @@ def family_betas(costs: dict[str, torch.Tensor], anchor_groups: list[ChannelGrou
             raise OtfuseError(f"group {ga.name} feeds a grouped conv; models of other widths cannot be aligned there")
         c = _block_cost(costs[ga.name], ga, gs)
         total[ga.family] = c if ga.family not in total else total[ga.family] + c
-    return {f: torch.from_numpy(linear_sum_assignment(c.numpy())[1]).long() for f, c in total.items()}
+    pinned = {g.family for g in anchor_groups if g.pinned}
+    return {f: torch.arange(len(c)) if f in pinned else torch.from_numpy(linear_sum_assignment(c.numpy())[1]).long()
+            for f, c in total.items()}
 
 
 def group_map(cost: torch.Tensor, ga: ChannelGroup, gs: ChannelGroup, betas: dict[str, torch.Tensor], cfg: AlignConfig,

@@ -80,6 +80,7 @@ class ChannelGroup:
     order: int = 0  # position of the first producer in the forward pass
     blocks: torch.Tensor | None = None  # per channel, its block of a grouped conv: channels move within blocks, blocks as a whole
     family: str = ""  # groups whose blocks must move alike (linked by grouped convs): the first such conv's name
+    pinned: bool = False  # its blocks stay where they are (channels still move within them): see _link_blocks
     norm_blocks: dict[str, list[list[int]]] = field(default_factory=dict)  # per GroupNorm: each channel's positions in it
 
     def signature(self) -> tuple:
@@ -290,6 +291,7 @@ def _repair_index_maps(graph: tp.DependencyGraph) -> None:
                     _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
     for node in graph.module2node.values():
         _map_pixel_shuffle(node)
+        _map_paths(node, mapping)
     for node in graph.module2node.values():
         for dep in node.dependencies:
             if node.type == tp_ops.OPTYPE.CONCAT and dep.target.type == tp_ops.OPTYPE.SPLIT and None not in dep.index_mapping:
@@ -326,6 +328,88 @@ def _map_pixel_shuffle(node) -> None:
         for dep in node.dependencies:
             if dep.target is inp:
                 dep.index_mapping = [_ChannelBlocks(factor, widen=shuffle), None]
+
+
+class _PathSum:
+    """The index map of summing paths stacked on dim 1: position k * C + c of the (N, K, C, ...) side is channel c of
+    the summed side. `widen`: summed -> stacked (every path's position of the channel)."""
+
+    def __init__(self, paths: int, channels: int, widen: bool):
+        self.paths, self.channels, self.widen = paths, channels, widen
+
+    def __call__(self, idxs: list) -> list:
+        c = self.channels
+        if self.widen:
+            return [_HybridIndex(k * c + i.idx, i.root_idx) for i in idxs for k in range(self.paths)]
+        return list({(i.idx % c, i.root_idx): _HybridIndex(i.idx % c, i.root_idx) for i in idxs}.values())
+
+
+def _map_paths(node, mapping) -> None:
+    """Selective-kernel and split-attention blocks (SKNet, ResNeSt) stack K paths of C channels on a new dim 1, view
+    an attention of K * C channels as (K, C), and sum over the paths. Their channel index is K * C flattened: a stack
+    is a concatenation, a view that keeps the trailing (spatial) dims, or whose channels carry no spatial extent,
+    changes nothing, and a sum over dim 1 of a 5-D tensor maps k * C + c to c. Torch-Pruning 1.6 takes the stack and
+    the sum for elementwise ops and a view for a flatten."""
+    fn, name = node.grad_fn, type(node.grad_fn).__name__
+    if name == "StackBackward0" and fn._saved_dim == 1:
+        producers = [f for f, _ in fn.next_functions]
+        if None in producers or len({id(f) for f in producers}) != len(producers):
+            return
+        shapes = [_output_shape(f, i) for f, i in fn.next_functions]
+        if any(len(sh) < 3 for sh in shapes):
+            return
+        offsets = _offsets([int(sh[1]) for sh in shapes])
+        for k, f in enumerate(producers):
+            for inp in [n for n in node.inputs if n.grad_fn is f]:
+                _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
+    elif name == "SumBackward1" and tuple(fn._saved_dim) == (1,) and len(fn._saved_self_sym_sizes) == 5 and not fn._saved_keepdim:
+        paths, channels = int(fn._saved_self_sym_sizes[1]), int(fn._saved_self_sym_sizes[2])
+        for inp in node.inputs:
+            for dep in inp.dependencies:
+                if dep.target is node:
+                    dep.index_mapping = [_PathSum(paths, channels, widen=False), None]
+            for dep in node.dependencies:
+                if dep.target is inp:
+                    dep.index_mapping = [_PathSum(paths, channels, widen=True), None]
+    elif node.type == tp_ops.OPTYPE.RESHAPE and _keeps_channel_order(fn):
+        for dep in node.dependencies:
+            dep.index_mapping = [None, None]
+        for other in list(node.inputs) + list(node.outputs):
+            for dep in other.dependencies:
+                if dep.target is node:
+                    dep.index_mapping = [None, None]
+
+
+def _keeps_channel_order(fn) -> bool:
+    """Whether a view/reshape only regroups the channel dims: it keeps 2 trailing spatial dims (N, K * C, H, W) <->
+    (N, K, C, H, W), or its channels carry no spatial extent (per sample as many values as the conv above has channels)."""
+    before = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ()))
+    after = tuple(int(v) for v in fn._input_metadata[0].shape) if getattr(fn, "_input_metadata", None) else ()
+    if len(before) < 2 or len(after) < 2 or before[0] != after[0] or _prod(before[1:]) != _prod(after[1:]):
+        return False
+    if len(before) >= 4 and len(after) >= 4 and before[-2:] == after[-2:] and (len(before) == 5) != (len(after) == 5):
+        return True
+    channels = _channels_above(fn)
+    return channels is not None and channels == _prod(before[1:]) and max(len(before), len(after)) >= 4
+
+
+def _channels_above(fn, depth: int = 12) -> int | None:
+    """The output channels of the nearest conv above `fn` through parameter-free, shape-keeping ops (None: none found)."""
+    for _ in range(depth):
+        nxt = [f for f, _ in fn.next_functions if f is not None and type(f).__name__ != "AccumulateGrad"]
+        if len(nxt) != 1:
+            return None
+        fn = nxt[0]
+        if type(fn).__name__ == "ConvolutionBackward0":
+            return int(fn._input_metadata[0].shape[1])
+    return None
+
+
+def _prod(dims: tuple) -> int:
+    out = 1
+    for d in dims:
+        out *= int(d)
+    return out
 
 
 def _offsets(sizes: list[int]) -> list[int]:
@@ -611,24 +695,40 @@ def _link_blocks(model: nn.Module, groups: list[ChannelGroup]) -> None:
             sides = [(normed.get(name), mod.num_channels, mod.num_groups, None)]
         else:
             continue
-        for g, channels, n_blocks, axis in sides:
+        pinned = False
+        for i, (g, channels, n_blocks, axis) in enumerate(sides):
             if g is None:
                 continue
             if axis is None:
                 first = torch.tensor([p[0] for p in g.norm_blocks[name]])
             else:
-                first = next(m for m in g.members if m.module == name and m.tensor == "weight" and m.axis == axis).index[:, 0]
+                index = next(m for m in g.members if m.module == name and m.tensor == "weight" and m.axis == axis).index
+                if axis == 0 and _spans_blocks(index, channels // n_blocks, n_blocks):
+                    # each channel has one output in every block (ResNeSt's radix paths, summed later): the outputs take
+                    # any permutation, but a block of inputs cannot move to another block's outputs, so the inputs' blocks stay
+                    sides[i], pinned = (None, channels, n_blocks, axis), True
+                    continue
+                first = index[:, 0]
             blocks = first // (channels // n_blocks)
             if g.blocks is not None and not torch.equal(g.blocks, blocks):
                 raise OtfuseError(f"module {name}: its channels are split into blocks that another grouped layer splits "
                                   f"differently (groups={n_blocks}); they cannot be permuted exactly")
             g.blocks = blocks
         linked = [g for g, *_ in sides if g is not None]
+        for g in linked:
+            g.pinned = g.pinned or pinned
         for g in linked[1:]:
             parent[find(g.name)] = find(linked[0].name)
+    pinned = {find(g.name) for g in groups if g.pinned}
     for g in groups:
         if g.blocks is not None:
             g.family = find(g.name)
+            g.pinned = g.family in pinned
+
+
+def _spans_blocks(index: torch.Tensor, size: int, n_blocks: int) -> bool:
+    """Whether every channel has exactly one position in each of the n_blocks blocks of `size` channels."""
+    return index.shape[1] == n_blocks > 1 and bool((torch.sort(index // size, 1).values == torch.arange(n_blocks)).all())
 
 
 def _follows(norm: str, layer: str, order: dict[str, int]) -> bool:

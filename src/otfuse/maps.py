@@ -142,7 +142,7 @@ def random_maps(groups: list[ChannelGroup], seed: int = 0, cycles: bool = False)
             out[g.name] = ChannelMap.permutation(draw(g.size))
             continue
         n_blocks = int(g.blocks.max()) + 1
-        beta = families.setdefault(g.family, draw(n_blocks))
+        beta = families.setdefault(g.family, torch.arange(n_blocks) if g.pinned else draw(n_blocks))
         out[g.name] = ChannelMap.permutation(block_permutation(g.blocks, beta, lambda b, t, s: draw(len(t))))
     return out
 
