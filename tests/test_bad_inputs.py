@@ -240,7 +240,7 @@ CASES = [
     ("train --dataset digits --width 4 --epochs 1 --out {w}/model.csv", "ends in .csv"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/user.pt", "the per-epoch log"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/locked.pt", "is being written by another otfuse process"),
-    ("finetune {w}/a.pt --out {w}/a.pt --overwrite", "is also the --init checkpoint"),
+    ("finetune {w}/a.pt --out {w}/a.pt --overwrite", "is also the checkpoint it starts from"),
     ("finetune {w}/a.pt --distill --teachers {w}/b.pt --out {w}/b.pt --overwrite", "is also teacher"),
     ("finetune {w}/a.pt --out {w}/other.pt", "already exists"),
     # --- checkpoints: every tensor and metadata field checked on load ---

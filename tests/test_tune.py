@@ -99,3 +99,14 @@ def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, 
     assert again.returncode == 0, out
     assert len(_completed(url, "shared")) == before + 2
     assert "test accuracy of the best options" in out
+
+
+def test_options_given_on_the_command_line_are_fixed_in_every_trial(trained, tmp_path, capsys):
+    _, _, paths, root = trained
+    url = f"sqlite:///{tmp_path / 'pinned.db'}"
+    code = main(["tune", str(paths[0]), str(paths[1]), "--bn-batches", "4", "--no-refit", "--n-trials", "2", "--storage", url,
+                 "--study", "pinned", "--results-dir", str(tmp_path), "--data-dir", str(root / "data"), *FAST])
+    assert code == 0, capsys.readouterr().err
+    done = _completed(url, "pinned")
+    assert len(done) == 2 and all(t.user_attrs["options"]["bn_batches"] == 4 and not t.user_attrs["options"]["refit"] for t in done)
+    assert all("bn_batches" not in t.params and "refit" not in t.params for t in done)  # not searched at all

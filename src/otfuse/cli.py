@@ -22,7 +22,7 @@ from otfuse.evaluate import accuracy, loss_and_accuracy
 from otfuse.fuse import FuseConfig, fuse, timed
 from otfuse.interpolate import interpolation, options_note
 from otfuse.models import arch_folder, build_model
-from otfuse.options import Parser, add_options, flatten, resolve
+from otfuse.options import Parser, add_options, flatten, read_config, resolve
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
 from otfuse.report import table
@@ -52,7 +52,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise OtfuseError(f"--{k} {given[k]!r} differs from {args.checkpoint}'s {meta[k]!r}; drop the option")
     epochs = given.get("epochs", FINETUNE["epochs"])
     out = given.pop("out", "") or str(Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}-ft{epochs}.pt"))
-    cfg = finetune_config(meta, args.checkpoint, out, **{k: v for k, v in given.items() if k not in ("init",)})
+    cfg = finetune_config(meta, args.checkpoint, out, **given)
     path = train(cfg)
     print(f"saved {path}")
     return 0
@@ -142,7 +142,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     base = fuse_config(args, metas)
     width = args.width or metas[0]["width"]
     target = build_model(metas[0]["arch"], width, metas[0]["in_channels"], metas[0]["num_classes"]).to(next(models[0].parameters()).device)
-    out = run_study(models, data, metas, args.checkpoints, tcfg, base, progress=True, target=target, width=width)
+    # what the user pinned (on the command line or in --config) is not searched
+    fixed = frozenset(k for k in flatten(base) if k in vars(args)) | frozenset(read_config(args.config) if args.config else ())
+    out = run_study(models, data, metas, args.checkpoints, tcfg, base, progress=True, target=target, width=width, fixed=fixed)
     print(f"study {out['study']}: {out['trials']} completed trials; best #{out['best_trial']} "
           f"validation {out['val_accuracy']:.2f}% (again: {out['val_accuracy_again']:.2f}%)")
     print("best options: " + ", ".join(f"{k}={v}" for k, v in out["options"].items()))
@@ -178,9 +180,9 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fusion_options(p: argparse.ArgumentParser) -> None:
-    """The fusion options (FuseConfig), --config, --device and --data-dir."""
-    add_options(p, FuseConfig, only_given=True, helps={"method": " | ".join(METHODS)})
+def _fusion_options(p: argparse.ArgumentParser, exclude=lambda _: False) -> None:
+    """The fusion options (FuseConfig) but those `exclude` names, --config, --device and --data-dir."""
+    add_options(p, FuseConfig, only_given=True, helps={"method": " | ".join(METHODS)}, exclude=exclude)
     p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help=f"dataset cache (default: {default_data_dir()})")
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("finetune", help="fine-tune a (fused) checkpoint with the training loop: otfuse finetune F.pt --epochs 1")
     p.add_argument("checkpoint")
-    add_options(p, TrainConfig, FINETUNE, only_given=True)
+    add_options(p, TrainConfig, FINETUNE, only_given=True, exclude=lambda name: name == "init")  # the checkpoint is the start
     p.set_defaults(run=cmd_finetune)
     p = sub.add_parser("evaluate", help="print a checkpoint's accuracy")
     p.add_argument("checkpoint")
@@ -227,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=11, help="alphas from 0 to 1 (default: 11)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--results-dir", default="results")
-    _fusion_options(p)
+    # the curves are the plain and the REPAIRed aligned average, with weights (1 - alpha, alpha): those options are set here
+    _fusion_options(p, exclude=lambda name: name in ("weights", "refit", "repair") or name.startswith("refit_"))
     p.set_defaults(run=cmd_interpolate)
     return parser
 

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from otfuse.errors import OtfuseError
 
@@ -78,11 +78,13 @@ def options_of(cls, prefix: str = "", path: tuple[str, ...] = ()) -> list[Option
 
 
 def add_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None, only_given: bool = False,
-                helps: dict[str, str] | None = None) -> None:
-    """One --option per field, its help from the field's comment (or `helps`). With `only_given`, an
-    option not written on the command line stays out of the parsed namespace, so a JSON file can
-    fill it (help still shows the real default)."""
+                helps: dict[str, str] | None = None, exclude: Callable[[str], bool] = lambda _: False) -> None:
+    """One --option per field, its help from the field's comment (or `helps`), except the names `exclude`
+    accepts (options the command sets itself). With `only_given`, an option not written on the command
+    line stays out of the parsed namespace, so a JSON file can fill it (help still shows the real default)."""
     for o in options_of(cls):
+        if exclude(o.name):
+            continue
         default = (defaults or {}).get(o.name, o.default)
         text = (helps or {}).get(o.name, o.help)
         note = f"{text} (default: {default})" if text else f"default: {default}"

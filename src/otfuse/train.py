@@ -138,7 +138,7 @@ def _check_paths(cfg: TrainConfig, path: Path) -> None:
                           "every epoch; give a path ending in .pt")
     teachers = {f"teacher {t}": t for t in cfg.teachers.split(",") if t.strip()} if cfg.distill else {}
     check_outputs({"checkpoint": path, "the per-epoch log": path.with_suffix(".csv")},
-                  {"the --init checkpoint": cfg.init, **teachers}, overwrite=cfg.overwrite,
+                  {"the checkpoint it starts from": cfg.init, **teachers}, overwrite=cfg.overwrite,
                   own=lambda p: p.suffix == ".csv" and _is_log(p) or p == path)
 
 

@@ -74,31 +74,36 @@ class TuneConfig:
         return chosen
 
 
-def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False, other_width: bool = False) -> FuseConfig:
+def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False, other_width: bool = False,
+            fixed: frozenset[str] = frozenset()) -> FuseConfig:
     """The fusion options of one trial: the search space of the study (validation accuracy decides
-    whether, e.g., augmented BatchNorm statistics suit these models). Parents of different widths
+    whether, e.g., augmented BatchNorm statistics suit these models). Options in `fixed` (given on the
+    command line or in --config) keep `base`'s value and are not searched. Parents of different widths
     keep weight costs out (they need one width); any parent of another width than the fused model's
     (`other_width`) keeps REPAIR out (it matches statistics channel for channel)."""
-    method = trial.suggest_categorical("method", methods)
+    flat = flatten(base)
+    pick = lambda name, draw: flat[name] if name in fixed else draw(name)
+    categorical = lambda choices: lambda name: trial.suggest_categorical(name, choices)
+    uniform = lambda low, high, log=False: lambda name: trial.suggest_float(name, low, high, log=log)
+    method = pick("method", categorical(methods))
     align = replace(base.align, method=method)
     if method == "activation":
-        align.cost = trial.suggest_categorical("cost", ["corr", "euclidean"])
-        align.point = trial.suggest_categorical("point", ["post", "pre", "both"])
-        align.mix = 0.0 if mixed_widths else trial.suggest_float("mix", *MIX)
+        align.cost = pick("cost", categorical(["corr", "euclidean"]))
+        align.point = pick("point", categorical(["post", "pre", "both"]))
+        align.mix = 0.0 if mixed_widths else pick("mix", uniform(*MIX))
     if METHODS[method].needs_images:
-        align.n_images = trial.suggest_categorical("n_images", list(N_IMAGES))
+        align.n_images = pick("n_images", categorical(list(N_IMAGES)))
     if method != "weight-matching":  # weight matching is a hard assignment: masses do not enter it
-        align.marginals = trial.suggest_categorical("marginals", ["uniform", "importance"])
-    align.solver = trial.suggest_categorical("solver", ["emd", "sinkhorn"])
+        align.marginals = pick("marginals", categorical(["uniform", "importance"]))
+    align.solver = pick("solver", categorical(["emd", "sinkhorn"]))
     if align.solver == "sinkhorn":
-        align.reg = trial.suggest_float("reg", *REG, log=True)
-    repair = replace(base.repair, enabled=False if other_width else trial.suggest_categorical("repair", [False, True]))
-    refit = replace(base.refit, enabled=trial.suggest_categorical("refit", [False, True]))
+        align.reg = pick("reg", uniform(*REG, log=True))
+    repair = replace(base.repair, enabled=False if other_width else pick("repair", categorical([False, True])))
+    refit = replace(base.refit, enabled=pick("refit", categorical([False, True])))
     if refit.enabled:
-        refit.ridge = trial.suggest_float("refit_ridge", *RIDGE, log=True)
-        refit.n_images = trial.suggest_categorical("refit_n_images", list(N_IMAGES))
-    bn = replace(base.bn, batches=trial.suggest_categorical("bn_batches", list(BN_BATCHES)),
-                 augment=trial.suggest_categorical("bn_augment", [False, True]))
+        refit.ridge = pick("refit_ridge", uniform(*RIDGE, log=True))
+        refit.n_images = pick("refit_n_images", categorical(list(N_IMAGES)))
+    bn = replace(base.bn, batches=pick("bn_batches", categorical(list(BN_BATCHES))), augment=pick("bn_augment", categorical([False, True])))
     return replace(base, align=align, bn=bn, repair=repair, refit=refit)
 
 
@@ -190,11 +195,13 @@ def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
 
 
 def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], parents: list[str], tcfg: TuneConfig,
-              base: FuseConfig, progress: bool = True, target: nn.Module | None = None, width: int = 0) -> dict:
+              base: FuseConfig, progress: bool = True, target: nn.Module | None = None, width: int = 0,
+              fixed: frozenset[str] = frozenset()) -> dict:
     """Add this worker's trials to the study, write CSV, JSON and PNG, and report the best trial's
     test accuracy (the only read of the test set). Returns the best options and both accuracies.
     With `target` (the parents' architecture at `width`) the parents are fused into that width;
-    parents of different widths restrict the study to methods that align mixed widths."""
+    parents of different widths restrict the study to methods that align mixed widths. Options named in
+    `fixed` keep `base`'s values in every trial."""
     import optuna
 
     tcfg.check()
@@ -220,7 +227,7 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], paren
     study = load_study(storage, name, tcfg.sampler_seed, worker)
 
     def objective(trial) -> float:
-        cfg = suggest(trial, methods, base, mixed, mixed or bool(width and width != metas[0]["width"]))
+        cfg = suggest(trial, methods, base, mixed, mixed or bool(width and width != metas[0]["width"]), fixed)
         others = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING))
         if any(t.number != trial.number and t.params == trial.params for t in others):
             raise optuna.TrialPruned("these options are already in the study")  # drawn again: never a repeated trial
