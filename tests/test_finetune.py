@@ -44,8 +44,22 @@ def test_distillation_mixes_the_teachers_loss_with_the_label_loss_by_distill_wei
     from otfuse.train import finetune
     _, data, paths, root = trained
     run = lambda name, **kw: load_checkpoint(finetune(paths[0], tmp_path / f"{name}.pt", str(root / "data"), "cpu", data,
-                                                      batch_size=256, precision="fp32", **kw))[0].state_dict()
+                                                      batch_size=256, precision="fp32", keep_start=False, **kw))[0].state_dict()
     labels, zero = run("labels"), run("zero", distill=True, teachers=f"{paths[0]},{paths[1]}", distill_weight=0.0)
     half = run("half", distill=True, teachers=f"{paths[0]},{paths[1]}", distill_weight=0.5)
     assert all(torch.equal(labels[k], zero[k]) for k in labels)
     assert not torch.equal(half["fc.weight"], labels["fc.weight"])
+
+
+def test_a_finetune_that_ends_below_its_start_on_validation_keeps_the_start(trained, tmp_path):
+    from otfuse.train import finetune
+    _, data, paths, root = trained
+    start, start_meta, _ = load_checkpoint(paths[0])
+    # a learning rate far too high for these weights: the run ends worse than it began
+    out = finetune(paths[0], tmp_path / "hot.pt", str(root / "data"), "cpu", data, batch_size=64, lr=3.0, warmup=0.0, precision="fp32")
+    model, meta, _ = load_checkpoint(out)
+    assert meta["kept_start"] and meta["history"][-1]["val_acc"] < meta["start_val_acc"] == meta["val_acc"]
+    assert all(torch.equal(model.state_dict()[k], start.state_dict()[k]) for k in start.state_dict())
+    gentle = load_checkpoint(finetune(paths[0], tmp_path / "gentle.pt", str(root / "data"), "cpu", data, batch_size=64,
+                                      lr=0.01, precision="fp32"))[1]
+    assert gentle["val_acc"] >= gentle["start_val_acc"]

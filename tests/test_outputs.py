@@ -60,7 +60,7 @@ def test_results_are_named_by_their_inputs_not_by_inherited_seeds(trained, tmp_p
 def test_two_processes_writing_one_checkpoint_cannot_both_succeed(trained, tmp_path, capsys):
     _, _, _, root = trained
     out = tmp_path / "m.pt"
-    cmd = [sys.executable, "-m", "otfuse", "train", "--dataset", "digits", "--width", "4", "--epochs", "6", "--device", "cpu",
+    cmd = [sys.executable, "-m", "otfuse", "train", "--dataset", "digits", "--width", "4", "--epochs", "3", "--device", "cpu",
            "--data-dir", str(root / "data"), "--out", str(out)]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -74,7 +74,7 @@ def test_two_processes_writing_one_checkpoint_cannot_both_succeed(trained, tmp_p
     assert code == 2 and "is being written by another otfuse process" in err and len(err.strip().splitlines()) == 1
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
-    assert load_checkpoint(out)[1]["epoch"] == 6 and not lock.exists()
+    assert load_checkpoint(out)[1]["epoch"] == 3 and not lock.exists()
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):

@@ -56,6 +56,7 @@ class TrainConfig:
     teachers: str = ""  # comma-separated teacher checkpoints for --distill; empty: the --init checkpoint's parents
     temperature: float = 1.0  # softmax temperature of distillation (the loss is scaled by its square)
     distill_weight: float = 1.0  # with --distill: the teachers' share of the loss (1: label-free; the rest is the label loss)
+    keep_start: bool = True  # with --init (fine-tuning): keep the starting weights if the run ends below them on the validation split
     out: str = ""  # checkpoint path; empty: <checkpoint_dir>/<dataset>/<arch>-w<width>/seed<seed>.pt
 
     def check(self) -> None:
@@ -219,6 +220,8 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData | None, progress: bool,
                 row["test_acc"] = accuracy(model, gpu_data.test_x, gpu_data.test_y, data.norm, precision)
             history.append(row)
             meta.update(epoch=epoch + 1, history=history, **{k: v for k, v in row.items() if k.endswith("acc")})
+            if epoch + 1 == cfg.epochs and cfg.init and cfg.keep_start and len(data.val_y):
+                meta.update(_keep_better_start(model, cfg, data, gpu_data, precision, row["val_acc"], progress))
             save_checkpoint(path, model, meta, optimizer=opt.state_dict())
             _write_log(path.with_suffix(".csv"), history)
             if progress:
@@ -229,6 +232,23 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData | None, progress: bool,
     if world > 1:
         torch.distributed.destroy_process_group()
     return path
+
+
+def _keep_better_start(model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_data: ImageData, precision: str,
+                       final_val: float, progress: bool) -> dict:
+    """A fine-tune never ends below the model it started from on the validation split: when the start scores
+    higher there, its weights replace the run's (the run's own curve stays in `history`). Returns the metadata
+    to record: the start's validation accuracy, and, where the start was kept, its accuracies."""
+    start = _compatible(cfg.init, "--init", cfg, data)[0].to(next(model.parameters()).device)
+    start_val = accuracy(start, gpu_data.val_x, gpu_data.val_y, data.norm, precision)
+    if final_val >= start_val:
+        return {"start_val_acc": start_val, "kept_start": False}
+    model.load_state_dict(start.state_dict())
+    test = accuracy(model, gpu_data.test_x, gpu_data.test_y, data.norm, precision)
+    if progress:
+        print(f"the start scores higher on the validation split ({start_val:.2f} against {final_val:.2f}): its weights are kept",
+              flush=True)
+    return {"start_val_acc": start_val, "kept_start": True, "val_acc": start_val, "test_acc": test}
 
 
 def finetune(init: str | Path, out: str | Path, data_dir: str, device: str = "auto", data: ImageData | None = None,
