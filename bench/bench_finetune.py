@@ -7,7 +7,9 @@
 
 FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of A and B with
 BatchNorm recomputed and refit, made here) and the parents A (`seed<a>`) and B (`seed<b>`) are the
-other starts. A run is starts + TrainConfig options (`otfuse finetune`'s defaults, then these);
+other starts, and three width-32 starts made here: `fused-w32` (A and B fused into width 32),
+`pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner) and `scratch-w32` (a fresh
+initialisation). A run is starts + TrainConfig options (`otfuse finetune`'s defaults, then these);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
 validation split (its accuracy after that epoch, from the run's history) and one on the test split
 after the last epoch, to bench/finetune-<dataset>-w<width>.csv, as soon as the run finishes. A run
@@ -17,16 +19,20 @@ whose rows are there is skipped, so a stopped sweep resumes. Choose recipes on `
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from otfuse.checkpoints import fused_meta, load_checkpoint, load_parents, recipe_options, save_checkpoint
-from otfuse.data import dataset_slug
+from otfuse.data import dataset_slug, normalize
 from otfuse.errors import OtfuseError, run_main
-from otfuse.fuse import FuseConfig
+from otfuse.fuse import FuseConfig, fuse
+from otfuse.models import build_model
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.report import baselines
@@ -75,10 +81,10 @@ def main(argv: list[str]) -> int:
                 for start in starts:
                     if (start, opts) in done:
                         continue
-                    if start == "vanilla" and "vanilla" not in paths:
-                        paths["vanilla"] = _vanilla(models, metas, [a, b], data, Path(tmp) / "vanilla.pt")
+                    if start not in paths and start in MADE:
+                        paths[start] = MADE[start](models, metas, [a, b], data, Path(tmp) / f"{start}.pt")
                     if start not in paths:
-                        raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + ['vanilla'])}")
+                        raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))}")
                     teachers = {"teachers": f"{a},{b}"} if options.get("distill") else {}
                     t0 = time.perf_counter()
                     ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**options, **teachers})
@@ -105,6 +111,39 @@ def _vanilla(models, metas, parents, data, path: Path) -> Path:
     model = baselines(models, cfg.model_weights(len(models)), data.train_x, data.norm, cfg, precision)["vanilla_refit"]
     save_checkpoint(path, model, {**fused_meta(metas, parents, metas[0]["width"], flatten(cfg), len(data.val_y), None), "method": "vanilla"})
     return path
+
+
+def _narrow(models, metas, parents, data, path: Path, how: str, width: int = 32) -> Path:
+    """A width-`width` start: the parents fused into it (`fused`), the first parent pruned to it by Torch-Pruning's
+    magnitude pruner (`pruned`: every channel group cut by the same fraction, the least L1 norms go), or a fresh
+    initialisation (`scratch`), saved to `path` as a fused checkpoint of the parents (so distillation finds them)."""
+    import torch_pruning as tp
+
+    meta0 = metas[0]
+    target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(next(models[0].parameters()).device)
+    cfg = build(FuseConfig, recipe_options(metas))
+    if how == "fused":
+        target = fuse(models, data.train_x, data.norm, cfg, target=target).model
+    elif how == "pruned":
+        model = copy.deepcopy(models[0]).cpu()
+        example = normalize(data.train_x[:2].cpu(), data.norm)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.enable_grad():
+            pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                               pruning_ratio=1 - width / meta0["width"], ignored_layers=[head])
+            pruner.step()
+        target.load_state_dict(model.state_dict())  # the uniformly pruned ResNet18 is the registry's narrower one
+    save_checkpoint(path, target, {**fused_meta(metas, parents, width, flatten(cfg), len(data.val_y), None), "method": how})
+    return path
+
+
+# starts made here from the parents: the plain average, and width-32 starts for a compressed model
+MADE = {
+    "vanilla": lambda *args: _vanilla(*args),
+    "fused-w32": lambda *args: _narrow(*args, how="fused"),
+    "pruned-w32": lambda *args: _narrow(*args, how="pruned"),
+    "scratch-w32": lambda *args: _narrow(*args, how="scratch"),
+}
 
 
 if __name__ == "__main__":
