@@ -8,7 +8,7 @@ Each row fuses A and B with the defaults (and `--base`) plus one change and repo
 model's validation accuracy, how often it agrees with each parent's predictions, and the seconds
 it took; the rows go to bench/knobs-<dataset>-w<width>[-<name>].csv. A fusion that leans on A
 (agrees with A far more than with B) has blended B away rather than merged it.
-The defaults of `FuseConfig` were chosen from these tables (README, "Choosing the defaults").
+The defaults of `FuseConfig` were chosen from these tables (docs/defaults.md).
 """
 
 from __future__ import annotations

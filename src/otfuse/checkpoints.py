@@ -150,7 +150,7 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
 
 def recipe_options(metas: list[dict]) -> dict[str, object]:
     """Fusion defaults that follow from how the parents were trained, each chosen on a validation split
-    (README, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
+    (docs/measurements.md, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
     50 epochs at width 64) saw only augmented images: their BatchNorm statistics are those of crops
     and flips, so the averaged model's are recomputed on such images too; only where the dataset has
     augmentation at all (digits never does, whatever the recipe said). Explicit options win."""

@@ -125,7 +125,7 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
         groups = per_model.pop() if target is not None else per_model[0]
     if maps is None:
         # the alignment reads float32 activations whatever the precision: bf16 rounding flips near-tied channels
-        # (18-46 of the 2,880 of a width-64 ResNet18), which moves the fused accuracy by up to 0.3 points (README)
+        # (18-46 of the 2,880 of a width-64 ResNet18), which moves the fused accuracy by up to 0.3 points (docs/speed.md)
         with timed(seconds, "alignment", progress):
             to_target = to_target_maps(anchor, per_model[0], groups, cfg.align, images, norm, progress)
             maps = [to_target] + [_chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress), to_target)

@@ -24,7 +24,7 @@ and the fused model's inputs at L batch by batch, then writes L before the fused
 go on. No layer's inputs or targets are held beyond their fit, and no prefix of the network is
 run twice. The fit reads at most `max_rows` output positions per layer (the same random positions
 for every model): on the width-64 ResNet18 the default 65,536 gave the same validation accuracy
-as all 1,048,576 positions of the first stage, in half the time (README, "Speed").
+as all 1,048,576 positions of the first stage, in half the time (docs/speed.md).
 """
 
 from __future__ import annotations

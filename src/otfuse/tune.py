@@ -44,7 +44,7 @@ N_IMAGES = (250, 500, 1000, 2000)  # sample sizes the study may pick for the ali
 BN_BATCHES = (25, 50, 100, 200)  # BatchNorm recomputation batches the study may pick
 # sinkhorn regularisation range (log scale, relative to the largest cost). Kept small on purpose: a strongly
 # regularised map blends B's channels into their mean, and the "fusion" scores well only because it
-# collapses towards A (a uniform map, no alignment at all, beats exact OT on Fashion-MNIST; README)
+# collapses towards A (a uniform map, no alignment at all, beats exact OT on Fashion-MNIST; docs/defaults.md)
 REG = (1e-3, 2e-2)
 MIX = (0.0, 0.5)  # share of the weight cost mixed into the activation cost
 
