@@ -15,7 +15,11 @@ ALLOWED_INNER = {("otfuse.entry", "otfuse.cli")}
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {f"otfuse.{p.stem}" if p.stem != "__init__" else "otfuse": ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
+    """Every module of the package and its subpackages (`otfuse.align.weights`; a package by its own name)."""
+    def name(p: Path) -> str:
+        parts = ("otfuse",) + p.relative_to(PACKAGE).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return {name(p): ast.parse(p.read_text()) for p in PACKAGE.rglob("*.py")}
 
 
 def _imported(node: ast.AST) -> list[str]:
@@ -79,3 +83,10 @@ def test_no_function_imports_another_otfuse_module_except_where_readme_says_why(
     readme = (PACKAGE.parents[1] / "README.md").read_text()
     for module, imported in ALLOWED_INNER:
         assert f"`{module}` imports `{imported}` inside" in readme
+
+
+def test_no_module_imports_another_modules_underscored_names():
+    private = [(name, node.module, a.name) for name, tree in _modules().items() for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("otfuse") for a in node.names
+               if a.name.startswith("_") and a.name != "__version__"]
+    assert not private

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.align import channel_rows
+from otfuse.maps import channel_rows
 from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Observation

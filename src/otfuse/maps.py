@@ -442,3 +442,12 @@ def groups_of(models: list[nn.Module], images: torch.Tensor, norm: tuple, same_w
         check_same_groups(per_model[0], g, sizes=same_width)
     check_exact(models[0], per_model[0], example_input(images, norm, models[0]))  # one structure: one check
     return per_model
+
+
+def channel_rows(x: torch.Tensor, index: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """(C, samples): the values of each group channel in a tensor x whose channels lie on `axis`."""
+    if axis != 1:
+        x = x.movedim(axis, 1)
+    size, k = index.shape
+    sel = x.index_select(1, index.reshape(-1).to(x.device))
+    return sel.reshape(sel.shape[0], size, -1).transpose(0, 1).reshape(size, -1)
