@@ -42,24 +42,25 @@ def world(trained, tmp_path_factory):
     (w / "afile").write_text("not a directory")
     (w / "outdir").mkdir()
     for name, extra in (("corrupt", b"\xff\xd8\xff\xe0 truncated"), ("text", b"hello, not an image")):
-        root_ = w / f"img-{name}"
-        for split in ("train", "test"):
-            for c in ("cat", "dog"):
-                (root_ / split / c).mkdir(parents=True)
-                for i in range(3):
-                    Image.fromarray(np.full((4, 4, 3), i * 40, np.uint8)).save(root_ / split / c / f"{i}.png")
+        root_ = _image_tree(w / f"img-{name}")
         (root_ / "train" / "dog" / ("broken.jpg" if name == "corrupt" else "notes.txt")).write_bytes(extra)
-    one = w / "img-oneclass"
-    for split in ("train", "test"):
-        (one / split / "cat").mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(one / split / "cat" / f"{i}.png")
+    _image_tree(w / "img-oneclass", classes=("cat",))
     _damaged_checkpoints(w, raw)
     _bad_image_folders(w)
     _bad_data_dirs(w)
     _outputs_that_exist(w, a)
     _sweep_folders(w, paths)
     return w, root / "data"
+
+
+def _image_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
+    """train/<class>/ and test/<class>/ with three small PNGs each."""
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((4, 4, 3), i * 40, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
 
 
 def _damaged_checkpoints(w: Path, raw: dict) -> None:
@@ -96,12 +97,7 @@ def _bad_image_folders(w: Path) -> None:
     """Image folders that break `split/class/file`: deeper files, a file outside a class, a nested split, a link,
     classes that differ between train and test, and truncated or linked archives."""
     def folder(name: str, extra: list[str]) -> Path:
-        root = w / f"img-{name}"
-        for split in ("train", "test"):
-            for c in ("cat", "dog"):
-                (root / split / c).mkdir(parents=True)
-                for i in range(3):
-                    Image.fromarray(np.full((4, 4, 3), i * 40, np.uint8)).save(root / split / c / f"{i}.png")
+        root = _image_tree(w / f"img-{name}")
         for rel in extra:
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / rel)
