@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup_venv.sh
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
