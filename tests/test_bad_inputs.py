@@ -152,6 +152,9 @@ def _sweep_folders(w: Path, paths: list[Path]) -> None:
     shutil.copy(paths[0], dup / "seed0.pt")
     shutil.copy(paths[0], dup / "seed0-copy.pt")
     shutil.copy(paths[1], dup / "seed1.pt")
+    raw = torch.load(paths[0], weights_only=True)  # a fusion of other parents where the script would write its own
+    torch.save({**raw, "meta": {**raw["meta"], "kind": "fused", "parents": ["x.pt", "y.pt"]}},
+               w / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1.pt")
     split = w / "ck-split" / "digits" / "resnet18-w8"
     split.mkdir(parents=True)
     shutil.copy(paths[0], split / "seed0.pt")
@@ -284,6 +287,7 @@ CASES = [
     ("sweep --checkpoint-dir {w}/ck-dup --results-dir {w}/res", "are both seed 0"),
     ("sweep --checkpoint-dir {w}/ck-split --results-dir {w}/res", "fuse models trained on the same split"),
     ("sweep --checkpoint-dir {w}/ck --results-dir {w}/locked-results", "summary.md is being written by another otfuse process"),
+    ("sweep --checkpoint-dir {w}/ck --results-dir {w}/res", "fused-activation-seeds0-1.pt already exists and is not this command's"),
 ]
 
 

@@ -172,6 +172,18 @@ def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict,
     return meta
 
 
+def fused_from(path: str | Path, parents: list[str | Path]) -> bool:
+    """Whether `path` is an earlier fusion of exactly these parents, in this order: the one existing file a fusion
+    may replace without --overwrite."""
+    try:
+        ckpt = load_torch(path)
+        meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+        made_from = [Path(p).resolve() for p in meta.get("parents", [])]
+    except (OtfuseError, AttributeError, TypeError):
+        return False
+    return meta.get("kind") == "fused" and made_from == [Path(p).resolve() for p in parents]
+
+
 def load_parents(paths: list[str | Path], data_dir: str | Path | None, device_name: str,
                  same_width: bool = True) -> tuple[list[nn.Module], list[dict], ImageData]:
     """(models on the device, their metadata, the first one's dataset on the device), after checking

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import data_of, load_checkpoint, fused_meta, load_parents, pick_device, recipe_options, save_checkpoint
+from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import accuracy, loss_and_accuracy
@@ -26,7 +26,7 @@ from otfuse.options import Parser, add_options, flatten, read_config, resolve
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
 from otfuse.report import table
-from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, load_torch, output_lock, writable_dir
+from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, output_lock, writable_dir
 from otfuse.train import FINETUNE, TrainConfig, checkpoint_path, finetune_config, train
 from otfuse.tune import TuneConfig, run_study
 
@@ -79,14 +79,6 @@ def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
     return {**{f"input checkpoint {i + 1} ({c})": c for i, c in enumerate(checkpoints)}, "--config": config}
 
 
-def _fused_from(path: Path, checkpoints: list[str]) -> bool:
-    """Whether `path` is an earlier `otfuse fuse` result of exactly these checkpoints (which it may replace)."""
-    try:
-        meta = load_torch(path).get("meta", {})
-        parents = [Path(p).resolve() for p in meta.get("parents", [])]
-    except (OtfuseError, AttributeError, TypeError):
-        return False
-    return meta.get("kind") == "fused" and parents == [Path(c).resolve() for c in checkpoints]
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
@@ -96,7 +88,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if len(args.checkpoints) < 2 and not args.width:
         raise OtfuseError(f"fuse needs two or more checkpoints, or one and --width W to compress or widen it; got {len(args.checkpoints)}")
     cfg.check(len(args.checkpoints))
-    check_outputs({"--out": args.out}, _inputs(args.checkpoints, args.config), args.overwrite, lambda p: _fused_from(p, args.checkpoints))
+    check_outputs({"--out": args.out}, _inputs(args.checkpoints, args.config), args.overwrite, lambda p: fused_from(p, args.checkpoints))
     with output_lock(args.out):
         return _fuse(args, cfg)
 

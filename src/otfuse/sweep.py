@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
+from otfuse.checkpoints import fused_from, fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fuse import FuseConfig
 from otfuse.models import arch_folder, build_model
 from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.report import fusion_table
 from otfuse.results import fusion_row, upsert_row, write_summary
-from otfuse.storage import load_torch, output_lock, writable_dir
+from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
 from otfuse.train import finetune
 
 
@@ -159,12 +159,14 @@ def _sweep(args: argparse.Namespace, cfg: FuseConfig, jobs: list, results: Path)
         mixed = len(set(widths + [width])) > 1
         print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]}" + (f" (widths {widths[0]}, {widths[1]})" if mixed else "")
               + f" ({method})", flush=True)
+        name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"
+        fused_path, parents = folder / f"fused-{method}-{name}.pt", [p for p, _ in pair]
+        check_outputs({"the fused checkpoint": fused_path}, {f"parent {p}": str(p) for p in parents},
+                      own=lambda path: fused_from(path, parents))  # before the fusion: a refusal must not cost one
         target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(device)
         fusion, acc = fusion_table(models, data, cfg, progress=True, target=target,
                                    with_baselines=args.baselines)
         meta = fused_meta([m for _, m in pair], [p for p, _ in pair], width, flatten(cfg), len(data.val_y), acc["fused"])
-        name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"
-        fused_path = folder / f"fused-{method}-{name}.pt"
         save_checkpoint(fused_path, fusion.model, meta)
         seconds = dict(fusion.seconds)
         for column, suffix, extra in finetunes:
