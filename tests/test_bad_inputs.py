@@ -306,7 +306,3 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, line, message,
     assert len(err.splitlines()) == 1 and message in err, err
     assert _snapshot(w) == before, "a file was written or changed"
     assert set(_snapshot(data)) == set(cache), "a dataset cache was written"
-
-
-def test_the_table_has_at_least_forty_cases():
-    assert len(CASES) >= 40

@@ -110,3 +110,16 @@ def test_options_given_on_the_command_line_are_fixed_in_every_trial(trained, tmp
     done = _completed(url, "pinned")
     assert len(done) == 2 and all(t.user_attrs["options"]["bn_batches"] == 4 and not t.user_attrs["options"]["refit"] for t in done)
     assert all("bn_batches" not in t.params and "refit" not in t.params for t in done)  # not searched at all
+
+
+def test_ctrl_c_during_a_trial_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    import otfuse.tune as T
+    _, _, paths, root = trained
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "val_accuracy", interrupted)
+    code = main(["tune", str(paths[0]), str(paths[1]), "--n-trials", "1", "--results-dir", str(tmp_path),
+                 "--data-dir", str(root / "data"), *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and err == "otfuse: interrupted"
