@@ -26,7 +26,7 @@ from otfuse.fuse import FuseConfig
 
 
 def _fuse(a, b, out, data, *extra) -> int:
-    return main(["fuse", str(a), str(b), "--out", str(out), "--bn-batches", "2", "--n-images", "64", "--no-refit",
+    return main(["fuse", str(a), str(b), "--out", str(out), "--method", "weight", "--bn-batches", "2", "--no-refit",
                  "--data-dir", str(data), "--device", "cpu", *extra])
 
 
@@ -47,7 +47,7 @@ def test_results_are_named_by_their_inputs_not_by_inherited_seeds(trained, tmp_p
     _, _, (a, b), root = trained
     fused = tmp_path / "fused.pt"
     assert _fuse(a, b, fused, root / "data") == 0
-    args = ["--points", "2", "--bn-batches", "2", "--n-images", "64", "--results-dir", str(tmp_path / "res"),
+    args = ["--points", "2", "--method", "weight", "--bn-batches", "2", "--results-dir", str(tmp_path / "res"),
             "--data-dir", str(root / "data"), "--device", "cpu"]
     assert main(["interpolate", str(a), str(b), *args]) == 0
     assert main(["interpolate", str(fused), str(b), *args]) == 0  # fused.pt inherits seed 0 from a.pt

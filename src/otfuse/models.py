@@ -33,11 +33,16 @@ def register(name: str):
 TIMM = "timm:"
 
 
+def check_arch(arch: str) -> None:
+    """One clear error for an architecture name the registry does not hold (timm names are checked when built)."""
+    if not arch.startswith(TIMM) and arch not in REGISTRY:
+        raise OtfuseError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
+
+
 def build_model(arch: str, width: int = 64, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     if arch.startswith(TIMM):
         return timm_model(arch[len(TIMM):], width, in_channels, num_classes)
-    if arch not in REGISTRY:
-        raise OtfuseError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    check_arch(arch)
     if width < 1 or in_channels < 1 or num_classes < 2:
         raise OtfuseError(f"width {width}, in_channels {in_channels}, num_classes {num_classes}: need width>=1, in_channels>=1, num_classes>=2")
     return REGISTRY[arch](width, in_channels, num_classes)

@@ -25,7 +25,7 @@ from otfuse.checkpoints import load_checkpoint, pick_device, save_checkpoint, va
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
-from otfuse.models import TIMM, arch_folder, arch_width, build_model
+from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
 from otfuse.precision import autocast, channels_last, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, output_lock
 
@@ -127,6 +127,9 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     rank, world = _dist()
     path = checkpoint_path(cfg)
     _check_paths(cfg, path)
+    check_arch(cfg.arch)
+    if data is None:  # before the lock, which makes the checkpoint's folder: a bad dataset must leave nothing behind
+        data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
     with output_lock(path, path.with_suffix(".csv")) if rank == 0 else nullcontext():
         return _train(cfg, path, data, progress, rank, world)
 
@@ -151,14 +154,12 @@ def _is_log(path: Path) -> bool:
         return False
 
 
-def _train(cfg: TrainConfig, path: Path, data: ImageData | None, progress: bool, rank: int, world: int) -> Path:
+def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: int, world: int) -> Path:
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     _check_existing(path, cfg, precision)
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
     if len(data.train_y) // cfg.batch_size < 1:
         raise OtfuseError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
                           "an epoch would take no step; use a smaller batch")
