@@ -78,3 +78,13 @@ def test_seeds_are_found_by_their_metadata_and_finetuning_keeps_the_seed(trained
     shutil.copy(tuned, folder / "seed7.pt")  # a fine-tuned model under a seed's name is still no seed
     found, = trained_seeds(tmp_path / "ck", None).values()
     assert [m["seed"] for _, m in found] == [0, 1]
+
+
+def test_a_large_but_finite_batchnorm_variance_loads(trained, tmp_path):
+    """A fusion of underfit parents can store variances of 1e6 (seen on digits at width 64): ours, not damage."""
+    _, _, paths, _ = trained
+    ckpt = torch.load(paths[0], weights_only=True)
+    ckpt["state_dict"]["layer4.1.bn2.running_var"] = ckpt["state_dict"]["layer4.1.bn2.running_var"] * 0 + 1.3e6
+    torch.save(ckpt, tmp_path / "big.pt")
+    model = load_checkpoint(tmp_path / "big.pt")[0]
+    assert float(model.layer4[1].bn2.running_var.max()) == pytest.approx(1.3e6)

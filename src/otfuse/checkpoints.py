@@ -26,7 +26,7 @@ from otfuse.version import __version__
 # metadata every otfuse checkpoint has, with its type
 REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
 MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
-MAX_ABS = 1e6  # no trained network holds a weight or statistic this large: a file that does is damaged
+MAX_ABS = 1e18  # its square overflows float32: no trained network holds it (a fusion of underfit parents can hold BatchNorm variances of 1e6)
 FITS = 99.0  # training accuracy (%) from which a parent counts as fitting its (augmented) training set
 
 
