@@ -31,7 +31,7 @@ import torch
 from otfuse.checkpoints import fused_meta, load_checkpoint, load_parents, recipe_options, save_checkpoint
 from otfuse.data import dataset_slug, normalize
 from otfuse.errors import OtfuseError, run_main
-from otfuse.fuse import FuseConfig, fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.models import build_model
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision

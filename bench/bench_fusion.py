@@ -15,7 +15,7 @@ import time
 import torch
 
 from otfuse.data import image_batches
-from otfuse.fuse import FuseConfig, fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.models import build_model
 from otfuse.options import build
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from otfuse.checkpoints import load_parents, recipe_options
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
-from otfuse.fuse import FuseConfig
+from otfuse.fusion import FuseConfig
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.storage import atomic_write_csv
 from otfuse.tune import val_accuracy

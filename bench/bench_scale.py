@@ -27,7 +27,7 @@ from otfuse.checkpoints import fused_meta, load_parents, recipe_options, save_ch
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
-from otfuse.fuse import FuseConfig, fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.report import fusion_table

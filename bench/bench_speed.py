@@ -28,7 +28,7 @@ from torch import nn
 
 from otfuse.checkpoints import load_parents, pick_device, recipe_options
 from otfuse.errors import run_main
-from otfuse.fuse import FuseConfig, fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.models import build_model
 from otfuse.options import build
 from otfuse.precision import autocast, channels_last, cpu_flags, memory_format, resolve_precision

@@ -26,7 +26,7 @@ import torch
 
 from otfuse.checkpoints import load_parents, pick_device
 from otfuse.errors import run_main
-from otfuse.fuse import FuseConfig
+from otfuse.fusion import FuseConfig
 from otfuse.interpolate import interpolation
 from otfuse.models import build_model
 from otfuse.options import build

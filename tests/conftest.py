@@ -10,7 +10,7 @@ from torch import nn
 
 from otfuse.checkpoints import load_checkpoint
 from otfuse.data import load_dataset
-from otfuse.fuse import FuseConfig
+from otfuse.fusion import FuseConfig
 from otfuse.options import build
 from otfuse.train import TrainConfig, train
 

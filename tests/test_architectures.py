@@ -14,7 +14,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from conftest import config, randomize_bn
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
-from otfuse.fuse import fuse
+from otfuse.fusion import fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model

@@ -12,7 +12,7 @@ from conftest import CatNet, config, randomize_bn, small_densenet, small_mobilen
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
-from otfuse.fuse import average, fuse
+from otfuse.fusion import average, fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model

@@ -10,7 +10,7 @@ import pytest
 
 from otfuse.cli import build_parser, fuse_config
 from otfuse.errors import OtfuseError
-from otfuse.fuse import FuseConfig
+from otfuse.fusion import FuseConfig
 from otfuse.options import build, flatten, options_of, read_config
 
 

@@ -22,7 +22,7 @@ from otfuse.checkpoints import load_checkpoint
 from otfuse.cli import main
 from otfuse.data import load_dataset
 from otfuse.errors import OtfuseError
-from otfuse.fuse import FuseConfig
+from otfuse.fusion import FuseConfig
 
 
 def _fuse(a, b, out, data, *extra) -> int:

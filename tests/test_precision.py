@@ -9,7 +9,7 @@ import otfuse.precision as P
 from conftest import config
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, logits
-from otfuse.fuse import fuse
+from otfuse.fusion import fuse
 
 
 def test_auto_resolves_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):

@@ -11,7 +11,7 @@ from conftest import CatNet, config, randomize_bn
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.evaluate import logits
-from otfuse.fuse import fuse
+from otfuse.fusion import fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.refit import units
@@ -121,9 +121,8 @@ def test_a_negative_ridge_is_one_clear_error(capsys, tmp_path):
 def test_recomputing_batchnorm_before_the_refit_changes_nothing(trained, monkeypatch):
     """The refit sets every BatchNorm's statistics of a ResNet18 itself, so the pipeline skips the
     recomputation before it: the fused model is the one the full sequence gives."""
-    import importlib
+    import otfuse.fusion as F
 
-    F = importlib.import_module("otfuse.fuse")  # the module (the package's `fuse` is the function)
     models, data, _, _ = trained
     cfg = config(bn_batches=4, n_images=200, refit_n_images=200)
     skipped = F.fuse(models, data.train_x, data.norm, cfg)

@@ -143,7 +143,7 @@ def test_what_cannot_be_permuted_exactly_is_one_clear_error(case, match):
 
 def test_the_refit_refuses_a_parametrisation_it_cannot_write():
     from conftest import config
-    from otfuse.fuse import fuse
+    from otfuse.fusion import fuse
     model, data = _model("spectral-norm"), _random_data((3, 8, 8))
     torch.manual_seed(1)
     other = randomize_bn(PATTERNS["spectral-norm"](), seed=1)  # not a permuted copy: the refit must change the weights

@@ -12,7 +12,7 @@ from otfuse.cli import main
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
-from otfuse.fuse import fuse
+from otfuse.fusion import fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model

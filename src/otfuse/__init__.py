@@ -22,19 +22,17 @@ averaged, BatchNorm statistics recomputed, and each layer refit to the parents' 
 
 The names below are imported on first use (PEP 562), so that `import otfuse` and the `otfuse`
 command start without loading PyTorch before they can answer Ctrl-C. `otfuse.fuse` is the
-function: importing the module of the same name does not replace it.
+pipeline function, defined in the module `otfuse.fusion`.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 from otfuse.version import __version__
 
 _EXPORTS = {
-    "fuse": "otfuse.fuse", "FuseConfig": "otfuse.fuse", "Fusion": "otfuse.fuse",
+    "fuse": "otfuse.fusion", "FuseConfig": "otfuse.fusion", "Fusion": "otfuse.fusion",
     "AlignConfig": "otfuse.align", "register_method": "otfuse.align", "METHODS": "otfuse.align",
     "channel_groups": "otfuse.maps", "ChannelMap": "otfuse.maps", "carry": "otfuse.maps", "permute": "otfuse.maps",
     "random_maps": "otfuse.maps", "transport_map": "otfuse.maps", "build_model": "otfuse.models",
@@ -48,15 +46,3 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'otfuse' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Keeps an exported name (`fuse`) from being shadowed by the submodule of the same name on its import."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -19,7 +19,7 @@ from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint,
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import accuracy, loss_and_accuracy
-from otfuse.fuse import FuseConfig, fuse, timed
+from otfuse.fusion import FuseConfig, fuse, timed
 from otfuse.interpolate import interpolation, options_note
 from otfuse.models import arch_folder, build_model
 from otfuse.options import Parser, add_options, flatten, read_config, resolve

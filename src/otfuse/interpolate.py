@@ -7,7 +7,7 @@ At each alpha the model (1 - alpha) * A + alpha * B' is evaluated, where B' is B
 ("vanilla") or B aligned onto A; each gets its BatchNorm statistics recomputed, and the aligned
 one is shown again with REPAIR. The endpoints are the parents; the dip between them is the
 barrier that alignment and renormalisation remove. Every point is one call of the fusion
-pipeline (`otfuse.fuse.fuse`) with the weights (1 - alpha, alpha) and the alignment found once.
+pipeline (`otfuse.fusion.fuse`) with the weights (1 - alpha, alpha) and the alignment found once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from otfuse.align import align
 from otfuse.data import ImageData
 from otfuse.evaluate import loss_and_accuracy
-from otfuse.fuse import FuseConfig, fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.maps import groups_of
 from otfuse.maps import ChannelMap
 from otfuse.precision import resolve_precision

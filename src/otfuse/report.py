@@ -19,7 +19,7 @@ from torch import nn
 from otfuse.bn import recompute_bn
 from otfuse.data import ImageData
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
-from otfuse.fuse import FuseConfig, Fusion, average, fuse, repaired, same_widths, timed
+from otfuse.fusion import FuseConfig, Fusion, average, fuse, repaired, same_widths, timed
 from otfuse.refit import refit
 
 # every accuracy column a fusion table may hold, in table order

@@ -20,7 +20,7 @@ from pathlib import Path
 from otfuse.align import METHODS
 from otfuse.checkpoints import fused_from, fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
-from otfuse.fuse import FuseConfig
+from otfuse.fusion import FuseConfig
 from otfuse.models import arch_folder, build_model
 from otfuse.options import Parser, add_options, flatten, resolve
 from otfuse.report import fusion_table

@@ -32,7 +32,7 @@ from otfuse.align import METHODS
 from otfuse.data import ImageData, dataset_slug
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, agreement, logits
-from otfuse.fuse import FuseConfig, fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.models import arch_folder
 from otfuse.options import build, flatten
 from otfuse.plots import history_figure, save_figure
