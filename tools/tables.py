@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Every results table in README.md and docs/, rendered from the committed CSV it reports.
+
+    python tools/tables.py           # rewrite every marked table from its CSV
+    python tools/tables.py --check   # exit 1 naming each table that differs from its CSV (tests/test_docs.py runs it)
+
+A table is marked by the line above it, `<!-- table: NAME -->`, NAME a key of TABLES: which CSV rows it
+shows and how. The table is the run of lines starting with `|` right after the marker. A figure changes in
+the CSV (a bench writes it), then here, never by hand in the Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PAGES = ("README.md", "docs/*.md")
+MARKER = re.compile(r"^<!-- table: ([\w-]+) -->$")
+
+TABLES: dict[str, Callable[[], list[list[str]]]] = {}
+
+
+def table(fn: Callable[[], list[list[str]]]) -> Callable[[], list[list[str]]]:
+    """Register a table under its function's name (underscores as hyphens): it returns the header row, then the rows."""
+    TABLES[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+def rows(csv_name: str, **where: str) -> list[dict[str, str]]:
+    with open(BENCH / csv_name, newline="") as f:
+        found = [r for r in csv.DictReader(f) if all(r.get(k) == v for k, v in where.items())]
+    if not found:
+        raise SystemExit(f"tools/tables.py: bench/{csv_name} has no row with {where}")
+    return found
+
+
+def one(csv_name: str, **where: str) -> dict[str, str]:
+    found = rows(csv_name, **where)
+    if len(found) != 1:
+        raise SystemExit(f"tools/tables.py: bench/{csv_name} has {len(found)} rows with {where}, the table shows one")
+    return found[0]
+
+
+def dash(value: str | None) -> str:
+    return value if value else "-"
+
+
+def pair(row: dict, a: str = "agree_model1", b: str = "agree_model2") -> str:
+    return f"{row[a]} / {row[b]}"
+
+
+def drop(row: dict) -> str:
+    """The fused accuracy against the parents' mean, in points."""
+    return f"{float(row['fused']) - (float(row['model1']) + float(row['model2'])) / 2:.2f}"
+
+
+def markdown(table_rows: list[list[str]]) -> list[str]:
+    header, *body = table_rows
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    return [line(header), "|" + "---|" * len(header), *map(line, body)]
+
+
+# --- README ----------------------------------------------------------------------------------------------------------
+
+W64 = {"row": "default", "precision": "fp32", "split": "test"}  # bench_scale.py's default fusion of the shared pair
+
+
+@table
+def headline() -> list[list[str]]:
+    ours = one("scale-cifar10-jpeg-w64.csv", **W64)
+    out = [["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "**Fused**", "loss against the parents' mean"],
+           ["otfuse, CIFAR-10 JPEG copy", ours["model1"], ours["model2"], ours["ensemble"], ours["vanilla_refit"],
+            ours["fused_average"], f"**{ours['fused']}**", drop(ours)]]
+    for r in rows("original-repository.csv"):
+        out.append([f"original repository, {r['method']}-based, {r['dataset']}", r["model1"], r["model2"], "-", "-", "-", r["fused"], drop(r)])
+    return out
+
+
+# --- docs/measurements.md --------------------------------------------------------------------------------------------
+
+@table
+def width16() -> list[list[str]]:
+    out = [["Dataset", "Model1", "Model2", "Activation", "average only", "+ REPAIR", "+ 1 epoch", "Weight", "Weight matching",
+            "Ensemble", "Vanilla + BN", "Vanilla + refit"]]
+    for dataset in dict.fromkeys(r["dataset"] for r in rows("fusions-w16.csv")):
+        act, weight, matching = (one("fusions-w16.csv", dataset=dataset, method=m) for m in ("activation", "weight", "weight-matching"))
+        out.append([act["label"], act["model1"], act["model2"], f"**{act['fused']}**", act["fused_average"], act["fused_repair"],
+                    act["fused_ft"], weight["fused"], matching["fused"], act["ensemble"], act["vanilla_bn"], act["vanilla_refit"]])
+    return out
+
+
+def fusion_rows(*names: str) -> list[list[str]]:
+    out = [["Model1", "Model2", "Ensemble", "Fused", "average only", "+ REPAIR", "Vanilla + BN", "Vanilla + refit", "agrees with A / B"]]
+    for name in names:
+        r = one("fusions.csv", name=name)
+        out.append([r["model1"], r["model2"], r["ensemble"], f"**{r['fused']}**", r["fused_average"], r["fused_repair"],
+                    r["vanilla_bn"], r["vanilla_refit"], pair(r)])
+    return out
+
+
+@table
+def ghostnet() -> list[list[str]]:
+    header, *body = fusion_rows("ghostnet")
+    return [["Dataset", *header], *[[one("fusions.csv", name="ghostnet")["label"], *row] for row in body]]
+
+
+@table
+def width64() -> list[list[str]]:
+    r = one("scale-cifar10-jpeg-w64.csv", **W64)
+    mean = (float(r["model1"]) + float(r["model2"])) / 2
+    return [["Parents", "Ensemble", "Vanilla + BN", "Vanilla + refit", "average only", "+ REPAIR", "**Default fusion**", "agrees with A / B"],
+            [f"{pair(r, 'model1', 'model2')} (mean {mean:.2f})", r["ensemble"], r["vanilla_bn"], r["vanilla_refit"], r["fused_average"],
+             r["fused_repair"], f"**{r['fused']}**", pair(r)]]
+
+
+@table
+def width64_knobs() -> list[list[str]]:
+    return [["Fusion (validation split)", "val", "agrees with A / B"],
+            *[[r["label"], r["val_accuracy"], pair(r)] for r in rows("knobs-cifar10-jpeg-w64.csv")]]
+
+
+FINETUNE_CSV = "finetune-cifar10-jpeg-w64.csv"
+START_LABELS = {"fused": "default fusion", "vanilla": "vanilla average + refit", "fused-w32": "fused into width 32",
+                "pruned-w32": "seed0 pruned to width 32", "scratch-w32": "width 32 from scratch"}
+
+
+@table
+def finetune_w64() -> list[list[str]]:
+    """One row per run of bench_finetune.py: its start, recipe, validation accuracy after each epoch, test at the end."""
+    found = rows(FINETUNE_CSV)
+    runs = list(dict.fromkeys((r["start"], r["options"]) for r in found))
+    epochs = max(int(r["epoch"]) for r in found)
+    out = [["Start", "Recipe", *[f"val after {e}" for e in range(1, epochs + 1)], "test at the end", "minutes"]]
+    for start, options in runs:
+        run = [r for r in found if (r["start"], r["options"]) == (start, options)]
+        val = {int(r["epoch"]): r["acc"] for r in run if r["split"] == "val"}
+        test = next(r for r in run if r["split"] == "test")
+        recipe = ", ".join(o for o in options.split() if not o.startswith("epochs="))
+        out.append([START_LABELS.get(start, f"{start} (parent)"), recipe, *[dash(val.get(e)) for e in range(1, epochs + 1)],
+                    f"**{test['acc']}**", f"{float(test['seconds']) / 60:.0f}"])
+    return out
+
+
+# --- docs/defaults.md ------------------------------------------------------------------------------------------------
+
+def knobs(suffix: str, labels: dict[str, str]) -> list[list[str]]:
+    fashion, cifar = (rows(f"knobs-{ds}-w16{suffix}.csv") for ds in ("fashion-mnist", "imagefolder-cifar10-jpeg"))
+    by_change = {r["change"]: r for r in cifar}
+    out = [["Change from the defaults", "Fashion-MNIST val", "agrees with A / B", "CIFAR-10 val", "agrees with A / B"]]
+    for r in fashion:
+        c = by_change.get(r["change"], {})
+        out.append([labels.get(r["change"], r["change"].replace(",", ", ")), r["val_accuracy"], pair(r), dash(c.get("val_accuracy")),
+                    pair(c) if c else "-"])
+    return out
+
+
+@table
+def knobs_average() -> list[list[str]]:
+    return knobs("-average", {})
+
+
+@table
+def knobs_refit() -> list[list[str]]:
+    return knobs("", {"defaults": "defaults (refit, ridge 0.01)", "refit=False": "refit=False (the average)"})
+
+
+@table
+def finetune_settings() -> list[list[str]]:
+    fashion, cifar = (rows(f"finetune-settings-{ds}-w16.csv") for ds in ("fashion-mnist", "imagefolder-cifar10-jpeg"))
+    by_key = {(r["start"], r["change"]): r for r in cifar}
+    out = [["Start, change", "Fashion-MNIST val", "CIFAR-10 val"]]
+    for r in fashion:
+        c = by_key.get((r["start"], r["change"]), {})
+        change = "defaults (lr 0.05, no augmentation)" if r["change"] == "defaults" and r["start"] == "fused" else r["change"]
+        out.append([f"{r['start']}, {change}", r["val_accuracy"], dash(c.get("val_accuracy"))])
+    return out
+
+
+# --- docs/widths.md, docs/architectures.md ---------------------------------------------------------------------------
+
+@table
+def widths() -> list[list[str]]:
+    out = [["Parents (test)", "Fused into", "Fused, no gradient step", "average only", "+ 1 epoch", "Ensemble", "Seconds"]]
+    for name in ("mixed-w16-w8", "same-w16", "w64-into-w32", "w64-into-w48"):
+        r = one("fusions.csv", name=name)
+        out.append([r["label"], r["target"], r["fused"], r["fused_average"], dash(r["fused_ft"]), r["ensemble"], r["seconds"]])
+    return out
+
+
+@table
+def resnext18() -> list[list[str]]:
+    return fusion_rows("resnext18")
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.2g}" if v < 100 else f"{v:.0f}"
+
+
+def zoo_row(label: str, found: list[dict], why: str = "") -> list[str]:
+    exact = [r for r in found if r["result"] == "exact"]
+    refused = [r["model"] for r in found if r["result"] != "exact"]
+    if not refused:
+        result = "exact"
+    elif not exact:
+        result = f"refused: {why}" if why else "refused"
+    else:
+        result = f"{len(exact)} exact; {', '.join(refused)} refused"
+    error = f"{max(float(r['rel_error']) for r in exact):.1e}" if exact else "-"
+    secs = sorted(float(r["total_s"]) for r in found)
+    span = _seconds(secs[0]) if _seconds(secs[0]) == _seconds(secs[-1]) else f"{_seconds(secs[0])}-{_seconds(secs[-1])}"
+    return [label, result, error, span]
+
+
+# torchvision's families as the table groups them: (name: csv families), what they exercise, why a refusal
+TORCHVISION = [
+    ({"AlexNet": ["alexnet"], "VGG": ["vgg", "vgg11", "vgg13", "vgg16", "vgg19"], "SqueezeNet": ["squeezenet"]}, "", ""),
+    ({"ResNet": ["resnet"], "Wide ResNet": ["wide"]}, "", ""),
+    ({"ResNeXt": ["resnext50", "resnext101"]}, "grouped convs", ""),
+    ({"RegNet X and Y": ["regnet"]}, "grouped convs, squeeze-excitation", ""),
+    ({"ConvNeXt": ["convnext"]}, "layer scale, channels-last LayerNorm", ""),
+    ({"DenseNet": ["densenet"]}, "concatenations", ""),
+    ({"GoogLeNet": ["googlenet"], "Inception v3": ["inception"]}, "", ""),
+    ({"MobileNet v2 and v3": ["mobilenet"], "MNASNet": ["mnasnet"], "EfficientNet v1 and v2": ["efficientnet"]},
+     "depthwise convs, squeeze-excitation", ""),
+    ({"ShuffleNetV2": ["shufflenet"]}, "", "it shuffles channels"),
+    ({"ViT": ["vit"]}, "", "`nn.MultiheadAttention` packs q, k and v into one tensor otfuse cannot permute"),
+    ({"MaxViT": ["maxvit"], "Swin v1 and v2": ["swin"]}, "", "DepGraph does not finish grouping them within the bench's 120 s limit"),
+]
+
+
+@table
+def zoo_torchvision() -> list[list[str]]:
+    every = rows("zoo-torchvision.csv")
+    out = [["Family (models)", "Result", "Largest relative error", "Seconds each"]]
+    for names, what, why in TORCHVISION:
+        parts, found = [], []
+        for name, families in names.items():
+            members = [r for r in every if r["family"] in families]
+            parts.append(name if len(members) == 1 else f"{name} ({len(members)})")
+            found += members
+        out.append(zoo_row(", ".join(parts) + (f": {what}" if what else ""), found, why))
+    return out
+
+
+@table
+def zoo_timm() -> list[list[str]]:
+    every = rows("zoo-timm.csv")
+    out = [["timm family (models)", "Result", "Largest relative error", "Seconds each"]]
+    for family in sorted({r["family"] for r in every}):
+        found = [r for r in every if r["family"] == family]
+        out.append(zoo_row(f"{family} ({len(found)})", found))
+    return out
+
+
+# --- docs/speed.md ---------------------------------------------------------------------------------------------------
+
+@table
+def speed_layouts() -> list[list[str]]:
+    found = rows("speed-layouts-cpu2.csv")
+    layouts = list(dict.fromkeys(r["layout"] for r in found))
+    out = [["", *layouts]]
+    for what in dict.fromkeys(r["what"] for r in found):
+        out.append([what, *[one("speed-layouts-cpu2.csv", what=what, layout=layout)["img_s"] for layout in layouts]])
+    return out
+
+
+@table
+def speed_targets() -> list[list[str]]:
+    return [["", "before", "bf16 (`auto` here)", "fp32"], *[[r["what"], r["before"], r["bf16"], r["fp32"]] for r in rows("speed-targets-cpu2.csv")]]
+
+
+# --- rendering -------------------------------------------------------------------------------------------------------
+
+def render(text: str, where: str) -> tuple[str, list[str]]:
+    """(`text` with every marked table rendered, the names of the tables that changed)."""
+    lines, out, changed, i = text.split("\n"), [], [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        m = MARKER.match(lines[i].strip())
+        i += 1
+        if not m:
+            continue
+        if m.group(1) not in TABLES:
+            raise SystemExit(f"tools/tables.py: {where} marks a table {m.group(1)!r} it does not know; known: {', '.join(TABLES)}")
+        old = []
+        while i < len(lines) and lines[i].startswith("|"):
+            old.append(lines[i])
+            i += 1
+        new = markdown(TABLES[m.group(1)]())
+        changed += [m.group(1)] if new != old else []
+        out += new
+    return "\n".join(out), changed
+
+
+def pages() -> list[Path]:
+    return [p for pattern in PAGES for p in sorted(ROOT.glob(pattern))]
+
+
+def stale() -> list[str]:
+    """'page: table' for every marked table that differs from its CSV."""
+    return [f"{p.relative_to(ROOT)}: {name}" for p in pages() for name in render(p.read_text(), str(p))[1]]
+
+
+def marked() -> list[str]:
+    return [m.group(1) for p in pages() for line in p.read_text().splitlines() if (m := MARKER.match(line.strip()))]
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--check"]:
+        bad = stale()
+        for b in bad:
+            print(f"stale table {b}: run python tools/tables.py", file=sys.stderr)
+        return 1 if bad else 0
+    if argv:
+        raise SystemExit(__doc__)
+    for p in pages():
+        text, changed = render(p.read_text(), str(p))
+        if changed:
+            p.write_text(text)
+            print(f"{p.relative_to(ROOT)}: {', '.join(changed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
