@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from otfuse.checkpoints import fused_meta, load_checkpoint, load_parents, recipe_options, save_checkpoint
+from otfuse.checkpoints import fused_meta, load_checkpoint, save_checkpoint
 from otfuse.data import dataset_slug, normalize
 from otfuse.errors import OtfuseError, run_main
-from otfuse.fusion import FuseConfig, fuse
-from otfuse.models import build_model
-from otfuse.options import build, flatten, parse_assignments
+from otfuse.fusion import fuse, vanilla_models
+from otfuse.inputs import FusionInputs, fusion_inputs, target_model
+from otfuse.options import flatten, parse_assignments
 from otfuse.precision import resolve_precision
-from otfuse.report import baselines
 from otfuse.storage import atomic_write_csv
 from otfuse.train import TrainConfig, finetune
 
@@ -65,7 +64,8 @@ def main(argv: list[str]) -> int:
 
     def run() -> int:
         fused, a, b = args.checkpoints
-        models, metas, data = load_parents([a, b], args.data_dir, args.device)
+        inputs = fusion_inputs([a, b], data_dir=args.data_dir, device=args.device, same_width=True)
+        metas, data = inputs.metas, inputs.data
         fmeta = load_checkpoint(fused)[1]
         if fmeta.get("kind") != "fused":
             raise OtfuseError(f"{fused} is not a fused checkpoint (kind {fmeta.get('kind')!r}); make one with otfuse fuse A.pt B.pt --out FUSED.pt")
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
                     if (start, opts) in done:
                         continue
                     if start not in paths and start in MADE:
-                        paths[start] = MADE[start](models, metas, [a, b], data, Path(tmp) / f"{start}.pt")
+                        paths[start] = MADE[start](inputs, Path(tmp) / f"{start}.pt")
                     if start not in paths:
                         raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))}")
                     teachers = {"teachers": f"{a},{b}"} if options.get("distill") else {}
@@ -104,45 +104,44 @@ def main(argv: list[str]) -> int:
     return run_main(run)
 
 
-def _vanilla(models, metas, parents, data, path: Path) -> Path:
+def _vanilla(inputs: FusionInputs, path: Path) -> Path:
     """The plain average of the parents, BatchNorm recomputed and refit with the fusion's defaults, saved to `path`."""
-    cfg = build(FuseConfig, recipe_options(metas))
+    models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     precision = resolve_precision(cfg.precision, next(models[0].parameters()).device)
-    model = baselines(models, cfg.model_weights(len(models)), data.train_x, data.norm, cfg, precision)["vanilla_refit"]
-    save_checkpoint(path, model, {**fused_meta(metas, parents, metas[0]["width"], flatten(cfg), len(data.val_y), None), "method": "vanilla"})
+    model = vanilla_models(models, cfg.model_weights(len(models)), data.train_x, data.norm, cfg, precision)["vanilla_refit"]
+    save_checkpoint(path, model, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), len(data.val_y), None), "method": "vanilla"})
     return path
 
 
-def _narrow(models, metas, parents, data, path: Path, how: str, width: int = 32) -> Path:
+def _narrow(inputs: FusionInputs, path: Path, how: str, width: int = 32) -> Path:
     """A width-`width` start: the parents fused into it (`fused`), the first parent pruned to it by Torch-Pruning's
     magnitude pruner (`pruned`: every channel group cut by the same fraction, the least L1 norms go), or a fresh
     initialisation (`scratch`), saved to `path` as a fused checkpoint of the parents (so distillation finds them)."""
     import torch_pruning as tp
 
-    meta0 = metas[0]
-    target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(next(models[0].parameters()).device)
-    cfg = build(FuseConfig, recipe_options(metas))
+    models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
+    target = target_model(metas[0], width, next(models[0].parameters()).device)
     if how == "fused":
-        target = fuse(models, data.train_x, data.norm, cfg, target=target).model
+        target = fuse(models, data.train_x, data.norm, cfg, target=target).fused
     elif how == "pruned":
         model = copy.deepcopy(models[0]).cpu()
         example = normalize(data.train_x[:2].cpu(), data.norm)
         head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
         with torch.enable_grad():
             pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                               pruning_ratio=1 - width / meta0["width"], ignored_layers=[head])
+                                               pruning_ratio=1 - width / metas[0]["width"], ignored_layers=[head])
             pruner.step()
         target.load_state_dict(model.state_dict())  # the uniformly pruned ResNet18 is the registry's narrower one
-    save_checkpoint(path, target, {**fused_meta(metas, parents, width, flatten(cfg), len(data.val_y), None), "method": how})
+    save_checkpoint(path, target, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": how})
     return path
 
 
 # starts made here from the parents: the plain average, and width-32 starts for a compressed model
 MADE = {
-    "vanilla": lambda *args: _vanilla(*args),
-    "fused-w32": lambda *args: _narrow(*args, how="fused"),
-    "pruned-w32": lambda *args: _narrow(*args, how="pruned"),
-    "scratch-w32": lambda *args: _narrow(*args, how="scratch"),
+    "vanilla": _vanilla,
+    "fused-w32": lambda inputs, path: _narrow(inputs, path, how="fused"),
+    "pruned-w32": lambda inputs, path: _narrow(inputs, path, how="pruned"),
+    "scratch-w32": lambda inputs, path: _narrow(inputs, path, how="scratch"),
 }
 
 

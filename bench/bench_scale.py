@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import fused_meta, load_parents, recipe_options, save_checkpoint
+from otfuse.checkpoints import fused_meta, save_checkpoint
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
 from otfuse.fusion import FuseConfig, fuse
+from otfuse.inputs import fusion_inputs
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.report import fusion_table
@@ -55,9 +56,10 @@ def main(argv: list[str]) -> int:
         base = parse_assignments(args.base, FuseConfig)
         methods = [m for m in args.methods.split(",") if m]
         t0 = time.perf_counter()
-        models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
-        base = {**recipe_options(metas), **base}  # the defaults `otfuse fuse` takes for these parents
-        precision = resolve_precision(build(FuseConfig, base).precision, next(models[0].parameters()).device)
+        inputs = fusion_inputs(args.checkpoints, base, data_dir=args.data_dir, device=args.device, same_width=True)
+        models, metas, data = inputs.models, inputs.metas, inputs.data
+        base = flatten(inputs.cfg)  # the defaults `otfuse fuse` takes for these parents, then --base
+        precision = resolve_precision(inputs.cfg.precision, next(models[0].parameters()).device)
         meta = metas[0]
         suffix = "" if args.split == "test" else f"-{args.split}"
         out = Path(args.out_dir) / f"scale-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}-w{meta['width']}{suffix}.csv"
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
                 record({"row": "default", "method": methods[0], **{k: f"{v:.2f}" for k, v in acc.items()},
                         **{f"s_{k}": f"{fusion.seconds.get(k, 0.0):.1f}" for k in PHASES}})
             if args.save:
-                save_checkpoint(args.save, fusion.model, fused_meta(metas, args.checkpoints, meta["width"], flatten(cfg),
+                save_checkpoint(args.save, fusion.fused, fused_meta(metas, args.checkpoints, meta["width"], flatten(cfg),
                                                                     len(data.val_y), acc["fused"] if args.split == "test" else None))
         parent = None  # the parents' logits, for the other rows' agreement: computed once, when a row needs them
         for method in methods[1:]:
@@ -91,9 +93,9 @@ def main(argv: list[str]) -> int:
             result = fuse(models, data.train_x, data.norm, cfg, progress=True)
             t1 = time.perf_counter()
             parent = parent or [logits(m, x, data.norm, precision=precision) for m in models]
-            z = logits(result.model, x, data.norm, precision=precision)
+            z = logits(result.fused, x, data.norm, precision=precision)
             row = {"row": method, "method": method, "fused": f"{accuracy_of_logits(z, y):.2f}",
-                   "fused_average": f"{accuracy_of_logits(logits(result.average, x, data.norm, precision=precision), y):.2f}",
+                   "fused_average": f"{accuracy_of_logits(logits(result.fused_average, x, data.norm, precision=precision), y):.2f}",
                    **{f"agree_model{i + 1}": f"{agreement(z, q):.2f}" for i, q in enumerate(parent)}}
             result.seconds["evaluation"] = time.perf_counter() - t1
             row.update({f"s_{k}": f"{result.seconds.get(k, 0.0):.1f}" for k in PHASES})

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from otfuse.checkpoints import load_parents, pick_device
+from otfuse.checkpoints import load_parents
 from otfuse.errors import run_main
 from otfuse.fusion import FuseConfig
+from otfuse.inputs import fusion_inputs
 from otfuse.interpolate import interpolation
-from otfuse.models import build_model
 from otfuse.options import build
 from otfuse.report import fusion_table
 from otfuse.storage import atomic_write_csv
@@ -62,9 +62,8 @@ def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: di
 
     def fused(names: list[str], width: int, check: str) -> None:
         t0 = time.perf_counter()
-        models, metas, data = load_parents([parents[n] for n in names], data_dir, device, same_width=False)
-        target = build_model(metas[0]["arch"], width, metas[0]["in_channels"], metas[0]["num_classes"]).to(pick_device(device))
-        _, acc = fusion_table(models, data, fuse_cfg, "test", target=target)
+        inputs = fusion_inputs([parents[n] for n in names], {"precision": precision}, width=width, data_dir=data_dir, device=device)
+        _, acc = fusion_table(inputs.models, inputs.data, inputs.cfg, "test", target=inputs.target)
         add(check, acc, time.perf_counter() - t0)
 
     fused(["w16s0", "w16s1"], 16, "fuse w16+w16 -> w16")

@@ -82,7 +82,7 @@ def test_fusing_a_model_with_a_permuted_copy_returns_it(family, method):
     model, data = _random(FAMILIES[family]), _data()
     groups = channel_groups(model, torch.randn(1, 3, 32, 32))
     copy_ = permute(model, groups, random_maps(groups, seed=4))
-    raw = fuse([model, copy_], data.train_x, data.norm, config(method=method, n_images=32, bn_batches=0, refit=False)).raw
+    raw = fuse([model, copy_], data.train_x, data.norm, config(method=method, n_images=32, bn_batches=0, refit=False)).fused_no_bn
     ref = model.state_dict()
     for k, v in raw.state_dict().items():
         assert torch.allclose(v.float(), ref[k].float(), atol=1e-5), f"{family}/{method}: {k}"

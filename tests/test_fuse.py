@@ -34,7 +34,7 @@ def _assert_returns_model(model, data, method, n_images=64, **options):
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
     copy = permute(model, groups, random_maps(groups, seed=5))
     cfg = config(method=method, n_images=n_images, bn_batches=0, refit=False, **options)  # the oracle is on the average
-    raw = fuse([model, copy], data.train_x, data.norm, cfg).raw
+    raw = fuse([model, copy], data.train_x, data.norm, cfg).fused_no_bn
     ref = model.state_dict()
     for k, v in raw.state_dict().items():
         assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
@@ -85,7 +85,7 @@ def test_sinkhorn_with_little_regularisation_nearly_returns_the_model(trained):
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
     copy = permute(model, groups, random_maps(groups, seed=5))
     result = fuse([model, copy], data.train_x, data.norm, config(solver="sinkhorn", reg=0.002, bn_batches=0, refit=False))
-    raw, ref = result.raw, model.state_dict()
+    raw, ref = result.fused_no_bn, model.state_dict()
     for k, v in raw.state_dict().items():
         if v.is_floating_point():
             assert (v - ref[k]).abs().max() <= 0.05 * ref[k].abs().max() + 1e-6, k

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torchvision
@@ -28,6 +30,7 @@ CASES = {
 }
 
 
+@functools.lru_cache(maxsize=None)  # each case traced once: the tests read the model, never change it
 def _setup(case: str):
     make, shape = CASES[case]
     torch.manual_seed(0)

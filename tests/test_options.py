@@ -8,14 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from otfuse.cli import build_parser, fuse_config
+from otfuse.cli import build_parser
 from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
+from otfuse.inputs import fusion_options
 from otfuse.options import build, flatten, options_of, read_config
 
 
+def _resolved(parser, argv: list[str], metas: list[dict]) -> FuseConfig:
+    args = parser.parse_args(argv)
+    return fusion_options(vars(args), args.config, metas)
+
+
 def _cfg(argv: list[str]) -> FuseConfig:
-    return fuse_config(build_parser().parse_args(["fuse", "a.pt", "b.pt", *argv]))
+    args = build_parser().parse_args(["fuse", "a.pt", "b.pt", *argv])
+    return fusion_options(vars(args), args.config)
 
 
 @pytest.fixture
@@ -80,11 +87,11 @@ def _meta(train_acc: float, augment: bool = True, dataset: str = "cifar10") -> d
 def test_the_parents_training_recipe_sets_defaults_that_options_still_override(best):
     parser = build_parser()
     fit = [_meta(99.8), _meta(99.7)]
-    assert fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), fit).bn.augment  # long-trained: augmented statistics
-    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.8), _meta(91.5)]).bn.augment
-    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.8, False)] * 2).bn.augment
+    assert _resolved(parser, ["fuse", "a.pt", "b.pt"], fit).bn.augment  # long-trained: augmented statistics
+    assert not _resolved(parser, ["fuse", "a.pt", "b.pt"], [_meta(99.8), _meta(91.5)]).bn.augment
+    assert not _resolved(parser, ["fuse", "a.pt", "b.pt"], [_meta(99.8, False)] * 2).bn.augment
     # digits has no augmentation, whatever the recipe said: its statistics are never drawn from crops and flips
-    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt"]), [_meta(99.9, True, "digits")] * 2).bn.augment
-    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt", "--no-bn-augment"]), fit).bn.augment
+    assert not _resolved(parser, ["fuse", "a.pt", "b.pt"], [_meta(99.9, True, "digits")] * 2).bn.augment
+    assert not _resolved(parser, ["fuse", "a.pt", "b.pt", "--no-bn-augment"], fit).bn.augment
     Path(best).write_text(json.dumps({"bn_augment": False}))
-    assert not fuse_config(parser.parse_args(["fuse", "a.pt", "b.pt", "--config", best]), fit).bn.augment
+    assert not _resolved(parser, ["fuse", "a.pt", "b.pt", "--config", best], fit).bn.augment

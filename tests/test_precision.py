@@ -45,7 +45,7 @@ def test_a_bf16_fusion_matches_the_fp32_one(trained):
     results = {p: fuse(models, data.train_x, data.norm, config(precision=p, bn_batches=4, n_images=200, refit_n_images=200))
                for p in ("fp32", "bf16")}
     assert results["bf16"].precision == "bf16" and results["fp32"].precision == "fp32"
-    a, b = (r.model.state_dict() for r in results.values())
+    a, b = (r.fused.state_dict() for r in results.values())
     assert all(b[k].dtype == a[k].dtype for k in a) and b["bn1.running_var"].dtype == torch.float32
-    accs = {p: accuracy(r.model, data.test_x, data.test_y, data.norm, "fp32") for p, r in results.items()}
+    accs = {p: accuracy(r.fused, data.test_x, data.test_y, data.norm, "fp32") for p, r in results.items()}
     assert abs(accs["fp32"] - accs["bf16"]) <= 1.5, accs

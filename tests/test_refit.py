@@ -32,7 +32,7 @@ def _permuted_copy(model, data):
 def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
     models, data, _, _ = trained
     model = models[0]
-    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=4, n_images=500, refit_n_images=500)).model
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=4, n_images=500, refit_n_images=500)).fused
     x, _ = data.split("test")
     z, z_ref = logits(fused, x, data.norm), logits(model, x, data.norm)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
@@ -42,7 +42,7 @@ def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
 def test_refit_brings_the_fusion_nearer_its_parents_mean(trained):
     models, data, _, _ = trained
     result = fuse(models, data.train_x, data.norm, config(bn_batches=10, n_images=500, refit_n_images=500))
-    fused, plain = result.model, result.average
+    fused, plain = result.fused, result.fused_average
     x, y = data.split("val")
     target = sum(logits(m, x, data.norm) for m in models) / 2
     err = lambda m: (logits(m, x, data.norm) - target).pow(2).mean().item()
@@ -73,7 +73,7 @@ class NoBias(nn.Module):
 def test_refit_gives_back_models_with_and_without_batchnorm(make):
     torch.manual_seed(0)
     model, data = make().eval(), _images()
-    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).model
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).fused
     z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
@@ -96,7 +96,7 @@ def test_refit_gives_back_a_grouped_conv_model_and_refits_its_blocks():
     torch.manual_seed(1)
     model, data = randomize_bn(Grouped()), _images()
     assert dict(units(model, torch.randn(2, 3, 8, 8)))["c2"] == "n2"
-    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).model
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).fused
     z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
@@ -106,7 +106,7 @@ def test_refit_fits_two_different_models_better_than_their_average(make):
     torch.manual_seed(0)
     a, b, data = make().eval(), make().eval(), _images()
     result = fuse([a, b], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96))
-    fused, raw = result.model, result.raw
+    fused, raw = result.fused, result.fused_no_bn
     target = (logits(a, data.train_x, data.norm) + logits(b, data.train_x, data.norm)) / 2
     err = lambda m: (logits(m, data.train_x, data.norm) - target).pow(2).mean().item()
     assert err(fused) < 0.5 * err(raw)
@@ -130,6 +130,6 @@ def test_recomputing_batchnorm_before_the_refit_changes_nothing(trained, monkeyp
     monkeypatch.setattr(F, "refit_sets_every_batchnorm", lambda *a: False)
     full = F.fuse(models, data.train_x, data.norm, cfg)
     assert "batchnorm" in full.seconds
-    a, b = skipped.model.state_dict(), full.model.state_dict()
+    a, b = skipped.fused.state_dict(), full.fused.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5) for k in a if a[k].is_floating_point())  # counters aside
-    assert all(torch.equal(u, v) for u, v in zip(skipped.average.state_dict().values(), full.average.state_dict().values()))
+    assert all(torch.equal(u, v) for u, v in zip(skipped.fused_average.state_dict().values(), full.fused_average.state_dict().values()))

@@ -9,7 +9,7 @@ import torch
 from conftest import config, randomize_bn
 from otfuse.align import channel_importance, merge_plan, split_plan
 from otfuse.cli import main
-from otfuse.data import ImageData
+from otfuse.data import ImageData, normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.fusion import fuse
@@ -37,7 +37,7 @@ def _model(width: int, seed: int = 0):
 @pytest.mark.parametrize("factor", [2, 3])
 def test_a_model_carried_onto_a_wider_target_computes_the_same_function(factor):
     data, model = _data(), _model(4)
-    wide = fuse([model], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 4 * factor, 3, 10)).model
+    wide = fuse([model], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 4 * factor, 3, 10)).fused
     assert wide.conv1.weight.shape[0] == 4 * factor
     z, z_wide = logits(model, data.train_x, data.norm), logits(wide, data.train_x, data.norm)
     assert torch.allclose(z, z_wide, atol=1e-4 * z.abs().max().item())
@@ -45,8 +45,8 @@ def test_a_model_carried_onto_a_wider_target_computes_the_same_function(factor):
 
 def test_compressing_a_widened_model_merges_the_copies_and_gives_it_back():
     data, model = _data(), _model(4)
-    wide = fuse([model], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 8, 3, 10)).model
-    back = fuse([wide], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 4, 3, 10)).model
+    wide = fuse([model], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 8, 3, 10)).fused
+    back = fuse([wide], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 4, 3, 10)).fused
     z, z_back = logits(model, data.train_x, data.norm), logits(back, data.train_x, data.norm)
     assert torch.allclose(z, z_back, atol=1e-4 * z.abs().max().item())
 
@@ -65,7 +65,7 @@ def test_importance_marginals_weight_the_channels_and_keep_the_oracle():
     data, model = _data(), _model(4)
     copy = permute(model, groups := channel_groups(model, torch.randn(1, 3, 16, 16)), random_maps(groups, seed=2))
     result = fuse([model, copy], data.train_x, data.norm, config(marginals="importance", **EXACT))
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(result.raw.state_dict().values(), model.state_dict().values()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(result.fused_no_bn.state_dict().values(), model.state_dict().values()))
     wide = _model(8, 1)
     mass = channel_importance(wide, channel_groups(wide, torch.randn(1, 3, 16, 16)))
     result = fuse([model, wide], data.train_x, data.norm, config(marginals="importance", **EXACT))
@@ -77,11 +77,20 @@ def test_importance_marginals_weight_the_channels_and_keep_the_oracle():
 def test_parents_of_different_widths_fuse_into_either_width():
     data = _data()
     a, b = _model(8, 0), _model(4, 1)
+    x = normalize(data.train_x, data.norm)
     for width in (8, 4, 6):
         result = fuse([a, b], data.train_x, data.norm, config(n_images=64, bn_batches=2, refit_n_images=64),
                       target=build_model("resnet18", width, 3, 10))
-        assert result.model.conv1.weight.shape[0] == width
-        assert all(torch.isfinite(t).all() for t in result.model.state_dict().values() if t.is_floating_point())
+        assert result.fused.conv1.weight.shape[0] == width
+        assert all(torch.isfinite(t).all() for t in result.fused.state_dict().values() if t.is_floating_point())
+        # the refit pulls every layer to the parents' mean output: nearer it than either parent alone
+        with torch.no_grad():
+            mean = (a.eval()(x) + b.eval()(x)) / 2
+            gap = lambda m: float((m.eval()(x) - mean).norm())
+            assert gap(result.fused) < min(gap(a), gap(b))
+    # all the weight on the anchor, into its own width: the anchor itself, whatever the other parent's width
+    alone = fuse([a, b], data.train_x, data.norm, config(weights="1,0", **EXACT), target=build_model("resnet18", 8, 3, 10))
+    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(alone.fused.state_dict().values(), a.state_dict().values()))
     with pytest.raises(OtfuseError, match="aligns models of one width only"):
         fuse([a, b], data.train_x, data.norm, config(method="weight", n_images=64))
     with pytest.raises(OtfuseError, match="--repair matches the aligned parents' channel statistics"):

@@ -15,7 +15,7 @@ averaged, BatchNorm statistics recomputed, and each layer refit to the parents' 
     >>> cfg = FuseConfig()
     >>> cfg.align.n_images, cfg.bn.batches, cfg.refit.enabled = 64, 4, False
     >>> result = fuse([model, copy], images, norm, cfg)
-    >>> all(torch.allclose(a, b, atol=1e-6) for a, b in zip(result.raw.state_dict().values(), model.state_dict().values()))
+    >>> all(torch.allclose(a, b, atol=1e-6) for a, b in zip(result.fused_no_bn.state_dict().values(), model.state_dict().values()))
     True
     >>> sorted(result.seconds)
     ['alignment', 'averaging', 'batchnorm', 'groups']

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
+from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import accuracy, loss_and_accuracy
 from otfuse.fusion import FuseConfig, fuse, timed
+from otfuse.inputs import FusionInputs, check_request, fusion_inputs
 from otfuse.interpolate import interpolation, options_note
-from otfuse.models import arch_folder, build_model
+from otfuse.models import arch_folder
 from otfuse.options import Parser, add_options, flatten, read_config, resolve
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
@@ -32,7 +32,7 @@ from otfuse.tune import TuneConfig, run_study
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = resolve(TrainConfig, args)
+    cfg = resolve(TrainConfig, vars(args))
     before = _stamp(checkpoint_path(cfg))
     path = train(cfg)
     print(f"saved {path}" if _stamp(path) != before else f"{path} is already complete ({cfg.epochs} epochs): nothing to do")
@@ -68,12 +68,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def fuse_config(args: argparse.Namespace, metas: list[dict] | None = None) -> FuseConfig:
-    """The fusion options: defaults (those the parents' training recipe implies, given their `metas`),
-    then --config, then the options given on the command line."""
-    return resolve(FuseConfig, args, args.config, recipe_options(metas or []))
-
-
 def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
     """An input's role by name, for the output checks: each checkpoint and the --config file."""
     return {**{f"input checkpoint {i + 1} ({c})": c for i, c in enumerate(checkpoints)}, "--config": config}
@@ -82,61 +76,47 @@ def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    cfg = fuse_config(args)
-    if args.width < 0:
-        raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
-    if len(args.checkpoints) < 2 and not args.width:
-        raise OtfuseError(f"fuse needs two or more checkpoints, or one and --width W to compress or widen it; got {len(args.checkpoints)}")
-    cfg.check(len(args.checkpoints))
+    check_request(len(args.checkpoints), args.width, vars(args), args.config)
     check_outputs({"--out": args.out}, _inputs(args.checkpoints, args.config), args.overwrite, lambda p: fused_from(p, args.checkpoints))
     with output_lock(args.out):
-        return _fuse(args, cfg)
+        return _fuse(args, fusion_inputs(args.checkpoints, vars(args), args.config, args.width, args.data_dir, args.device))
 
 
-def _fuse(args: argparse.Namespace, cfg: FuseConfig) -> int:
-    models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device, same_width=False)
-    cfg = fuse_config(args, metas)
-    meta0 = metas[0]
-    width = args.width or meta0["width"]
-    target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(next(models[0].parameters()).device)
-    fusion = fuse(models, data.train_x, data.norm, cfg, target=target, progress=True)
+def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
+    cfg, metas, data = inputs.cfg, inputs.metas, inputs.data
+    fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True)
     made = sum(fusion.seconds.values())
-    meta = lambda acc: fused_meta(metas, args.checkpoints, width, flatten(cfg), len(data.val_y), acc if args.split == "test" else None)
+    meta = lambda acc: fused_meta(metas, args.checkpoints, inputs.width, flatten(cfg), len(data.val_y), acc if args.split == "test" else None)
     if args.out:  # the fused model first: the evaluation below is extra, never a reason to lose it
-        save_checkpoint(args.out, fusion.model, meta(None))
+        save_checkpoint(args.out, fusion.fused, meta(None))
         print(f"saved {args.out} (fused in {made:.1f} s, {fusion.precision})", flush=True)
     if args.baselines:
-        acc = table(fusion, models, data, cfg, args.split, progress=True)
+        acc = table(fusion, data, args.split, progress=True)
     else:
         with timed(fusion.seconds, "evaluation", True):
-            acc = {"fused": accuracy(fusion.model, *data.split(args.split), data.norm, fusion.precision)}
+            acc = {"fused": accuracy(fusion.fused, *data.split(args.split), data.norm, fusion.precision)}
     widths = "+".join(f"w{m['width']}" for m in metas)
-    print(f"{meta0['dataset']} {meta0['arch']} {widths} -> w{width}, {args.split} accuracy (%), method {cfg.align.method}:")
+    print(f"{metas[0]['dataset']} {metas[0]['arch']} {widths} -> w{inputs.width}, {args.split} accuracy (%), method {cfg.align.method}:")
     for k, v in acc.items():
         print(f"  {k:<14} {v:6.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.seconds.items()))
     if args.out and args.split == "test":  # the metadata gains the accuracy just measured
-        save_checkpoint(args.out, fusion.model, meta(acc["fused"]))
+        save_checkpoint(args.out, fusion.fused, meta(acc["fused"]))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    base = fuse_config(args)
-    tcfg = resolve(TuneConfig, args)
+    tcfg = resolve(TuneConfig, vars(args))
     tcfg.check()
     if len(args.checkpoints) != 2:
         raise OtfuseError(f"tune needs exactly two checkpoints, got {len(args.checkpoints)}; give A.pt B.pt")
-    base.check(2)
+    check_request(2, args.width, vars(args), args.config)
     writable_dir(tcfg.results_dir)
-    if args.width < 0:
-        raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
-    models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device, same_width=False)
-    base = fuse_config(args, metas)
-    width = args.width or metas[0]["width"]
-    target = build_model(metas[0]["arch"], width, metas[0]["in_channels"], metas[0]["num_classes"]).to(next(models[0].parameters()).device)
+    inputs = fusion_inputs(args.checkpoints, vars(args), args.config, args.width, args.data_dir, args.device)
     # what the user pinned (on the command line or in --config) is not searched
-    fixed = frozenset(k for k in flatten(base) if k in vars(args)) | frozenset(read_config(args.config) if args.config else ())
-    out = run_study(models, data, metas, args.checkpoints, tcfg, base, progress=True, target=target, width=width, fixed=fixed)
+    fixed = frozenset(k for k in flatten(inputs.cfg) if k in vars(args)) | frozenset(read_config(args.config) if args.config else ())
+    out = run_study(inputs.models, inputs.data, inputs.metas, args.checkpoints, tcfg, inputs.cfg, progress=True,
+                    target=inputs.target, width=inputs.width, fixed=fixed)
     print(f"study {out['study']}: {out['trials']} completed trials; best #{out['best_trial']} "
           f"validation {out['val_accuracy']:.2f}% (again: {out['val_accuracy_again']:.2f}%)")
     print("best options: " + ", ".join(f"{k}={v}" for k, v in out["options"].items()))
@@ -146,16 +126,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
-    cfg = fuse_config(args)
+    given = {**vars(args), "weights": ""}  # the curves' weights are (1 - alpha, alpha), set along the line
     if not 2 <= args.points <= 1001:
         raise OtfuseError(f"--points {args.points}: give 2 (the two parents) to 1001")
     if len(args.checkpoints) != 2:
         raise OtfuseError(f"interpolate needs exactly two checkpoints, got {len(args.checkpoints)}; give A.pt B.pt")
-    cfg = replace(cfg, weights="")
-    cfg.check(2)
+    check_request(2, 0, given, args.config)
     results = writable_dir(args.results_dir)
-    models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
-    cfg = replace(fuse_config(args, metas), weights="")
+    inputs = fusion_inputs(args.checkpoints, given, args.config, 0, args.data_dir, args.device, same_width=True)
+    models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     meta0, names = metas[0], " and ".join(Path(c).name for c in args.checkpoints)
     # named by the inputs' identities: the same inputs replace their own earlier result, other inputs never do
     stem = results / f"interp-{dataset_slug(meta0['dataset'])}-{arch_folder(meta0['arch'], meta0['width'])}-{inputs_name(args.checkpoints)}"
@@ -192,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_finetune)
     p = sub.add_parser("evaluate", help="print a checkpoint's accuracy")
     p.add_argument("checkpoint")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="the images to score (default: test)")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help=f"dataset cache (default: {default_data_dir()})")
     p.add_argument("--precision", default="auto", help="auto (bf16 autocast where the device has native bf16) | fp32 | bf16")
@@ -204,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="where to save the fused checkpoint (an existing file only if it is an "
                                              "earlier fusion of these checkpoints, or with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file whatever it holds")
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--split", default="test", choices=["val", "test"], help="the images to score (default: test; choose options on val)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate every stage and baseline: parents, ensemble, vanilla averaging, REPAIR (default: off, "
                         "only the fused model, after it is saved)")
@@ -219,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("interpolate", help="accuracy and loss between two models, vanilla and aligned: CSV and PNG")
     p.add_argument("checkpoints", nargs="*")
     p.add_argument("--points", type=int, default=11, help="alphas from 0 to 1 (default: 11)")
-    p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="the images to score (default: test; choose options on val)")
+    p.add_argument("--results-dir", default="results", help="where the CSV and PNG go (default: results)")
     # the curves are the plain and the REPAIRed aligned average, with weights (1 - alpha, alpha): those options are set here
     _fusion_options(p, exclude=lambda name: name in ("weights", "refit", "repair") or name.startswith("refit_"))
     p.set_defaults(run=cmd_interpolate)

@@ -28,6 +28,11 @@ def accuracy_of_logits(z: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (z.argmax(1) == y.to(z.device)).float().mean().item()
 
 
+def ensemble_of_logits(zs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The weighted mean of the models' softmax outputs: the ensemble's predictions (argmax as for logits)."""
+    return sum(w * z.softmax(1) for w, z in zip(weights, zs))
+
+
 def agreement(z: torch.Tensor, w: torch.Tensor) -> float:
     """How often two sets of logits predict the same class, in percent."""
     return 100.0 * (z.argmax(1) == w.argmax(1).to(z.device)).float().mean().item()

@@ -2,12 +2,15 @@
 
     from otfuse import FuseConfig, fuse
     result = fuse([model_a, model_b], data.train_x, data.norm, FuseConfig())
-    result.model          # the fused model
-    result.average        # the aligned average with BatchNorm recomputed ("average only")
+    result.fused          # the fused model
+    result.fused_average  # the aligned average with BatchNorm recomputed ("average only")
+    result.columns()      # every model a fusion table reports, by its column: fused_no_bn, ..., vanilla_refit
     result.seconds        # {"groups": ..., "alignment": ..., "averaging": ..., "batchnorm": ..., "refit": ...}
 
 `fuse` is the one owner of that sequence; the CLI, the fusion scripts, tune, interpolate and the
-benches all call it. Its configuration is one `FuseConfig` holding one config per stage.
+benches all call it. Its configuration is one `FuseConfig` holding one config per stage. Each model
+it makes has one name: the `Fusion` field, the results column and the docs say `fused_no_bn`,
+`fused_average`, `fused`, `fused_repair`, `vanilla`, `vanilla_bn` and `vanilla_refit`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -68,28 +71,67 @@ class FuseConfig:
 
 @dataclass
 class Fusion:
-    """What `fuse` returns: every stage's model, the maps, and seconds per phase."""
+    """What `fuse` returns: the fused model and its stages, the maps, and seconds per phase. The stages and
+    baselines the pipeline does not need itself are made on first use (their seconds count under their phase)."""
 
-    model: nn.Module  # the fused model: every stage the config asks for
-    raw: nn.Module  # the aligned weighted average, before BatchNorm recomputation
+    fused: nn.Module  # every stage the config asks for
+    fused_no_bn: nn.Module  # the aligned weighted average, before BatchNorm recomputation
     aligned: list[nn.Module]  # each parent carried onto the fused model's channels
     maps: list[dict[str, ChannelMap]]  # per parent: group name -> map onto the fused model's channels
     groups: list[ChannelGroup]  # the fused model's channel groups
     weights: list[float]  # the averaging weights
     seconds: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # the forward passes' precision, resolved (fp32 or bf16): evaluate the models in it too
-    make_average: Callable[[], nn.Module] | None = field(default=None, repr=False)
-    computed_average: nn.Module | None = field(default=None, repr=False)
+    parents: list[nn.Module] = field(default_factory=list, repr=False)
+    images: torch.Tensor | None = field(default=None, repr=False)  # the unlabelled training images the stages read
+    norm: tuple = field(default=(), repr=False)
+    cfg: FuseConfig = field(default_factory=FuseConfig, repr=False)
+    made: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # stages made so far, by column
 
     @property
-    def average(self) -> nn.Module:
+    def fused_average(self) -> nn.Module:
         """The aligned average with BatchNorm recomputed ("average only"). When the refit sets every
-        BatchNorm's statistics itself the pipeline does not need it, so it is computed on first use
-        (its seconds then count as "batchnorm")."""
-        if self.computed_average is None:
+        BatchNorm's statistics itself the pipeline does not need it, so it is computed on first use."""
+        if "fused_average" not in self.made:
             with timed(self.seconds, "batchnorm"):
-                self.computed_average = self.make_average()
-        return self.computed_average
+                self.made["fused_average"] = recompute_bn(copy.deepcopy(self.fused_no_bn), self.images, self.norm, self.cfg.bn,
+                                                          precision=self.precision)
+        return self.made["fused_average"]
+
+    def columns(self, baselines: bool = True, progress: bool = False) -> dict[str, nn.Module]:
+        """Every model of a fusion table, by column: the stages, REPAIR alone from the same alignment (parents of
+        the fused model's width only), and with `baselines` vanilla averaging without alignment (parents of the
+        fused model's shapes only: as it is, with BatchNorm recomputed, and refit when the fusion is)."""
+        out = {"fused_no_bn": self.fused_no_bn, "fused_average": self.fused_average, "fused": self.fused}
+        if self.cfg.repair.enabled and not self.cfg.refit.enabled:
+            out["fused_repair"] = self.fused
+        elif same_widths(self.maps):
+            if "fused_repair" not in self.made:
+                with timed(self.seconds, "repair", progress):
+                    self.made["fused_repair"] = repaired(copy.deepcopy(self.fused_average), self.aligned, self.weights, self.groups,
+                                                         self.images, self.norm, self.cfg, self.precision)
+            out["fused_repair"] = self.made["fused_repair"]
+        if baselines and len(self.parents) > 1 and all(same_shapes(m, self.fused) for m in self.parents):
+            if "vanilla" not in self.made:
+                with timed(self.seconds, "baselines", progress):
+                    self.made.update(vanilla_models(self.parents, self.weights, self.images, self.norm, self.cfg, self.precision))
+            out.update({k: v for k, v in self.made.items() if k.startswith("vanilla")})
+        return out
+
+
+def vanilla_models(models: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple, cfg: FuseConfig,
+                   precision: str = "fp32") -> dict[str, nn.Module]:
+    """Vanilla averaging without alignment, by column: as it is, with BatchNorm recomputed, and refit when `cfg` refits."""
+    vanilla = average(models, weights).eval()
+    out = {"vanilla": vanilla, "vanilla_bn": recompute_bn(copy.deepcopy(vanilla), images, norm, cfg.bn, precision=precision)}
+    if cfg.refit.enabled:
+        out["vanilla_refit"] = refit(copy.deepcopy(out["vanilla_bn"]), models, weights, images, norm, cfg.refit, precision=precision)
+    return out
+
+
+def same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
 def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
@@ -138,15 +180,14 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
     into = target if target is not None else anchor
     aligned = [carry(m, g, mp, into=into, into_groups=groups) for m, g, mp in zip(models, per_model, maps)]
     with timed(seconds, "averaging", progress):
-        raw = average(aligned, weights).eval()
-    make_average = lambda: recompute_bn(copy.deepcopy(raw), images, norm, cfg.bn, progress, precision)
-    plain = None
-    if cfg.refit.enabled and not cfg.repair.enabled and refit_sets_every_batchnorm(raw, images[:2], norm):
-        fused = copy.deepcopy(raw)  # the refit gives every BatchNorm its exact statistics: recomputing them first is wasted
+        fused_no_bn = average(aligned, weights).eval()
+    made = {}
+    if cfg.refit.enabled and not cfg.repair.enabled and refit_sets_every_batchnorm(fused_no_bn, images[:2], norm):
+        fused = copy.deepcopy(fused_no_bn)  # the refit gives every BatchNorm its exact statistics: recomputing them first is wasted
     else:
         with timed(seconds, "batchnorm", progress):
-            plain = make_average()
-        fused = copy.deepcopy(plain) if cfg.repair.enabled or cfg.refit.enabled else plain
+            made["fused_average"] = recompute_bn(copy.deepcopy(fused_no_bn), images, norm, cfg.bn, progress, precision)
+        fused = copy.deepcopy(made["fused_average"]) if cfg.repair.enabled or cfg.refit.enabled else made["fused_average"]
     if cfg.repair.enabled:
         with timed(seconds, "repair", progress):
             repaired(fused, aligned, weights, groups, images, norm, cfg, precision)
@@ -158,7 +199,7 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
             permutations = all(m.perm is not None for per_model_maps in maps for m in per_model_maps.values())
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             refit(fused, aligned, weights, images, norm, cfg.refit, progress, sources, precision)
-    return Fusion(fused, raw, aligned, maps, groups, weights, seconds, precision, make_average, plain)
+    return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, seconds, precision, list(models), images, norm, cfg, made)
 
 
 def same_widths(maps: list[dict[str, ChannelMap]]) -> bool:

@@ -47,7 +47,7 @@ def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, poi
     for alpha in tqdm(alphas, desc="interpolate", disable=True if not progress else None, leave=False):
         for curve in CURVES:
             maps, c = curves[curve]
-            model = fuse(models, data.train_x, data.norm, replace(c, weights=f"{1 - alpha},{alpha}"), maps=maps).model
+            model = fuse(models, data.train_x, data.norm, replace(c, weights=f"{1 - alpha},{alpha}"), maps=maps).fused
             loss, acc = loss_and_accuracy(model, x, y, data.norm, precision)
             rows.append({"alpha": round(alpha, 6), "curve": curve, "accuracy": round(acc, 4), "loss": round(loss, 6)})
     return rows

@@ -1,7 +1,7 @@
 """Command-line options and JSON option files, both made from the config dataclasses.
 
     add_options(parser, FuseConfig)                      # one --flag per field, help from its comment
-    cfg = resolve(FuseConfig, args, args.config)         # defaults <- JSON file <- flags given
+    cfg = resolve(FuseConfig, vars(args), args.config)   # defaults <- JSON file <- flags given
     flatten(cfg)                                         # {"method": "activation", "bn_batches": 40, ...}
 
 A nested stage config (a field whose value is a dataclass with a FLAG_PREFIX) contributes its
@@ -194,12 +194,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if not k.startswith("_")}
 
 
-def resolve(cls, args: argparse.Namespace, config: str = "", defaults: dict[str, Any] | None = None):
+def resolve(cls, given: dict[str, Any], config: str = "", defaults: dict[str, Any] | None = None):
     """The config from the defaults (the dataclass's, then `defaults`, e.g. those the checkpoints'
-    training recipe implies), then the JSON file `config`, then the options given on the command
-    line (parsed with `only_given`), each later source overriding the earlier."""
+    training recipe implies), then the JSON file `config`, then the options `given` on the command
+    line (`vars(args)` of a parser made with `only_given`; other keys are ignored), each later source
+    overriding the earlier."""
     names = {o.name for o in options_of(cls)}
     flat = {**(defaults or {}), **(read_config(config) if config else {})}
     cfg = build(cls, flat, f"--config {config}")
-    given = {k: v for k, v in vars(args).items() if k in names}
-    return build(cls, {**flatten(cfg), **given})
+    return build(cls, {**flatten(cfg), **{k: v for k, v in given.items() if k in names}})

@@ -58,6 +58,28 @@ def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
     return fig
 
 
+def finetune_figure(rows: list[dict], title: str):
+    """Validation accuracy after each fine-tuning epoch (0: the start), one line per start and recipe, and the
+    parents' ensemble as a horizontal line. `rows`: results/finetune-<dataset>.csv's rows of one fusion."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
+    val = [r for r in rows if r["split"] == "val"]
+    for start, distill in dict.fromkeys((r["start"], r["distill"]) for r in val if r["start"] != "ensemble"):
+        pts = sorted((int(r["epoch"]), float(r["acc"])) for r in val if (r["start"], r["distill"]) == (start, distill))
+        style = "--" if distill == "True" else "-"
+        ax.plot(*zip(*pts), style, marker="o", ms=4, lw=2.2 if start == "fused" else 1.2,
+                label=f"{start}{' (distilled)' if distill == 'True' else ''}")
+    for r in val:
+        if r["start"] == "ensemble":
+            ax.axhline(float(r["acc"]), color="black", ls=":", lw=1, label="ensemble of the parents")
+    ax.set_xlabel("fine-tuning epochs (0: the start)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def history_figure(trials: list[tuple[int, str, float]], what: str):
     """Validation accuracy of every trial (number, method, value), by method, and the best so far."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)

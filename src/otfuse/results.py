@@ -31,9 +31,9 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def upsert_row(path: Path, row: dict) -> None:
-    """Replace the row with the same key (or append), rewriting the file atomically."""
-    key = lambda r: tuple(str(r.get(k) or "") for k in KEY)
+def upsert_row(path: Path, row: dict, key_columns: tuple[str, ...] = KEY) -> None:
+    """Replace the row with the same `key_columns` (or append), rewriting the file atomically."""
+    key = lambda r: tuple(str(r.get(k) or "") for k in key_columns)
     rows = [r for r in read_rows(path) if key(r) != key(row)]
     rows.append({k: str(v) for k, v in row.items()})
     atomic_write_csv(path, rows, list(dict.fromkeys(c for r in rows for c in r)))

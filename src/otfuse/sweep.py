@@ -14,23 +14,29 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import fused_from, fused_meta, load_checkpoint, load_parents, pick_device, recipe_options, save_checkpoint
+from otfuse.checkpoints import fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fusion import FuseConfig
-from otfuse.models import arch_folder, build_model
-from otfuse.options import Parser, add_options, flatten, resolve
+from otfuse.evaluate import accuracy_of_logits, ensemble_of_logits, logits
+from otfuse.inputs import FusionInputs, check_request, fusion_inputs
+from otfuse.models import arch_folder
+from otfuse.options import Parser, add_options, flatten
 from otfuse.report import fusion_table
-from otfuse.results import fusion_row, upsert_row, write_summary
+from otfuse.plots import finetune_figure, save_figure
+from otfuse.results import KEY, fusion_row, upsert_row, write_summary
 from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
 from otfuse.train import finetune
 
 
 # the fine-tuning columns: (CSV column, checkpoint suffix, changes to otfuse finetune's defaults)
 FINETUNES = (("fused_ft", "", {}), ("fused_ft_distill", "-distill", {"distill": True}))
+# results/finetune-<dataset>.csv: one row per fusion, start, recipe, epoch and split
+CURVE_KEY = (*KEY, "method", "start", "distill", "epoch", "split")
 
 
 def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, str, int], list[tuple[Path, dict]]]:
@@ -96,8 +102,8 @@ def parser(default_method: str) -> argparse.ArgumentParser:
     p = Parser(description=f"Fuse every pair of trained seeds ({default_method}-based) and write results/.")
     p.add_argument("--dataset", default=None, help="folder name under checkpoint/ (default: all)")
     p.add_argument("--pairs", default="", help="seed pairs, e.g. 0-1,0-2 (default: every pair)")
-    p.add_argument("--checkpoint-dir", default="checkpoint")
-    p.add_argument("--results-dir", default="results")
+    p.add_argument("--checkpoint-dir", default="checkpoint", help="where the trained seeds are, <dataset>/<arch>-w<width>/ (default: checkpoint)")
+    p.add_argument("--results-dir", default="results", help="where the CSV tables and summary.md go (default: results)")
     p.add_argument("--widths", default="", help="fuse parents of two widths, e.g. 16,8: every seed of the first with every other seed of the second")
     p.add_argument("--width", type=int, default=0, help="width of the fused models (default 0: the first parent's)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each fused model this many epochs (otfuse finetune's defaults) and report it")
@@ -129,31 +135,66 @@ def parse_widths(text: str) -> tuple[int, int] | None:
 def sweep(args: argparse.Namespace, default_method: str) -> int:
     if "method" not in vars(args) and not args.config:
         args.method = default_method
-    cfg = resolve(FuseConfig, args, args.config)
-    cfg.check(2)
+    check_request(2, args.width, vars(args), args.config)
     if args.finetune_epochs < 0:
         raise OtfuseError(f"--finetune-epochs {args.finetune_epochs} must be 0 (none) or more")
     if args.finetune_distill and args.finetune_epochs < 1:
         raise OtfuseError("--finetune-distill fine-tunes: give --finetune-epochs 1 (or more) too")
-    if args.width < 0:
-        raise OtfuseError(f"--width {args.width} must be at least 1 (or 0: the first parent's width)")
     pick_device(args.device)
     results = writable_dir(args.results_dir)  # before any work: an unwritable folder must not cost a fusion
     jobs = pairs_to_fuse(Path(args.checkpoint_dir), args.dataset, parse_widths(args.widths), parse_pairs(args.pairs))
     with output_lock(results / "summary.md"):  # one sweep at a time writes a results folder: rows are read, then replaced
-        return _sweep(args, cfg, jobs, results)
+        return _sweep(args, jobs, results)
 
 
-def _sweep(args: argparse.Namespace, cfg: FuseConfig, jobs: list, results: Path) -> int:
-    device = pick_device(args.device)
-    method = cfg.align.method
+def _teachers(extra: dict, parents: list[Path]) -> dict:
+    """Distillation learns from the parents' ensemble, whichever model starts it."""
+    return {"teachers": ",".join(str(p) for p in parents)} if extra.get("distill") else {}
+
+
+def finetune_curves(fusion, inputs: FusionInputs, parents: list[Path], tuned: dict, finetunes: tuple, args: argparse.Namespace,
+                    key: dict) -> list[dict]:
+    """Rows of results/finetune-<dataset>.csv: validation accuracy after every epoch (0: the start) and test at the end,
+    for the fused model (already fine-tuned: `tuned`), each parent and vanilla averaging + refit given the same epochs
+    and recipe, and the parents' ensemble (validation)."""
+    x, y = inputs.data.split("val")
+    parent_logits = [logits(m, x, inputs.data.norm, precision=fusion.precision) for m in inputs.models]
+    rows = [{**key, "start": "ensemble", "distill": False, "epoch": 0, "split": "val",
+             "acc": f"{accuracy_of_logits(ensemble_of_logits(parent_logits, fusion.weights), y):.2f}"}]
+    with tempfile.TemporaryDirectory() as tmp:
+        starts = {f"seed{m['seed']}": p for p, m in zip(parents, inputs.metas)}
+        if "vanilla_refit" in fusion.columns(args.baselines):
+            starts["vanilla"] = Path(tmp) / "vanilla.pt"
+            save_checkpoint(starts["vanilla"], fusion.columns()["vanilla_refit"],
+                            {**fused_meta(inputs.metas, parents, inputs.width, flatten(inputs.cfg), len(y), None), "method": "vanilla"})
+        for _, suffix, extra in finetunes:
+            for start, path in starts.items():
+                tuned[(start, bool(extra))] = finetune(path, Path(tmp) / f"{start}{suffix}-ft.pt", args.data_dir, args.device,
+                                                       epochs=args.finetune_epochs, overwrite=True, precision=inputs.cfg.precision,
+                                                       progress=True, **extra, **_teachers(extra, parents))
+        for (start, distill), path in tuned.items():
+            meta = load_checkpoint(path)[1]
+            common = {**key, "start": start, "distill": distill}
+            if "start_val_acc" in meta:  # no validation split: no curve before the last epoch's test
+                rows.append({**common, "epoch": 0, "split": "val", "acc": f"{meta['start_val_acc']:.2f}"})
+            rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in meta["history"]]
+            rows.append({**common, "epoch": meta["history"][-1]["epoch"], "split": "test", "acc": f"{meta['history'][-1]['test_acc']:.2f}"})
+    return rows
+
+
+def write_curves(results: Path, dataset: str, rows: list[dict], title: str) -> None:
+    """results/finetune-<dataset>.csv (rows upserted) and its PNG (these rows' curves)."""
+    for row in rows:
+        upsert_row(results / f"finetune-{dataset}.csv", row, CURVE_KEY)
+    save_figure(finetune_figure([{k: str(v) for k, v in r.items()} for r in rows], title), results / f"finetune-{dataset}.png")
+
+
+def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
     finetunes = () if args.finetune_epochs == 0 else FINETUNES if args.finetune_distill else FINETUNES[:1]
     for ds, pair in jobs:
         # the checks `otfuse fuse` makes: one architecture, class count, dataset and validation split
-        models, metas, data = load_parents([p for p, _ in pair], args.data_dir, args.device, same_width=False)
-        meta0 = metas[0]
-        cfg = resolve(FuseConfig, args, args.config, recipe_options(metas))
-        width = args.width or meta0["width"]
+        inputs = fusion_inputs([p for p, _ in pair], vars(args), args.config, args.width, args.data_dir, args.device)
+        cfg, meta0, width, method = inputs.cfg, inputs.metas[0], inputs.width, inputs.cfg.align.method
         folder = writable_dir(Path(args.checkpoint_dir) / ds / arch_folder(meta0["arch"], width))
         seeds, widths = [m["seed"] for _, m in pair], [m["width"] for _, m in pair]
         mixed = len(set(widths + [width])) > 1
@@ -163,18 +204,25 @@ def _sweep(args: argparse.Namespace, cfg: FuseConfig, jobs: list, results: Path)
         fused_path, parents = folder / f"fused-{method}-{name}.pt", [p for p, _ in pair]
         check_outputs({"the fused checkpoint": fused_path}, {f"parent {p}": str(p) for p in parents},
                       own=lambda path: fused_from(path, parents))  # before the fusion: a refusal must not cost one
-        target = build_model(meta0["arch"], width, meta0["in_channels"], meta0["num_classes"]).to(device)
-        fusion, acc = fusion_table(models, data, cfg, progress=True, target=target,
-                                   with_baselines=args.baselines)
-        meta = fused_meta([m for _, m in pair], [p for p, _ in pair], width, flatten(cfg), len(data.val_y), acc["fused"])
-        save_checkpoint(fused_path, fusion.model, meta)
+        fusion, acc = fusion_table(inputs.models, inputs.data, cfg, progress=True, target=inputs.target, with_baselines=args.baselines)
+        meta = fused_meta(inputs.metas, parents, width, flatten(cfg), len(inputs.data.val_y), acc["fused"])
+        save_checkpoint(fused_path, fusion.fused, meta)
         seconds = dict(fusion.seconds)
+        tuned = {}
         for column, suffix, extra in finetunes:
             t0 = time.perf_counter()
             out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}{suffix}.pt"), args.data_dir,
-                           args.device, epochs=args.finetune_epochs, overwrite=True, precision=cfg.precision, progress=True, **extra)
+                           args.device, epochs=args.finetune_epochs, overwrite=True, precision=cfg.precision, progress=True,
+                           **extra, **_teachers(extra, parents))
+            tuned[("fused", bool(extra))] = out
             acc[column] = float(load_checkpoint(out)[1]["test_acc"])
             seconds[column.replace("fused_ft", "finetune")] = time.perf_counter() - t0
+        if finetunes:
+            key = {"dataset": ds, "arch": meta0["arch"], "width": width, "widths": "-".join(str(w) for w in widths),
+                   "seeds": f"{seeds[0]}-{seeds[1]}", "method": method}
+            curves = finetune_curves(fusion, inputs, parents, tuned, finetunes, args, key)
+            write_curves(results, ds, curves, f"{ds}, {meta0['arch']} w{width}, seeds {seeds[0]}-{seeds[1]} ({method}): "
+                                              f"{args.finetune_epochs} fine-tuning epochs from each start")
         row = fusion_row(ds, {**meta0, "width": width}, seeds, method, acc, seconds, flatten(cfg))
         row["widths"] = "-".join(str(w) for w in widths)
         if args.finetune_epochs > 0:

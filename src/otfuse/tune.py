@@ -186,7 +186,7 @@ def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
                  target: nn.Module | None = None) -> tuple[nn.Module, float, list[float]]:
     """(fused model, its validation accuracy, its agreement with each parent's predictions in %)."""
     fusion = fuse(models, data.train_x, data.norm, cfg, target=target)
-    fused, precision = fusion.model, fusion.precision
+    fused, precision = fusion.fused, fusion.precision
     x, y = data.split("val")
     z = logits(fused, x, data.norm, precision=precision)
     # accuracy alone cannot tell a blend of both parents from one parent with the other blurred away

@@ -1,0 +1,69 @@
+"""What every fusion starts from: the parents (checked to be fusable), their data, the options resolved
+once, and the target model. The CLI, the fusion scripts and the benches all prepare a fusion here.
+
+    check_request(2, width=0, given={"method": "weight"})      # before any loading: bad options, one line
+    inputs = fusion_inputs(["a.pt", "b.pt"], given={"method": "weight"})
+    fuse(inputs.models, inputs.data.train_x, inputs.data.norm, inputs.cfg, target=inputs.target)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from otfuse.checkpoints import load_parents, recipe_options
+from otfuse.data import ImageData
+from otfuse.errors import OtfuseError
+from otfuse.fusion import FuseConfig
+from otfuse.models import build_model
+from otfuse.options import resolve
+
+
+@dataclass
+class FusionInputs:
+    models: list[nn.Module]  # the parents, on the device
+    metas: list[dict]  # their metadata
+    paths: list[str]
+    data: ImageData  # the first parent's dataset, on the device
+    cfg: FuseConfig  # defaults, then what the parents' recipe implies, then --config, then the options given
+    width: int  # the fused model's
+    target: nn.Module  # a fresh model of the fused width, on the device: `fuse(..., target=inputs.target)`
+
+
+def check_request(n_checkpoints: int, width: int = 0, given: dict[str, Any] | None = None, config: str = "",
+                  one_allowed: bool = True) -> None:
+    """The request alone, before anything is loaded: the options given and in `config` (their ranges), the
+    number of checkpoints and the fused `width` (0: the first parent's). One clear error for each."""
+    if width < 0:
+        raise OtfuseError(f"--width {width} must be at least 1 (or 0: the first parent's width)")
+    if n_checkpoints < 2 and not (one_allowed and width):
+        more = ", or one and --width W to compress or widen it" if one_allowed else ""
+        raise OtfuseError(f"give two or more checkpoints{more}; got {n_checkpoints}")
+    resolve(FuseConfig, given or {}, config).check(n_checkpoints)
+
+
+def fusion_options(given: dict[str, Any], config: str = "", metas: list[dict] | None = None) -> FuseConfig:
+    """The fusion options: FuseConfig's defaults, then those the parents' training recipe implies (given their
+    `metas`), then the JSON file `config`, then the options `given` on the command line."""
+    return resolve(FuseConfig, given, config, recipe_options(metas or []))
+
+
+def fusion_inputs(paths: list[str | Path], given: dict[str, Any] | None = None, config: str = "", width: int = 0,
+                  data_dir: str | Path | None = None, device: str = "auto", same_width: bool = False) -> FusionInputs:
+    """Load and check the parents and their data, resolve the fusion options once, and build the target."""
+    models, metas, data = load_parents(paths, data_dir, device, same_width=same_width)
+    cfg = fusion_options(given or {}, config, metas)
+    cfg.check(len(models))
+    width = width or metas[0]["width"]
+    target = target_model(metas[0], width, next(models[0].parameters()).device)
+    return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target)
+
+
+def target_model(meta: dict, width: int, device: torch.device) -> nn.Module:
+    """A fresh model of the architecture in checkpoint metadata `meta`, `width` wide, on `device`."""
+    return build_model(meta["arch"], width, meta["in_channels"], meta["num_classes"]).to(device)
+
