@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup_venv.sh
-python -m pytest -q --durations=15 "$@"
+# two workers (pytest-xdist), each test file kept on one worker so its module fixtures are built once
+python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"

@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from otfuse.checkpoints import load_parents, recipe_options
 from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.fusion import FuseConfig
+from otfuse.inputs import fusion_inputs
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.storage import atomic_write_csv
 from otfuse.tune import val_accuracy
@@ -66,9 +66,11 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        models, metas, data = load_parents(args.checkpoints, args.data_dir, args.device)
+        inputs = fusion_inputs(args.checkpoints, parse_assignments(args.base, FuseConfig), data_dir=args.data_dir, device=args.device,
+                               same_width=True)
+        models, metas, data = inputs.models, inputs.metas, inputs.data
         changes = [parse_assignments(c, FuseConfig) for c in args.only] or CHANGES
-        base = {**recipe_options(metas), **parse_assignments(args.base, FuseConfig)}  # the defaults `otfuse fuse` takes
+        base = flatten(inputs.cfg)  # the defaults `otfuse fuse` takes for these parents, then --base
         rows = []
         for change in changes:
             cfg = build(FuseConfig, {**base, **change})

@@ -21,16 +21,17 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from otfuse.checkpoints import load_parents, pick_device, recipe_options
+from otfuse.checkpoints import pick_device
 from otfuse.errors import run_main
-from otfuse.fusion import FuseConfig, fuse
+from otfuse.fusion import fuse
+from otfuse.inputs import fusion_inputs
 from otfuse.models import build_model
-from otfuse.options import build
 from otfuse.precision import autocast, channels_last, cpu_flags, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv
 
@@ -120,11 +121,11 @@ def main(argv: list[str]) -> int:
                     if todo(what, width, precision):
                         record(what, width, precision, throughput(width, precision, training, device, args.steps), "img/s")
         if args.parents:
-            models, metas, data = load_parents(args.parents, args.data_dir, args.device)
-            width = metas[0]["width"]
+            inputs = fusion_inputs(args.parents, data_dir=args.data_dir, device=args.device, same_width=True)
+            models, data, width = inputs.models, inputs.data, inputs.width
             for precision in precisions:
                 if todo("fusion", width, precision):
-                    cfg = build(FuseConfig, {**recipe_options(metas), "precision": precision})
+                    cfg = replace(inputs.cfg, precision=precision)
                     t0 = time.perf_counter()
                     fusion = fuse(models, data.train_x, data.norm, cfg)
                     total = time.perf_counter() - t0

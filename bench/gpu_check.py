@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from otfuse.checkpoints import load_parents
 from otfuse.errors import run_main
 from otfuse.fusion import FuseConfig
 from otfuse.inputs import fusion_inputs
@@ -58,7 +57,6 @@ def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: di
         meta = torch.load(path, weights_only=True)["meta"]
         add(f"train {name}", {"val_acc": meta["val_acc"], "test_acc": meta["test_acc"]}, time.perf_counter() - t0)
     parents = parents or trained  # every device fuses the first device's checkpoints
-    fuse_cfg = build(FuseConfig, {"precision": precision})
 
     def fused(names: list[str], width: int, check: str) -> None:
         t0 = time.perf_counter()
@@ -70,11 +68,12 @@ def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: di
     fused(["w16s0", "w16s1"], 8, "fuse w16+w16 -> w8")
     fused(["w16s0", "w8s1"], 16, "fuse w16+w8 -> w16")
     t0 = time.perf_counter()
-    models, metas, data = load_parents([parents["w16s0"], parents["w16s1"]], data_dir, device)
-    out = run_study(models, data, metas, [parents["w16s0"], parents["w16s1"]], TuneConfig(n_trials=1, results_dir=str(work / device / "tune")), fuse_cfg)
+    inputs = fusion_inputs([parents["w16s0"], parents["w16s1"]], {"precision": precision}, data_dir=data_dir, device=device, same_width=True)
+    models, data = inputs.models, inputs.data
+    out = run_study(models, data, inputs.metas, inputs.paths, TuneConfig(n_trials=1, results_dir=str(work / device / "tune")), inputs.cfg)
     add("tune 1 trial", {"val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"]}, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    points = interpolation(models, data, fuse_cfg, points=3)
+    points = interpolation(models, data, inputs.cfg, points=3)
     add("interpolate 3 points", {f"{r['curve']}@{r['alpha']:.1f}": r["accuracy"] for r in points}, time.perf_counter() - t0)
     return rows, trained
 

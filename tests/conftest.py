@@ -14,7 +14,8 @@ from otfuse.fusion import FuseConfig
 from otfuse.options import build
 from otfuse.train import TrainConfig, train
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# run_tests.sh runs two pytest-xdist workers on the 2 cores: one thread each, not two threads fighting for one core
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
