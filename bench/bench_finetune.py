@@ -9,7 +9,8 @@ FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of
 BatchNorm recomputed and refit, made here) and the parents A (`seed<a>`) and B (`seed<b>`) are the
 other starts, and three width-32 starts made here: `fused-w32` (A and B fused into width 32),
 `pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner) and `scratch-w32` (a fresh
-initialisation). A run is starts + TrainConfig options (`otfuse finetune`'s defaults, then these);
+initialisation). A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
+whatever defaults `otfuse finetune` would pick for it);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
 validation split (its accuracy after that epoch, from the run's history) and one on the test split
 after the last epoch, to bench/finetune-<dataset>-w<width>.csv, as soon as the run finishes. A run
@@ -36,7 +37,7 @@ from otfuse.inputs import FusionInputs, fusion_inputs, target_model
 from otfuse.options import flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.storage import atomic_write_csv
-from otfuse.train import TrainConfig, finetune
+from otfuse.train import FINETUNE, TrainConfig, finetune
 
 # (starts, options): every start of a run gets the same recipe; the fair comparison is within a run
 GRID = [
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
                         raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))}")
                     teachers = {"teachers": f"{a},{b}"} if options.get("distill") else {}
                     t0 = time.perf_counter()
-                    ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**options, **teachers})
+                    ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**FINETUNE, **options, **teachers})
                     seconds = time.perf_counter() - t0
                     history = load_checkpoint(ck)[1]["history"]
                     ck.unlink()

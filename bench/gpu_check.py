@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 
 from otfuse.errors import run_main
-from otfuse.fusion import FuseConfig
 from otfuse.inputs import fusion_inputs
 from otfuse.interpolate import interpolation
-from otfuse.options import build
 from otfuse.report import fusion_table
 from otfuse.storage import atomic_write_csv
 from otfuse.train import TrainConfig, train

@@ -66,3 +66,31 @@ def test_a_finetune_that_ends_below_its_start_on_validation_keeps_the_start(trai
     gentle = load_checkpoint(finetune(paths[0], tmp_path / "gentle.pt", str(root / "data"), "cpu", data, batch_size=64,
                                       lr=0.01, precision="fp32"))[1]
     assert gentle["val_acc"] >= gentle["start_val_acc"]
+
+
+def test_finetune_defaults_follow_the_checkpoint():
+    """A fusion of parents that fit their augmented training set gets the recipe chosen for them (2 epochs, lr 0.02,
+    augmented, half the loss from its parents); the underfit proxies, trained models and digits keep FINETUNE."""
+    from otfuse.train import FINETUNE, FINETUNE_FITTED, finetune_config
+
+    fused = {"kind": "fused", "dataset": "fashion-mnist", "arch": "resnet18", "width": 16, "parent_train_acc": [99.8, 99.6]}
+    cfg = finetune_config(fused, "f.pt", "o.pt", lr=0.01)
+    assert (cfg.epochs, cfg.lr, cfg.augment, cfg.distill, cfg.distill_weight) == (2, 0.01, True, True, 0.5)  # options still win
+    assert FINETUNE_FITTED["epochs"] == 2 and FINETUNE["epochs"] == 1
+    for meta in ({**fused, "parent_train_acc": [99.8, 91.5]}, {**fused, "dataset": "digits"}, {**fused, "kind": "trained"}):
+        cfg = finetune_config(meta, "f.pt", "o.pt")
+        assert (cfg.epochs, cfg.lr, cfg.augment, cfg.distill) == (1, 0.05, False, False)
+
+
+def test_distilling_from_parents_that_moved_is_one_line(trained, tmp_path, capsys):
+    _, _, paths, root = trained
+    fused = tmp_path / "fused.pt"
+    base = ["--data-dir", str(root / "data"), "--device", "cpu"]
+    assert main(["fuse", str(paths[0]), str(paths[1]), "--no-refit", "--bn-batches", "2", "--n-images", "64", "--out", str(fused), *base]) == 0
+    ckpt = torch.load(fused, weights_only=True)
+    ckpt["meta"]["parents"] = [str(tmp_path / "gone0.pt"), str(tmp_path / "gone1.pt")]
+    torch.save(ckpt, fused)
+    capsys.readouterr()
+    assert main(["finetune", str(fused), "--distill", "--out", str(tmp_path / "x.pt"), *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gone0.pt does not exist" in err and "--teachers" in err and "\n" not in err and not (tmp_path / "x.pt").exists()

@@ -57,11 +57,13 @@ def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path
             assert f"{meta['test_acc']:.2f}" == f"{float(row['fused']):.2f}"
     # the curves: every start given the same epoch, plain and distilled, from its start (epoch 0), beside the ensemble
     curves = read_rows(tmp_path / "finetune-digits.csv")
-    runs = {(r["start"], r["distill"]) for r in curves if r["start"] != "ensemble"}
-    assert runs == {(s, d) for s in ("fused", "seed0", "seed1", "vanilla") for d in ("False", "True")}
-    for start, distill in runs:
-        run = {(r["epoch"], r["split"]): float(r["acc"]) for r in curves if (r["start"], r["distill"]) == (start, distill)}
-        assert set(run) == {("0", "val"), ("1", "val"), ("1", "test")}
+    runs = {(r["start"], r["recipe"]) for r in curves if r["start"] != "ensemble"}
+    assert runs == {(s, d) for s in ("fused", "seed0", "seed1", "vanilla") for d in ("default", "distill")}
+    for start, recipe in runs:
+        run = [r for r in curves if (r["start"], r["recipe"]) == (start, recipe)]
+        assert {(r["epoch"], r["split"]) for r in run} == {("0", "val"), ("1", "val"), ("1", "test")}
+        # every start ran the fused model's recipe, as it ran
+        assert {r["options"] for r in run} == {r["options"] for r in curves if (r["start"], r["recipe"]) == ("fused", recipe)}
     fused_start = next(float(r["acc"]) for r in curves if (r["start"], r["epoch"], r["split"]) == ("fused", "0", "val"))
     assert fused_start == pytest.approx(load_checkpoint(folder / "fused-activation-seeds0-1-ft1.pt")[1]["start_val_acc"], abs=0.01)
     assert [r["split"] for r in curves if r["start"] == "ensemble"] == ["val"]

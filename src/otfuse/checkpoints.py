@@ -148,17 +148,28 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
     return data
 
 
+def fits_training_set(meta: dict) -> bool:
+    """Whether a trained parent fit its augmented training set: at least FITS% training accuracy, trained with the
+    dataset's augmentation (a dataset without augmentation, e.g. digits, never counts)."""
+    acc, recipe = meta.get("train_acc"), meta.get("config") or {}
+    augmented = bool(recipe.get("augment")) and dataset_augments(str(meta.get("dataset", "")))
+    return isinstance(acc, (int, float)) and acc >= FITS and augmented
+
+
+def fused_from_fitted_parents(meta: dict) -> bool:
+    """Whether a fused checkpoint's parents all fit their training set (their accuracies are stored at fusion)."""
+    accs = meta.get("parent_train_acc") or []
+    return meta.get("kind") == "fused" and bool(accs) and dataset_augments(str(meta.get("dataset", ""))) \
+        and all(isinstance(a, (int, float)) and a >= FITS for a in accs)
+
+
 def recipe_options(metas: list[dict]) -> dict[str, object]:
     """Fusion defaults that follow from how the parents were trained, each chosen on a validation split
     (docs/measurements.md, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
     50 epochs at width 64) saw only augmented images: their BatchNorm statistics are those of crops
     and flips, so the averaged model's are recomputed on such images too; only where the dataset has
     augmentation at all (digits never does, whatever the recipe said). Explicit options win."""
-    def fits(meta: dict) -> bool:
-        acc, recipe = meta.get("train_acc"), meta.get("config") or {}
-        augmented = bool(recipe.get("augment")) and dataset_augments(str(meta.get("dataset", "")))
-        return isinstance(acc, (int, float)) and acc >= FITS and augmented
-    return {"bn_augment": True} if metas and all(fits(m) for m in metas) else {}
+    return {"bn_augment": True} if metas and all(fits_training_set(m) for m in metas) else {}
 
 
 def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, val_size: int,

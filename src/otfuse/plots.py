@@ -63,11 +63,10 @@ def finetune_figure(rows: list[dict], title: str):
     parents' ensemble as a horizontal line. `rows`: results/finetune-<dataset>.csv's rows of one fusion."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     val = [r for r in rows if r["split"] == "val"]
-    for start, distill in dict.fromkeys((r["start"], r["distill"]) for r in val if r["start"] != "ensemble"):
-        pts = sorted((int(r["epoch"]), float(r["acc"])) for r in val if (r["start"], r["distill"]) == (start, distill))
-        style = "--" if distill == "True" else "-"
-        ax.plot(*zip(*pts), style, marker="o", ms=4, lw=2.2 if start == "fused" else 1.2,
-                label=f"{start}{' (distilled)' if distill == 'True' else ''}")
+    for start, recipe in dict.fromkeys((r["start"], r["recipe"]) for r in val if r["start"] != "ensemble"):
+        pts = sorted((int(r["epoch"]), float(r["acc"])) for r in val if (r["start"], r["recipe"]) == (start, recipe))
+        ax.plot(*zip(*pts), "--" if recipe == "distill" else "-", marker="o", ms=4, lw=2.2 if start == "fused" else 1.2,
+                label=f"{start}, {recipe} recipe")
     for r in val:
         if r["start"] == "ensemble":
             ax.axhline(float(r["acc"]), color="black", ls=":", lw=1, label="ensemble of the parents")

@@ -33,10 +33,14 @@ from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
 from otfuse.train import finetune
 
 
-# the fine-tuning columns: (CSV column, checkpoint suffix, changes to otfuse finetune's defaults)
-FINETUNES = (("fused_ft", "", {}), ("fused_ft_distill", "-distill", {"distill": True}))
+# the fine-tuning columns: (CSV column, checkpoint suffix, changes to otfuse finetune's defaults, which follow the
+# checkpoint): the default recipe, and label-free distillation from the parents' ensemble
+FINETUNES = (("fused_ft", "", {}), ("fused_ft_distill", "-distill", {"distill": True, "distill_weight": 1.0}))
 # results/finetune-<dataset>.csv: one row per fusion, start, recipe, epoch and split
-CURVE_KEY = (*KEY, "method", "start", "distill", "epoch", "split")
+CURVE_KEY = (*KEY, "method", "start", "recipe", "epoch", "split")
+# a fine-tuning run's recipe: what the fair comparison gives every start alike
+RECIPE = ("epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay", "label_smoothing", "augment", "distill",
+          "temperature", "distill_weight", "precision")
 
 
 def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, str, int], list[tuple[Path, dict]]]:
@@ -159,7 +163,7 @@ def finetune_curves(fusion, inputs: FusionInputs, parents: list[Path], tuned: di
     and recipe, and the parents' ensemble (validation)."""
     x, y = inputs.data.split("val")
     parent_logits = [logits(m, x, inputs.data.norm, precision=fusion.precision) for m in inputs.models]
-    rows = [{**key, "start": "ensemble", "distill": False, "epoch": 0, "split": "val",
+    rows = [{**key, "start": "ensemble", "recipe": "", "epoch": 0, "split": "val",
              "acc": f"{accuracy_of_logits(ensemble_of_logits(parent_logits, fusion.weights), y):.2f}"}]
     with tempfile.TemporaryDirectory() as tmp:
         starts = {f"seed{m['seed']}": p for p, m in zip(parents, inputs.metas)}
@@ -167,14 +171,18 @@ def finetune_curves(fusion, inputs: FusionInputs, parents: list[Path], tuned: di
             starts["vanilla"] = Path(tmp) / "vanilla.pt"
             save_checkpoint(starts["vanilla"], fusion.columns()["vanilla_refit"],
                             {**fused_meta(inputs.metas, parents, inputs.width, flatten(inputs.cfg), len(y), None), "method": "vanilla"})
-        for _, suffix, extra in finetunes:
+        for column, suffix, _ in finetunes:
+            # the fused model's recipe as it ran (its defaults follow the checkpoint), given to every other start
+            ran = load_checkpoint(tuned[("fused", column)])[1]["config"]
+            recipe = {k: ran[k] for k in RECIPE}
             for start, path in starts.items():
-                tuned[(start, bool(extra))] = finetune(path, Path(tmp) / f"{start}{suffix}-ft.pt", args.data_dir, args.device,
-                                                       epochs=args.finetune_epochs, overwrite=True, precision=inputs.cfg.precision,
-                                                       progress=True, **extra, **_teachers(extra, parents))
-        for (start, distill), path in tuned.items():
+                tuned[(start, column)] = finetune(path, Path(tmp) / f"{start}{suffix}-ft.pt", args.data_dir, args.device,
+                                                       overwrite=True, progress=True, **recipe, **_teachers(recipe, parents))
+        for (start, column), path in tuned.items():
             meta = load_checkpoint(path)[1]
-            common = {**key, "start": start, "distill": distill}
+            ran = meta["config"]
+            common = {**key, "start": start, "recipe": "distill" if column.endswith("distill") else "default",
+                      "options": " ".join(f"{k}={ran[k]}" for k in RECIPE)}
             if "start_val_acc" in meta:  # no validation split: no curve before the last epoch's test
                 rows.append({**common, "epoch": 0, "split": "val", "acc": f"{meta['start_val_acc']:.2f}"})
             rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in meta["history"]]
@@ -214,7 +222,7 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
             out = finetune(fused_path, fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}{suffix}.pt"), args.data_dir,
                            args.device, epochs=args.finetune_epochs, overwrite=True, precision=cfg.precision, progress=True,
                            **extra, **_teachers(extra, parents))
-            tuned[("fused", bool(extra))] = out
+            tuned[("fused", column)] = out
             acc[column] = float(load_checkpoint(out)[1]["test_acc"])
             seconds[column.replace("fused_ft", "finetune")] = time.perf_counter() - t0
         if finetunes:

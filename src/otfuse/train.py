@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.checkpoints import load_checkpoint, pick_device, save_checkpoint, val_size_of
+from otfuse.checkpoints import fused_from_fitted_parents, load_checkpoint, pick_device, save_checkpoint, val_size_of
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
@@ -92,6 +92,17 @@ RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
 # (validation, one epoch from the default fusion: Fashion-MNIST 93.02 without, 91.96 with; bench/finetune-settings-*.csv)
 FINETUNE = {"epochs": 1, "lr": 0.05, "warmup": 0.1, "augment": False}
+# ... and a fusion of parents that fit their training set: every plain recipe measured on the shared width-64 pair ended
+# below the fusion on validation (89.44: 1 epoch at lr 0.05 88.72, at 0.005 89.26, 2 epochs at 0.02 89.30); 2 epochs
+# at 0.02 with crops and flips and half the loss from the parents' ensemble ended above it, 89.58
+# (bench/finetune-cifar10-jpeg-w64.csv; docs/measurements.md)
+FINETUNE_FITTED = {"epochs": 2, "lr": 0.02, "warmup": 0.1, "augment": True, "distill": True, "distill_weight": 0.5}
+
+
+def finetune_defaults(meta: dict) -> dict:
+    """otfuse finetune's defaults for the checkpoint with metadata `meta`: FINETUNE_FITTED for a fusion whose parents
+    fit their training set (its parents teach), FINETUNE otherwise (the underfit width-16 proxies, trained models)."""
+    return FINETUNE_FITTED if fused_from_fitted_parents(meta) else FINETUNE
 PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads the running loss from the device)
 
 
@@ -254,16 +265,16 @@ def _keep_better_start(model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_
 
 def finetune(init: str | Path, out: str | Path, data_dir: str, device: str = "auto", data: ImageData | None = None,
              progress: bool = False, **changes) -> Path:
-    """Fine-tune checkpoint `init` with FINETUNE's settings (and `changes`, e.g. epochs=2) into `out`;
+    """Fine-tune checkpoint `init` with its `finetune_defaults` (and `changes`, e.g. epochs=2) into `out`;
     returns `out`. Dataset, architecture, width, validation split and seed come from the checkpoint."""
     return train(finetune_config(load_checkpoint(init)[1], init, out, data_dir=data_dir, device=device, **changes), data, progress)
 
 
 def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) -> TrainConfig:
-    """The fine-tuning run of the checkpoint with metadata `meta`: FINETUNE's settings, then `changes`."""
+    """The fine-tuning run of the checkpoint with metadata `meta`: its `finetune_defaults`, then `changes`."""
     from_ckpt = {"dataset": meta["dataset"], "arch": meta["arch"], "width": meta["width"],
                  "val_size": -1 if val_size_of(meta) is None else val_size_of(meta), "seed": int(meta.get("seed", 0))}
-    return TrainConfig(**{**from_ckpt, **FINETUNE, **changes, "init": str(init), "out": str(out)})
+    return TrainConfig(**{**from_ckpt, **finetune_defaults(meta), **changes, "init": str(init), "out": str(out)})
 
 
 def _meta(cfg: TrainConfig, data: ImageData) -> dict:
@@ -285,6 +296,9 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
         raise OtfuseError("--distill needs teachers: fine-tune a fused checkpoint (its parents teach) or give --teachers A.pt,B.pt")
     out = []
     for p in paths:
+        if not cfg.teachers and not Path(p).is_file():
+            raise OtfuseError(f"--distill learns from the parents {cfg.init} was fused from, but {p} does not exist (moved?); "
+                              "give --teachers A.pt,B.pt, or --no-distill")
         model, meta, _ = load_checkpoint(p)
         if meta["num_classes"] != data.num_classes or meta["in_channels"] != data.in_channels:
             raise OtfuseError(f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
