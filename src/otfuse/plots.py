@@ -63,14 +63,17 @@ def finetune_figure(rows: list[dict], title: str):
     parents' ensemble as a horizontal line. `rows`: results/finetune-<dataset>.csv's rows of one fusion."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     val = [r for r in rows if r["split"] == "val"]
+    starts = list(dict.fromkeys(r["start"] for r in val if r["start"] != "ensemble"))
     for start, recipe in dict.fromkeys((r["start"], r["recipe"]) for r in val if r["start"] != "ensemble"):
         pts = sorted((int(r["epoch"]), float(r["acc"])) for r in val if (r["start"], r["recipe"]) == (start, recipe))
-        ax.plot(*zip(*pts), "--" if recipe == "distill" else "-", marker="o", ms=4, lw=2.2 if start == "fused" else 1.2,
-                label=f"{start}, {recipe} recipe")
+        # one colour per start, one line style per recipe
+        ax.plot(*zip(*pts), "--" if recipe == "distill" else "-", color=f"C{starts.index(start)}", marker="o", ms=4,
+                lw=2.2 if start == "fused" else 1.2, label=f"{start}, {recipe} recipe")
     for r in val:
         if r["start"] == "ensemble":
             ax.axhline(float(r["acc"]), color="black", ls=":", lw=1, label="ensemble of the parents")
     ax.set_xlabel("fine-tuning epochs (0: the start)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
