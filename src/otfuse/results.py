@@ -33,9 +33,14 @@ def read_rows(path: Path) -> list[dict]:
 
 def upsert_row(path: Path, row: dict, key_columns: tuple[str, ...] = KEY) -> None:
     """Replace the row with the same `key_columns` (or append), rewriting the file atomically."""
+    upsert_rows(path, [row], key_columns)
+
+
+def upsert_rows(path: Path, new: list[dict], key_columns: tuple[str, ...] = KEY) -> None:
+    """Replace the rows with the same `key_columns` as `new` ones (or append), in one atomic rewrite."""
     key = lambda r: tuple(str(r.get(k) or "") for k in key_columns)
-    rows = [r for r in read_rows(path) if key(r) != key(row)]
-    rows.append({k: str(v) for k, v in row.items()})
+    replaced = {key(r) for r in new}
+    rows = [r for r in read_rows(path) if key(r) not in replaced] + [{k: str(v) for k, v in r.items()} for r in new]
     atomic_write_csv(path, rows, list(dict.fromkeys(c for r in rows for c in r)))
 
 

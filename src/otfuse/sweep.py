@@ -21,14 +21,14 @@ from pathlib import Path
 from otfuse.align import METHODS
 from otfuse.checkpoints import fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
-from otfuse.fusion import FuseConfig
 from otfuse.evaluate import accuracy_of_logits, ensemble_of_logits, logits
+from otfuse.fusion import FuseConfig, Fusion
 from otfuse.inputs import FusionInputs, check_request, fusion_inputs
 from otfuse.models import arch_folder
 from otfuse.options import Parser, add_options, flatten
-from otfuse.report import fusion_table
 from otfuse.plots import finetune_figure, save_figure
-from otfuse.results import KEY, fusion_row, upsert_row, write_summary
+from otfuse.report import fusion_table
+from otfuse.results import KEY, fusion_row, upsert_row, upsert_rows, write_summary
 from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
 from otfuse.train import finetune
 
@@ -156,7 +156,7 @@ def _teachers(extra: dict, parents: list[Path]) -> dict:
     return {"teachers": ",".join(str(p) for p in parents)} if extra.get("distill") else {}
 
 
-def finetune_curves(fusion, inputs: FusionInputs, parents: list[Path], tuned: dict, finetunes: tuple, args: argparse.Namespace,
+def finetune_curves(fusion: Fusion, inputs: FusionInputs, parents: list[Path], tuned: dict, finetunes: tuple, args: argparse.Namespace,
                     key: dict) -> list[dict]:
     """Rows of results/finetune-<dataset>.csv: validation accuracy after every epoch (0: the start) and test at the end,
     for the fused model (already fine-tuned: `tuned`), each parent and vanilla averaging + refit given the same epochs
@@ -167,9 +167,10 @@ def finetune_curves(fusion, inputs: FusionInputs, parents: list[Path], tuned: di
              "acc": f"{accuracy_of_logits(ensemble_of_logits(parent_logits, fusion.weights), y):.2f}"}]
     with tempfile.TemporaryDirectory() as tmp:
         starts = {f"seed{m['seed']}": p for p, m in zip(parents, inputs.metas)}
-        if "vanilla_refit" in fusion.columns(args.baselines):
+        columns = fusion.columns(args.baselines)
+        if "vanilla_refit" in columns:
             starts["vanilla"] = Path(tmp) / "vanilla.pt"
-            save_checkpoint(starts["vanilla"], fusion.columns()["vanilla_refit"],
+            save_checkpoint(starts["vanilla"], columns["vanilla_refit"],
                             {**fused_meta(inputs.metas, parents, inputs.width, flatten(inputs.cfg), len(y), None), "method": "vanilla"})
         for column, suffix, _ in finetunes:
             # the fused model's recipe as it ran (its defaults follow the checkpoint), given to every other start
@@ -192,8 +193,7 @@ def finetune_curves(fusion, inputs: FusionInputs, parents: list[Path], tuned: di
 
 def write_curves(results: Path, dataset: str, rows: list[dict], title: str) -> None:
     """results/finetune-<dataset>.csv (rows upserted) and its PNG (these rows' curves)."""
-    for row in rows:
-        upsert_row(results / f"finetune-{dataset}.csv", row, CURVE_KEY)
+    upsert_rows(results / f"finetune-{dataset}.csv", rows, CURVE_KEY)
     save_figure(finetune_figure([{k: str(v) for k, v in r.items()} for r in rows], title), results / f"finetune-{dataset}.png")
 
 
