@@ -32,6 +32,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def randomize_constants(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values for every parameter initialised to one constant or near zero (a zero or 1e-3-scaled classifier,
+    LayerNorm's ones and zeros, a class token, a layer scale): a wrong permutation of it, or behind it, shows in the
+    outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and (bool((p == p.flatten()[0]).all()) or float(p.abs().max()) < 1e-3):
+                p.add_(torch.randn(p.shape, generator=g) * 0.25 * max(1.0, float(p.flatten()[0].abs())))
+    return model
+
+
 class CatNet(nn.Module):
     """Two branches concatenated, a depthwise conv, then a Linear after a flatten."""
 

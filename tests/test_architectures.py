@@ -129,18 +129,17 @@ class HeldBias(nn.Module):
         return self.fc(torch.relu(self.h(self.a(x))).mean((2, 3)))
 
 
-class Attention(nn.Module):
-    """Channels read by a module DepGraph knows but otfuse cannot permute (its q, k, v weights are packed)."""
+class Recurrent(nn.Module):
+    """Channels read by a module DepGraph knows but otfuse cannot permute (a GRU's gates are packed in its weights)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Linear(4, 8)
-        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.fc = nn.Linear(8, 3)
+        self.rnn = nn.GRU(8, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
 
     def forward(self, x):
-        h = torch.relu(self.a(x))
-        return self.fc(self.att(h, h, h)[0].mean(1))
+        return self.fc(self.rnn(torch.relu(self.a(x)))[0].mean(1))
 
 
 @pytest.mark.parametrize("make,tensor", [(Scaled, "scale"), (HeldBias, "bias")], ids=["model-scale", "leaf-module-bias"])
@@ -156,8 +155,8 @@ def test_a_bare_per_channel_parameter_moves_with_its_group(make, tensor):
 
 
 def test_a_module_otfuse_cannot_permute_is_refused_by_name():
-    with pytest.raises(OtfuseError, match=r"module att \(MultiheadAttention\) holds tensors in a channel group"):
-        channel_groups(Attention().eval(), torch.randn(1, 5, 4))
+    with pytest.raises(OtfuseError, match=r"module rnn \(GRU\) holds tensors in a channel group"):
+        channel_groups(Recurrent().eval(), torch.randn(1, 5, 4))
 
 
 def test_grouping_never_moves_a_training_models_statistics_and_keeps_its_mode():

@@ -82,6 +82,19 @@ def test_finetune_defaults_follow_the_checkpoint():
         assert (cfg.epochs, cfg.lr, cfg.augment, cfg.distill) == (1, 0.05, False, False)
 
 
+def test_models_trained_with_adamw_are_finetuned_with_adamw():
+    """A fusion of AdamW-trained parents (the ViT), or such a model itself, gets AdamW at a quarter of its training
+    peak: SGD's learning rates would wreck it."""
+    from otfuse.train import FINETUNE_ADAMW, finetune_config
+
+    trained = {"kind": "trained", "dataset": "fashion-mnist", "arch": "vit", "width": 64, "config": {"optimizer": "adamw"}}
+    fused = {"kind": "fused", "dataset": "fashion-mnist", "arch": "vit", "width": 64, "parent_optimizer": "adamw",
+             "parent_train_acc": [99.8, 99.6]}
+    for meta in (trained, fused):
+        cfg = finetune_config(meta, "f.pt", "o.pt")
+        assert (cfg.optimizer, cfg.lr, cfg.epochs) == ("adamw", FINETUNE_ADAMW["lr"], 1)
+
+
 def test_distilling_from_parents_that_moved_is_one_line(trained, tmp_path, capsys):
     _, _, paths, root = trained
     fused = tmp_path / "fused.pt"

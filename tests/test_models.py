@@ -24,3 +24,25 @@ def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(OtfuseError, match="unknown architecture 'resnet19'; choose one of resnet18"):
         build_model("resnet19")
     assert "resnet18" in REGISTRY
+
+
+@pytest.mark.parametrize("width,cin,size,tokens", [(32, 1, 28, 49), (64, 3, 32, 64), (16, 1, 8, 64)])
+def test_the_vit_takes_patches_from_the_image_size(width, cin, size, tokens):
+    m = build_model("vit", width, cin, 7, image_size=size)
+    assert m(torch.randn(2, cin, size, size)).shape == (2, 7)
+    assert m.pos_embed.shape == (1, tokens + 1, width) and m.blocks[0].attn.num_heads == max(1, width // 16)
+
+
+def test_a_vit_width_that_splits_no_heads_evenly_is_refused():
+    with pytest.raises(OtfuseError, match=r"--width 50: vit gives one attention head per 16 channels \(3 heads\)"):
+        build_model("vit", 50, 3, 10)
+
+
+def test_a_trained_vit_loads_at_its_image_size(tmp_path):
+    from otfuse.checkpoints import load_checkpoint
+    from otfuse.train import TrainConfig, train
+    path = train(TrainConfig(dataset="digits", arch="vit", width=16, epochs=1, device="cpu", precision="fp32", optimizer="adamw",
+                             lr=2e-3, data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ck")), progress=False)
+    model, meta, _ = load_checkpoint(path)
+    assert meta["image_size"] == 8 and model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert meta["config"]["optimizer"] == "adamw"

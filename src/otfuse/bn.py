@@ -121,7 +121,7 @@ def repair(fused: nn.Module, parents: list[nn.Module], weights: list[float], gro
     """REPAIR-style renormalisation, in place: at every group's norm outputs (or producer outputs where
     there is no norm), give each fused channel the weighted mean of the aligned parents' activation
     mean and standard deviation, folded into that layer's affine parameters (the architecture stays)."""
-    points = [p for g in groups for p in g.pre_observations]
+    points = [p for g in groups for p in g.pre_observations if p.foldable]
     moments = lambda m: channel_moments(m, points, images, norm, cfg.n_images, cfg.batch_size, cfg.seed, precision)
     target = [(sum(w * m for w, (m, _) in zip(weights, ms)), sum(w * s for w, (_, s) in zip(weights, ms)))
               for ms in zip(*(moments(p) for p in parents))]

@@ -19,7 +19,7 @@ from torch import nn
 
 from otfuse.data import ImageData, dataset_augments, load_dataset
 from otfuse.errors import OtfuseError
-from otfuse.models import build_model
+from otfuse.models import model_from_meta
 from otfuse.storage import load_torch, save_torch
 from otfuse.version import __version__
 
@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
     if not isinstance(meta, dict) or "state_dict" not in ckpt:
         raise OtfuseError(f"checkpoint {path} is not an otfuse checkpoint (no metadata); give one written by otfuse train or fuse")
     _check_meta(path, meta)
-    model = build_model(meta["arch"], meta["width"], meta["in_channels"], meta["num_classes"])
+    model = model_from_meta(meta)
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise OtfuseError(f"checkpoint {path}: its state_dict is not a mapping of names to tensors; re-create it")
@@ -118,12 +118,14 @@ def _check_meta(path: str | Path, meta: dict) -> None:
     need(numbers(meta["mean"], meta["in_channels"], False), "mean", f"{meta['in_channels']} finite numbers (one per input channel)")
     need(numbers(meta["std"], meta["in_channels"], True), "std", f"{meta['in_channels']} positive numbers (one per input channel)")
     optional = {"seed": (is_int, "an integer"), "val_size": (is_int, "an integer"), "epoch": (is_int, "an integer"),
+                "image_size": (lambda v: is_int(v) and 1 <= v <= 4096, "an image side from 1 to 4096 pixels"),
                 "kind": (lambda v: v in ("trained", "finetuned", "fused"), "trained, finetuned or fused"),
                 "config": (lambda v: isinstance(v, dict), "a dict"), "history": (lambda v: isinstance(v, list), "a list"),
                 "parents": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
                 "classes": (lambda v: isinstance(v, list) and len(v) == meta["num_classes"] and all(isinstance(c, str) for c in v),
                             f"a list of {meta['num_classes']} class names"),
-                "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number")}
+                "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
+                "parent_optimizer": (lambda v: v in ("sgd", "adamw"), "sgd or adamw")}
     for key, (ok, what) in optional.items():
         if key in meta:
             need(ok(meta[key]), key, what)
@@ -172,6 +174,11 @@ def recipe_options(metas: list[dict]) -> dict[str, object]:
     return {"bn_augment": True} if metas and all(fits_training_set(m) for m in metas) else {}
 
 
+def optimizer_of(meta: dict) -> str:
+    """The optimiser a checkpoint was trained with (a fused one: its first parent's); sgd before it was recorded."""
+    return str(meta.get("parent_optimizer") or (meta.get("config") or {}).get("optimizer") or "sgd")
+
+
 def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, val_size: int,
                test_acc: float | None) -> dict:
     """A fused checkpoint's metadata: the first parent's identity (dataset, normalisation, classes), the
@@ -179,7 +186,7 @@ def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict,
     meta = {k: v for k, v in metas[0].items() if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc")}
     meta.update(kind="fused", width=width, parent_widths=[m["width"] for m in metas], method=options.get("method"),
                 options=options, parents=[str(p) for p in parents], val_size=val_size, test_acc=test_acc,
-                parent_train_acc=[m.get("train_acc") for m in metas])
+                parent_train_acc=[m.get("train_acc") for m in metas], parent_optimizer=optimizer_of(metas[0]))
     return meta
 
 

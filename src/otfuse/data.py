@@ -70,6 +70,10 @@ class ImageData:
         return self.train_x.shape[1]
 
     @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 

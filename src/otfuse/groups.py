@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 from torch_pruning import ops as tp_ops
 from torch_pruning._helpers import _HybridIndex
 
+from otfuse.attention import Attention, attention_layers, leaf_pruners, traced_as_leaves
 from otfuse.data import normalize
 from otfuse.errors import OtfuseError
 from otfuse.hooks import tapping
@@ -68,6 +69,8 @@ class Observation:
     index: torch.Tensor  # (size, m) long
     on: str = "input"  # "input": read by a consumer; "output": written by a producer
     axis: int = 1  # the channel axis of that tensor: 1 (N, C, ...) or -1 (channels last: a Linear's input, a LayerNorm's output)
+    through: tuple[str, str] = ("", "")  # a weight (and bias) applied to that tensor first: the channels are its rows
+    foldable: bool = True  # REPAIR may rescale the channels here: not q and k, whose scale is the attention's sharpness
 
 
 @dataclass
@@ -113,14 +116,17 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     if not params:
         raise OtfuseError(f"the model ({type(model).__name__}) has no parameters; nothing to align")
     _refuse_old_weight_norm(model)
+    _refuse_recurrent(model)
+    attention = attention_layers(model)
     example_input = example_input.to(params[0].device)
     # one forward pass serves both: Torch-Pruning's trace, and our forward order
     taps = [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
     try:
         model.eval()
-        with tapping(model, taps), torch.enable_grad(), _lenient_concat_maps(), warnings.catch_warnings():
+        with tapping(model, taps), traced_as_leaves(model, attention), torch.enable_grad(), _lenient_concat_maps(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch_pruning")  # its shape inference's depth notices: not the user's concern
-            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False,
+                                                           customized_pruners=leaf_pruners(model, attention))
     except OtfuseError:
         raise
     except Exception as exc:  # a forward pass that fails, or a trace Torch-Pruning cannot follow
@@ -136,9 +142,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     try:
         with _time_limited(time_limit), warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch_pruning")
-            _repair_index_maps(graph)
+            _repair_index_maps(graph, tokens=bool(attention))
             groups = [g for items in _coupled(graph, order, names, ignored)
-                      for g in _to_groups(items, names, order, params_by_id, unwrapped)]
+                      for g in _to_groups(items, names, order, params_by_id, unwrapped, attention)]
     except _OutOfTime:
         raise OtfuseError(f"Torch-Pruning's DepGraph did not finish grouping {type(model).__name__}'s channels in {time_limit:.0f} s "
                           f"(on an input of shape {tuple(example_input.shape)}, its index mappings through reshapes and "
@@ -147,6 +153,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
         raise OtfuseError(channel_rearrangement(model, example_input) or str(exc)) from None
     except Exception as exc:  # Torch-Pruning's own failure on a layout it cannot index
         raise OtfuseError(_trace_failure(model, example_input, exc)) from None
+    groups += [g for spec in attention.values() for g in _head_groups(spec, order)]
     groups.sort(key=lambda g: (g.order, g.name))
     _link_blocks(model, groups)
     return groups
@@ -158,6 +165,15 @@ def _refuse_old_weight_norm(model: nn.Module) -> None:
             raise OtfuseError(f"module {name} uses the deprecated torch.nn.utils.weight_norm, whose weight is recomputed in "
                               "every forward pass and cannot be copied exactly; use torch.nn.utils.parametrizations.weight_norm "
                               "(the same function, supported) or torch.nn.utils.remove_weight_norm before fusing")
+
+
+def _refuse_recurrent(model: nn.Module) -> None:
+    # a recurrent layer's hidden channels feed back into themselves, gates packed in one weight: the trace
+    # of an unrolled loop never closes (Torch-Pruning's split offsets grow at every time step)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.RNNBase):
+            raise OtfuseError(f"module {name} ({type(mod).__name__}) holds tensors in a channel group and otfuse cannot "
+                              "permute it exactly (recurrent layers are not supported)")
 
 
 class _OutOfTime(BaseException):  # not an Exception: library code that catches those must not swallow it
@@ -261,7 +277,7 @@ def _lenient_concat_maps() -> Iterator[None]:
         maps.update_concat_index_mapping = original
 
 
-def _repair_index_maps(graph: tp.DependencyGraph) -> None:
+def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
     """Torch-Pruning's index maps, with those of splits and concatenations along channels redone from the autograd
     graph. Torch-Pruning 1.6 pairs a split's outputs and a concatenation's inputs with offsets in the order it
     found them (a split's parts land on the wrong consumers), sizes a chunk's parts by guessing, and drops a
@@ -273,10 +289,11 @@ def _repair_index_maps(graph: tp.DependencyGraph) -> None:
     mapping = tp.dependency.index_mapping
     for node in graph.module2node.values():
         fn = node.grad_fn
-        if fn is None or getattr(fn, "_saved_dim", None) != 1:
+        if fn is None or _channel_dim(fn, tokens) is None:
             continue
+        dim = _channel_dim(fn, tokens)
         if node.type == tp_ops.OPTYPE.SPLIT:
-            offsets = _offsets([m.shape[1] for m in fn._input_metadata])
+            offsets = _offsets([m.shape[dim] for m in fn._input_metadata])
             for out in node.outputs:
                 nrs = [i for f, i in getattr(out.grad_fn, "next_functions", ()) if f is fn]
                 if len(nrs) == 1:
@@ -285,18 +302,89 @@ def _repair_index_maps(graph: tp.DependencyGraph) -> None:
             producers = [f for f, _ in fn.next_functions]
             if None in producers or len({id(f) for f in producers}) != len(producers):
                 continue
-            offsets = _offsets([int(_output_shape(f, i)[1]) for f, i in fn.next_functions])
+            offsets = _offsets([int(_output_shape(f, i)[dim]) for f, i in fn.next_functions])
             for k, f in enumerate(producers):
                 for inp in [n for n in node.inputs if n.grad_fn is f]:
                     _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
     for node in graph.module2node.values():
         _map_pixel_shuffle(node)
         _map_paths(node, mapping)
+        if tokens and (_joins_tokens(node) or _slices_space(node)):
+            _set_identity(node)
+        elif tokens:
+            _map_merge_into_channels(node)
     for node in graph.module2node.values():
         for dep in node.dependencies:
             if node.type == tp_ops.OPTYPE.CONCAT and dep.target.type == tp_ops.OPTYPE.SPLIT and None not in dep.index_mapping:
                 # back from a concatenation into a split that feeds it: out of the concatenation first, then into the split
                 dep.index_mapping = [dep.index_mapping[1], dep.index_mapping[0]]
+
+
+def _channel_dim(fn, tokens: bool) -> int | None:
+    """The dim a split or concatenation acts on when it is the channels' (None otherwise): dim 1, or in a model with
+    attention layers the last dim of a channels-last tensor (Swin's patch merging joins four slices there)."""
+    dim = getattr(fn, "_saved_dim", None)
+    if not isinstance(dim, int):
+        return None
+    if dim >= 1 << 63:  # autograd saves a negative dim as its unsigned 64-bit value
+        dim -= 1 << 64
+    if dim == 1:
+        return 1
+    meta = getattr(fn, "_input_metadata", None) or ()
+    ndim = len(meta[0].shape) if meta else 0
+    return dim % ndim if tokens and ndim >= 3 and dim % ndim == ndim - 1 else None
+
+
+def _joins_tokens(node) -> bool:
+    """A concatenation of (batch, tokens, channels) tensors along a dim before the channels."""
+    fn = node.grad_fn
+    if node.type != tp_ops.OPTYPE.CONCAT or fn is None or not getattr(fn, "_input_metadata", None):
+        return False
+    ndim = len(fn._input_metadata[0].shape)
+    return ndim == 3 and getattr(fn, "_saved_dim", -1) % ndim != ndim - 1
+
+
+def _slices_space(node) -> bool:
+    """A slice of a channels-last (batch, height, width, channels) map along height or width (Swin's patch merging
+    takes every other row and column), which Torch-Pruning 1.6 takes for a slice of channels on dim 1."""
+    fn = node.grad_fn
+    if node.type != tp_ops.OPTYPE.SLICE or fn is None:
+        return False
+    sizes, dim = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ())), getattr(fn, "_saved_dim", None)
+    return len(sizes) == 4 and dim in (1, 2) and sizes[1] == sizes[2] != sizes[3]
+
+
+def _map_merge_into_channels(node) -> None:
+    """A reshape of a channels-last map (..., a, b, C) -> (..., a * b * C) (timm's Swin patch merging folds each 2 x 2
+    neighbourhood into the channels): channel c becomes positions k * C + c, which Torch-Pruning 1.6 maps as c. Two
+    dims or more are folded: one folded dim is an attention layer's heads joined inside it, which is not the stream's."""
+    fn = node.grad_fn
+    if node.type != tp_ops.OPTYPE.RESHAPE or fn is None or not getattr(fn, "_input_metadata", None):
+        return
+    before = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ()))
+    after = tuple(int(v) for v in fn._input_metadata[0].shape)
+    if len(before) < len(after) + 2 or len(after) < 2 or before[:len(after) - 1] != after[:-1] or after[-1] % before[-1]:
+        return
+    if min(before[len(after) - 1:]) == 1:  # a flatten of (N, C, 1, 1): singleton dims fold nothing into the channels
+        return
+    k, c = after[-1] // before[-1], before[-1]
+    for inp in node.inputs:
+        for dep in inp.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [_PathSum(k, c, widen=True), None]
+        for dep in node.dependencies:
+            if dep.target is inp:
+                dep.index_mapping = [_PathSum(k, c, widen=False), None]
+
+
+def _set_identity(node) -> None:
+    """The node passes channels through unchanged: every index map to and from it is the identity."""
+    for dep in node.dependencies:
+        dep.index_mapping = [None, None]
+    for other in list(node.inputs) + list(node.outputs):
+        for dep in other.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [None, None]
 
 
 class _ChannelBlocks:
@@ -445,6 +533,8 @@ def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, igno
     roots = sorted((m for m in graph.module2node if isinstance(m, CONV + CONV_T + (nn.Linear,))),
                    key=lambda m: order.get(names.get(m), 1 << 30))
     visited: set = set()
+    # no channel count exceeds all layers' widths together: an index past that is a loop that never closes
+    bound = sum(max(p.shape) for p in graph.model.parameters() if p.dim())
     for m in roots:
         if m is ignored or m in visited:
             continue
@@ -455,15 +545,16 @@ def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, igno
         fn = pruner.prune_out_channels
         if isinstance(m, CONV) and m.groups == m.out_channels > 1:
             fn = tp.function.prune_depthwise_conv_out_channels
-        reached = _reach(graph, graph.module2node[m], fn, channels)
+        reached = _reach(graph, graph.module2node[m], fn, channels, bound)
         outs = [node.module for (node, handler) in reached if graph.is_out_channel_pruning_fn(handler)]
         visited.update(outs)
         if not any(o is ignored for o in outs):
             yield reached
 
 
-def _reach(graph: tp.DependencyGraph, root, fn, n: int) -> dict:
-    """{(node, handler): {(index, root index)}} of every dependency triggered from `root`'s n channels."""
+def _reach(graph: tp.DependencyGraph, root, fn, n: int, bound: int) -> dict:
+    """{(node, handler): {(index, root index)}} of every dependency triggered from `root`'s n channels; one
+    OtfuseError when an index reaches `bound`."""
     reached = {(root, fn): {(i, i) for i in range(n)}}
     stack = [(root, fn, [_HybridIndex(i, i) for i in range(n)])]
     while stack:
@@ -476,6 +567,9 @@ def _reach(graph: tp.DependencyGraph, root, fn, n: int) -> dict:
                 if mapping is not None:
                     new = mapping(new)
             fresh = {(int(i.idx), int(i.root_idx)) for i in new} - reached.get((dep.target, dep.handler), set())
+            if any(i >= bound for i, _ in fresh):
+                raise OtfuseError(f"channel indices grow without end around a loop in the traced graph (at {dep.target.name}); "
+                                  "a recurrent computation cannot be permuted exactly")
             if fresh:
                 reached.setdefault((dep.target, dep.handler), set()).update(fresh)
                 stack.append((dep.target, dep.handler, [_HybridIndex(i, r) for i, r in sorted(fresh)]))
@@ -524,7 +618,8 @@ def _kind(module: nn.Module) -> str:
     return "norm" if isinstance(module, BATCHNORM + INSTANCENORM + (nn.GroupNorm, nn.LayerNorm)) else "other"
 
 
-def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int]) -> list[ChannelGroup]:
+def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int],
+               attention: dict[str, Attention]) -> list[ChannelGroup]:
     """The channel groups of one producer's reach: its channels coupled into group channels (every root index
     that reaches one index of one tensor belongs to one group channel), then split into parts by where they go
     (a split's parts, a partial residual's two sides): each part is a group whose channels move among themselves."""
@@ -543,6 +638,13 @@ def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[i
             name = names.get(module, None)
             if name is None:
                 continue  # Torch-Pruning's own placeholder ops (additions, splits, concatenations)
+        if name in attention:  # traced as one layer: its q/k/v projection reads the channels, its output projection writes them
+            spec = attention[name]
+            out = getattr(handler, "__name__", "") == "prune_out_channels"
+            found = [((n, t, a, "out" if out else "in"), 1) for n, t, a in (spec.outputs if out else spec.inputs)]
+            kinds.update({n: "layer" if n in spec.layers else "other" for (n, *_), _ in found})
+            last.update(n for (n, *_), _ in found)
+        elif not isinstance(module, nn.Parameter):
             found = [sl for sl in _role_and_slots(module, name, getattr(handler, "__name__", "")) if getattr(module, sl[1], None) is not None]
             found = [(sl, 1) for sl in found] + _stored_slots(module, name, found)
             kinds[name] = _kind(module)
@@ -613,6 +715,35 @@ def _group(name: str, size: int, members: list[Member], last: set[str], order: d
            if m.kind == "norm" or (m.kind == "layer" and m.module not in normed)]
     first = min((order.get(m.module, 1 << 30) for m in members if m.role == "out"), default=1 << 30)
     return ChannelGroup(name, size, members, observations, pre, first)
+
+
+def _head_groups(spec: Attention, order: dict[str, int]) -> list[ChannelGroup]:
+    """An attention layer's two inner groups, heads as blocks of one family: `<name>:qk` (q and k channels, one
+    permutation for both, and the per-head tensors) and `<name>:v` (v channels and the output projection's inputs)."""
+    c = torch.arange(spec.width)
+    head = c // spec.head_dim
+    kind = lambda module: "layer" if module in spec.layers else "other"
+
+    def members(parts: list, role: str) -> list[Member]:
+        by_slot: dict[tuple, list[torch.Tensor]] = {}
+        for slot, offset in parts:
+            by_slot.setdefault(slot, []).append(c + offset)
+        return [Member(n, t, a, torch.stack(cols, 1), role, kind(n)) for (n, t, a), cols in by_slot.items()]
+
+    def seen(points: list, foldable: bool) -> list[Observation]:
+        return [Observation(n, torch.stack([c + o for o in offsets], 1), on, -1, through, foldable and not through[0])
+                for n, on, offsets, through in points]
+
+    first = order.get(spec.name, min((order.get(n, 1 << 30) for n in spec.layers), default=1 << 30))
+    qk = ChannelGroup(f"{spec.name}:qk", spec.width, members(spec.q + spec.k, "out") +
+                      [Member(n, t, a, head[:, None], "out", "other") for n, t, a in spec.per_head],
+                      pre_observations=seen(spec.seen_qk, False), order=first)
+    v = ChannelGroup(f"{spec.name}:v", spec.width, members(spec.v, "out") + [Member(n, t, a, c[:, None], "in", kind(n)) for n, t, a in spec.mixed],
+                     observations=[o for o in seen(spec.seen_v, True) if o.on == "input"],
+                     pre_observations=[o for o in seen(spec.seen_v, True) if o.on == "output"], order=first)
+    for g in (qk, v):
+        g.blocks, g.family = head.clone(), f"{spec.name}:heads"
+    return [qk, v]
 
 
 def _stored_slots(module: nn.Module, name: str, slots: list) -> list[tuple[tuple, int]]:
@@ -688,6 +819,10 @@ def _link_blocks(model: nn.Module, groups: list[ChannelGroup]) -> None:
             n = parent[n]
         return n
 
+    first_of: dict[str, str] = {}
+    for g in groups:  # families given when found (an attention layer's heads)
+        if g.family:
+            parent[find(g.name)] = find(first_of.setdefault(g.family, g.name))
     for name, mod in model.named_modules():
         if isinstance(mod, CONV) and mod.groups > 1 and not _depthwise(mod):
             sides = [(where.get((name, 1)), mod.in_channels, mod.groups, 1), (where.get((name, 0)), mod.out_channels, mod.groups, 0)]

@@ -19,7 +19,7 @@ from otfuse.checkpoints import load_parents, recipe_options
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
-from otfuse.models import build_model
+from otfuse.models import model_from_meta
 from otfuse.options import resolve
 
 
@@ -65,5 +65,5 @@ def fusion_inputs(paths: list[str | Path], given: dict[str, Any] | None = None, 
 
 def target_model(meta: dict, width: int, device: torch.device) -> nn.Module:
     """A fresh model of the architecture in checkpoint metadata `meta`, `width` wide, on `device`."""
-    return build_model(meta["arch"], width, meta["in_channels"], meta["num_classes"]).to(device)
+    return model_from_meta(meta, width).to(device)
 

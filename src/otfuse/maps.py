@@ -373,8 +373,9 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
     with torch.no_grad():
         if _breaks(probe, groups, probe_x, want) is None:
             return
-        # the first group whose permutation alone fails or changes the function
-        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, [g], probe_x, want)] if w is not None), (groups[0], ""))
+        # the first group whose permutation alone (with its family: blocks that move alike) fails or changes the function
+        family = lambda g: [h for h in groups if h.family == g.family] if g.family else [g]
+        culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, family(g), probe_x, want)] if w is not None), (groups[0], ""))
     where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
     if why:
         raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} "

@@ -1,9 +1,12 @@
-"""Architectures by name. `build_model("resnet18", width=64, in_channels=3, num_classes=10)`.
+"""Architectures by name. `build_model("resnet18", width=64, in_channels=3, num_classes=10, image_size=32)`.
 
 The CIFAR-style ResNet18 has a 3x3 stride-1 stem and no max-pool, BasicBlocks [2, 2, 2, 2]
 with widths (w, 2w, 4w, 8w). `resnext18` has the same layout with ResNeXt bottlenecks whose
-3x3 convs are grouped (4 groups). Register another architecture with `@register("name")` on
-a function taking (width, in_channels, num_classes).
+3x3 convs are grouped (4 groups). `vit` is a small vision transformer: `width` is its embedding
+width, 6 pre-norm blocks, one head per 16 channels, a class token, learned position embeddings,
+and patches of the smallest size that divides the image side into at most 8 (28 px: 4, 32 px: 4).
+Register another architecture with `@register("name")` on a function taking (width, in_channels,
+num_classes, image_size); CNNs ignore the image size.
 
 `timm:<name>` builds any model of timm (`pip install -e .[timm]`) with random weights (nothing is
 downloaded); timm models have no width knob, so their width is recorded as 0.
@@ -18,12 +21,12 @@ from torch import nn
 
 from otfuse.errors import OtfuseError
 
-REGISTRY: dict[str, Callable[[int, int, int], nn.Module]] = {}
+REGISTRY: dict[str, Callable[[int, int, int, int], nn.Module]] = {}
 
 
 def register(name: str):
-    """Add an architecture: `@register("name")` on a function (width, in_channels, num_classes) -> nn.Module."""
-    def wrap(fn: Callable[[int, int, int], nn.Module]) -> Callable[[int, int, int], nn.Module]:
+    """Add an architecture: `@register("name")` on a function (width, in_channels, num_classes, image_size) -> nn.Module."""
+    def wrap(fn: Callable[[int, int, int, int], nn.Module]) -> Callable[[int, int, int, int], nn.Module]:
         REGISTRY[name] = fn
         return fn
 
@@ -39,13 +42,21 @@ def check_arch(arch: str) -> None:
         raise OtfuseError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
 
 
-def build_model(arch: str, width: int = 64, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+def build_model(arch: str, width: int = 64, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Module:
     if arch.startswith(TIMM):
         return timm_model(arch[len(TIMM):], width, in_channels, num_classes)
     check_arch(arch)
-    if width < 1 or in_channels < 1 or num_classes < 2:
-        raise OtfuseError(f"width {width}, in_channels {in_channels}, num_classes {num_classes}: need width>=1, in_channels>=1, num_classes>=2")
-    return REGISTRY[arch](width, in_channels, num_classes)
+    if width < 1 or in_channels < 1 or num_classes < 2 or image_size < 1:
+        raise OtfuseError(f"width {width}, in_channels {in_channels}, num_classes {num_classes}, image_size {image_size}: "
+                          "need width>=1, in_channels>=1, num_classes>=2, image_size>=1")
+    return REGISTRY[arch](width, in_channels, num_classes, image_size)
+
+
+def model_from_meta(meta: dict, width: int | None = None) -> nn.Module:
+    """A fresh model of the architecture checkpoint metadata `meta` names (at `width`, default its own); checkpoints
+    written before the image size was recorded hold 32 px CNNs, which ignore it."""
+    return build_model(meta["arch"], meta["width"] if width is None else width, meta["in_channels"], meta["num_classes"],
+                       int(meta.get("image_size", 32)))
 
 
 def timm_model(name: str, width: int, in_channels: int, num_classes: int) -> nn.Module:
@@ -136,13 +147,74 @@ class ResNet(nn.Module):
 
 
 @register("resnet18")
-def resnet18(width: int, in_channels: int, num_classes: int) -> nn.Module:
+def resnet18(width: int, in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
     return ResNet([2, 2, 2, 2], width, in_channels, num_classes)
 
 
 @register("resnext18")
-def resnext18(width: int, in_channels: int, num_classes: int) -> nn.Module:
+def resnext18(width: int, in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
     """ResNet18's layout with ResNeXt bottlenecks: grouped 3x3 convs of 4 groups (width a multiple of 4)."""
     if width % 4:
         raise OtfuseError(f"--width {width}: resnext18 splits every stage into 4 groups; use a multiple of 4")
     return ResNet([2, 2, 2, 2], width, in_channels, num_classes, GroupedBlock)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with q, k and v from one Linear: the layout `otfuse.attention` recognises."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, width: int, in_channels: int, num_classes: int, image_size: int, patch: int, depth: int, num_heads: int):
+        super().__init__()
+        tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, width, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(width, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def patch_size(image_size: int, grid: int = 8) -> int:
+    """The smallest patch side that divides `image_size` into at most `grid` patches per side."""
+    return next(p for p in range(1, image_size + 1) if image_size % p == 0 and image_size // p <= grid)
+
+
+@register("vit")
+def vit(width: int, in_channels: int, num_classes: int, image_size: int = 32) -> nn.Module:
+    """A small ViT: `width` channels, 6 blocks, one head per 16 channels (at least one)."""
+    heads = max(1, width // 16)
+    if width % heads:
+        raise OtfuseError(f"--width {width}: vit gives one attention head per 16 channels ({heads} heads), which must divide "
+                          "the width; use a multiple of 16")
+    return ViT(width, in_channels, num_classes, image_size, patch_size(image_size), depth=6, num_heads=heads)

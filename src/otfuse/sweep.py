@@ -39,7 +39,7 @@ FINETUNES = (("fused_ft", "", {}), ("fused_ft_distill", "-distill", {"distill": 
 # results/finetune-<dataset>.csv: one row per fusion, start, recipe, epoch and split
 CURVE_KEY = (*KEY, "method", "start", "recipe", "epoch", "split")
 # a fine-tuning run's recipe: what the fair comparison gives every start alike
-RECIPE = ("epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay", "label_smoothing", "augment", "distill",
+RECIPE = ("epochs", "batch_size", "lr", "warmup", "optimizer", "momentum", "weight_decay", "label_smoothing", "augment", "distill",
           "temperature", "distill_weight", "precision")
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.checkpoints import fused_from_fitted_parents, load_checkpoint, pick_device, save_checkpoint, val_size_of
+from otfuse.checkpoints import fused_from_fitted_parents, load_checkpoint, optimizer_of, pick_device, save_checkpoint, val_size_of
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
@@ -39,6 +39,7 @@ class TrainConfig:
     batch_size: int = 256  # images per optimiser step, all ranks together
     lr: float = 0.2  # peak learning rate
     warmup: float = 0.2  # fraction of all steps spent warming up linearly from lr/10 to lr
+    optimizer: str = "sgd"  # sgd (Nesterov, --momentum) | adamw (betas 0.9, 0.999; what transformers train with)
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -66,6 +67,7 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size", "at least 1"),
             (math.isfinite(self.lr) and self.lr > 0, "--lr", "a positive number"),
             (0 <= self.warmup <= 1, "--warmup", "between 0 and 1 (a fraction of the steps)"),
+            (self.optimizer in OPTIMIZERS, "--optimizer", " or ".join(OPTIMIZERS)),
             (0 <= self.momentum < 1, "--momentum", "between 0 and 1 (excluded)"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "0 or more"),
             (0 <= self.label_smoothing < 1, "--label-smoothing", "between 0 and 1 (excluded)"),
@@ -85,7 +87,7 @@ class TrainConfig:
 
 
 # options that define a run: resuming with other values would make the checkpoint's metadata lie
-RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup", "momentum", "weight_decay",
+RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup", "optimizer", "momentum", "weight_decay",
                "label_smoothing", "augment", "seed", "val_size", "init", "distill", "teachers", "temperature", "distill_weight")
 
 
@@ -99,9 +101,17 @@ FINETUNE = {"epochs": 1, "lr": 0.05, "warmup": 0.1, "augment": False}
 FINETUNE_FITTED = {"epochs": 2, "lr": 0.02, "warmup": 0.1, "augment": True, "distill": True, "distill_weight": 0.5}
 
 
+# ... and a model trained with AdamW (the registry's ViT): the same gentler schedule in AdamW's units, a quarter of
+# the peak its training used (2e-3 for the ViT, docs/measurements.md), as FINETUNE is of SGD's 0.2
+FINETUNE_ADAMW = {"epochs": 1, "lr": 5e-4, "warmup": 0.1, "augment": False, "optimizer": "adamw", "weight_decay": 0.05}
+
+
 def finetune_defaults(meta: dict) -> dict:
-    """otfuse finetune's defaults for the checkpoint with metadata `meta`: FINETUNE_FITTED for a fusion whose parents
-    fit their training set (its parents teach), FINETUNE otherwise (the underfit width-16 proxies, trained models)."""
+    """otfuse finetune's defaults for the checkpoint with metadata `meta`: FINETUNE_ADAMW for models trained with
+    AdamW, FINETUNE_FITTED for a fusion whose parents fit their training set (its parents teach), FINETUNE otherwise
+    (the underfit width-16 proxies, trained models)."""
+    if optimizer_of(meta) == "adamw":
+        return FINETUNE_ADAMW
     return FINETUNE_FITTED if fused_from_fitted_parents(meta) else FINETUNE
 PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads the running loss from the device)
 
@@ -120,11 +130,16 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # no weight decay on BatchNorm and bias parameters: decaying them only hurts
+    # no weight decay on norm and bias parameters: decaying them only hurts
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999))
     return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
@@ -178,7 +193,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     if world > 1:
         device = _init_distributed(device, rank)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes)
+    model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes, data.image_size)
     opt = make_optimizer(model, cfg)
     start, history = 0, []
     if cfg.resume and path.is_file():
@@ -280,7 +295,7 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
 def _meta(cfg: TrainConfig, data: ImageData) -> dict:
     return {
         "kind": "trained", "arch": cfg.arch, "width": arch_width(cfg.arch, cfg.width), "in_channels": data.in_channels,
-        "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
+        "image_size": data.image_size, "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
         "val_size": len(data.val_y), "seed": cfg.seed, "classes": list(data.classes),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
         **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from otfuse.align.base import DEAD, AlignConfig
 from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup
+from otfuse.groups import ChannelGroup, Observation
 from otfuse.hooks import tapping
 from otfuse.maps import channel_rows
 
@@ -60,6 +63,18 @@ def observation_points(g: ChannelGroup, point: str) -> list:
     return {"post": g.observations, "pre": g.pre_observations, "both": g.observations + g.pre_observations}[point]
 
 
+def observed_rows(model: nn.Module, obs: Observation) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(C, samples) from the tensor an observation taps: its channels, or those of the weight it names applied to it
+    (q, k and v of an attention layer whose projection is not a module of its own)."""
+    weight, bias = obs.through
+    if not weight:
+        return lambda x: channel_rows(x, obs.index, obs.axis)
+    w, b = model.get_parameter(weight), model.get_parameter(bias) if bias else None
+    rows = obs.index.reshape(-1).to(w.device)
+    return lambda x: channel_rows(F.linear(x, w[rows], None if b is None else b[rows]),
+                                  torch.arange(rows.numel(), device=w.device).reshape(obs.index.shape), -1)
+
+
 def activation_costs(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup],
                      images: torch.Tensor, norm: tuple, cfg: AlignConfig, progress: bool = False) -> dict[str, torch.Tensor]:
     """Per group, an (anchor channels, source channels) cost from their activations on a fixed sample of `images`."""
@@ -67,28 +82,29 @@ def activation_costs(anchor: nn.Module, source: nn.Module, anchor_groups: list[C
     held: dict[tuple[int, int], torch.Tensor] = {}  # the anchor's rows for the current batch, per (group, point)
     seen: dict = {}  # keeps the batch's tensors alive so their memory (and data_ptr) is not reused
 
-    def on_anchor(gi: int, pi: int, obs):
+    def on_anchor(gi: int, pi: int, obs, rows):
         def fn(x: torch.Tensor) -> None:
-            key = (gi, x.data_ptr(), tuple(obs.index.shape))  # the same tensor feeding two consumers counts once
+            key = (gi, x.data_ptr(), tuple(obs.index.shape), obs.through)  # the same tensor feeding two consumers counts once
             if key not in seen:
                 seen[key] = x
-                held[(gi, pi)] = channel_rows(x.detach(), obs.index, obs.axis)
+                held[(gi, pi)] = rows(x.detach())
         return fn
 
-    def on_source(gi: int, pi: int, obs):
+    def on_source(gi: int, pi: int, obs, rows):
         def fn(x: torch.Tensor) -> None:
             if (gi, pi) in held:
-                stats.setdefault((gi, pi), _Stats()).add(held.pop((gi, pi)), channel_rows(x.detach(), obs.index, obs.axis))
+                stats.setdefault((gi, pi), _Stats()).add(held.pop((gi, pi)), rows(x.detach()))
         return fn
 
-    def taps(groups, make):
-        return [(o.module, o.on, make(gi, pi, o)) for gi, g in enumerate(groups) for pi, o in enumerate(observation_points(g, cfg.point))]
+    def taps(model, groups, make):
+        return [(o.module, o.on, make(gi, pi, o, observed_rows(model, o)))
+                for gi, g in enumerate(groups) for pi, o in enumerate(observation_points(g, cfg.point))]
 
     anchor.eval(), source.eval()
     dev = next(anchor.parameters()).device
     sample = fixed_sample(images, cfg.n_images, cfg.seed)
     total = -(-len(sample) // cfg.act_batch_size)
-    with torch.no_grad(), tapping(anchor, taps(anchor_groups, on_anchor)), tapping(source, taps(source_groups, on_source)):
+    with torch.no_grad(), tapping(anchor, taps(anchor, anchor_groups, on_anchor)), tapping(source, taps(source, source_groups, on_source)):
         for xb in tqdm(image_batches(sample, cfg.act_batch_size, norm), total=total, desc="activations",
                        disable=True if not progress else None, leave=False):
             seen.clear()
