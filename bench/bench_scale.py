@@ -9,7 +9,7 @@ Row `default`: the default fusion (`otfuse fuse A B`) beside each parent, their 
 vanilla averaging (+ BatchNorm reset, + refit), the aligned average with BatchNorm reset
 ("average only") and REPAIR on it; then one row per other alignment method (its fusion and its
 average only). Every row has the fused model's agreement with each parent and seconds per phase.
-Rows go to bench/scale-<dataset>-w<width>[-<split>].csv, one per (row, precision), each as it
+Rows go to bench/scale-<dataset>[-<arch>]-w<width>[-<split>].csv (no arch for resnet18), one per (row, precision), each as it
 finishes; a row already there is skipped, so a stopped run resumes (`--base precision=fp32` for
 the float32 reference). Evaluation runs in the fusion's precision.
 """
@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
         precision = resolve_precision(inputs.cfg.precision, next(models[0].parameters()).device)
         meta = metas[0]
         suffix = "" if args.split == "test" else f"-{args.split}"
-        out = Path(args.out_dir) / f"scale-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}-w{meta['width']}{suffix}.csv"
+        arch = "" if meta["arch"] == "resnet18" else f"-{meta['arch'].replace(':', '-')}"  # ResNet18's names predate the others
+        out = Path(args.out_dir) / f"scale-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}{arch}-w{meta['width']}{suffix}.csv"
         # rows of earlier runs stay; a row already there for this precision is skipped (a stopped run resumes)
         rows = [r for r in (csv.DictReader(out.open()) if out.is_file() else []) if r.get("precision")]
         done = {(r["row"], r["precision"]) for r in rows}

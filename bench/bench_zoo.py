@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Every classification architecture in torchvision, and 100 timm CNNs: group channels, permute at random, compare outputs.
+"""Every classification architecture in torchvision, 100 timm CNNs and 36 timm transformers: group channels,
+permute at random, compare outputs.
 
     python bench/bench_zoo.py [--only resnext50_32x4d,convnext_tiny] [--size 224] [--time-limit 120]
     python bench/bench_zoo.py --source timm          # needs timm (pip install -e .[timm]); nothing is downloaded
+    python bench/bench_zoo.py --source timm-transformers   # each at the image size it was made for
 
-Each model is built with random weights and random BatchNorm statistics (num_classes=10), grouped
+Each model is built with random weights, random BatchNorm statistics and random values for parameters
+initialised to a constant (a zero classifier, LayerNorm affines, class tokens; num_classes=10), grouped
 on one image, permuted with random maps and run on two images. A row is `exact` (largest output
 difference relative to the largest output), `refused` (the project's own one-line error, quoted),
 `crash` (any other exception: a bug) or `WRONG` (permuted but not exact: the worst bug). Rows go to
@@ -29,7 +32,7 @@ from otfuse.maps import permute, random_maps
 from otfuse.storage import atomic_write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import randomize_bn  # noqa: E402  (the tests' own randomiser: one way to do it)
+from conftest import randomize_bn, randomize_constants  # noqa: E402  (the tests' own randomisers: one way to do it)
 
 
 # CNNs only (transformers and attention hybrids are counted apart), small variants, 30 families
@@ -48,9 +51,21 @@ convnext_atto convnext_femto convnextv2_atto densenet121 densenetblur121d hardco
 hgnetv2_b0""".split()
 
 
+# ViT-style, hierarchical and hybrid transformers (and one LSTM mixer), small variants, 20 families
+TIMM_TRANSFORMERS = """vit_tiny_patch16_224 vit_small_patch16_224 vit_base_patch16_224 vit_base_patch32_224
+vit_little_patch16_reg4_gap_256 vit_medium_patch16_gap_256 vit_wee_patch16_reg1_gap_256 vit_base_patch16_clip_224
+deit_tiny_patch16_224 deit_tiny_distilled_patch16_224 deit_small_patch16_224 deit3_small_patch16_224
+deit3_medium_patch16_224 beit_base_patch16_224 beitv2_base_patch16_224 flexivit_small vit_relpos_small_patch16_224
+vit_srelpos_small_patch16_224 crossvit_tiny_240 cait_xxs24_224 swin_tiny_patch4_window7_224 swin_s3_tiny_224
+swinv2_tiny_window8_256 swinv2_cr_tiny_224 xcit_nano_12_p16_224 levit_128s pit_ti_224 convit_tiny twins_svt_small
+pvt_v2_b0 eva02_tiny_patch14_224 vit_small_patch16_rope_224 maxvit_tiny_tf_224 coat_lite_tiny tnt_s_patch16_224
+sequencer2d_s""".split()
+SOURCES = {"torchvision": None, "timm": TIMM_CNNS, "timm-transformers": TIMM_TRANSFORMERS}
+
+
 def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
     """(a model with random weights and 10 classes, its family)."""
-    if source == "timm":
+    if source.startswith("timm"):
         import timm  # optional: only this source needs it
         return timm.create_model(name, pretrained=False, num_classes=10), _timm_family(name)
     kwargs = {"num_classes": 10}
@@ -64,16 +79,18 @@ def _timm_family(name: str) -> str:
     return timm.models._registry._model_to_module.get(name, "").rpartition(".")[2] or name.split("_")[0]
 
 
-def check(source: str, name: str, size: int, limit: float) -> dict:
+def check(source: str, name: str, size: int | None, limit: float) -> dict:
+    """One row; `size` None: the image side the model was made for (a transformer's position table fixes it)."""
     t0 = time.perf_counter()
     torch.manual_seed(0)
     try:
         model, family = build(source, name)
     except Exception as exc:
         return {"model": name, "result": "crash", "message": f"build: {type(exc).__name__}: {str(exc)[:200]}", "total_s": "0"}
-    model = randomize_bn(model).eval()
+    model = randomize_bn(randomize_constants(model)).eval()
+    size = size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    row = {"model": name, "family": family, "parameters": sum(p.numel() for p in model.parameters()),
+    row = {"model": name, "family": family, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
            "build_s": f"{time.perf_counter() - t0:.1f}"}
     try:
         t1 = time.perf_counter()
@@ -100,21 +117,23 @@ def check(source: str, name: str, size: int, limit: float) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--source", default="torchvision", choices=["torchvision", "timm"])
+    p.add_argument("--source", default="torchvision", choices=list(SOURCES))
     p.add_argument("--only", default="", help="comma-separated model names (default: every classification model of the source)")
-    p.add_argument("--size", type=int, default=224, help="image side (default: 224, what every model accepts)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (default: 224, what every CNN accepts; timm-transformers: each model's own)")
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
     p.add_argument("--out", default="", help="default: bench/zoo-<source>.csv")
     args = p.parse_args()
     out = Path(args.out or Path(__file__).parent / f"zoo-{args.source}.csv")
-    every = TIMM_CNNS if args.source == "timm" else torchvision.models.list_models(module=torchvision.models)
+    every = SOURCES[args.source] or torchvision.models.list_models(module=torchvision.models)
+    size = args.size or (None if args.source == "timm-transformers" else 224)
     names = [n for n in args.only.split(",") if n] or every
-    fields = ["model", "family", "result", "rel_error", "groups", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
+    fields = ["model", "family", "result", "rel_error", "groups", "size", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
     # rows of models not rerun are kept: a stopped run, or one with --only, leaves the others as they were
     kept = [r for r in csv.DictReader(out.open(newline="")) if r["model"] in every] if out.is_file() else []
     rows = []
     for name in names:
-        rows.append(check(args.source, name, args.size, args.time_limit))
+        rows.append(check(args.source, name, size, args.time_limit))
         r = rows[-1]
         print(f"{name:<22} {r['result']:<8} {r.get('rel_error', ''):>8} {r['total_s']:>6} s  {r['message'][:110]}", flush=True)
         fresh = {r2["model"] for r2 in rows}

@@ -228,8 +228,9 @@ TORCHVISION = [
     ({"MobileNet v2 and v3": ["mobilenet"], "MNASNet": ["mnasnet"], "EfficientNet v1 and v2": ["efficientnet"]},
      "depthwise convs, squeeze-excitation", ""),
     ({"ShuffleNetV2": ["shufflenet"]}, "", "it shuffles channels"),
-    ({"ViT": ["vit"]}, "", "`nn.MultiheadAttention` packs q, k and v into one tensor otfuse cannot permute"),
-    ({"MaxViT": ["maxvit"], "Swin v1 and v2": ["swin"]}, "", "DepGraph does not finish grouping them within the bench's 120 s limit"),
+    ({"ViT": ["vit"]}, "`nn.MultiheadAttention`, heads as blocks", ""),
+    ({"Swin v1 and v2": ["swin"]}, "window attention, a position bias table per head, patch merging", ""),
+    ({"MaxViT": ["maxvit"]}, "window and grid attention, MBConv blocks", ""),
 ]
 
 
@@ -247,14 +248,23 @@ def zoo_torchvision() -> list[list[str]]:
     return out
 
 
-@table
-def zoo_timm() -> list[list[str]]:
-    every = rows("zoo-timm.csv")
-    out = [["timm family (models)", "Result", "Largest relative error", "Seconds each"]]
+def zoo_by_family(name: str, header: str) -> list[list[str]]:
+    every = rows(name)
+    out = [[header, "Result", "Largest relative error", "Seconds each"]]
     for family in sorted({r["family"] for r in every}):
         found = [r for r in every if r["family"] == family]
         out.append(zoo_row(f"{family} ({len(found)})", found))
     return out
+
+
+@table
+def zoo_timm() -> list[list[str]]:
+    return zoo_by_family("zoo-timm.csv", "timm family (models)")
+
+
+@table
+def zoo_timm_transformers() -> list[list[str]]:
+    return zoo_by_family("zoo-timm-transformers.csv", "timm transformer family (models)")
 
 
 # --- docs/speed.md ---------------------------------------------------------------------------------------------------
