@@ -13,7 +13,7 @@ initialisation). A run is starts + TrainConfig options (FINETUNE, then these: ev
 whatever defaults `otfuse finetune` would pick for it);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
 validation split (its accuracy after that epoch, from the run's history) and one on the test split
-after the last epoch, to bench/finetune-<dataset>-w<width>.csv, as soon as the run finishes. A run
+after the last epoch, to bench/finetune-<dataset>[-<arch>]-w<width>.csv, as soon as the run finishes. A run
 whose rows are there is skipped, so a stopped sweep resumes. Choose recipes on `split=val` only.
 """
 
@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 
 from otfuse.checkpoints import fused_meta, load_checkpoint, save_checkpoint
-from otfuse.data import dataset_slug, normalize
+from otfuse.data import normalize
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fusion import fuse, vanilla_models
 from otfuse.inputs import FusionInputs, fusion_inputs, target_model
 from otfuse.options import flatten, parse_assignments
 from otfuse.precision import resolve_precision
+from otfuse.results import bench_stem
 from otfuse.storage import atomic_write_csv
 from otfuse.train import FINETUNE, TrainConfig, finetune
 
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
             raise OtfuseError(f"{fused} is not a fused checkpoint (kind {fmeta.get('kind')!r}); make one with otfuse fuse A.pt B.pt --out FUSED.pt")
         runs = [parse_run(r) for r in args.run] or [parse_run(f"{s}: {o}") for s, o in GRID]
         meta = metas[0]
-        out = Path(args.out_dir) / f"finetune-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}-w{meta['width']}.csv"
+        out = Path(args.out_dir) / f"finetune-{bench_stem(meta)}.csv"
         rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
         done = {(r["start"], r["options"]) for r in rows}
         with tempfile.TemporaryDirectory() as tmp:

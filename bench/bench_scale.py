@@ -9,9 +9,9 @@ Row `default`: the default fusion (`otfuse fuse A B`) beside each parent, their 
 vanilla averaging (+ BatchNorm reset, + refit), the aligned average with BatchNorm reset
 ("average only") and REPAIR on it; then one row per other alignment method (its fusion and its
 average only). Every row has the fused model's agreement with each parent and seconds per phase.
-Rows go to bench/scale-<dataset>[-<arch>]-w<width>[-<split>].csv (no arch for resnet18), one per (row, precision), each as it
-finishes; a row already there is skipped, so a stopped run resumes (`--base precision=fp32` for
-the float32 reference). Evaluation runs in the fusion's precision.
+Rows go to bench/scale-<dataset>[-<arch>]-w<width>[-<split>].csv (no arch for resnet18), one per
+(row, precision), each as it finishes; a row already there is skipped, so a stopped run resumes
+(`--base precision=fp32` for the float32 reference). Evaluation runs in the fusion's precision.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 from otfuse.align import METHODS
 from otfuse.checkpoints import fused_meta, save_checkpoint
-from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.evaluate import accuracy_of_logits, agreement, logits
 from otfuse.fusion import FuseConfig, fuse
@@ -32,6 +31,7 @@ from otfuse.inputs import fusion_inputs
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.report import fusion_table
+from otfuse.results import bench_stem
 from otfuse.storage import atomic_write_csv, writable_file
 
 PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation")
@@ -62,8 +62,7 @@ def main(argv: list[str]) -> int:
         precision = resolve_precision(inputs.cfg.precision, next(models[0].parameters()).device)
         meta = metas[0]
         suffix = "" if args.split == "test" else f"-{args.split}"
-        arch = "" if meta["arch"] == "resnet18" else f"-{meta['arch'].replace(':', '-')}"  # ResNet18's names predate the others
-        out = Path(args.out_dir) / f"scale-{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}{arch}-w{meta['width']}{suffix}.csv"
+        out = Path(args.out_dir) / f"scale-{bench_stem(meta)}{suffix}.csv"
         # rows of earlier runs stay; a row already there for this precision is skipped (a stopped run resumes)
         rows = [r for r in (csv.DictReader(out.open()) if out.is_file() else []) if r.get("precision")]
         done = {(r["row"], r["precision"]) for r in rows}
