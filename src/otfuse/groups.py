@@ -367,14 +367,18 @@ def _map_merge_into_channels(node) -> None:
         return
     if min(before[len(after) - 1:]) == 1:  # a flatten of (N, C, 1, 1): singleton dims fold nothing into the channels
         return
-    k, c = after[-1] // before[-1], before[-1]
+    _set_path_sum(node, after[-1] // before[-1], before[-1], into_node_widens=True)
+
+
+def _set_path_sum(node, paths: int, channels: int, into_node_widens: bool) -> None:
+    """Index maps between `node` and its inputs: K paths of C channels on one side, their sum on the other."""
     for inp in node.inputs:
         for dep in inp.dependencies:
             if dep.target is node:
-                dep.index_mapping = [_PathSum(k, c, widen=True), None]
+                dep.index_mapping = [_PathSum(paths, channels, widen=into_node_widens), None]
         for dep in node.dependencies:
             if dep.target is inp:
-                dep.index_mapping = [_PathSum(k, c, widen=False), None]
+                dep.index_mapping = [_PathSum(paths, channels, widen=not into_node_widens), None]
 
 
 def _set_identity(node) -> None:
@@ -451,21 +455,9 @@ def _map_paths(node, mapping) -> None:
             for inp in [n for n in node.inputs if n.grad_fn is f]:
                 _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
     elif name == "SumBackward1" and tuple(fn._saved_dim) == (1,) and len(fn._saved_self_sym_sizes) == 5 and not fn._saved_keepdim:
-        paths, channels = int(fn._saved_self_sym_sizes[1]), int(fn._saved_self_sym_sizes[2])
-        for inp in node.inputs:
-            for dep in inp.dependencies:
-                if dep.target is node:
-                    dep.index_mapping = [_PathSum(paths, channels, widen=False), None]
-            for dep in node.dependencies:
-                if dep.target is inp:
-                    dep.index_mapping = [_PathSum(paths, channels, widen=True), None]
+        _set_path_sum(node, int(fn._saved_self_sym_sizes[1]), int(fn._saved_self_sym_sizes[2]), into_node_widens=False)
     elif node.type == tp_ops.OPTYPE.RESHAPE and _keeps_channel_order(fn):
-        for dep in node.dependencies:
-            dep.index_mapping = [None, None]
-        for other in list(node.inputs) + list(node.outputs):
-            for dep in other.dependencies:
-                if dep.target is node:
-                    dep.index_mapping = [None, None]
+        _set_identity(node)
 
 
 def _keeps_channel_order(fn) -> bool:
