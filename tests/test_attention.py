@@ -158,6 +158,11 @@ def test_the_oracle_holds_for_the_vit_with_every_method(method):
     _assert_returns_model(_randomised(_vit()), _random_data((3, 32, 32)), method, n_images=32)
 
 
+@pytest.mark.parametrize("point", ["pre", "post"])
+def test_q_and_k_are_read_after_their_projection_at_every_observation_point(point):
+    _assert_returns_model(_randomised(_vit()), _random_data((3, 32, 32)), "activation", n_images=32, point=point)
+
+
 @pytest.mark.parametrize("arch", ["otfuse-vit", "torchvision-vit"])
 def test_the_default_fusion_with_refit_returns_the_model(arch):
     """The whole default pipeline (alignment, averaging, refit of every Linear that runs as a module) on a model and

@@ -81,6 +81,23 @@ def headline() -> list[list[str]]:
     return out
 
 
+VIT = "fashion-mnist-vit-w64"
+
+
+@table
+def vit() -> list[list[str]]:
+    """The registry's ViT on Fashion-MNIST: the default fusion beside every baseline, then one epoch for each start."""
+    r = one(f"scale-{VIT}.csv", row="default")
+    ft = {x["start"]: x["acc"] for x in rows(f"finetune-{VIT}.csv", split="test")}
+    mean = (float(r["model1"]) + float(r["model2"])) / 2
+    return [["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "+ REPAIR", "**Fused**",
+             "against the parents' mean"],
+            ["gradient-free", r["model1"], r["model2"], r["ensemble"], r["vanilla_refit"], r["fused_average"], r["fused_repair"],
+             f"**{r['fused']}**", f"{float(r['fused']) - mean:+.2f}"],
+            ["each + 1 epoch (same recipe)", ft["seed0"], ft["seed1"], "-", ft["vanilla"], "-", "-", f"**{ft['fused']}**",
+             f"{float(ft['fused']) - mean:+.2f}"]]
+
+
 # --- docs/measurements.md --------------------------------------------------------------------------------------------
 
 @table

@@ -59,8 +59,10 @@ class _Stats:
 
 
 def observation_points(g: ChannelGroup, point: str) -> list:
-    """The observations of a group to read: after the nonlinearity, before it, or both."""
-    return {"post": g.observations, "pre": g.pre_observations, "both": g.observations + g.pre_observations}[point]
+    """The observations of a group to read: after the nonlinearity, before it, or both; a group seen at one kind of
+    point only (an attention layer's q and k, read after their projection) is read there whatever `point` says."""
+    chosen = {"post": g.observations, "pre": g.pre_observations, "both": g.observations + g.pre_observations}[point]
+    return chosen or g.observations + g.pre_observations
 
 
 def observed_rows(model: nn.Module, obs: Observation) -> Callable[[torch.Tensor], torch.Tensor]:
