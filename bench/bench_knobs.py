@@ -6,7 +6,7 @@
 
 Each row fuses A and B with the defaults (and `--base`) plus one change and reports the fused
 model's validation accuracy, how often it agrees with each parent's predictions, and the seconds
-it took; the rows go to bench/knobs-<dataset>-w<width>[-<name>].csv. A fusion that leans on A
+it took; the rows go to bench/knobs-<dataset>[-<arch>]-w<width>[-<name>].csv. A fusion that leans on A
 (agrees with A far more than with B) has blended B away rather than merged it.
 The defaults of `FuseConfig` were chosen from these tables (docs/defaults.md).
 """
@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from otfuse.data import dataset_slug
 from otfuse.errors import run_main
 from otfuse.fusion import FuseConfig
 from otfuse.inputs import fusion_inputs
 from otfuse.options import build, flatten, parse_assignments
+from otfuse.results import bench_stem
 from otfuse.storage import atomic_write_csv
 from otfuse.tune import val_accuracy
 
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
         seeds = "-".join(str(m.get("seed")) for m in metas)
         defaults = json.dumps(flatten(build(FuseConfig, base)), sort_keys=True)
         name = f"-{args.name}" if args.name else ""
-        out = Path(args.out_dir) / f"knobs-{dataset_slug(meta['dataset'])}-w{meta['width']}{name}.csv"
+        out = Path(args.out_dir) / f"knobs-{bench_stem(meta)}{name}.csv"
         atomic_write_csv(out, [{"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}
                                for r in rows])
         print(f"wrote {out}")

@@ -187,3 +187,26 @@ def test_normalised_queries_and_keys_are_refused_in_one_line():
                                                              num_classes=10, qk_norm=True)
     with pytest.raises(OtfuseError, match=r"blocks\.0\.attn.*norm"):
         channel_groups(model.eval(), torch.randn(1, 3, 32, 32))
+
+
+def test_the_vit_trains_and_goes_through_the_scripts_tune_and_interpolate(tmp_path, capsys):
+    """`--arch vit` end to end, unchanged commands: two seeds, the fusion script (with one fine-tuning epoch),
+    tune and interpolate."""
+    from otfuse.cli import main
+    from otfuse.results import read_rows
+    from otfuse.sweep import main as sweep_main
+    from otfuse.train import TrainConfig, train
+
+    cfg = dict(dataset="digits", arch="vit", width=16, epochs=2, optimizer="adamw", lr=2e-3, device="cpu", precision="fp32",
+               data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ck"))
+    paths = [train(TrainConfig(**cfg, seed=s), progress=False) for s in (0, 1)]
+    base = ["--data-dir", cfg["data_dir"], "--device", "cpu", "--n-images", "128", "--refit-n-images", "128"]
+    assert sweep_main(["--checkpoint-dir", cfg["checkpoint_dir"], "--results-dir", str(tmp_path / "res"),
+                       "--finetune-epochs", "1", *base], "activation") == 0, capsys.readouterr().err
+    row, = read_rows(tmp_path / "res" / "digits_activation.csv")
+    assert row["arch"] == "vit" and float(row["fused"]) > 0
+    assert (tmp_path / "res" / "finetune-digits.csv").is_file()
+    assert main(["tune", *map(str, paths), "--n-trials", "1", "--results-dir", str(tmp_path / "res"), *base]) == 0
+    assert main(["interpolate", *map(str, paths), "--points", "3", "--results-dir", str(tmp_path / "res"),
+                 "--data-dir", cfg["data_dir"], "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert list((tmp_path / "res").glob("interp-digits-vit-w16-*.png"))
