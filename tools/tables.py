@@ -98,6 +98,12 @@ def vit() -> list[list[str]]:
              f"{float(ft['fused']) - mean:+.2f}"]]
 
 
+@table
+def vit_knobs() -> list[list[str]]:
+    return [["Change from the defaults (ViT, Fashion-MNIST)", "val", "agrees with A / B", "seconds"],
+            *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows(f"knobs-{VIT}.csv")]]
+
+
 # --- docs/measurements.md --------------------------------------------------------------------------------------------
 
 @table
