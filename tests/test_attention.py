@@ -210,3 +210,13 @@ def test_the_vit_trains_and_goes_through_the_scripts_tune_and_interpolate(tmp_pa
     assert main(["interpolate", *map(str, paths), "--points", "3", "--results-dir", str(tmp_path / "res"),
                  "--data-dir", cfg["data_dir"], "--device", "cpu"]) == 0, capsys.readouterr().err
     assert list((tmp_path / "res").glob("interp-digits-vit-w16-*.png"))
+
+
+def test_grouping_leaves_the_attention_layers_forward_as_it_was():
+    import types
+
+    plain, wrapped = _randomised(Encoder()), _randomised(Encoder())
+    own = wrapped.att.forward = types.MethodType(lambda self, *a, **k: nn.MultiheadAttention.forward(self, *a, **k), wrapped.att)
+    for model in (plain, wrapped):
+        channel_groups(model, torch.randn(1, 7, 6))
+    assert "forward" not in plain.att.__dict__ and wrapped.att.forward is own

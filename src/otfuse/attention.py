@@ -211,13 +211,16 @@ def traced_as_leaves(model: nn.Module, layers: dict[str, Attention]) -> Iterator
 
     for name in layers:
         module = model.get_submodule(name)
+        patched.append((module, module.__dict__.get("forward")))  # a forward set on the instance is put back as it was
         module.forward = leaf(name, module, module.forward)
-        patched.append(module)
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward  # the instance attribute: the class's forward again
+        for module, own in patched:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def per_head_slots(name: str, m: nn.Module, heads: int, skip: set[str]) -> list[Slot]:
