@@ -89,26 +89,27 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _around(name: str, heads: int, e: int, inputs: list[Slot], proj: str, has_bias: bool, layers: list[str]) -> Attention:
+    """An attention layer of `heads` heads over `e` channels read by `inputs`, written by the Linear `proj`."""
+    outputs = [(proj, "weight", 0)] + ([(proj, "bias", 0)] if has_bias else [])
+    return Attention(name, heads, e // heads, inputs=inputs, outputs=outputs, mixed=[(proj, "weight", 1)], layers=layers)
+
+
 @recognise
 def multihead_attention(name: str, m: nn.Module) -> Attention | None:
     if not isinstance(m, nn.MultiheadAttention):
         return None
-    e, h = m.embed_dim, m.num_heads
-    spec = Attention(name, h, e // h, inputs=[], outputs=[(_join(name, "out_proj"), "weight", 0)],
-                     mixed=[(_join(name, "out_proj"), "weight", 1)])
-    if m.out_proj.bias is not None:
-        spec.outputs.append((_join(name, "out_proj"), "bias", 0))
-    if m.in_proj_weight is not None:
-        spec.inputs = [(name, "in_proj_weight", 1)]
-        for part, k in (("q", 0), ("k", 1), ("v", 2)):
-            slots = [((name, "in_proj_weight", 0), k * e)] + ([((name, "in_proj_bias", 0), k * e)] if m.in_proj_bias is not None else [])
-            getattr(spec, part).extend(slots)
-        through = (_join(name, "in_proj_weight"), _join(name, "in_proj_bias") if m.in_proj_bias is not None else "")
-        spec.seen_qk = [(name, "input", (0, e), through)]
-        spec.seen_v = [(name, "input", (2 * e,), through)]
-    else:
+    if m.in_proj_weight is None:
         raise OtfuseError(f"module {name}: its keys or values are narrower or wider than its queries (kdim/vdim), so they "
                           "come from another tensor; otfuse fuses self-attention only")
+    e = m.embed_dim
+    spec = _around(name, m.num_heads, e, [(name, "in_proj_weight", 1)], _join(name, "out_proj"), m.out_proj.bias is not None, [])
+    for part, k in (("q", 0), ("k", 1), ("v", 2)):
+        slots = [((name, "in_proj_weight", 0), k * e)] + ([((name, "in_proj_bias", 0), k * e)] if m.in_proj_bias is not None else [])
+        getattr(spec, part).extend(slots)
+    through = (_join(name, "in_proj_weight"), _join(name, "in_proj_bias") if m.in_proj_bias is not None else "")
+    spec.seen_qk = [(name, "input", (0, e), through)]
+    spec.seen_v = [(name, "input", (2 * e,), through)]
     if m.bias_k is not None:
         spec.k.append(((name, "bias_k", 2), 0))
         spec.v.append(((name, "bias_v", 2), 0))
@@ -135,15 +136,13 @@ def qkv_attention(name: str, m: nn.Module) -> Attention | None:
             raise OtfuseError(f"module {name}: its {norm} has weights shared by every head, so the channels within a head "
                               "cannot move alone; otfuse cannot fuse attention with q/k normalisation")
     q, pn = _join(name, names[0]), _join(name, names[1])
-    spec = Attention(name, heads, e // heads, inputs=[(q, "weight", 1)], outputs=[(pn, "weight", 0)],
-                     mixed=[(pn, "weight", 1)], layers=[q, pn])
-    if proj.bias is not None:
-        spec.outputs.append((pn, "bias", 0))
+    spec = _around(name, heads, e, [(q, "weight", 1)], pn, proj.bias is not None, [q, pn])
+    buffers = dict(m.named_buffers(recurse=False))
     for part, k in (("q", 0), ("k", 1), ("v", 2)):
         getattr(spec, part).append(((q, "weight", 0), k * e))
         if qkv.bias is not None:
             getattr(spec, part).append(((q, "bias", 0), k * e))
-        if isinstance(getattr(m, f"{part}_bias", None), nn.Parameter) or f"{part}_bias" in dict(m.named_buffers(recurse=False)):
+        if isinstance(getattr(m, f"{part}_bias", None), nn.Parameter) or f"{part}_bias" in buffers:
             getattr(spec, part).append(((name, f"{part}_bias", 0), 0))
     spec.per_head = per_head_slots(name, m, heads, skip=set(names[:2]))
     spec.seen_qk = [(q, "output", (0, e), ("", ""))]
@@ -162,10 +161,7 @@ def separate_qkv_attention(name: str, m: nn.Module) -> Attention | None:
     if {getattr(m, x).out_features for x in names} != {e} or proj.in_features != e or e % heads:
         return None
     q, k, v, pn = (_join(name, x) for x in (*names, "proj"))
-    spec = Attention(name, heads, e // heads, inputs=[(x, "weight", 1) for x in (q, k, v)], outputs=[(pn, "weight", 0)],
-                     mixed=[(pn, "weight", 1)], layers=[q, k, v, pn])
-    if proj.bias is not None:
-        spec.outputs.append((pn, "bias", 0))
+    spec = _around(name, heads, e, [(x, "weight", 1) for x in (q, k, v)], pn, proj.bias is not None, [q, k, v, pn])
     for part, layer, child in zip(("q", "k", "v"), (q, k, v), names):
         getattr(spec, part).extend([((layer, "weight", 0), 0)] + ([((layer, "bias", 0), 0)] if getattr(m, child).bias is not None else []))
     spec.per_head = per_head_slots(name, m, heads, skip=set(names) | {"proj"})

@@ -289,9 +289,9 @@ def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
     mapping = tp.dependency.index_mapping
     for node in graph.module2node.values():
         fn = node.grad_fn
-        if fn is None or _channel_dim(fn, tokens) is None:
+        dim = None if fn is None else _channel_dim(fn, tokens)
+        if dim is None:
             continue
-        dim = _channel_dim(fn, tokens)
         if node.type == tp_ops.OPTYPE.SPLIT:
             offsets = _offsets([m.shape[dim] for m in fn._input_metadata])
             for out in node.outputs:
@@ -730,9 +730,10 @@ def _head_groups(spec: Attention, order: dict[str, int]) -> list[ChannelGroup]:
     qk = ChannelGroup(f"{spec.name}:qk", spec.width, members(spec.q + spec.k, "out") +
                       [Member(n, t, a, head[:, None], "out", "other") for n, t, a in spec.per_head],
                       pre_observations=seen(spec.seen_qk, False), order=first)
+    seen_v = seen(spec.seen_v, True)
     v = ChannelGroup(f"{spec.name}:v", spec.width, members(spec.v, "out") + [Member(n, t, a, c[:, None], "in", kind(n)) for n, t, a in spec.mixed],
-                     observations=[o for o in seen(spec.seen_v, True) if o.on == "input"],
-                     pre_observations=[o for o in seen(spec.seen_v, True) if o.on == "output"], order=first)
+                     observations=[o for o in seen_v if o.on == "input"], pre_observations=[o for o in seen_v if o.on == "output"],
+                     order=first)
     for g in (qk, v):
         g.blocks, g.family = head.clone(), f"{spec.name}:heads"
     return [qk, v]

@@ -71,10 +71,11 @@ def observed_rows(model: nn.Module, obs: Observation) -> Callable[[torch.Tensor]
     weight, bias = obs.through
     if not weight:
         return lambda x: channel_rows(x, obs.index, obs.axis)
-    w, b = model.get_parameter(weight), model.get_parameter(bias) if bias else None
+    w = model.get_parameter(weight)
     rows = obs.index.reshape(-1).to(w.device)
-    return lambda x: channel_rows(F.linear(x, w[rows], None if b is None else b[rows]),
-                                  torch.arange(rows.numel(), device=w.device).reshape(obs.index.shape), -1)
+    w_rows, b_rows = w[rows], model.get_parameter(bias)[rows] if bias else None  # sliced once, not per batch
+    index = torch.arange(rows.numel(), device=w.device).reshape(obs.index.shape)
+    return lambda x: channel_rows(F.linear(x, w_rows, b_rows), index, -1)
 
 
 def activation_costs(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup],
