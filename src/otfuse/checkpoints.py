@@ -27,6 +27,7 @@ from otfuse.version import __version__
 REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
 MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
 MAX_ABS = 1e18  # its square overflows float32: no trained network holds it (a fusion of underfit parents can hold BatchNorm variances of 1e6)
+OPTIMIZERS = ("sgd", "adamw")  # what otfuse train can use, so what a checkpoint may record
 FITS = 99.0  # training accuracy (%) from which a parent counts as fitting its (augmented) training set
 
 
@@ -125,7 +126,7 @@ def _check_meta(path: str | Path, meta: dict) -> None:
                 "classes": (lambda v: isinstance(v, list) and len(v) == meta["num_classes"] and all(isinstance(c, str) for c in v),
                             f"a list of {meta['num_classes']} class names"),
                 "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
-                "parent_optimizer": (lambda v: v in ("sgd", "adamw"), "sgd or adamw")}
+                "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS))}
     for key, (ok, what) in optional.items():
         if key in meta:
             need(ok(meta[key]), key, what)

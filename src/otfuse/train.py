@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.checkpoints import fused_from_fitted_parents, load_checkpoint, optimizer_of, pick_device, save_checkpoint, val_size_of
+from otfuse.checkpoints import OPTIMIZERS, fused_from_fitted_parents, load_checkpoint, optimizer_of, pick_device, save_checkpoint, val_size_of
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
@@ -129,8 +129,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (0.1 + 0.9 * step / warm)
     return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
 
-
-OPTIMIZERS = ("sgd", "adamw")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
