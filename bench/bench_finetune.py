@@ -6,8 +6,9 @@
     nohup python bench/bench_finetune.py FUSED.pt A.pt B.pt > ft.log &                 # hours on 2 cores: run it in the background
 
 FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of A and B with
-BatchNorm recomputed and refit, made here) and the parents A (`seed<a>`) and B (`seed<b>`) are the
-other starts, and three width-32 starts made here: `fused-w32` (A and B fused into width 32),
+BatchNorm recomputed and refit, made here), `transplant` (A and B side by side in a model twice as
+wide, pruned back by magnitude: otfuse.transplant, made here) and the parents A (`seed<a>`) and B
+(`seed<b>`) are the other starts, and three width-32 starts made here: `fused-w32` (A and B fused into width 32),
 `pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner) and `scratch-w32` (a fresh
 initialisation). A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
 whatever defaults `otfuse finetune` would pick for it);
@@ -20,17 +21,14 @@ whose rows are there is skipped, so a stopped sweep resumes. Choose recipes on `
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from otfuse.checkpoints import fused_meta, load_checkpoint, save_checkpoint
-from otfuse.data import normalize
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fusion import fuse, vanilla_models
 from otfuse.inputs import FusionInputs, fusion_inputs, target_model
@@ -39,6 +37,7 @@ from otfuse.precision import resolve_precision
 from otfuse.results import bench_stem
 from otfuse.storage import atomic_write_csv
 from otfuse.train import FINETUNE, TrainConfig, finetune
+from otfuse.transplant import pruned, transplant
 
 # (starts, options): every start of a run gets the same recipe; the fair comparison is within a run
 GRID = [
@@ -119,28 +118,32 @@ def _narrow(inputs: FusionInputs, path: Path, how: str, width: int = 32) -> Path
     """A width-`width` start: the parents fused into it (`fused`), the first parent pruned to it by Torch-Pruning's
     magnitude pruner (`pruned`: every channel group cut by the same fraction, the least L1 norms go), or a fresh
     initialisation (`scratch`), saved to `path` as a fused checkpoint of the parents (so distillation finds them)."""
-    import torch_pruning as tp
-
     models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     target = target_model(metas[0], width, next(models[0].parameters()).device)
     if how == "fused":
         target = fuse(models, data.train_x, data.norm, cfg, target=target).fused
     elif how == "pruned":
-        model = copy.deepcopy(models[0]).cpu()
-        example = normalize(data.train_x[:2].cpu(), data.norm)
-        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        with torch.enable_grad():
-            pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                               pruning_ratio=1 - width / metas[0]["width"], ignored_layers=[head])
-            pruner.step()
-        target.load_state_dict(model.state_dict())  # the uniformly pruned ResNet18 is the registry's narrower one
+        target = pruned(models[0], target, 1 - width / metas[0]["width"], data.train_x, data.norm, p=1)
     save_checkpoint(path, target, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": how})
     return path
 
 
-# starts made here from the parents: the plain average, and width-32 starts for a compressed model
+def _transplant(inputs: FusionInputs, path: Path) -> Path:
+    """The parents side by side in a model twice as wide, pruned back to their width by magnitude, BatchNorm
+    recomputed (otfuse.transplant), saved to `path` as a fused checkpoint of the parents."""
+    models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
+    device = next(models[0].parameters()).device
+    wide = target_model(metas[0], len(models) * inputs.width, device)
+    start = transplant(models, wide, target_model(metas[0], inputs.width, device), data.train_x, data.norm, cfg.bn,
+                       resolve_precision(cfg.precision, device))
+    save_checkpoint(path, start, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), len(data.val_y), None), "method": "transplant"})
+    return path
+
+
+# starts made here from the parents: the plain average, neuron transplantation, and width-32 starts for a compressed model
 MADE = {
     "vanilla": _vanilla,
+    "transplant": _transplant,
     "fused-w32": lambda inputs, path: _narrow(inputs, path, how="fused"),
     "pruned-w32": lambda inputs, path: _narrow(inputs, path, how="pruned"),
     "scratch-w32": lambda inputs, path: _narrow(inputs, path, how="scratch"),
