@@ -148,8 +148,8 @@ def width64_knobs() -> list[list[str]]:
 
 
 FINETUNE_CSV = "finetune-cifar10-jpeg-w64.csv"
-START_LABELS = {"fused": "default fusion", "vanilla": "vanilla average + refit", "fused-w32": "fused into width 32",
-                "pruned-w32": "seed0 pruned to width 32", "scratch-w32": "width 32 from scratch"}
+START_LABELS = {"fused": "default fusion", "vanilla": "vanilla average + refit", "transplant": "transplant (both side by side, pruned back)",
+                "fused-w32": "fused into width 32", "pruned-w32": "seed0 pruned to width 32", "scratch-w32": "width 32 from scratch"}
 
 
 @table

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from otfuse.bn import BatchNormConfig, recompute_bn
@@ -62,8 +63,6 @@ def pruned(model: nn.Module, target: nn.Module, ratio: float, images: torch.Tens
     """`target` (the architecture at a smaller width) loaded with `model` pruned to it by Torch-Pruning's magnitude
     pruner: every channel group cut by the fraction `ratio`, the channels of least L`p` norm go; the classifier stays.
     `images` (two suffice) trace the model."""
-    import torch_pruning as tp
-
     model = copy.deepcopy(model).float().cpu()
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.enable_grad():
