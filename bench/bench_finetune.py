@@ -13,7 +13,7 @@ wide, pruned back by magnitude: otfuse.transplant, made here) and the parents A 
 initialisation). A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
 whatever defaults `otfuse finetune` would pick for it);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
-validation split (its accuracy after that epoch, from the run's history) and one on the test split
+validation split (its accuracy after that epoch, from the run's history; epoch 0 is the start) and one on the test split
 after the last epoch, to bench/finetune-<dataset>[-<arch>]-w<width>.csv, as soon as the run finishes. A run
 whose rows are there is skipped, so a stopped sweep resumes. Choose recipes on `split=val` only.
 """
@@ -90,11 +90,14 @@ def main(argv: list[str]) -> int:
                     t0 = time.perf_counter()
                     ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**FINETUNE, **options, **teachers})
                     seconds = time.perf_counter() - t0
-                    history = load_checkpoint(ck)[1]["history"]
+                    ck_meta = load_checkpoint(ck)[1]
+                    history = ck_meta["history"]
                     ck.unlink()
                     common = {"start": start, "distill": bool(options.get("distill")), "epochs": len(history), "options": opts,
                               "seconds": f"{seconds:.0f}", "dataset": meta["dataset"], "width": meta["width"]}
-                    rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in history]
+                    # epoch 0: the start itself, measured by the run's keep-start check
+                    before = [{"epoch": 0, "val_acc": ck_meta["start_val_acc"]}] if "start_val_acc" in ck_meta else []
+                    rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in before + history]
                     rows.append({**common, "epoch": history[-1]["epoch"], "split": "test", "acc": f"{history[-1]['test_acc']:.2f}"})
                     atomic_write_csv(out, rows, FIELDS)
                     print(f"{start:<8} {opts:<70} val {history[-1]['val_acc']:.2f} test {history[-1]['test_acc']:.2f} "

@@ -158,13 +158,14 @@ def finetune_w64() -> list[list[str]]:
     found = rows(FINETUNE_CSV)
     runs = list(dict.fromkeys((r["start"], r["options"]) for r in found))
     epochs = max(int(r["epoch"]) for r in found)
-    out = [["Start", "Recipe", *[f"val after {e}" for e in range(1, epochs + 1)], "test at the end", "minutes"]]
+    first = min(int(r["epoch"]) for r in found)  # 0 where a run recorded its start
+    out = [["Start", "Recipe", *[f"val after {e}" if e else "val at start" for e in range(first, epochs + 1)], "test at the end", "minutes"]]
     for start, options in runs:
         run = [r for r in found if (r["start"], r["options"]) == (start, options)]
         val = {int(r["epoch"]): r["acc"] for r in run if r["split"] == "val"}
         test = next(r for r in run if r["split"] == "test")
         recipe = ", ".join(o for o in options.split() if not o.startswith("epochs="))
-        out.append([START_LABELS.get(start, f"{start} (parent)"), recipe, *[dash(val.get(e)) for e in range(1, epochs + 1)],
+        out.append([START_LABELS.get(start, f"{start} (parent)"), recipe, *[dash(val.get(e)) for e in range(first, epochs + 1)],
                     f"**{test['acc']}**", f"{float(test['seconds']) / 60:.0f}"])
     return out
 

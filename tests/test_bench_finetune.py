@@ -1,0 +1,38 @@
+"""bench/bench_finetune.py: every start given the same recipe, one row per epoch (from the start) and split, and a
+stopped sweep resumes without redoing a run."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from otfuse.cli import main as otfuse_main
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_finetune.py"
+    spec = importlib.util.spec_from_file_location("bench_finetune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_finetune_writes_each_starts_curve_and_resumes(trained, tmp_path):
+    _, _, paths, root = trained
+    base = ["--data-dir", str(root / "data"), "--device", "cpu"]
+    fused = tmp_path / "fused.pt"
+    assert otfuse_main(["fuse", str(paths[0]), str(paths[1]), "--bn-batches", "4", "--out", str(fused), *base]) == 0
+    args = [str(fused), str(paths[0]), str(paths[1]), "--run", "fused,transplant: epochs=1 batch_size=64 precision=fp32",
+            "--out-dir", str(tmp_path), *base]
+    bench = _bench()
+    assert bench.main(args) == 0
+    out = tmp_path / "finetune-digits-w8.csv"
+    rows = list(csv.DictReader(out.open(newline="")))
+    for start in ("fused", "transplant"):
+        got = [(r["epoch"], r["split"]) for r in rows if r["start"] == start]
+        assert got == [("0", "val"), ("1", "val"), ("1", "test")], start
+        assert all(0 <= float(r["acc"]) <= 100 for r in rows if r["start"] == start)
+    written = out.read_text()
+    assert bench.main(args) == 0  # every run's rows are there: nothing is run again
+    assert out.read_text() == written
