@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from otfuse.checkpoints import fused_meta, load_checkpoint, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.fusion import fuse, vanilla_models

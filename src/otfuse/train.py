@@ -130,7 +130,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # no weight decay on norm and bias parameters: decaying them only hurts
     decay = [p for p in model.parameters() if p.ndim > 1]

@@ -84,4 +84,3 @@ def transplant(models: list[nn.Module], wide: nn.Module, target: nn.Module, imag
     recomputed on `images` (the pruned channels' inputs changed); returns `target` in eval mode."""
     start = pruned(side_by_side(models, wide, images, norm), target, 1 - 1 / len(models), images, norm)
     return recompute_bn(start.to(images.device), images, norm, bn, precision=precision)
-
