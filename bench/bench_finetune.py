@@ -8,9 +8,10 @@
 FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of A and B with
 BatchNorm recomputed and refit, made here), `transplant` (A and B side by side in a model twice as
 wide, pruned back by magnitude: otfuse.transplant, made here) and the parents A (`seed<a>`) and B
-(`seed<b>`) are the other starts, and three width-32 starts made here: `fused-w32` (A and B fused into width 32),
-`pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner) and `scratch-w32` (a fresh
-initialisation). A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
+(`seed<b>`) are the other starts, and five width-32 starts made here: `fused-w32` (A and B fused into width 32),
+`pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner), `fused-pruned-w32` (A and B fused at
+their width, then pruned to 32 the same way), `transplant-w32` (A and B side by side, pruned to 32) and
+`scratch-w32` (a fresh initialisation). A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
 whatever defaults `otfuse finetune` would pick for it);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
 validation split (its accuracy after that epoch, from the run's history; epoch 0 is the start) and one on the test split
@@ -118,27 +119,32 @@ def _vanilla(inputs: FusionInputs, path: Path) -> Path:
 
 def _narrow(inputs: FusionInputs, path: Path, how: str, width: int = 32) -> Path:
     """A width-`width` start: the parents fused into it (`fused`), the first parent pruned to it by Torch-Pruning's
-    magnitude pruner (`pruned`: every channel group cut by the same fraction, the least L1 norms go), or a fresh
-    initialisation (`scratch`), saved to `path` as a fused checkpoint of the parents (so distillation finds them)."""
+    magnitude pruner (`pruned`: every channel group cut by the same fraction, the least L1 norms go), the parents
+    fused at their width then pruned to it the same way (`fused-pruned`), or a fresh initialisation (`scratch`),
+    saved to `path` as a fused checkpoint of the parents (so distillation finds them)."""
     models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     target = target_model(metas[0], width, next(models[0].parameters()).device)
+    ratio = 1 - width / metas[0]["width"]
     if how == "fused":
         target = fuse(models, data.train_x, data.norm, cfg, target=target).fused
     elif how == "pruned":
-        target = pruned(models[0], target, 1 - width / metas[0]["width"], data.train_x, data.norm, p=1)
+        target = pruned(models[0], target, ratio, data.train_x, data.norm, p=1)
+    elif how == "fused-pruned":
+        target = pruned(fuse(models, data.train_x, data.norm, cfg).fused, target, ratio, data.train_x, data.norm, p=1)
     save_checkpoint(path, target, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": how})
     return path
 
 
-def _transplant(inputs: FusionInputs, path: Path) -> Path:
-    """The parents side by side in a model twice as wide, pruned back to their width by magnitude, BatchNorm
+def _transplant(inputs: FusionInputs, path: Path, width: int | None = None) -> Path:
+    """The parents side by side in a model twice as wide, pruned by magnitude to `width` (default: theirs), BatchNorm
     recomputed (otfuse.transplant), saved to `path` as a fused checkpoint of the parents."""
     models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     device = next(models[0].parameters()).device
+    width = width or inputs.width
     wide = target_model(metas[0], len(models) * inputs.width, device)
-    start = transplant(models, wide, target_model(metas[0], inputs.width, device), data.train_x, data.norm, cfg.bn,
-                       resolve_precision(cfg.precision, device))
-    save_checkpoint(path, start, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), len(data.val_y), None), "method": "transplant"})
+    start = transplant(models, wide, target_model(metas[0], width, device), data.train_x, data.norm, cfg.bn,
+                       resolve_precision(cfg.precision, device), ratio=1 - width / (len(models) * inputs.width))
+    save_checkpoint(path, start, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": "transplant"})
     return path
 
 
@@ -148,6 +154,8 @@ MADE = {
     "transplant": _transplant,
     "fused-w32": lambda inputs, path: _narrow(inputs, path, how="fused"),
     "pruned-w32": lambda inputs, path: _narrow(inputs, path, how="pruned"),
+    "fused-pruned-w32": lambda inputs, path: _narrow(inputs, path, how="fused-pruned"),
+    "transplant-w32": lambda inputs, path: _transplant(inputs, path, width=32),
     "scratch-w32": lambda inputs, path: _narrow(inputs, path, how="scratch"),
 }
 

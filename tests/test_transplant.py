@@ -53,11 +53,14 @@ def test_pruning_back_keeps_the_stronger_models_channels():
             assert torch.equal(got[key], want[key]), key
 
 
-def test_transplant_returns_the_narrow_model_with_its_batchnorm_recomputed():
+@pytest.mark.parametrize("width,ratio", [(4, None), (2, 0.75)])
+def test_transplant_returns_the_narrow_model_with_its_batchnorm_recomputed(width, ratio):
     models, x = [_model(4, 0), _model(4, 1)], _images()
-    start = transplant(models, build_model("resnet18", 8, 3, 10), build_model("resnet18", 4, 3, 10), x, NORM, BatchNormConfig(batches=2, batch_size=32))
-    assert not start.training and start.state_dict().keys() == models[0].state_dict().keys()
-    assert all(a.shape == b.shape for a, b in zip(start.state_dict().values(), models[0].state_dict().values()))
+    start = transplant(models, build_model("resnet18", 8, 3, 10), build_model("resnet18", width, 3, 10), x, NORM,
+                       BatchNormConfig(batches=2, batch_size=32), ratio=ratio)
+    want = build_model("resnet18", width, 3, 10).state_dict()
+    assert not start.training and start.state_dict().keys() == want.keys()
+    assert all(a.shape == b.shape for a, b in zip(start.state_dict().values(), want.values()))
     assert torch.isfinite(logits(start, x, NORM)).all()
 
 

@@ -79,8 +79,10 @@ def pruned(model: nn.Module, target: nn.Module, ratio: float, images: torch.Tens
 
 
 def transplant(models: list[nn.Module], wide: nn.Module, target: nn.Module, images: torch.Tensor, norm: tuple,
-               bn: BatchNormConfig, precision: str = "fp32") -> nn.Module:
-    """The models side by side in `wide`, pruned to `target`'s width by magnitude, BatchNorm statistics
-    recomputed on `images` (the pruned channels' inputs changed); returns `target` in eval mode."""
-    start = pruned(side_by_side(models, wide, images, norm), target, 1 - 1 / len(models), images, norm)
+               bn: BatchNormConfig, precision: str = "fp32", ratio: float | None = None) -> nn.Module:
+    """The models side by side in `wide`, pruned to `target`'s width by magnitude (cutting the fraction `ratio` of
+    every channel group; default 1 - 1/n, back to one model's width), BatchNorm statistics recomputed on `images`
+    (the pruned channels' inputs changed); returns `target` in eval mode."""
+    ratio = 1 - 1 / len(models) if ratio is None else ratio
+    start = pruned(side_by_side(models, wide, images, norm), target, ratio, images, norm)
     return recompute_bn(start.to(images.device), images, norm, bn, precision=precision)
