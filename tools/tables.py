@@ -149,7 +149,8 @@ def width64_knobs() -> list[list[str]]:
 
 FINETUNE_CSV = "finetune-cifar10-jpeg-w64.csv"
 START_LABELS = {"fused": "default fusion", "vanilla": "vanilla average + refit", "transplant": "transplant (both side by side, pruned back)",
-                "fused-w32": "fused into width 32", "pruned-w32": "seed0 pruned to width 32", "scratch-w32": "width 32 from scratch"}
+                "fused-w32": "fused into width 32", "pruned-w32": "seed0 pruned to width 32", "scratch-w32": "width 32 from scratch",
+                "fused-pruned-w32": "default fusion pruned to width 32", "transplant-w32": "transplant pruned to width 32"}
 
 
 @table
@@ -164,7 +165,7 @@ def finetune_w64() -> list[list[str]]:
         run = [r for r in found if (r["start"], r["options"]) == (start, options)]
         val = {int(r["epoch"]): r["acc"] for r in run if r["split"] == "val"}
         test = next(r for r in run if r["split"] == "test")
-        recipe = ", ".join(o for o in options.split() if not o.startswith("epochs="))
+        recipe = ", ".join(options.split())
         out.append([START_LABELS.get(start, f"{start} (parent)"), recipe, *[dash(val.get(e)) for e in range(first, epochs + 1)],
                     f"**{test['acc']}**", f"{float(test['seconds']) / 60:.0f}"])
     return out
