@@ -8,10 +8,10 @@
 FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of A and B with
 BatchNorm recomputed and refit, made here), `transplant` (A and B side by side in a model twice as
 wide, pruned back by magnitude: otfuse.transplant, made here) and the parents A (`seed<a>`) and B
-(`seed<b>`) are the other starts, and five width-32 starts made here: `fused-w32` (A and B fused into width 32),
+(`seed<b>`) are the other starts, and five kinds of narrower start made here, `<kind>-w<width>`: `fused-w32` (A and B fused into width 32),
 `pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner), `fused-pruned-w32` (A and B fused at
 their width, then pruned to 32 the same way), `transplant-w32` (A and B side by side, pruned to 32) and
-`scratch-w32` (a fresh initialisation). A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
+`scratch-w32` (a fresh initialisation); any width works. A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
 whatever defaults `otfuse finetune` would pick for it);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
 validation split (its accuracy after that epoch, from the run's history; epoch 0 is the start) and one on the test split
@@ -82,10 +82,12 @@ def main(argv: list[str]) -> int:
                 for start in starts:
                     if (start, opts) in done:
                         continue
-                    if start not in paths and start in MADE:
-                        paths[start] = MADE[start](inputs, Path(tmp) / f"{start}.pt")
                     if start not in paths:
-                        raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))}")
+                        made = made_start(start, inputs, Path(tmp) / f"{start}.pt")
+                        if made is None:
+                            raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))} "
+                                              f"or {'/'.join(NARROW)}-w<width> (e.g. pruned-w32)")
+                        paths[start] = made
                     teachers = {"teachers": f"{a},{b}"} if options.get("distill") else {}
                     t0 = time.perf_counter()
                     ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**FINETUNE, **options, **teachers})
@@ -148,17 +150,25 @@ def _transplant(inputs: FusionInputs, path: Path, width: int | None = None) -> P
     return path
 
 
-# starts made here from the parents: the plain average, neuron transplantation, and width-32 starts for a compressed model
-MADE = {
-    "vanilla": _vanilla,
-    "transplant": _transplant,
-    "fused-w32": lambda inputs, path: _narrow(inputs, path, how="fused"),
-    "pruned-w32": lambda inputs, path: _narrow(inputs, path, how="pruned"),
-    "fused-pruned-w32": lambda inputs, path: _narrow(inputs, path, how="fused-pruned"),
-    "transplant-w32": lambda inputs, path: _transplant(inputs, path, width=32),
-    "scratch-w32": lambda inputs, path: _narrow(inputs, path, how="scratch"),
-}
+# starts made here from the parents: the plain average and neuron transplantation at their width, and narrower
+# starts for a compressed model, named `<kind>-w<width>` (e.g. `pruned-w32`)
+MADE = {"vanilla": _vanilla, "transplant": _transplant}
+NARROW = ("fused", "pruned", "fused-pruned", "transplant", "scratch")
 
+
+def made_start(name: str, inputs: FusionInputs, path: Path) -> Path | None:
+    """Start `name` made from the parents and saved to `path`, or None when the name is not one made here."""
+    if name in MADE:
+        return MADE[name](inputs, path)
+    kind, _, width = name.rpartition("-w")
+    if kind not in NARROW or not width.isdigit() or int(width) < 1:
+        return None
+    widest = {"pruned": inputs.width, "fused-pruned": inputs.width, "transplant": len(inputs.models) * inputs.width}.get(kind)
+    if widest is not None and int(width) >= widest:
+        raise OtfuseError(f"--run: start {name!r} prunes to width {width}, which is not below {widest}; give a smaller width")
+    if kind == "transplant":
+        return _transplant(inputs, path, width=int(width))
+    return _narrow(inputs, path, how=kind, width=int(width))
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
