@@ -170,5 +170,6 @@ def made_start(name: str, inputs: FusionInputs, path: Path) -> Path | None:
         return _transplant(inputs, path, width=int(width))
     return _narrow(inputs, path, how=kind, width=int(width))
 
+
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
