@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
             raise OtfuseError(f"{fused} is not a fused checkpoint (kind {fmeta.get('kind')!r}); make one with otfuse fuse A.pt B.pt --out FUSED.pt")
         runs = [parse_run(r) for r in args.run] or [parse_run(f"{s}: {o}") for s, o in GRID]
         meta = metas[0]
-        out = Path(args.out_dir) / f"finetune-{bench_stem(meta)}.csv"
+        out = Path(args.out_dir) / f"finetune-{bench_stem(meta, data)}.csv"
         rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
         done = {(r["start"], r["options"]) for r in rows}
         with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
                     history = ck_meta["history"]
                     ck.unlink()
                     common = {"start": start, "distill": bool(options.get("distill")), "epochs": len(history), "options": opts,
-                              "seconds": f"{seconds:.0f}", "dataset": meta["dataset"], "width": meta["width"]}
+                              "seconds": f"{seconds:.0f}", "dataset": data.slug, "width": meta["width"]}
                     # epoch 0: the start itself, measured by the run's keep-start check
                     before = [{"epoch": 0, "val_acc": ck_meta["start_val_acc"]}] if "start_val_acc" in ck_meta else []
                     rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in before + history]

@@ -86,8 +86,8 @@ def main(argv: list[str]) -> int:
         seeds = "-".join(str(m.get("seed")) for m in metas)
         defaults = json.dumps(flatten(build(FuseConfig, base)), sort_keys=True)
         name = f"-{args.name}" if args.name else ""
-        out = Path(args.out_dir) / f"knobs-{bench_stem(meta)}{name}.csv"
-        atomic_write_csv(out, [{"dataset": meta["dataset"], "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}
+        out = Path(args.out_dir) / f"knobs-{bench_stem(meta, data)}{name}.csv"
+        atomic_write_csv(out, [{"dataset": data.slug, "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}
                                for r in rows])
         print(f"wrote {out}")
         return 0

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         precision = resolve_precision(inputs.cfg.precision, next(models[0].parameters()).device)
         meta = metas[0]
         suffix = "" if args.split == "test" else f"-{args.split}"
-        out = Path(args.out_dir) / f"scale-{bench_stem(meta)}{suffix}.csv"
+        out = Path(args.out_dir) / f"scale-{bench_stem(meta, data)}{suffix}.csv"
         # rows of earlier runs stay; a row already there for this precision is skipped (a stopped run resumes)
         rows = [r for r in (csv.DictReader(out.open()) if out.is_file() else []) if r.get("precision")]
         done = {(r["row"], r["precision"]) for r in rows}
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
         x, y = data.split(args.split)
 
         def record(row: dict) -> None:
-            rows.append({**row, "precision": precision, "split": args.split, "dataset": meta["dataset"], "options": options})
+            rows.append({**row, "precision": precision, "split": args.split, "dataset": data.slug, "options": options})
             atomic_write_csv(out, rows, FIELDS)
             print(_line(row), flush=True)
 

@@ -66,18 +66,20 @@ def test_cifar_reads_torchvisions_pickles(name, tmp_data_dir):
     folder.mkdir()
     key = "labels" if name == "cifar10" else "fine_labels"
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
-    arrays = {}
+    arrays, labels = {}, {}
     for f in files:
-        arrays[f] = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
+        arrays[f], labels[f] = rng.integers(0, 256, (8, 3072), dtype=np.uint8), list(rng.integers(0, 10, 8))
         with open(folder / f, "wb") as fh:
-            pickle.dump({"data": arrays[f], key: list(rng.integers(0, 10, 8))}, fh)
+            pickle.dump({"data": arrays[f], key: labels[f]}, fh)
     classes = [f"c{i}" for i in range(10)]
     with open(folder / ("batches.meta" if name == "cifar10" else "meta"), "wb") as fh:
         pickle.dump({"label_names" if name == "cifar10" else "fine_label_names": classes}, fh)
     d = D.load_dataset(name, tmp_data_dir, val_size=4)
     assert d.test_x.shape == (8, 3, 32, 32) and d.classes == classes
-    # torchvision's layout: 1024 red, then green, then blue values, row-major
-    assert torch.equal(d.test_x[0, 1].reshape(-1), torch.from_numpy(arrays[files[-1]][0, 1024:2048]))
+    # torchvision's layout: 1024 red, then green, then blue values, row-major; CIFAR-100 read by class (stably)
+    first = int(np.argsort(labels[files[-1]], kind="stable")[0]) if name == "cifar100" else 0
+    assert torch.equal(d.test_x[0, 1].reshape(-1), torch.from_numpy(arrays[files[-1]][first, 1024:2048]))
+    assert d.test_y.tolist() == (sorted(labels[files[-1]]) if name == "cifar100" else labels[files[-1]])
     assert len(d.train_y) + len(d.val_y) == 8 * (len(files) - 1)
 
 
@@ -148,3 +150,75 @@ def test_batches_are_normalised_and_seeded():
     assert all(torch.equal(p, q) for p, q in zip(b1, b2)) and sorted(torch.cat(b1).tolist()) == list(range(10))
     xb, _ = next(D.batches(x, y, 10, ((0.5,), (0.25,))))
     assert torch.allclose(xb, (x.float() / 255 - 0.5) / 0.25)
+
+
+def _png_tree(root, classes, per_split=(2, 1), seed=0):
+    """ImageFolder PNGs of 32x32 under one top folder, as the lossless CIFAR-100 copy lays them out; returns
+    {(split, class): [images]} in file order."""
+    rng = np.random.default_rng(seed)
+    images = {}
+    for split, n in zip(("train", "test"), per_split):
+        for c in classes:
+            folder = root / "top" / split / c
+            folder.mkdir(parents=True)
+            images[split, c] = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+            for i, im in enumerate(images[split, c]):
+                Image.fromarray(im).save(folder / f"{i:04d}.png")
+    (root / "top" / "classes.txt").write_text("\n".join(classes))
+    return images
+
+
+def _archive(root, name):
+    with tarfile.open(root.parent / name, "w:xz") as tar:
+        tar.add(root / "top", arcname="top")
+    return root.parent / name
+
+
+def test_classes_named_train_and_test_keep_their_labels(tmp_path, tmp_data_dir):
+    images = _png_tree(tmp_path / "src", ["apple", "test", "train"])
+    d = D.load_dataset(f"imagefolder:{_archive(tmp_path / 'src', 'odd.tar.xz')}", tmp_data_dir, val_size=0)
+    assert d.classes == ["apple", "test", "train"]
+    # the test split's class "train" and the train split's class "test" are classes, not splits
+    assert d.test_y.tolist() == [0, 1, 2] and d.train_y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(d.test_x[2], torch.from_numpy(images["test", "train"][0]).permute(2, 0, 1))
+    assert torch.equal(d.train_x[3], torch.from_numpy(images["train", "test"][1]).permute(2, 0, 1))
+
+
+def test_cifar100_uses_a_local_copy_before_a_download(tmp_path, tmp_data_dir, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", _no_internet)
+    _png_tree(tmp_path / "src", D.CIFAR100_CLASSES, (1, 1))
+    archive = _archive(tmp_path / "src", D.CIFAR100_ARCHIVE)
+    named = D.load_dataset(f"cifar100:{archive}", tmp_data_dir, val_size=10)
+    assert named.classes == D.CIFAR100_CLASSES and named.test_y.tolist() == list(range(100)) and named.slug == "cifar100"
+    with pytest.raises(OtfuseError, match="cannot download cifar100.*cifar100:PATH"):  # none in the data dir: a download
+        D.load_dataset("cifar100", tmp_data_dir)
+    (tmp_data_dir / D.CIFAR100_ARCHIVE).symlink_to(archive)
+    found = D.load_dataset("cifar100", tmp_data_dir, val_size=10)  # the archive in the data dir, no download
+    assert torch.equal(found.train_x, named.train_x) and torch.equal(found.val_y, named.val_y)
+    _png_tree(tmp_path / "other", ["cat", "dog"])
+    with pytest.raises(OtfuseError, match="2 classes, not CIFAR-100's 100 fine labels.*imagefolder:"):
+        D.load_dataset(f"cifar100:{tmp_path / 'other' / 'top'}", tmp_data_dir)
+
+
+def test_cifar100_pickles_and_the_png_copy_are_the_same_data_and_named_alike(tmp_path, tmp_data_dir, monkeypatch):
+    """torchvision's pickles hold each split interleaved; the PNG copy numbers a class's files by their rank in that
+    order. Read by class, both give the same arrays, the same validation split and the same digest; a digest in
+    KNOWN_CONTENT names the data whatever path it was loaded from."""
+    images = _png_tree(tmp_path / "src", D.CIFAR100_CLASSES, (3, 1))
+    folder = tmp_data_dir / "cifar-100-python"
+    folder.mkdir()
+    for split, n in (("train", 3), ("test", 1)):
+        order = [(c, i) for i in range(n) for c in range(100)]  # interleaved, as the originals are
+        flat = [images[split, D.CIFAR100_CLASSES[c]][i].transpose(2, 0, 1).reshape(-1) for c, i in order]
+        with open(folder / split, "wb") as fh:
+            pickle.dump({"data": np.stack(flat), "fine_labels": [c for c, _ in order]}, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({"fine_label_names": D.CIFAR100_CLASSES}, fh)
+    pickles = D.load_dataset("cifar100", tmp_data_dir, val_size=20)
+    png = D.load_dataset(f"imagefolder:{tmp_path / 'src' / 'top'}", tmp_data_dir, val_size=20)
+    for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(getattr(pickles, k), getattr(png, k)), k
+    assert pickles.digest == png.digest and len(png.digest) == 32
+    assert png.slug == "imagefolder-top" and pickles.slug == "cifar100"
+    monkeypatch.setitem(D.KNOWN_CONTENT, png.digest, "cifar100")
+    assert D.load_dataset(f"imagefolder:{tmp_path / 'src' / 'top'}", tmp_data_dir, val_size=20).slug == "cifar100"

@@ -5,10 +5,16 @@
     for x, y in batches(data.train_x, data.train_y, 256, data.norm, augment=data.augment, seed=0, epoch=0):
         ...
 
-Names: `cifar10`, `cifar100` (torchvision download, or torchvision's pickles already in the
-data dir), `fashion-mnist` (torchvision's files, or Debian's `dataset-fashion-mnist`),
+Names: `cifar10` (torchvision's pickles in the data dir, or a download), `cifar100` (a local copy
+first: `cifar100:PATH` names one, an ImageFolder archive or folder such as the lossless PNG copy or
+torchvision's `cifar-100-python` folder; else torchvision's pickles or `cifar100-png.tar.xz` in the
+data dir; else a download), `fashion-mnist` (torchvision's files, or Debian's `dataset-fashion-mnist`),
 `digits` (scikit-learn's bundled 8x8 digits) and `imagefolder:PATH` (PATH/train/<class>/*,
 PATH/test/<class>/*, or a .tar.xz of that layout).
+
+Every decoded dataset carries a digest of its arrays; data whose digest is known (`KNOWN_CONTENT`)
+is called by its own name in tables and file names (`ImageData.slug`), whatever path it came from:
+the lossless CIFAR-100 copy loaded as `imagefolder:...` is `cifar100`.
 """
 
 from __future__ import annotations
@@ -37,8 +43,22 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_VERSION = 1
 OFFLINE_CHOICES = (
     "offline choices: --dataset digits (bundled), fashion-mnist (apt-get install dataset-fashion-mnist), "
-    "or imagefolder:PATH (e.g. the CIFAR-10 JPEG copy, a .tar.xz)"
+    "cifar100:PATH (a local copy, e.g. the lossless PNG archive), or imagefolder:PATH (e.g. the CIFAR-10 JPEG copy, a .tar.xz)"
 )
+# CIFAR-100's fine labels in its label order, which is also their sorted (ImageFolder) order
+CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle "
+    "caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish "
+    "forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle "
+    "mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine "
+    "possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar "
+    "sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree "
+    "wolf woman worm"
+).split()
+CIFAR100_ARCHIVE = "cifar100-png.tar.xz"  # the lossless copy's file name, looked for in the data dir
+# decoded datasets known by content (ImageData.digest), by the name tables give them: the lossless CIFAR-100 copy
+# (../shared/data/cifar100-png.tar.xz) holds the official pixels and split, in class order
+KNOWN_CONTENT = {"9ed31c26beb229a27a8daa69175ba9ea": "cifar100"}
 
 
 def default_data_dir() -> Path:
@@ -60,6 +80,12 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # random crop + flip suit natural images, not digits
+    digest: str = ""  # of the decoded arrays (content_digest): what the data is, whatever its name or path
+
+    @property
+    def slug(self) -> str:
+        """The name tables and file names give this data: its known name where its content is known, else dataset_slug."""
+        return KNOWN_CONTENT.get(self.digest, dataset_slug(self.name))
 
     @property
     def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -91,13 +117,25 @@ class ImageData:
 
 
 def dataset_slug(name: str) -> str:
-    """A folder-safe name: `imagefolder:/x/cifar10-jpeg.tar.xz` -> `imagefolder-cifar10-jpeg`."""
+    """A folder-safe name: `imagefolder:/x/cifar10-jpeg.tar.xz` -> `imagefolder-cifar10-jpeg`; `cifar100:PATH` ->
+    `cifar100` (a local copy of a known dataset is that dataset)."""
     if name.startswith("imagefolder:"):
         stem = Path(name.split(":", 1)[1].rstrip("/")).name
         for ext in (".tar.xz", ".tar.gz", ".tar"):
             stem = stem.removesuffix(ext)
         return f"imagefolder-{stem}"
-    return name
+    return name.partition(":")[0]
+
+
+def content_digest(raw: dict) -> str:
+    """A digest of a decoded dataset's arrays and class names: equal digests, equal data."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        t = raw[k].contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.numpy().tobytes())
+    h.update("\n".join(raw["classes"]).encode())
+    return h.hexdigest()
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, val_size: int | None = None, val_seed: int = 0) -> ImageData:
@@ -105,6 +143,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_size: int | 
     data_dir = writable_dir(data_dir or default_data_dir())
     source = _source(name, data_dir)
     raw = _cached(source, data_dir)
+    source.check(raw)
     if val_size is None:
         val_size = min(5000, len(raw["train_y"]) // 10)
     return _with_validation(name, raw, val_size, val_seed)
@@ -117,6 +156,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, val_size: int | 
 class _Source:
     key: str  # names the source and its files' sizes and mtimes: a changed source misses the cache
     decode: Callable[[], dict]
+    check: Callable[[dict], None] = lambda raw: None  # what a dataset of this name must hold, decoded or cached
 
 
 SourceFn = Callable[[str, Path], _Source]
@@ -143,7 +183,8 @@ def dataset_augments(name: str) -> bool:
 def _source(name: str, data_dir: Path) -> _Source:
     kind, _, arg = name.partition(":")
     if kind not in SOURCES:
-        raise OtfuseError(f"unknown dataset {name!r}; choose {', '.join(k + (':PATH' if k == 'imagefolder' else '') for k in SOURCES)}")
+        raise OtfuseError(f"unknown dataset {name!r}; choose "
+                          + ", ".join(k + {"imagefolder": ":PATH", "cifar100": "[:PATH]"}.get(k, "") for k in SOURCES))
     return SOURCES[kind](arg, data_dir)
 
 
@@ -161,19 +202,55 @@ def _cifar10_source(_arg: str, data_dir: Path) -> _Source:
 
 
 @register_dataset("cifar100")
-def _cifar100_source(_arg: str, data_dir: Path) -> _Source:
+def _cifar100_source(arg: str, data_dir: Path) -> _Source:
+    """A local copy first: the one named (`cifar100:PATH`), else torchvision's pickles or the lossless PNG archive in
+    the data dir; a download only when there is none."""
+    if arg:
+        path = Path(arg).expanduser()
+        if not path.exists():
+            raise OtfuseError(f"cifar100 copy {path} does not exist; give the PNG archive (e.g. ../shared/data/{CIFAR100_ARCHIVE}), "
+                              "an ImageFolder folder of it, or torchvision's cifar-100-python folder")
+        if path.is_dir() and _has_cifar_pickles("cifar100", path):
+            return _cifar_source("cifar100", path.parent, path)
+        return _cifar100_imagefolder(path)
+    if not _has_cifar_pickles("cifar100", data_dir / CIFAR["cifar100"][0]) and (data_dir / CIFAR100_ARCHIVE).is_file():
+        return _cifar100_imagefolder(data_dir / CIFAR100_ARCHIVE)
     return _cifar_source("cifar100", data_dir)
 
 
-def _cifar_source(name: str, data_dir: Path) -> _Source:
-    folder, files, label_key, meta_file, meta_key = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", "batches.meta", "label_names"),
-        "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels", "meta", "fine_label_names"),
-    }[name]
-    root = data_dir / folder
-    if not all((root / f).is_file() for f in files + [meta_file]):
+def _cifar100_imagefolder(path: Path) -> _Source:
+    """CIFAR-100 in the ImageFolder layout: the images as they are (one cache with `imagefolder:PATH`), its 100 fine
+    labels checked."""
+    def check(raw: dict) -> None:
+        if raw["classes"] != CIFAR100_CLASSES:
+            odd = sorted(set(raw["classes"]) ^ set(CIFAR100_CLASSES))
+            raise OtfuseError(f"{path} holds {len(raw['classes'])} classes, not CIFAR-100's 100 fine labels ({', '.join(odd[:3])} "
+                              f"differ); give a copy of CIFAR-100, or use --dataset imagefolder:{path}")
+
+    inner = _imagefolder_source(str(path), path)
+    return _Source(inner.key, inner.decode, check)
+
+
+# per dataset: torchvision's folder, its data files (the last one the test split), label key, meta file, class-name key
+CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", "batches.meta", "label_names"),
+    "cifar100": ("cifar-100-python", ["train", "test"], "fine_labels", "meta", "fine_label_names"),
+}
+
+
+def _has_cifar_pickles(name: str, folder: Path) -> bool:
+    _, files, _, meta_file, _ = CIFAR[name]
+    return all((folder / f).is_file() for f in files + [meta_file])
+
+
+def _cifar_source(name: str, data_dir: Path, root: Path | None = None) -> _Source:
+    folder, files, label_key, meta_file, meta_key = CIFAR[name]
+    root = root or data_dir / folder
+    if not _has_cifar_pickles(name, root):
         _download_cifar(name, data_dir)
     paths = [root / f for f in files + [meta_file]]
+    # CIFAR-100 sorted by class (stably), as its lossless PNG copy holds it: the same arrays, so the same validation split
+    by_class = name == "cifar100"
 
     def decode() -> dict:
         def read(f: str) -> dict:
@@ -183,13 +260,13 @@ def _cifar_source(name: str, data_dir: Path) -> _Source:
         parts = [read(f) for f in files]
         to_x = lambda d: torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
         to_y = lambda d: torch.tensor(d[label_key], dtype=torch.int64)
-        return dict(
-            train_x=torch.cat([to_x(d) for d in parts[:-1]]), train_y=torch.cat([to_y(d) for d in parts[:-1]]),
-            test_x=to_x(parts[-1]), test_y=to_y(parts[-1]),
-            classes=list(read(meta_file)[meta_key]), augment=True,
-        )
+        splits = [(torch.cat([to_x(d) for d in parts[:-1]]), torch.cat([to_y(d) for d in parts[:-1]])), (to_x(parts[-1]), to_y(parts[-1]))]
+        if by_class:
+            splits = [(x[order], y[order]) for x, y in splits for order in [torch.argsort(y, stable=True)]]
+        (tx, ty), (vx, vy) = splits
+        return dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy, classes=list(read(meta_file)[meta_key]), augment=True)
 
-    return _Source(f"{name}-{_fingerprint(paths)}", decode)
+    return _Source(f"{name}{'-by-class' if by_class else ''}-{_fingerprint(paths)}", decode)
 
 
 def _download_cifar(name: str, data_dir: Path) -> None:
@@ -364,6 +441,9 @@ def _cached(source: _Source, data_dir: Path) -> dict:
             raw = load_torch(path, "dataset cache")
             _check_decoded(raw, path)
             if isinstance(raw.get("mean"), list) and isinstance(raw.get("std"), list):
+                if not isinstance(raw.get("digest"), str):  # a cache from before digests: given one, once
+                    raw["digest"] = content_digest(raw)
+                    save_torch(path, raw)
                 return raw
         except OtfuseError:
             pass  # a broken or foreign cache is rebuilt, not reported
@@ -379,6 +459,7 @@ def _cached(source: _Source, data_dir: Path) -> dict:
     x = raw["train_x"].float() / 255.0
     raw["mean"] = x.mean(dim=(0, 2, 3)).tolist()
     raw["std"] = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()  # a constant channel must not divide by zero
+    raw["digest"] = content_digest(raw)
     save_torch(path, raw)
     return raw
 
@@ -405,7 +486,7 @@ def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageDat
         train_x=raw["train_x"][train], train_y=raw["train_y"][train],
         val_x=raw["train_x"][val], val_y=raw["train_y"][val],
         test_x=raw["test_x"], test_y=raw["test_y"],
-        mean=tuple(raw["mean"]), std=tuple(raw["std"]), augment=bool(raw["augment"]),
+        mean=tuple(raw["mean"]), std=tuple(raw["std"]), augment=bool(raw["augment"]), digest=str(raw.get("digest", "")),
     )
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.data import dataset_slug
+from otfuse.data import ImageData
 from otfuse.report import COLUMNS
 from otfuse.storage import atomic_write_csv, atomic_write_text
 
@@ -25,11 +25,12 @@ PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "b
           "finetune_distill")
 
 
-def bench_stem(meta: dict) -> str:
-    """The name a bench's CSV carries for checkpoints with metadata `meta`: `<dataset>[-<arch>]-w<width>` (no arch for
-    resnet18, whose files were named before there were others)."""
+def bench_stem(meta: dict, data: ImageData) -> str:
+    """The name a bench's CSV carries for checkpoints with metadata `meta` on `data`: `<dataset>[-<arch>]-w<width>` (the
+    data's own name where its content is known, e.g. cifar100; no arch for resnet18, whose files were named before there
+    were others)."""
     arch = "" if meta["arch"] == "resnet18" else f"-{meta['arch'].replace(':', '-')}"
-    return f"{dataset_slug(meta['dataset']).removeprefix('imagefolder-')}{arch}-w{meta['width']}"
+    return f"{data.slug.removeprefix('imagefolder-')}{arch}-w{meta['width']}"
 
 
 def read_rows(path: Path) -> list[dict]:
