@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Train the base models: every seed x dataset with the full recipe. Resumes interrupted runs.
 #   SEEDS="0 1" DATASETS="cifar10 cifar100" EPOCHS=100 WIDTH=64 NPROC=1 DATA_DIR=~/.cache/otfuse ./run_train_all.sh
+# Parties that each train on part of the data, per seed (the fusion scripts then fuse complementary parties):
+#   SPLIT=disjoint ./run_train_all.sh           # party A on the first half of the classes, party B on the second
+#   SPLIT=biased BIAS=0.8 ./run_train_all.sh    # A: 80% of the first half's images and 20% of the rest's; B the others
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS="${SEEDS:-0 1}"
@@ -9,13 +12,30 @@ EPOCHS="${EPOCHS:-100}"
 WIDTH="${WIDTH:-64}"
 NPROC="${NPROC:-1}"
 DATA_DIR="${DATA_DIR:-$HOME/.cache/otfuse}"
+SPLIT="${SPLIT:-}"
+BIAS="${BIAS:-0.8}"
+case "$SPLIT" in
+  "" | disjoint | biased) ;;
+  *) echo "run_train_all.sh: SPLIT=$SPLIT: use disjoint, biased or leave it unset (every seed on all the data)" >&2; exit 2 ;;
+esac
 for dataset in $DATASETS; do
+  parts=("")
+  if [ -n "$SPLIT" ]; then
+    n=$(python -c "import sys; from otfuse.data import load_dataset; print(load_dataset(sys.argv[1], sys.argv[2]).num_classes)" "$dataset" "$DATA_DIR")
+    half=$((n / 2))
+    bias=()
+    [ "$SPLIT" = biased ] && bias=(--bias "$BIAS")
+    parts=("--classes 0-$((half - 1)) ${bias[*]}" "--classes $half-$((n - 1)) ${bias[*]}")
+  fi
   for seed in $SEEDS; do
-    args=(train --dataset "$dataset" --width "$WIDTH" --epochs "$EPOCHS" --seed "$seed" --data-dir "$DATA_DIR" --resume)
-    if [ "$NPROC" -gt 1 ]; then
-      torchrun --standalone --nproc_per_node="$NPROC" -m otfuse "${args[@]}"
-    else
-      otfuse "${args[@]}"
-    fi
+    for part in "${parts[@]}"; do
+      # shellcheck disable=SC2206  # a part is a few words of options, split on purpose
+      args=(train --dataset "$dataset" --width "$WIDTH" --epochs "$EPOCHS" --seed "$seed" --data-dir "$DATA_DIR" --resume $part)
+      if [ "$NPROC" -gt 1 ]; then
+        torchrun --standalone --nproc_per_node="$NPROC" -m otfuse "${args[@]}"
+      else
+        otfuse "${args[@]}"
+      fi
+    done
   done
 done

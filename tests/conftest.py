@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +65,15 @@ class CatNet(nn.Module):
         x = torch.relu(self.bn(self.dw(x)))
         x = torch.relu(self.c(x))
         return self.fc(torch.flatten(x, 1))
+
+
+def bench_module(name: str):
+    """A script of bench/ imported as a module (registered, so its dataclasses resolve their annotations)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def config(**flat) -> FuseConfig:

@@ -126,10 +126,22 @@ def _check_meta(path: str | Path, meta: dict) -> None:
                 "classes": (lambda v: isinstance(v, list) and len(v) == meta["num_classes"] and all(isinstance(c, str) for c in v),
                             f"a list of {meta['num_classes']} class names"),
                 "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
+                "subset": (lambda v: _is_subset(v, meta["num_classes"]), "a part of the data (classes, bias, seed)"),
                 "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS))}
     for key, (ok, what) in optional.items():
         if key in meta:
             need(ok(meta[key]), key, what)
+
+
+def _is_subset(v, num_classes: int) -> bool:
+    """A `subset` record: listed classes (distinct label indices), a bias in (0, 1], an integer seed."""
+    if not isinstance(v, dict) or set(v) != {"classes", "bias", "seed"}:
+        return False
+    classes, bias, seed = v["classes"], v["bias"], v["seed"]
+    return (isinstance(classes, list) and 0 < len(classes) < num_classes and len(set(classes)) == len(classes)
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes for c in classes)
+            and isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias) and 0 < bias <= 1
+            and isinstance(seed, int) and not isinstance(seed, bool))
 
 
 def val_size_of(meta: dict) -> int | None:
@@ -184,10 +196,13 @@ def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict,
                test_acc: float | None) -> dict:
     """A fused checkpoint's metadata: the first parent's identity (dataset, normalisation, classes), the
     fused width and options, and what each parent was (path, width, training accuracy)."""
-    meta = {k: v for k, v in metas[0].items() if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc")}
+    meta = {k: v for k, v in metas[0].items()
+            if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc", "subset", "task_test_acc")}
     meta.update(kind="fused", width=width, parent_widths=[m["width"] for m in metas], method=options.get("method"),
                 options=options, parents=[str(p) for p in parents], val_size=val_size, test_acc=test_acc,
                 parent_train_acc=[m.get("train_acc") for m in metas], parent_optimizer=optimizer_of(metas[0]))
+    if any(m.get("subset") for m in metas):  # parents trained on parts of the data: the fused model serves their union
+        meta["parent_subsets"] = [m.get("subset") for m in metas]
     return meta
 
 

@@ -17,15 +17,16 @@ from otfuse.align import METHODS
 from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
-from otfuse.evaluate import accuracy, loss_and_accuracy
+from otfuse.evaluate import logits, loss_and_accuracy
 from otfuse.fusion import FuseConfig, fuse, timed
 from otfuse.inputs import FusionInputs, check_request, fusion_inputs
 from otfuse.interpolate import interpolation, options_note
 from otfuse.models import arch_folder
+from otfuse.partial import MERGE_UNTIL_HELP, chosen_cuts, partial_rows
 from otfuse.options import Parser, add_options, flatten, read_config, resolve
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
-from otfuse.report import table
+from otfuse.report import accuracies, table
 from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, output_lock, writable_dir
 from otfuse.train import FINETUNE, FINETUNE_FITTED, TrainConfig, checkpoint_path, finetune_config, finetune_defaults, train
 from otfuse.tune import TuneConfig, run_study
@@ -77,6 +78,8 @@ def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     check_request(len(args.checkpoints), args.width, vars(args), args.config)
+    if args.merge_until and len(args.checkpoints) < 2:
+        raise OtfuseError("--merge-until keeps each parent's later layers as a branch: give two or more checkpoints")
     check_outputs({"--out": args.out}, _inputs(args.checkpoints, args.config), args.overwrite, lambda p: fused_from(p, args.checkpoints))
     with output_lock(args.out):
         return _fuse(args, fusion_inputs(args.checkpoints, vars(args), args.config, args.width, args.data_dir, args.device))
@@ -91,15 +94,22 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
         save_checkpoint(args.out, fusion.fused, meta(None))
         print(f"saved {args.out} (fused in {made:.1f} s, {fusion.precision})", flush=True)
     if args.baselines:
-        acc = table(fusion, data, args.split, progress=True)
+        acc = table(fusion, data, args.split, progress=True, tasks=inputs.tasks)
     else:
         with timed(fusion.seconds, "evaluation", True):
-            acc = {"fused": accuracy(fusion.fused, *data.split(args.split), data.norm, fusion.precision)}
+            x, y = data.split(args.split)
+            acc = accuracies("fused", logits(fusion.fused, x, data.norm, precision=fusion.precision), y, inputs.tasks)
     widths = "+".join(f"w{m['width']}" for m in metas)
     print(f"{metas[0]['dataset']} {metas[0]['arch']} {widths} -> w{inputs.width}, {args.split} accuracy (%), method {cfg.align.method}:")
+    if inputs.tasks:
+        print("  (parents trained on parts of the data: every class, then each parent's task: its classes' images, argmax within them)")
     for k, v in acc.items():
-        print(f"  {k:<14} {v:6.2f}")
+        print(f"  {k:<20} {v:6.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.seconds.items()))
+    if args.merge_until:
+        print(f"partial merges (the layers up to the cut fused, each parent's later layers a branch; {args.split} accuracy, %):")
+        partial_rows(fusion, chosen_cuts(fusion.fused, args.merge_until), data.train_x, *data.split(args.split), data.norm,
+                     inputs.tasks, progress=True)
     if args.out and args.split == "test":  # the metadata gains the accuracy just measured
         save_checkpoint(args.out, fusion.fused, meta(acc["fused"]))
     return 0
@@ -189,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="also evaluate every stage and baseline: parents, ensemble, vanilla averaging, REPAIR (default: off, "
                         "only the fused model, after it is saved)")
+    p.add_argument("--merge-until", default="", help=MERGE_UNTIL_HELP)
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)
     p = sub.add_parser("tune", help="optuna study over the fusion options on the validation split (resumable, shareable)")

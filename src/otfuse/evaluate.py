@@ -28,6 +28,19 @@ def accuracy_of_logits(z: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (z.argmax(1) == y.to(z.device)).float().mean().item()
 
 
+def task_accuracy_of_logits(z: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...] | list[int] | None) -> float:
+    """Accuracy (%) on the images whose label is in `classes`, the argmax taken within `classes` (a party's own task);
+    every image and class where `classes` is None."""
+    if classes is None:
+        return accuracy_of_logits(z, y)
+    idx = torch.tensor(list(classes), device=z.device)
+    y = y.to(z.device)
+    keep = torch.isin(y, idx)
+    if not bool(keep.any()):
+        return float("nan")
+    return 100.0 * (idx[z[keep][:, idx].argmax(1)] == y[keep]).float().mean().item()
+
+
 def ensemble_of_logits(zs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """The weighted mean of the models' softmax outputs: the ensemble's predictions (argmax as for logits)."""
     return sum(w * z.softmax(1) for w, z in zip(weights, zs))

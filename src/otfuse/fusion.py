@@ -33,6 +33,7 @@ from otfuse.groups import ChannelGroup
 from otfuse.maps import ChannelMap, carry, groups_of, output_maps
 from otfuse.precision import resolve_precision
 from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
+from otfuse.subsets import check_fusion_data
 
 
 @dataclass
@@ -45,12 +46,14 @@ class FuseConfig:
     repair: RepairConfig = field(default_factory=RepairConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)
     weights: str = ""  # comma-separated model weights for the average; empty: equal
+    fusion_data: str = "union"  # training images the stages read: union (of the parents' parts) | model<k> (its part) | <N>-per-class
     precision: str = "auto"  # forward passes: auto (bf16 autocast where the device has native bf16) | fp32 | bf16
 
     def check(self, n_models: int | None = None) -> None:
         for stage in self.STAGES:
             getattr(self, stage).check()
         resolve_precision(self.precision, torch.device("cpu"))
+        check_fusion_data(self.fusion_data, n_models)
         if n_models is not None:
             self.model_weights(n_models)
 

@@ -8,7 +8,7 @@ once, and the target model. The CLI, the fusion scripts and the benches all prep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
 from otfuse.models import model_from_meta
 from otfuse.options import resolve
+from otfuse.subsets import Subset, fusion_mask, subset_of
 
 
 @dataclass
@@ -28,10 +29,18 @@ class FusionInputs:
     models: list[nn.Module]  # the parents, on the device
     metas: list[dict]  # their metadata
     paths: list[str]
-    data: ImageData  # the first parent's dataset, on the device
+    data: ImageData  # the first parent's dataset, on the device; its train split: the images the fusion reads (--fusion-data)
     cfg: FuseConfig  # defaults, then what the parents' recipe implies, then --config, then the options given
     width: int  # the fused model's
     target: nn.Module  # a fresh model of the fused width, on the device: `fuse(..., target=inputs.target)`
+    parts: list[Subset | None]  # the part of the data each parent trained on (None: all of it)
+
+    @property
+    def tasks(self) -> list[tuple[int, ...]] | None:
+        """Each parent's own classes, where parents trained on parts of the data (None where every parent saw it all)."""
+        if all(p is None for p in self.parts):
+            return None
+        return [p.classes if p else tuple(range(self.data.num_classes)) for p in self.parts]
 
 
 def check_request(n_checkpoints: int, width: int = 0, given: dict[str, Any] | None = None, config: str = "",
@@ -60,7 +69,11 @@ def fusion_inputs(paths: list[str | Path], given: dict[str, Any] | None = None, 
     cfg.check(len(models))
     width = width or metas[0]["width"]
     target = target_model(metas[0], width, next(models[0].parameters()).device)
-    return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target)
+    parts = [subset_of(m) for m in metas]
+    keep = fusion_mask(data.train_y, parts, cfg.fusion_data)
+    if not bool(keep.all()):
+        data = replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
+    return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target, parts)
 
 
 def target_model(meta: dict, width: int, device: torch.device) -> nn.Module:

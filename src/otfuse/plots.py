@@ -1,4 +1,4 @@
-"""Figures written as PNG files: the interpolation curves and a tuning study's history.
+"""Figures written as PNG files: interpolation curves, fine-tuning curves, partial merges' cost and a tuning study's history.
 
     save_figure(interpolation_figure(rows, title), "results/interp.png")
 
@@ -75,6 +75,25 @@ def finetune_figure(rows: list[dict], title: str):
     ax.set_xlabel("fine-tuning epochs (0: the start)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def partial_figure(rows: list[dict], lines: dict[str, float], title: str):
+    """Joint accuracy against FLOPs (as multiples of one parent's), one point per cut of a partial merge, named; the
+    models in `lines` (e.g. each parent, their ensemble) as horizontal lines."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
+    pts = sorted((float(r["flops_x"]), float(r["accuracy"]), r["cut"]) for r in rows)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", marker="o", ms=4, label="merged up to the cut, then one branch per parent")
+    for fx_, acc, cut in pts:
+        ax.annotate(cut, (fx_, acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for i, (label, value) in enumerate(lines.items()):
+        ax.axhline(value, color=f"C{i + 1}", ls=":", lw=1, label=label)
+    ax.set_xlabel("FLOPs per image, as multiples of one parent's")
+    ax.set_ylabel("joint test accuracy (%, every class)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -388,7 +388,7 @@ def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], lay
 def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
           cfg: RefitConfig, progress: bool = False,
           sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
-          precision: str = "fp32") -> nn.Module:
+          precision: str = "fp32", layers: set[str] | None = None) -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
     `parents` must already be carried onto the fused model's channels: their averaged units are the
@@ -396,14 +396,15 @@ def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], imag
     carried through its maps ((model, `otfuse.maps.output_maps(...)`) per parent): the same for
     permutations, and the exact features to merge where a map merges or splits channels. The ridge
     is relative to the mean diagonal of the inputs' second-moment matrix. Forward passes run in
-    `precision`; the products, sums and solves in float32/float64. Returns `fused` in eval mode."""
+    `precision`; the products, sums and solves in float32/float64. With `layers`, only those units are refit
+    (the others keep their weights). Returns `fused` in eval mode."""
     dev = next(fused.parameters()).device
     fused.eval()
     teachers = sources or [(p, {}) for p in parents]
     for m, _ in teachers + [(p, {}) for p in parents]:
         m.eval()
     sample = fixed_sample(images, cfg.n_images, cfg.seed)
-    todo = units(fused, normalize(sample[:2], norm).to(dev))
+    todo = [u for u in units(fused, normalize(sample[:2], norm).to(dev)) if layers is None or u[0] in layers]
     raw = [normalize(xb.to(dev), norm) for xb in _batches(sample, norm, cfg, dev)]
     linear_out = {layer: bn is None and isinstance(fused.get_submodule(layer), nn.Linear) for layer, bn in todo}
     chosen: dict[tuple[int, int], torch.Tensor | None] = {}

@@ -20,6 +20,10 @@ from otfuse.report import COLUMNS
 from otfuse.storage import atomic_write_csv, atomic_write_text
 
 KEY = ("dataset", "arch", "width", "widths", "seeds")  # width: the fused model's; widths: its parents'
+SPLIT_KEY = (*KEY, "parts", "method", "fusion_data")  # results/split-<dataset>.csv: parties, by their parts and fusion data
+# the split table's models: (CSV column, header); "permute" is the aligned average with BatchNorm recomputed
+SPLIT_COLUMNS = (("model1", "Model 1"), ("model2", "Model 2"), ("ensemble", "Ensemble"), ("vanilla_bn", "Vanilla + BN"),
+                 ("vanilla_refit", "Vanilla + refit"), ("fused_average", "Permute"), ("fused_repair", "+ REPAIR"), ("fused", "Fused"))
 
 PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation", "finetune",
           "finetune_distill")
@@ -62,6 +66,38 @@ def fusion_row(dataset: str, meta: dict, seeds: list, method: str, acc: dict, se
     return row
 
 
+def split_row(row: dict, parts: list[str], fusion_data: str, acc: dict[str, float]) -> dict:
+    """A results/split-<dataset>.csv row: `row` (fusion_row's) with the parents' parts, the fusion data, and every
+    joint and per-task accuracy."""
+    return {**{k: v for k, v in row.items() if k != "options"}, "parts": "+".join(parts), "fusion_data": fusion_data,
+            **{k: f"{v:.2f}" for k, v in acc.items()}, "options": row["options"]}
+
+
+def split_summary(results_dir: Path) -> list[str]:
+    """summary.md's table of parties' fusions: joint accuracy (every class) of each model, the fused model's per-task
+    accuracies and its share of the ensemble's joint accuracy; means over the pairs fused."""
+    rows = [r for path in sorted(results_dir.glob("split-*.csv")) for r in read_rows(path)]
+    if not rows:
+        return []
+    head = ["Dataset", "Model", "Parts", "Fusion data", "Method", "Pairs", *[h for _, h in SPLIT_COLUMNS], "Fused per task", "Fused / ensemble"]
+    lines = ["", "## Parents trained on parts of the data", "",
+             "Joint test accuracy (%, every class), mean over the fused pairs; per task: each parent's classes' images, "
+             "argmax within them. Permute: the aligned average with BatchNorm recomputed.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["arch"], r["width"], r["parts"], r["fusion_data"], r["method"]), []).append(r)
+    mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs) if all(r.get(k) for r in rs) else float("nan")
+    for (dataset, arch, width, parts, data, method), rs in sorted(groups.items()):
+        cells = [dataset, f"{arch} w{width}", parts, data, method, str(len(rs))]
+        cells += [f"{mean(rs, k):.2f}" for k, _ in SPLIT_COLUMNS]
+        tasks = sorted({k for r in rs for k in r if k.startswith("fused_task")})
+        cells.append(" / ".join(f"{mean(rs, k):.2f}" for k in tasks))
+        cells.append(f"{100 * mean(rs, 'fused') / mean(rs, 'ensemble'):.0f}%")
+        lines.append("| " + " | ".join(c.replace("nan", "-") for c in cells) + " |")
+    return lines
+
+
 def _title(method: str) -> str:
     return METHODS[method].title if method in METHODS else method
 
@@ -75,7 +111,7 @@ def write_summary(results_dir: Path) -> Path:
     by_model: dict[tuple, dict[str, list[dict]]] = {}
     for path in sorted(results_dir.glob("*_*.csv")):
         for r in read_rows(path):
-            if "fused" in r and "method" in r:
+            if "fused" in r and "method" in r and "parts" not in r:
                 by_model.setdefault((r["dataset"], r["arch"], r["width"], r.get("widths") or ""), {}).setdefault(r["method"], []).append(r)
     found = {m for v in by_model.values() for m in v}
     methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))
@@ -107,6 +143,7 @@ def write_summary(results_dir: Path) -> Path:
         cells += [mean(any_rows, "ensemble"), mean(any_rows, "vanilla"), mean(any_rows, "vanilla_bn")]
         cells += [mean(any_rows, k) for _, k in refit_col]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += split_summary(results_dir)
     path = results_dir / "summary.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

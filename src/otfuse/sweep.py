@@ -26,10 +26,12 @@ from otfuse.fusion import FuseConfig, Fusion
 from otfuse.inputs import FusionInputs, check_request, fusion_inputs
 from otfuse.models import arch_folder
 from otfuse.options import Parser, add_options, flatten
-from otfuse.plots import finetune_figure, save_figure
+from otfuse.partial import MERGE_UNTIL_HELP, chosen_cuts, partial_rows
+from otfuse.plots import finetune_figure, partial_figure, save_figure
 from otfuse.report import fusion_table
-from otfuse.results import KEY, fusion_row, upsert_row, upsert_rows, write_summary
+from otfuse.results import KEY, SPLIT_KEY, fusion_row, split_row, upsert_row, upsert_rows, write_summary
 from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
+from otfuse.subsets import complement, subset_of
 from otfuse.train import finetune
 
 
@@ -44,8 +46,8 @@ RECIPE = ("epochs", "batch_size", "lr", "warmup", "optimizer", "momentum", "weig
 
 
 def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, str, int], list[tuple[Path, dict]]]:
-    """Trained seeds by (dataset folder, arch, width), from the folders <dataset>/<arch>-w<width>/, sorted by seed.
-    A checkpoint counts as a seed only if its metadata says `kind: trained`."""
+    """Trained seeds by (dataset folder, arch, width), from the folders <dataset>/<arch>-w<width>/, sorted by seed (and
+    part). A checkpoint counts as a seed only if its metadata says `kind: trained`."""
     out: dict[tuple[str, str, int], list[tuple[Path, dict]]] = {}
     for folder in sorted(p for p in checkpoint_dir.glob("*/*") if p.is_dir()):
         if dataset and folder.parent.name != dataset:
@@ -61,22 +63,41 @@ def trained_seeds(checkpoint_dir: Path, dataset: str | None) -> dict[tuple[str, 
                     and isinstance(meta.get("width", 0), int):
                 out.setdefault((folder.parent.name, str(meta.get("arch")), int(meta.get("width", 0))), []).append((path, meta))
     for seeds in out.values():
-        seeds.sort(key=lambda pm: pm[1]["seed"])
+        seeds.sort(key=lambda pm: (pm[1]["seed"], _part(pm[1])))
         for (p, m), (q, n) in zip(seeds, seeds[1:]):
-            if m["seed"] == n["seed"]:
-                raise OtfuseError(f"{p} and {q} are both seed {m['seed']}; keep one of them in {p.parent} (move the other away)")
+            if (m["seed"], _part(m)) == (n["seed"], _part(n)):
+                raise OtfuseError(f"{p} and {q} are both seed {m['seed']}{' on ' + _part(m) if _part(m) else ''}; keep one of them in "
+                                  f"{p.parent} (move the other away)")
     return out
+
+
+def _part(meta: dict) -> str:
+    """The part of the data a seed trained on, as a name (`c0-49`, `c0-4-b0.8`); empty for all of it."""
+    part = subset_of(meta)
+    return part.tag if part else ""
+
+
+def _pairs(seeds: list[tuple[Path, dict]]) -> list[list[tuple[Path, dict]]]:
+    """Every pair of different seeds trained on all the data; of parties (seeds trained on parts of it), every pair
+    of different seeds whose parts are complementary (SPLIT=disjoint or biased in run_train_all.sh), the party of
+    the first class first."""
+    whole = [s for s in seeds if not _part(s[1])]
+    parties = [s for s in seeds if _part(s[1])]
+    out = [[a, b] for a, b in itertools.combinations(whole, 2) if a[1]["seed"] != b[1]["seed"]]
+    return out + [[a, b] for a in parties for b in parties if a[1]["seed"] != b[1]["seed"] and min(subset_of(a[1]).classes) == 0
+                  and subset_of(b[1]) == complement(subset_of(a[1]), a[1]["num_classes"])]
 
 
 def pairs_to_fuse(checkpoint_dir: Path, dataset: str | None, widths: tuple[int, int] | None,
                   wanted: set[tuple[int, int]]) -> list[tuple[str, list[tuple[Path, dict]]]]:
-    """(dataset folder, [first parent, second parent]) for every pair to fuse: pairs of seeds of one width,
-    or with `widths` (a, b), every seed of width a with every other seed of width b."""
+    """(dataset folder, [first parent, second parent]) for every pair to fuse: pairs of seeds of one width (parties
+    trained on parts of the data: each with every party of another part and seed), or with `widths` (a, b), every
+    seed of width a with every other seed of width b."""
     seeds = trained_seeds(checkpoint_dir, dataset)
     jobs = []
     for (ds, arch, width), first in seeds.items():
         if widths is None:
-            jobs += [(ds, [first[i], first[j]]) for i, j in itertools.combinations(range(len(first)), 2)]
+            jobs += [(ds, pair) for pair in _pairs(first)]
         elif width == widths[0]:
             second = seeds.get((ds, arch, widths[1]), [])
             jobs += [(ds, [a, b]) for a in first for b in second if a[1]["seed"] != b[1]["seed"]]
@@ -113,6 +134,8 @@ def parser(default_method: str) -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune each fused model this many epochs (otfuse finetune's defaults) and report it")
     p.add_argument("--finetune-distill", action="store_true", help="with --finetune-epochs: also fine-tune by label-free "
                    "distillation from the parents (otfuse finetune --distill), its own column")
+    p.add_argument("--merge-until", default="", help=MERGE_UNTIL_HELP.replace("also report", "also measure") +
+                   "; rows go to results/partial-<dataset>.csv and a plot to .png")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate every stage and baseline beside the fusion (default: on; --no-baselines: the fused model only)")
     p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
@@ -197,6 +220,16 @@ def write_curves(results: Path, dataset: str, rows: list[dict], title: str) -> N
     save_figure(finetune_figure([{k: str(v) for k, v in r.items()} for r in rows], title), results / f"finetune-{dataset}.png")
 
 
+def write_partial(results: Path, dataset: str, key: dict, acc: dict[str, float], rows: list[dict], title: str) -> None:
+    """results/partial-<dataset>.csv (rows upserted per fusion, `key`, and cut) and its plot: accuracy against cost per
+    cut, the parents and their ensemble as lines."""
+    upsert_rows(results / f"partial-{dataset}.csv", [{**key, **{k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()}}
+                                                     for r in rows], (*KEY, "method", "parts", "fusion_data", "cut"))
+    lines = {f"parent {i + 1}": acc[f"model{i + 1}"] for i in range(2) if f"model{i + 1}" in acc}
+    lines.update({"ensemble (softmax mean)": acc["ensemble"]} if "ensemble" in acc else {})
+    save_figure(partial_figure(rows, lines, title), results / f"partial-{dataset}.png")
+
+
 def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
     finetunes = () if args.finetune_epochs == 0 else FINETUNES if args.finetune_distill else FINETUNES[:1]
     for ds, pair in jobs:
@@ -209,10 +242,13 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
         print(f"{folder}: fusing seeds {seeds[0]} and {seeds[1]}" + (f" (widths {widths[0]}, {widths[1]})" if mixed else "")
               + f" ({method})", flush=True)
         name = f"seeds{seeds[0]}-{seeds[1]}" if not mixed else f"w{widths[0]}s{seeds[0]}-w{widths[1]}s{seeds[1]}"
+        parts = [_part(m) for _, m in pair]
+        name += ("-" + "+".join(parts) if any(parts) else "") + ("" if cfg.fusion_data == "union" else f"-{cfg.fusion_data}")
         fused_path, parents = folder / f"fused-{method}-{name}.pt", [p for p, _ in pair]
         check_outputs({"the fused checkpoint": fused_path}, {f"parent {p}": str(p) for p in parents},
                       own=lambda path: fused_from(path, parents))  # before the fusion: a refusal must not cost one
-        fusion, acc = fusion_table(inputs.models, inputs.data, cfg, progress=True, target=inputs.target, with_baselines=args.baselines)
+        fusion, acc = fusion_table(inputs.models, inputs.data, cfg, progress=True, target=inputs.target, with_baselines=args.baselines,
+                                   tasks=inputs.tasks)
         meta = fused_meta(inputs.metas, parents, width, flatten(cfg), len(inputs.data.val_y), acc["fused"])
         save_checkpoint(fused_path, fusion.fused, meta)
         seconds = dict(fusion.seconds)
@@ -235,7 +271,15 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
         row["widths"] = "-".join(str(w) for w in widths)
         if args.finetune_epochs > 0:
             row["finetune_epochs"] = args.finetune_epochs
-        upsert_row(results / f"{ds}_{method}.csv", row)
+        if args.merge_until:
+            key = {**{k: row[k] for k in (*KEY, "method")}, "parts": "+".join(parts), "fusion_data": cfg.fusion_data}
+            write_partial(results, ds, key, acc, partial_rows(fusion, chosen_cuts(fusion.fused, args.merge_until), inputs.data.train_x,
+                                                              *inputs.data.split("test"), inputs.data.norm, inputs.tasks, progress=True),
+                          f"{ds}, {meta0['arch']} w{width}, seeds {seeds[0]}-{seeds[1]}" + (f" ({'+'.join(parts)})" if any(parts) else ""))
+        if inputs.tasks:  # parties: their own table, joint and per-task accuracies
+            upsert_row(results / f"split-{ds}.csv", split_row(row, parts, cfg.fusion_data, acc), SPLIT_KEY)
+        else:
+            upsert_row(results / f"{ds}_{method}.csv", row)
         print("  " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
     print(write_summary(results).read_text())
     return 0

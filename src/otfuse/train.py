@@ -24,10 +24,11 @@ from tqdm import tqdm
 from otfuse.checkpoints import OPTIMIZERS, fused_from_fitted_parents, load_checkpoint, optimizer_of, pick_device, save_checkpoint, val_size_of
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
-from otfuse.evaluate import accuracy
+from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
 from otfuse.precision import autocast, channels_last, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, output_lock
+from otfuse.subsets import Subset, check_bias, format_classes, parse_classes, restrict, subset_of
 
 
 @dataclass
@@ -45,6 +46,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augment: bool = True  # the dataset's random crops and flips (where it has them) on every training batch
     seed: int = 0
+    classes: str = ""  # train on these classes only, e.g. 0-49 or 0,3,5-9 (the head still covers every class); empty: all
+    bias: float = 1.0  # with --classes: the listed classes' share of their images drawn, the others giving the rest (0.8: 80/20)
+    split_seed: int = 0  # fixes which images --classes/--bias draw: parties with one split seed split the data exactly
     val_size: int = -1  # images held out of train for validation; -1: min(5000, 10%)
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
     checkpoint_dir: str = "checkpoint"
@@ -79,6 +83,9 @@ class TrainConfig:
         for ok, flag, want in bad:
             if not ok:
                 raise OtfuseError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))} must be {want}")
+        check_bias(self.bias)
+        if self.bias != 1.0 and not self.classes:
+            raise OtfuseError(f"--bias {self.bias} weighs the classes --classes lists; give --classes too (e.g. --classes 0-4)")
         resolve_precision(self.precision, torch.device("cpu"))  # the name only; the device decides later
         if self.arch.startswith(TIMM) and self.width not in (0, TrainConfig.width):
             raise OtfuseError(f"--width {self.width}: timm models have no width knob; leave --width out for --arch {self.arch}")
@@ -88,7 +95,8 @@ class TrainConfig:
 
 # options that define a run: resuming with other values would make the checkpoint's metadata lie
 RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup", "optimizer", "momentum", "weight_decay",
-               "label_smoothing", "augment", "seed", "val_size", "init", "distill", "teachers", "temperature", "distill_weight")
+               "label_smoothing", "augment", "seed", "classes", "bias", "split_seed", "val_size", "init", "distill", "teachers",
+               "temperature", "distill_weight")
 
 
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
@@ -117,9 +125,16 @@ PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads 
 
 
 def checkpoint_path(cfg: TrainConfig) -> Path:
+    """--out, or <checkpoint_dir>/<dataset>/<arch>-w<width>/seed<seed>[-<part>].pt (a party's part: c0-49, c0-4-b0.8)."""
     if cfg.out:
         return Path(cfg.out)
-    return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / arch_folder(cfg.arch, cfg.width) / f"seed{cfg.seed}.pt"
+    part = f"-c{cfg.classes.replace(',', '_')}" + ("" if cfg.bias == 1.0 else f"-b{cfg.bias:g}") if cfg.classes else ""
+    return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / arch_folder(cfg.arch, cfg.width) / f"seed{cfg.seed}{part}.pt"
+
+
+def training_part(cfg: TrainConfig, data: ImageData) -> Subset | None:
+    """The part of `data` the run trains on (--classes, --bias, --split-seed), or None for all of it."""
+    return Subset(parse_classes(cfg.classes, data.num_classes), cfg.bias, cfg.split_seed) if cfg.classes else None
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -153,6 +168,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     check_arch(cfg.arch)
     if data is None:  # before the lock, which makes the checkpoint's folder: a bad dataset must leave nothing behind
         data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
+    training_part(cfg, data)  # a bad --classes is refused before the lock too
     with output_lock(path, path.with_suffix(".csv")) if rank == 0 else nullcontext():
         return _train(cfg, path, data, progress, rank, world)
 
@@ -183,6 +199,9 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     _check_existing(path, cfg, precision)
+    part = training_part(cfg, data)
+    held_out = len(data.val_y)  # the validation split as the dataset holds it out, before the part restricts it
+    data = restrict(data, part)  # train and validation splits follow the part; the test split stays whole (joint accuracy)
     if len(data.train_y) // cfg.batch_size < 1:
         raise OtfuseError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
                           "an epoch would take no step; use a smaller batch")
@@ -205,7 +224,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     steps_per_epoch = (len(data.train_y) // world) // (cfg.batch_size // world)
     total = steps_per_epoch * cfg.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    meta = {**_meta(cfg, data), "precision": precision}
+    meta = {**_meta(cfg, data), "val_size": held_out, "precision": precision, **({"subset": part.to_meta()} if part else {})}
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         model.train()
@@ -241,7 +260,10 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
         if rank == 0:
             row["val_acc"] = accuracy(model, gpu_data.val_x, gpu_data.val_y, data.norm, precision) if len(data.val_y) else float("nan")
             if epoch + 1 == cfg.epochs:
-                row["test_acc"] = accuracy(model, gpu_data.test_x, gpu_data.test_y, data.norm, precision)
+                z = logits(model, gpu_data.test_x, data.norm, precision=precision)
+                row["test_acc"] = accuracy_of_logits(z, gpu_data.test_y)
+                if part:  # a party's own task: its classes' test images, argmax within its classes
+                    meta["task_test_acc"] = task_accuracy_of_logits(z, gpu_data.test_y, part.classes)
             history.append(row)
             meta.update(epoch=epoch + 1, history=history, **{k: v for k, v in row.items() if k.endswith("acc")})
             if epoch + 1 == cfg.epochs and cfg.init and cfg.keep_start and len(data.val_y):
@@ -286,6 +308,9 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
     """The fine-tuning run of the checkpoint with metadata `meta`: its `finetune_defaults`, then `changes`."""
     from_ckpt = {"dataset": meta["dataset"], "arch": meta["arch"], "width": meta["width"],
                  "val_size": -1 if val_size_of(meta) is None else val_size_of(meta), "seed": int(meta.get("seed", 0))}
+    part = subset_of(meta)  # a party goes on with its own part of the data
+    if part:
+        from_ckpt.update(classes=format_classes(part.classes), bias=part.bias, split_seed=part.seed)
     return TrainConfig(**{**from_ckpt, **finetune_defaults(meta), **changes, "init": str(init), "out": str(out)})
 
 

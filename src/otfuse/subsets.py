@@ -1,0 +1,160 @@
+"""Parts of a dataset that one party trains on: a class subset, or a sample biased towards some classes.
+
+    part = Subset(classes=parse_classes("0-49", 100), bias=1.0)    # classes 0-49 only (disjoint parties)
+    part = Subset(classes=parse_classes("0-4", 10), bias=0.8)       # 80% of those classes' images, 20% of the others'
+    data = restrict(load_dataset("cifar10"), part)                 # train and validation splits follow the part
+    complement(part, 10)                                            # the other party: exactly the images `part` leaves
+
+Which images of a class a part draws is fixed by its `seed`: each class's images are ranked by a random
+order drawn from the seed, the listed classes take the first `bias` share of their ranks and the other
+classes the last `1 - bias`. Two parties with complementary classes, one bias and one seed therefore split
+every split (train, validation) exactly: nothing shared, nothing left over. The model's head always covers
+every class of the dataset; a checkpoint records its part in its metadata (`subset`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from otfuse.data import ImageData
+from otfuse.errors import OtfuseError
+
+
+@dataclass(frozen=True)
+class Subset:
+    classes: tuple[int, ...]  # the listed classes' label indices, sorted
+    bias: float = 1.0  # share of the listed classes' images drawn; the other classes give 1 - bias of theirs
+    seed: int = 0  # fixes which images are drawn: parties with one seed and complementary classes split the data exactly
+
+    def to_meta(self) -> dict:
+        return {"classes": list(self.classes), "bias": self.bias, "seed": self.seed}
+
+    @property
+    def tag(self) -> str:
+        """A file-name-safe name: `c0-49`, `c0-4-b0.8`."""
+        return f"c{format_classes(self.classes)}" + ("" if self.bias == 1.0 else f"-b{self.bias:g}")
+
+
+def parse_classes(text: str, num_classes: int) -> tuple[int, ...]:
+    """'0-49' or '0,3,5-9' -> sorted label indices, each below `num_classes`; one clear error otherwise."""
+    out: set[int] = set()
+    for item in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise OtfuseError(f"--classes {text!r}: write label indices and ranges, e.g. 0-49 or 0,3,5-9")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi or hi >= num_classes:
+            raise OtfuseError(f"--classes {text!r}: {item} is not a range within the dataset's labels 0-{num_classes - 1}")
+        out.update(range(lo, hi + 1))
+    if len(out) == num_classes:
+        raise OtfuseError(f"--classes {text!r} lists every class; leave --classes out to train on the whole dataset")
+    return tuple(sorted(out))
+
+
+def format_classes(classes: tuple[int, ...] | list[int]) -> str:
+    """(0, 1, 2, 5) -> '0-2,5': the shortest ranges."""
+    runs: list[list[int]] = []
+    for c in sorted(classes):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def subset_of(meta: dict) -> Subset | None:
+    """The part of its data a checkpoint was trained on (None: all of it)."""
+    s = meta.get("subset")
+    return None if not s else Subset(tuple(s["classes"]), float(s["bias"]), int(s["seed"]))
+
+
+def complement(part: Subset, num_classes: int) -> Subset:
+    """The other party of a two-party split: the unlisted classes, the same bias and seed."""
+    return replace(part, classes=tuple(c for c in range(num_classes) if c not in part.classes))
+
+
+def _ranks(y: torch.Tensor, seed: int, salt: int) -> torch.Tensor:
+    """Each image's rank among its class's images, in a random order drawn from (seed, salt), as a share in [0, 1)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + salt)
+    keys = torch.rand(len(y), generator=g)
+    order = torch.argsort(keys)
+    order = order[torch.argsort(y.cpu()[order], stable=True)]  # by class, the random order within each class
+    sorted_y = y.cpu()[order]
+    counts = torch.bincount(sorted_y, minlength=int(y.max()) + 1 if len(y) else 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(len(y), dtype=torch.float64)
+    rank[order] = (torch.arange(len(y)) - starts[sorted_y]).double() / counts[sorted_y].double()
+    return rank
+
+
+def mask(y: torch.Tensor, part: Subset, salt: int) -> torch.Tensor:
+    """Which of the images with labels `y` the part draws (`salt` tells the splits apart: 0 train, 1 validation)."""
+    listed = torch.zeros(int(y.max()) + 1 if len(y) else 1, dtype=torch.bool)
+    listed[[c for c in part.classes if c < len(listed)]] = True
+    rank = _ranks(y, part.seed, salt)
+    take = torch.where(listed[y.cpu()], rank < part.bias - 1e-12, rank >= part.bias - 1e-12)
+    return take.to(y.device)
+
+
+def restrict(data: ImageData, part: Subset | None) -> ImageData:
+    """`data` with its train and validation splits restricted to what `part` draws (the test split stays whole: the
+    joint accuracy is over every class)."""
+    if part is None:
+        return data
+    keep_train, keep_val = mask(data.train_y, part, 0), mask(data.val_y, part, 1)
+    return replace(data, train_x=data.train_x[keep_train], train_y=data.train_y[keep_train],
+                   val_x=data.val_x[keep_val], val_y=data.val_y[keep_val])
+
+
+def union_mask(y: torch.Tensor, parts: list[Subset | None], salt: int = 0) -> torch.Tensor:
+    """The images any of the parts drew (every image where a part is the whole dataset)."""
+    if any(p is None for p in parts):
+        return torch.ones(len(y), dtype=torch.bool, device=y.device)
+    out = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    for p in parts:
+        out |= mask(y, p, salt)
+    return out
+
+
+def per_class(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """A mask of at most `n` images of each class of `y`, drawn by `seed`."""
+    rank = _ranks(y, seed, 2)
+    counts = torch.bincount(y.cpu()).double()
+    return (rank * counts[y.cpu()] < n).to(y.device)
+
+
+def check_bias(bias: float) -> None:
+    if not (math.isfinite(bias) and 0 < bias <= 1):
+        raise OtfuseError(f"--bias {bias} must be above 0 and at most 1 (the listed classes' share of their images; "
+                          "1: those classes only)")
+
+
+FUSION_DATA = re.compile(r"^(?:union|model(?P<k>[1-9]\d*)|(?P<n>[1-9]\d*)-per-class)$")
+
+
+def check_fusion_data(spec: str, n_models: int | None = None) -> None:
+    """`union`, `model<k>` or `<N>-per-class`; one clear error otherwise."""
+    m = FUSION_DATA.match(spec)
+    if not m:
+        raise OtfuseError(f"--fusion-data {spec!r}: give union (what the parents trained on together), model<k> (the k-th "
+                          "parent's own images, e.g. model1) or <N>-per-class (e.g. 10-per-class)")
+    if m.group("k") and n_models is not None and int(m.group("k")) > n_models:
+        raise OtfuseError(f"--fusion-data {spec}: there are {n_models} parents; give model1 to model{n_models}")
+
+
+def fusion_mask(y: torch.Tensor, parts: list[Subset | None], spec: str = "union") -> torch.Tensor:
+    """The training images a fusion may read: the union of the parents' parts (`union`), the k-th parent's part
+    (`model<k>`: a fuser holding only its own data), or N images of each class of the union (`<N>-per-class`)."""
+    check_fusion_data(spec, len(parts))
+    m = FUSION_DATA.match(spec)
+    if m.group("k"):
+        part = parts[int(m.group("k")) - 1]
+        return union_mask(y, [part])
+    keep = union_mask(y, parts)
+    if m.group("n"):
+        keep &= per_class(y, int(m.group("n")))
+    return keep
