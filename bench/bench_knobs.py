@@ -6,7 +6,8 @@
 
 Each row fuses A and B with the defaults (and `--base`) plus one change and reports the fused
 model's validation accuracy, how often it agrees with each parent's predictions, and the seconds
-it took; the rows go to bench/knobs-<dataset>[-<arch>]-w<width>[-<name>].csv. A fusion that leans on A
+it took; the rows go to bench/knobs-<dataset>[-<arch>]-w<width>[-<name>].csv, each as it finishes (a
+stopped run resumes: a change already there with the same defaults is skipped). A fusion that leans on A
 (agrees with A far more than with B) has blended B away rather than merged it.
 The defaults of `FuseConfig` were chosen from these tables (docs/defaults.md).
 """
@@ -14,6 +15,7 @@ The defaults of `FuseConfig` were chosen from these tables (docs/defaults.md).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -36,6 +38,9 @@ CHANGES = [
     {"mix": 0.3},
     {"n_images": 250},
     {"n_images": 4000},
+    {"refit_n_images": 2000},
+    {"refit_n_images": 4000},
+    {"n_images": 4000, "refit_n_images": 4000},  # 40 images a class at 100 classes, as 1,000 are at 10
     {"solver": "sinkhorn", "reg": 0.01},
     {"solver": "sinkhorn", "reg": 0.05},
     {"solver": "sinkhorn", "reg": 0.2},
@@ -71,24 +76,27 @@ def main(argv: list[str]) -> int:
         models, metas, data = inputs.models, inputs.metas, inputs.data
         changes = [parse_assignments(c, FuseConfig) for c in args.only] or CHANGES
         base = flatten(inputs.cfg)  # the defaults `otfuse fuse` takes for these parents, then --base
-        rows = []
-        for change in changes:
-            cfg = build(FuseConfig, {**base, **change})
-            t0 = time.perf_counter()
-            _, acc, agree = val_accuracy(models, data, cfg)
-            rows.append({"change": ",".join(f"{k}={v}" for k, v in change.items()) or "defaults",
-                         "val_accuracy": f"{acc:.2f}", "agree_model1": f"{agree[0]:.2f}", "agree_model2": f"{agree[1]:.2f}",
-                         "seconds": f"{time.perf_counter() - t0:.1f}"})
-            r = rows[-1]
-            print(f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
-                  f"  {r['seconds']:>6} s", flush=True)
         meta = metas[0]
         seeds = "-".join(str(m.get("seed")) for m in metas)
         defaults = json.dumps(flatten(build(FuseConfig, base)), sort_keys=True)
         name = f"-{args.name}" if args.name else ""
         out = Path(args.out_dir) / f"knobs-{bench_stem(meta, data)}{name}.csv"
-        atomic_write_csv(out, [{"dataset": data.slug, "width": meta["width"], "seeds": seeds, **r, "defaults": defaults}
-                               for r in rows])
+        rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
+        done = {(r["change"], r.get("seeds"), r.get("defaults")) for r in rows}
+        for change in changes:
+            label = ",".join(f"{k}={v}" for k, v in change.items()) or "defaults"
+            if (label, seeds, defaults) in done:
+                continue
+            cfg = build(FuseConfig, {**base, **change})
+            t0 = time.perf_counter()
+            _, acc, agree = val_accuracy(models, data, cfg)
+            r = {"dataset": data.slug, "width": meta["width"], "seeds": seeds, "change": label, "val_accuracy": f"{acc:.2f}",
+                 "agree_model1": f"{agree[0]:.2f}", "agree_model2": f"{agree[1]:.2f}", "seconds": f"{time.perf_counter() - t0:.1f}",
+                 "defaults": defaults}
+            rows.append(r)
+            atomic_write_csv(out, rows, list(r))
+            print(f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
+                  f"  {r['seconds']:>6} s", flush=True)
         print(f"wrote {out}")
         return 0
 

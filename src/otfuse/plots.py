@@ -101,6 +101,26 @@ def partial_figure(rows: list[dict], lines: dict[str, float], title: str):
     return fig
 
 
+def many_figure(rows: list[dict], title: str):
+    """Accuracy against the number of models fused (bench_many.py's rows): the fused model, the ensemble of the same
+    models, their mean and best parent, and vanilla averaging + refit."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
+    rows = sorted(rows, key=lambda r: int(r["k"]))
+    k = [int(r["k"]) for r in rows]
+    for column, style, label in (("ensemble", "k--", "ensemble of the same models"), ("parent_best", "C2:", "best parent"),
+                                 ("parent_mean", "C2-", "parents' mean"), ("fused", "C0-", "fused into one model"),
+                                 ("vanilla_refit", "C7-", "vanilla average + refit")):
+        ax.plot(k, [float(r[column]) for r in rows], style, marker="o", ms=4, lw=2.2 if column == "fused" else 1.2, label=label)
+    ax.set_xlabel("models fused")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def history_figure(trials: list[tuple[int, str, float]], what: str):
     """Validation accuracy of every trial (number, method, value), by method, and the best so far."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
