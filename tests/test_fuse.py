@@ -16,6 +16,7 @@ from otfuse.fusion import average, fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
+from otfuse.precision import Precision
 from otfuse.report import fusion_table
 from otfuse.train import TrainConfig, checkpoint_path, train
 
@@ -109,14 +110,14 @@ def test_cli_fuse_saves_before_evaluating_and_prints_the_table_with_baselines(tr
     out = tmp_path / "fused.pt"
     args = ["fuse", str(paths[0]), str(paths[1]), "--method", "weight", "--out", str(out), "--device", "cpu",
             "--data-dir", str(root / "data"), "--bn-batches", "4"]
-    real = cli.accuracy
+    real = cli.logits
     seen = []
 
     def evaluate_after_saving(*a, **kw):
         seen.append(out.exists())  # the checkpoint must already be on disk when anything is evaluated
         return real(*a, **kw)
 
-    monkeypatch.setattr(cli, "accuracy", evaluate_after_saving)
+    monkeypatch.setattr(cli, "logits", evaluate_after_saving)
     assert main(args) == 0
     text = capsys.readouterr().out
     assert seen == [True] and "saved" in text and "fused" in text and "vanilla_bn" not in text
@@ -167,10 +168,10 @@ def test_repair_gives_the_first_layer_the_parents_mean_statistics():
     example = normalize(data.train_x[:1], data.norm)
     groups = channel_groups(nets[0], example)
     fused = average(nets, [0.5, 0.5])
-    repair(fused, nets, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(n_images=128))
+    repair(fused, nets, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(n_images=128), Precision.FP32)
     stem = [p for g in groups for p in g.pre_observations if p.module == "b"]
-    (mu_f, sd_f), = channel_moments(fused, stem, data.train_x, data.norm, 128)
-    moments = [channel_moments(n, stem, data.train_x, data.norm, 128)[0] for n in nets]
+    (mu_f, sd_f), = channel_moments(fused, stem, data.train_x, data.norm, Precision.FP32, 128)
+    moments = [channel_moments(n, stem, data.train_x, data.norm, Precision.FP32, 128)[0] for n in nets]
     assert torch.allclose(mu_f, (moments[0][0] + moments[1][0]) / 2, atol=1e-5)
     assert torch.allclose(sd_f, (moments[0][1] + moments[1][1]) / 2, atol=1e-5)
 
@@ -179,7 +180,7 @@ def test_augmented_batchnorm_statistics_are_reproducible_and_differ_from_plain_o
     models, data, _, _ = trained
 
     def stats(augment):
-        m = recompute_bn(copy.deepcopy(models[0]), data.train_x, data.norm, BatchNormConfig(batches=4, batch_size=64, augment=augment))
+        m = recompute_bn(copy.deepcopy(models[0]), data.train_x, data.norm, BatchNormConfig(batches=4, batch_size=64, augment=augment), Precision.FP32)
         return torch.cat([b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])
 
     assert torch.equal(stats(True), stats(True))

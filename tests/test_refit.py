@@ -14,6 +14,7 @@ from otfuse.evaluate import logits
 from otfuse.fusion import fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
+from otfuse.precision import Precision
 from otfuse.refit import units
 
 
@@ -34,7 +35,7 @@ def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
     model = models[0]
     fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=4, n_images=500, refit_n_images=500)).fused
     x, _ = data.split("test")
-    z, z_ref = logits(fused, x, data.norm), logits(model, x, data.norm)
+    z, z_ref = logits(fused, x, data.norm, Precision.FP32), logits(model, x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
     assert torch.equal(z.argmax(1), z_ref.argmax(1))
 
@@ -44,10 +45,10 @@ def test_refit_brings_the_fusion_nearer_its_parents_mean(trained):
     result = fuse(models, data.train_x, data.norm, config(bn_batches=10, n_images=500, refit_n_images=500))
     fused, plain = result.fused, result.fused_average
     x, y = data.split("val")
-    target = sum(logits(m, x, data.norm) for m in models) / 2
-    err = lambda m: (logits(m, x, data.norm) - target).pow(2).mean().item()
+    target = sum(logits(m, x, data.norm, Precision.FP32) for m in models) / 2
+    err = lambda m: (logits(m, x, data.norm, Precision.FP32) - target).pow(2).mean().item()
     assert err(fused) < 0.5 * err(plain)
-    acc = lambda m: (logits(m, x, data.norm).argmax(1) == y).float().mean().item()
+    acc = lambda m: (logits(m, x, data.norm, Precision.FP32).argmax(1) == y).float().mean().item()
     assert acc(fused) >= acc(plain)
 
 
@@ -74,7 +75,7 @@ def test_refit_gives_back_models_with_and_without_batchnorm(make):
     torch.manual_seed(0)
     model, data = make().eval(), _images()
     fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).fused
-    z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
+    z, z_ref = logits(fused, data.train_x, data.norm, Precision.FP32), logits(model, data.train_x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
 
@@ -97,7 +98,7 @@ def test_refit_gives_back_a_grouped_conv_model_and_refits_its_blocks():
     model, data = randomize_bn(Grouped()), _images()
     assert dict(units(model, torch.randn(2, 3, 8, 8)))["c2"] == "n2"
     fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96)).fused
-    z, z_ref = logits(fused, data.train_x, data.norm), logits(model, data.train_x, data.norm)
+    z, z_ref = logits(fused, data.train_x, data.norm, Precision.FP32), logits(model, data.train_x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
 
@@ -107,8 +108,8 @@ def test_refit_fits_two_different_models_better_than_their_average(make):
     a, b, data = make().eval(), make().eval(), _images()
     result = fuse([a, b], data.train_x, data.norm, config(bn_batches=0, n_images=96, refit_n_images=96))
     fused, raw = result.fused, result.fused_no_bn
-    target = (logits(a, data.train_x, data.norm) + logits(b, data.train_x, data.norm)) / 2
-    err = lambda m: (logits(m, data.train_x, data.norm) - target).pow(2).mean().item()
+    target = (logits(a, data.train_x, data.norm, Precision.FP32) + logits(b, data.train_x, data.norm, Precision.FP32)) / 2
+    err = lambda m: (logits(m, data.train_x, data.norm, Precision.FP32) - target).pow(2).mean().item()
     assert err(fused) < 0.5 * err(raw)
 
 

@@ -17,6 +17,7 @@ from otfuse.cli import main
 from otfuse.data import load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.inputs import fusion_inputs
+from otfuse.precision import Precision
 from otfuse.subsets import Subset, complement, format_classes, fusion_mask, mask, parse_classes, restrict, subset_of
 from otfuse.train import TrainConfig, finetune_config, train
 
@@ -146,10 +147,10 @@ def test_a_partial_merge_spans_the_ensemble_and_the_full_merge(parties):
     cuts = cut_points(fusion.fused)
     assert cuts[0] == INPUT and cuts[-1] == "fc" and {"bn1", "layer1.0", "layer2.1", "layer3.0", "layer4.1"} <= set(cuts)
     full = partial_merge(fusion, "fc", data.train_x, data.norm)
-    assert torch.allclose(logits(full, x, data.norm), logits(fusion.fused, x, data.norm), atol=1e-5)
+    assert torch.allclose(logits(full, x, data.norm, Precision.FP32), logits(fusion.fused, x, data.norm, Precision.FP32), atol=1e-5)
     none = partial_merge(fusion, INPUT, data.train_x, data.norm)
-    mean = sum(logits(m, x, data.norm) for m in inputs.models) / 2
-    assert torch.allclose(logits(none, x, data.norm), mean, atol=1e-4)
+    mean = sum(logits(m, x, data.norm, Precision.FP32) for m in inputs.models) / 2
+    assert torch.allclose(logits(none, x, data.norm, Precision.FP32), mean, atol=1e-4)
     half = partial_merge(fusion, "layer3.0", data.train_x, data.norm)
     one, both = cost(inputs.models[0], x[:1].float()), cost(half, x[:1].float())
     assert one["params"] < both["params"] < 2 * one["params"] and one["flops"] < both["flops"] < 2 * one["flops"]

@@ -13,6 +13,7 @@ from otfuse.bn import BatchNormConfig
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.models import build_model
+from otfuse.precision import Precision
 from otfuse.transplant import pruned, side_by_side, transplant
 
 NORM = ((0.5,) * 3, (0.25,) * 3)
@@ -31,8 +32,8 @@ def _model(width: int, seed: int) -> torch.nn.Module:
 def test_models_side_by_side_compute_their_ensemble(n):
     models, x = [_model(4, seed) for seed in range(n)], _images()
     wide = side_by_side(models, build_model("resnet18", 4 * n, 3, 10), x, NORM)
-    want = sum(logits(m, x, NORM) for m in models) / n
-    assert torch.allclose(logits(wide, x, NORM), want, atol=1e-5)
+    want = sum(logits(m, x, NORM, Precision.FP32) for m in models) / n
+    assert torch.allclose(logits(wide, x, NORM, Precision.FP32), want, atol=1e-5)
 
 
 def test_pruning_back_keeps_the_stronger_models_channels():
@@ -57,11 +58,11 @@ def test_pruning_back_keeps_the_stronger_models_channels():
 def test_transplant_returns_the_narrow_model_with_its_batchnorm_recomputed(width, ratio):
     models, x = [_model(4, 0), _model(4, 1)], _images()
     start = transplant(models, build_model("resnet18", 8, 3, 10), build_model("resnet18", width, 3, 10), x, NORM,
-                       BatchNormConfig(batches=2, batch_size=32), ratio=ratio)
+                       BatchNormConfig(batches=2, batch_size=32), Precision.FP32, ratio=ratio)
     want = build_model("resnet18", width, 3, 10).state_dict()
     assert not start.training and start.state_dict().keys() == want.keys()
     assert all(a.shape == b.shape for a, b in zip(start.state_dict().values(), want.values()))
-    assert torch.isfinite(logits(start, x, NORM)).all()
+    assert torch.isfinite(logits(start, x, NORM, Precision.FP32)).all()
 
 
 def test_a_model_that_does_not_widen_is_refused():

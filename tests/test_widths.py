@@ -16,6 +16,7 @@ from otfuse.fusion import fuse
 from otfuse.maps import channel_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
+from otfuse.precision import Precision
 from otfuse.train import TrainConfig, train
 
 
@@ -39,7 +40,7 @@ def test_a_model_carried_onto_a_wider_target_computes_the_same_function(factor):
     data, model = _data(), _model(4)
     wide = fuse([model], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 4 * factor, 3, 10)).fused
     assert wide.conv1.weight.shape[0] == 4 * factor
-    z, z_wide = logits(model, data.train_x, data.norm), logits(wide, data.train_x, data.norm)
+    z, z_wide = logits(model, data.train_x, data.norm, Precision.FP32), logits(wide, data.train_x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_wide, atol=1e-4 * z.abs().max().item())
 
 
@@ -47,7 +48,7 @@ def test_compressing_a_widened_model_merges_the_copies_and_gives_it_back():
     data, model = _data(), _model(4)
     wide = fuse([model], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 8, 3, 10)).fused
     back = fuse([wide], data.train_x, data.norm, config(**EXACT), target=build_model("resnet18", 4, 3, 10)).fused
-    z, z_back = logits(model, data.train_x, data.norm), logits(back, data.train_x, data.norm)
+    z, z_back = logits(model, data.train_x, data.norm, Precision.FP32), logits(back, data.train_x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_back, atol=1e-4 * z.abs().max().item())
 
 

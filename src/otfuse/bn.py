@@ -1,7 +1,7 @@
 """BatchNorm statistics recomputed after the weights changed under them, and REPAIR.
 
-    recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=40))         # in place
-    repair(fused, aligned_parents, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig())
+    recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=40), Precision.BF16)         # in place
+    repair(fused, aligned_parents, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(), Precision.BF16)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Observation
 from otfuse.hooks import tapping
-from otfuse.precision import autocast, channels_last
+from otfuse.precision import Precision, autocast, channels_last
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -54,8 +54,8 @@ class RepairConfig:
 
 
 @torch.no_grad()
-def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: BatchNormConfig,
-                 progress: bool = False, precision: str = "fp32") -> nn.Module:
+def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: BatchNormConfig, precision: Precision,
+                 progress: bool = False) -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over
     `cfg.batches` shuffled batches of `images` (unaugmented, or with training's crops and flips), in
     place; returns the model in eval mode. The forward passes run in `precision`; the statistics
@@ -90,8 +90,8 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: Batch
 
 
 @torch.no_grad()
-def channel_moments(model: nn.Module, points: list[Observation], images: torch.Tensor, norm: tuple, n_images: int = 1000,
-                    batch_size: int = 250, seed: int = 0, precision: str = "fp32") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def channel_moments(model: nn.Module, points: list[Observation], images: torch.Tensor, norm: tuple, precision: Precision,
+                    n_images: int = 1000, batch_size: int = 250, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation at each Observation (a module's input or output), on a fixed
     sample of unaugmented images; streamed, only running sums are kept."""
     sums = [[0.0, 0.0, 0] for _ in points]
@@ -117,12 +117,12 @@ def channel_moments(model: nn.Module, points: list[Observation], images: torch.T
 
 @torch.no_grad()
 def repair(fused: nn.Module, parents: list[nn.Module], weights: list[float], groups: list[ChannelGroup], images: torch.Tensor,
-           norm: tuple, cfg: RepairConfig, precision: str = "fp32") -> nn.Module:
+           norm: tuple, cfg: RepairConfig, precision: Precision) -> nn.Module:
     """REPAIR-style renormalisation, in place: at every group's norm outputs (or producer outputs where
     there is no norm), give each fused channel the weighted mean of the aligned parents' activation
     mean and standard deviation, folded into that layer's affine parameters (the architecture stays)."""
     points = [p for g in groups for p in g.pre_observations if p.foldable]
-    moments = lambda m: channel_moments(m, points, images, norm, cfg.n_images, cfg.batch_size, cfg.seed, precision)
+    moments = lambda m: channel_moments(m, points, images, norm, precision, cfg.n_images, cfg.batch_size, cfg.seed)
     target = [(sum(w * m for w, (m, _) in zip(weights, ms)), sum(w * s for w, (_, s) in zip(weights, ms)))
               for ms in zip(*(moments(p) for p in parents))]
     for p, (mu_t, sd_t), (mu_f, sd_f) in zip(points, target, moments(fused)):

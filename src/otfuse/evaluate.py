@@ -1,6 +1,6 @@
 """Logits, accuracy and loss of a model on uint8 data, in the precision asked for.
 
-    acc = accuracy(model, data.test_x, data.test_y, data.norm, precision="bf16")
+    acc = accuracy(model, data.test_x, data.test_y, data.norm, Precision.BF16)
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from otfuse.data import image_batches
-from otfuse.precision import autocast, channels_last
+from otfuse.precision import Precision, autocast, channels_last
 
 EVAL_BATCH = 250  # images per forward pass: fastest on CPUs of the size here (L2-resident), fine on a GPU
 
 
 @torch.no_grad()
-def logits(model: nn.Module, x: torch.Tensor, norm: tuple, batch_size: int = EVAL_BATCH, precision: str = "fp32") -> torch.Tensor:
+def logits(model: nn.Module, x: torch.Tensor, norm: tuple, precision: Precision, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """Float32 logits of every image of `x`, on the model's device, the forward passes in `precision` (fp32 or bf16)."""
     model.eval()
     dev = next(model.parameters()).device
@@ -51,11 +51,11 @@ def agreement(z: torch.Tensor, w: torch.Tensor) -> float:
     return 100.0 * (z.argmax(1) == w.argmax(1).to(z.device)).float().mean().item()
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple, precision: str = "fp32") -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple, precision: Precision) -> float:
     """Top-1 accuracy in percent."""
     return accuracy_of_logits(logits(model, x, norm, precision=precision), y)
 
 
-def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple, precision: str = "fp32") -> tuple[float, float]:
+def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple, precision: Precision) -> tuple[float, float]:
     z = logits(model, x, norm, precision=precision)
     return torch.nn.functional.cross_entropy(z, y.to(z.device)).item(), accuracy_of_logits(z, y)

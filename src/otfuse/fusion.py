@@ -31,7 +31,7 @@ from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup
 from otfuse.maps import ChannelMap, carry, groups_of, output_maps
-from otfuse.precision import resolve_precision
+from otfuse.precision import Precision, resolve_precision
 from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 from otfuse.subsets import check_fusion_data
 
@@ -83,8 +83,8 @@ class Fusion:
     maps: list[dict[str, ChannelMap]]  # per parent: group name -> map onto the fused model's channels
     groups: list[ChannelGroup]  # the fused model's channel groups
     weights: list[float]  # the averaging weights
+    precision: Precision  # the forward passes' precision, resolved: evaluate the models in it too
     seconds: dict[str, float] = field(default_factory=dict)
-    precision: str = "fp32"  # the forward passes' precision, resolved (fp32 or bf16): evaluate the models in it too
     parents: list[nn.Module] = field(default_factory=list, repr=False)
     images: torch.Tensor | None = field(default=None, repr=False)  # the unlabelled training images the stages read
     norm: tuple = field(default=(), repr=False)
@@ -98,7 +98,7 @@ class Fusion:
         if "fused_average" not in self.made:
             with timed(self.seconds, "batchnorm"):
                 self.made["fused_average"] = recompute_bn(copy.deepcopy(self.fused_no_bn), self.images, self.norm, self.cfg.bn,
-                                                          precision=self.precision)
+                                                          self.precision)
         return self.made["fused_average"]
 
     def columns(self, baselines: bool = True, progress: bool = False) -> dict[str, nn.Module]:
@@ -123,12 +123,12 @@ class Fusion:
 
 
 def vanilla_models(models: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple, cfg: FuseConfig,
-                   precision: str = "fp32") -> dict[str, nn.Module]:
+                   precision: Precision) -> dict[str, nn.Module]:
     """Vanilla averaging without alignment, by column: as it is, with BatchNorm recomputed, and refit when `cfg` refits."""
     vanilla = average(models, weights).eval()
-    out = {"vanilla": vanilla, "vanilla_bn": recompute_bn(copy.deepcopy(vanilla), images, norm, cfg.bn, precision=precision)}
+    out = {"vanilla": vanilla, "vanilla_bn": recompute_bn(copy.deepcopy(vanilla), images, norm, cfg.bn, precision)}
     if cfg.refit.enabled:
-        out["vanilla_refit"] = refit(copy.deepcopy(out["vanilla_bn"]), models, weights, images, norm, cfg.refit, precision=precision)
+        out["vanilla_refit"] = refit(copy.deepcopy(out["vanilla_bn"]), models, weights, images, norm, cfg.refit, precision)
     return out
 
 
@@ -189,7 +189,7 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
         fused = copy.deepcopy(fused_no_bn)  # the refit gives every BatchNorm its exact statistics: recomputing them first is wasted
     else:
         with timed(seconds, "batchnorm", progress):
-            made["fused_average"] = recompute_bn(copy.deepcopy(fused_no_bn), images, norm, cfg.bn, progress, precision)
+            made["fused_average"] = recompute_bn(copy.deepcopy(fused_no_bn), images, norm, cfg.bn, precision, progress)
         fused = copy.deepcopy(made["fused_average"]) if cfg.repair.enabled or cfg.refit.enabled else made["fused_average"]
     if cfg.repair.enabled:
         with timed(seconds, "repair", progress):
@@ -201,8 +201,8 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
             # parents compute exactly those; where a map merges or splits channels, the originals' carried through it
             permutations = all(m.perm is not None for per_model_maps in maps for m in per_model_maps.values())
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
-            refit(fused, aligned, weights, images, norm, cfg.refit, progress, sources, precision)
-    return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, seconds, precision, list(models), images, norm, cfg, made)
+            refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources)
+    return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
 
 
 def same_widths(maps: list[dict[str, ChannelMap]]) -> bool:
@@ -215,10 +215,10 @@ def _chain(onto_anchor: dict[str, ChannelMap], to_target: dict[str, ChannelMap])
 
 
 def repaired(model: nn.Module, aligned: list[nn.Module], weights: list[float], groups: list[ChannelGroup],
-             images: torch.Tensor, norm: tuple, cfg: FuseConfig, precision: str = "fp32") -> nn.Module:
+             images: torch.Tensor, norm: tuple, cfg: FuseConfig, precision: Precision) -> nn.Module:
     """REPAIR in place on a merged model, then BatchNorm recomputed: the corrections move every later layer's inputs."""
     repair(model, aligned, weights, groups, images, norm, cfg.repair, precision)
-    return recompute_bn(model, images, norm, cfg.bn, precision=precision)
+    return recompute_bn(model, images, norm, cfg.bn, precision)
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from otfuse.data import normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.fusion import FuseConfig, Fusion
+from otfuse.precision import Precision
 from otfuse.refit import refit, units
 from otfuse.report import accuracies
 
@@ -122,13 +123,13 @@ def partial_merge(fusion: Fusion, cut: str, images: torch.Tensor, norm: tuple) -
     if cut == INPUT or not cfg.refit.enabled:
         made = [fx.GraphModule(copy.deepcopy(m), tail_graph) for m in fusion.aligned]
         merged = PartialMerge(stem, made, fusion.weights).eval()
-        return merged if cut == INPUT else recompute_bn(merged, images, norm, cfg.bn, precision=precision)
+        return merged if cut == INPUT else recompute_bn(merged, images, norm, cfg.bn, precision)
     made = [fx.GraphModule(_refit_tail(fusion.fused, m, tail_graph, images, norm, cfg, precision), tail_graph) for m in fusion.aligned]
     return PartialMerge(stem, made, fusion.weights).eval()
 
 
 def _refit_tail(fused: nn.Module, parent: nn.Module, tail_graph: fx.Graph, images: torch.Tensor, norm: tuple, cfg: FuseConfig,
-                precision: str) -> nn.Module:
+                precision: Precision) -> nn.Module:
     """The fused model with `parent`'s layers after the cut, those refit so that, fed the fused stem's outputs, each
     reproduces the parent's own output (the parent's weights anchor the ridge)."""
     hybrid = copy.deepcopy(fused)
@@ -139,7 +140,7 @@ def _refit_tail(fused: nn.Module, parent: nn.Module, tail_graph: fx.Graph, image
     dev = next(hybrid.parameters()).device
     example = normalize(images[:2], norm).to(dev)
     layers = {layer for layer, _ in units(hybrid, example) if any(layer == n or layer.startswith(n + ".") for n in names)}
-    return refit(hybrid, [parent], [1.0], images, norm, cfg.refit, precision=precision, layers=layers)
+    return refit(hybrid, [parent], [1.0], images, norm, cfg.refit, precision, layers=layers)
 
 
 def _attr(model: nn.Module, name: str):

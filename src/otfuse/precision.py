@@ -1,8 +1,12 @@
 """Numeric precision of forward and backward passes: bf16 autocast where the hardware computes it natively.
 
-    prec = resolve_precision("auto", device)   # "bf16" on CUDA with bf16 and on CPUs with avx512_bf16/amx; else "fp32"
+    prec = resolve_precision("auto", device)   # Precision.BF16 on CUDA with bf16 and on CPUs with avx512_bf16/amx; else FP32
     with autocast(prec, device):
         y = model(channels_last(x, prec))
+
+A command resolves the precision once, where it starts (the option's name and the device together), and passes
+the resolved `Precision` on: every function that runs a forward pass requires one, so none can fall back to
+float32 without a word.
 
 `auto` is the default of every command: bf16 autocast (matmuls and convolutions in bfloat16,
 with float32 accumulation; BatchNorm running statistics, losses, OT costs and the refit's Gram
@@ -13,6 +17,7 @@ layout, which the bf16 kernels run fastest on.
 
 from __future__ import annotations
 
+import enum
 import functools
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +27,22 @@ import torch
 from otfuse.errors import OtfuseError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class Precision(str, enum.Enum):
+    """A resolved precision: what forward passes run in. Compares equal to its name ("fp32", "bf16"), prints as it."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __hash__(self) -> int:  # equal to its name, so hashed as it: ("row", Precision.BF16) finds ("row", "bf16")
+        return hash(self.value)
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags of native bf16 dot products
 
 
@@ -47,26 +68,26 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` -> "bf16" where native on `device`, else "fp32"; `fp32` and `bf16` as given; anything else one clear error."""
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """`auto` -> BF16 where native on `device`, else FP32; `fp32` and `bf16` as given; anything else one clear error."""
     if name not in PRECISIONS:
         raise OtfuseError(f"--precision {name!r} is unknown; choose {', '.join(PRECISIONS)}")
     if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return name
+        return Precision.BF16 if native_bf16(device) else Precision.FP32
+    return Precision(name)
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: Precision, device: torch.device):
     """A context in which forward passes on `device` run in `precision` (resolved: fp32 or bf16)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
-def memory_format(precision: str) -> torch.memory_format:
+def memory_format(precision: Precision) -> torch.memory_format:
     return torch.channels_last if precision == "bf16" else torch.contiguous_format
 
 
-def channels_last(x: torch.Tensor, precision: str) -> torch.Tensor:
+def channels_last(x: torch.Tensor, precision: Precision) -> torch.Tensor:
     """A 4-D batch in the layout `precision` runs fastest on (channels_last under bf16); other tensors as they are."""
     return x.contiguous(memory_format=torch.channels_last) if precision == "bf16" and x.ndim == 4 else x

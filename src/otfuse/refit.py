@@ -1,7 +1,7 @@
 """Refit the averaged model layer by layer, so each layer reproduces its parents' mean output.
 
     from otfuse.refit import RefitConfig, refit
-    refit(fused, aligned_parents, [0.5, 0.5], data.train_x, data.norm, RefitConfig())   # in place
+    refit(fused, aligned_parents, [0.5, 0.5], data.train_x, data.norm, RefitConfig(), Precision.BF16)   # in place
 
 Averaging aligned weights is only right where the parents' layers are near-linear images of each
 other; in narrow networks they are not, and the error compounds with depth. The refit fixes each
@@ -46,7 +46,7 @@ from otfuse.data import augment_batch, fixed_sample, normalize
 from otfuse.errors import OtfuseError
 from otfuse.hooks import tapping
 from otfuse.maps import ChannelMap, carry_outputs
-from otfuse.precision import autocast, channels_last
+from otfuse.precision import Precision, autocast, channels_last
 
 _BN = nn.modules.batchnorm._BatchNorm
 CHUNK_ELEMENTS = 1 << 25  # unfolded input entries per Gram product (128 MiB of float32): bounds the refit's peak memory
@@ -244,7 +244,7 @@ class _Stream:
     while the main thread fits. So each batch's forward pass runs once, and no layer's inputs or
     targets are held longer than the fit that reads them."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, taps: list[tuple[int, str, str]], transform, precision: str):
+    def __init__(self, model: nn.Module, x: torch.Tensor, taps: list[tuple[int, str, str]], transform, precision: Precision):
         self.model, self.x, self.taps, self.transform, self.precision = model, x, taps, transform, precision
         self.items: queue.Queue = queue.Queue()
         self.go = threading.Semaphore(0)
@@ -386,9 +386,9 @@ def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], lay
 
 @torch.no_grad()
 def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
-          cfg: RefitConfig, progress: bool = False,
+          cfg: RefitConfig, precision: Precision, progress: bool = False,
           sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
-          precision: str = "fp32", layers: set[str] | None = None) -> nn.Module:
+          layers: set[str] | None = None) -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
     `parents` must already be carried onto the fused model's channels: their averaged units are the

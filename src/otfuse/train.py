@@ -26,7 +26,7 @@ from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
-from otfuse.precision import autocast, channels_last, memory_format, resolve_precision
+from otfuse.precision import Precision, autocast, channels_last, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, output_lock
 from otfuse.subsets import Subset, check_bias, format_classes, parse_classes, restrict, subset_of
 
@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     steps_per_epoch = (len(data.train_y) // world) // (cfg.batch_size // world)
     total = steps_per_epoch * cfg.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    meta = {**_meta(cfg, data), "val_size": held_out, "precision": precision, **({"subset": part.to_meta()} if part else {})}
+    meta = {**_meta(cfg, data), "val_size": held_out, "precision": precision.value, **({"subset": part.to_meta()} if part else {})}
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         model.train()
@@ -280,7 +280,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     return path
 
 
-def _keep_better_start(model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_data: ImageData, precision: str,
+def _keep_better_start(model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_data: ImageData, precision: Precision,
                        final_val: float, progress: bool) -> dict:
     """A fine-tune never ends below the model it started from on the validation split: when the start scores
     higher there, its weights replace the run's (the run's own curve stays in `history`). Returns the metadata
@@ -351,7 +351,7 @@ def _distill_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor
     return nn.functional.cross_entropy(out / temperature, target) * temperature**2
 
 
-def _check_existing(path: Path, cfg: TrainConfig, precision: str) -> None:
+def _check_existing(path: Path, cfg: TrainConfig, precision: Precision) -> None:
     """A checkpoint already at `path` is continued only with --resume (and the same options), replaced
     only with --overwrite: a finished or interrupted run is never lost by accident."""
     if not path.exists() or cfg.overwrite:

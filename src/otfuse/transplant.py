@@ -6,7 +6,7 @@ via Neuron Transplantation", 2025).
 
     from otfuse.transplant import side_by_side, transplant
     wide = side_by_side([a, b], model_from_meta(meta, 2 * width), images, norm)   # the mean of a's and b's logits
-    start = transplant([a, b], model_from_meta(meta, 2 * width), model_from_meta(meta, width), images, norm, bn_cfg)
+    start = transplant([a, b], model_from_meta(meta, 2 * width), model_from_meta(meta, width), images, norm, bn_cfg, Precision.BF16)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from otfuse.bn import BatchNormConfig, recompute_bn
 from otfuse.data import normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
+from otfuse.precision import Precision
 
 SIDE_BY_SIDE_RTOL = 1e-3  # largest logit error, relative to the logits' scale, of a wide model taken for the ensemble
 
@@ -51,8 +52,9 @@ def side_by_side(models: list[nn.Module], wide: nn.Module, images: torch.Tensor,
     wide.load_state_dict(merged)
     wide.eval()
     x = images[:64]
-    want = sum(logits(m.eval(), x, norm) for m in models) / n
-    err = (logits(wide, x, norm) - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+    # an exactness check, so in float32 whatever the run's precision
+    want = sum(logits(m.eval(), x, norm, Precision.FP32) for m in models) / n
+    err = (logits(wide, x, norm, Precision.FP32) - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
     if err > SIDE_BY_SIDE_RTOL:
         raise OtfuseError(f"this architecture cannot be widened into its models side by side (the wide model's logits differ from "
                           f"the ensemble's by {err:.2g} of their scale); transplant needs a registry model whose width scales every channel")
@@ -79,7 +81,7 @@ def pruned(model: nn.Module, target: nn.Module, ratio: float, images: torch.Tens
 
 
 def transplant(models: list[nn.Module], wide: nn.Module, target: nn.Module, images: torch.Tensor, norm: tuple,
-               bn: BatchNormConfig, precision: str = "fp32", ratio: float | None = None) -> nn.Module:
+               bn: BatchNormConfig, precision: Precision, ratio: float | None = None) -> nn.Module:
     """The models side by side in `wide`, pruned to `target`'s width by magnitude (cutting the fraction `ratio` of
     every channel group; default 1 - 1/n, back to one model's width), BatchNorm statistics recomputed on `images`
     (the pruned channels' inputs changed); returns `target` in eval mode."""
