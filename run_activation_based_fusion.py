@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fuse every pair of trained seeds under checkpoint/ with activation-based OT; writes results/.
 
-    python run_activation_based_fusion.py [--dataset cifar10] [--pairs 0-1] [--n-images 1000] [--device cuda]
+python run_activation_based_fusion.py [--dataset cifar10] [--pairs 0-1] [--n-images 1000] [--device cuda]
 """
 
 import sys

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Set up .venv (as run_demo.sh does), then run the test suite. Extra arguments go to pytest.
+# Set up .venv (as run_demo.sh does), lint and format-check the code (ruff), then run the test suite.
+# Extra arguments go to pytest (e.g. -m "not slow" for the quick loop).
 set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup_venv.sh
+ruff check --quiet . || { echo "ruff check failed: fix the lines above (ruff check --fix fixes some)" >&2; exit 1; }
+ruff format --check --quiet . || { echo "ruff format --check failed: run ruff format ." >&2; exit 1; }
 # two workers (pytest-xdist), each test file kept on one worker so its module fixtures are built once
 python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"

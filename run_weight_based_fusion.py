@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fuse every pair of trained seeds under checkpoint/ with weight-based OT; writes results/.
 
-    python run_weight_based_fusion.py [--dataset cifar10] [--method weight-matching] [--device cuda]
+python run_weight_based_fusion.py [--dataset cifar10] [--method weight-matching] [--device cuda]
 """
 
 import sys

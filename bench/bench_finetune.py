@@ -8,11 +8,11 @@
 FUSED is `otfuse fuse A.pt B.pt --out FUSED.pt`; `vanilla` (the plain average of A and B with
 BatchNorm recomputed and refit, made here), `transplant` (A and B side by side in a model twice as
 wide, pruned back by magnitude: otfuse.transplant, made here) and the parents A (`seed<a>`) and B
-(`seed<b>`) are the other starts, and five kinds of narrower start made here, `<kind>-w<width>`: `fused-w32` (A and B fused into width 32),
-`pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner), `fused-pruned-w32` (A and B fused at
-their width, then pruned to 32 the same way), `transplant-w32` (A and B side by side, pruned to 32) and
-`scratch-w32` (a fresh initialisation); any width works. A run is starts + TrainConfig options (FINETUNE, then these: every start gets the same recipe,
-whatever defaults `otfuse finetune` would pick for it);
+(`seed<b>`) are the other starts, and five kinds of narrower start made here, `<kind>-w<width>`: `fused-w32` (A and B
+fused into width 32), `pruned-w32` (A pruned to width 32 by Torch-Pruning's magnitude pruner), `fused-pruned-w32` (A and
+B fused at their width, then pruned to 32 the same way), `transplant-w32` (A and B side by side, pruned to 32) and
+`scratch-w32` (a fresh initialisation); any width works. A run is starts + TrainConfig options (FINETUNE, then these:
+every start gets the same recipe, whatever defaults `otfuse finetune` would pick for it);
 every distilled run learns from the ensemble of A and B. Each run writes one row per epoch on the
 validation split (its accuracy after that epoch, from the run's history; epoch 0 is the start) and one on the test split
 after the last epoch, to bench/finetune-<dataset>[-<arch>]-w<width>.csv, as soon as the run finishes. A run
@@ -57,7 +57,9 @@ def parse_run(text: str) -> tuple[list[str], dict]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs=3, metavar="CKPT", help="FUSED.pt A.pt B.pt: the fusion and its two parents")
-    p.add_argument("--run", action="append", default=[], help='"starts: options", e.g. "fused,seed0: epochs=2 lr=0.02" (repeatable; default: the grid)')
+    p.add_argument(
+        "--run", action="append", default=[], help='"starts: options", e.g. "fused,seed0: epochs=2 lr=0.02" (repeatable; default: the grid)'
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-dir", default=str(Path(__file__).parent))
@@ -69,7 +71,9 @@ def main(argv: list[str]) -> int:
         metas, data = inputs.metas, inputs.data
         fmeta = load_checkpoint(fused)[1]
         if fmeta.get("kind") != "fused":
-            raise OtfuseError(f"{fused} is not a fused checkpoint (kind {fmeta.get('kind')!r}); make one with otfuse fuse A.pt B.pt --out FUSED.pt")
+            raise OtfuseError(
+                f"{fused} is not a fused checkpoint (kind {fmeta.get('kind')!r}); make one with otfuse fuse A.pt B.pt --out FUSED.pt"
+            )
         runs = [parse_run(r) for r in args.run] or [parse_run(f"{s}: {o}") for s, o in GRID]
         meta = metas[0]
         out = Path(args.out_dir) / f"finetune-{bench_stem(meta, data)}.csv"
@@ -85,25 +89,38 @@ def main(argv: list[str]) -> int:
                     if start not in paths:
                         made = made_start(start, inputs, Path(tmp) / f"{start}.pt")
                         if made is None:
-                            raise OtfuseError(f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))} "
-                                              f"or {'/'.join(NARROW)}-w<width> (e.g. pruned-w32)")
+                            raise OtfuseError(
+                                f"--run: start {start!r} is unknown; choose {', '.join(sorted(paths) + sorted(MADE))} "
+                                f"or {'/'.join(NARROW)}-w<width> (e.g. pruned-w32)"
+                            )
                         paths[start] = made
                     teachers = {"teachers": f"{a},{b}"} if options.get("distill") else {}
                     t0 = time.perf_counter()
-                    ck = finetune(paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**FINETUNE, **options, **teachers})
+                    ck = finetune(
+                        paths[start], Path(tmp) / "run.pt", args.data_dir, args.device, data, **{**FINETUNE, **options, **teachers}
+                    )
                     seconds = time.perf_counter() - t0
                     ck_meta = load_checkpoint(ck)[1]
                     history = ck_meta["history"]
                     ck.unlink()
-                    common = {"start": start, "distill": bool(options.get("distill")), "epochs": len(history), "options": opts,
-                              "seconds": f"{seconds:.0f}", "dataset": data.slug, "width": meta["width"]}
+                    common = {
+                        "start": start,
+                        "distill": bool(options.get("distill")),
+                        "epochs": len(history),
+                        "options": opts,
+                        "seconds": f"{seconds:.0f}",
+                        "dataset": data.slug,
+                        "width": meta["width"],
+                    }
                     # epoch 0: the start itself, measured by the run's keep-start check
                     before = [{"epoch": 0, "val_acc": ck_meta["start_val_acc"]}] if "start_val_acc" in ck_meta else []
                     rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in before + history]
                     rows.append({**common, "epoch": history[-1]["epoch"], "split": "test", "acc": f"{history[-1]['test_acc']:.2f}"})
                     atomic_write_csv(out, rows, FIELDS)
-                    print(f"{start:<8} {opts:<70} val {history[-1]['val_acc']:.2f} test {history[-1]['test_acc']:.2f} "
-                          f"({seconds:.0f} s)", flush=True)
+                    print(
+                        f"{start:<8} {opts:<70} val {history[-1]['val_acc']:.2f} test {history[-1]['test_acc']:.2f} ({seconds:.0f} s)",
+                        flush=True,
+                    )
         print(f"wrote {out}")
         return 0
 
@@ -115,7 +132,9 @@ def _vanilla(inputs: FusionInputs, path: Path) -> Path:
     models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     precision = resolve_precision(cfg.precision, next(models[0].parameters()).device)
     model = vanilla_models(models, cfg.model_weights(len(models)), data.train_x, data.norm, cfg, precision)["vanilla_refit"]
-    save_checkpoint(path, model, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), len(data.val_y), None), "method": "vanilla"})
+    save_checkpoint(
+        path, model, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), len(data.val_y), None), "method": "vanilla"}
+    )
     return path
 
 
@@ -144,8 +163,16 @@ def _transplant(inputs: FusionInputs, path: Path, width: int | None = None) -> P
     device = next(models[0].parameters()).device
     width = width or inputs.width
     wide = target_model(metas[0], len(models) * inputs.width, device)
-    start = transplant(models, wide, target_model(metas[0], width, device), data.train_x, data.norm, cfg.bn,
-                       resolve_precision(cfg.precision, device), ratio=1 - width / (len(models) * inputs.width))
+    start = transplant(
+        models,
+        wide,
+        target_model(metas[0], width, device),
+        data.train_x,
+        data.norm,
+        cfg.bn,
+        resolve_precision(cfg.precision, device),
+        ratio=1 - width / (len(models) * inputs.width),
+    )
     save_checkpoint(path, start, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": "transplant"})
     return path
 

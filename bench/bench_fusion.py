@@ -58,13 +58,17 @@ def main() -> None:
     sync()
     t_fuse = time.perf_counter() - t0
     phases = ", ".join(f"{k} {v:.2f}" for k, v in timings.items())
-    print(f"resnet18 w{args.width} on {dev}: forward passes {t_forward:.2f} s, fusion {t_fuse:.2f} s ({phases}); "
-          f"ratio {t_fuse / t_forward:.2f} (target <= 1.3)")
+    print(
+        f"resnet18 w{args.width} on {dev}: forward passes {t_forward:.2f} s, fusion {t_fuse:.2f} s ({phases}); "
+        f"ratio {t_fuse / t_forward:.2f} (target <= 1.3)"
+    )
     if args.refit:
         cfg.refit.enabled = True
         timings = fuse(models, images, norm, cfg).seconds
-        print(f"with the refit (the default): refit {timings['refit']:.2f} s more, "
-              f"{sum(timings.values()) / t_forward:.2f} times the forward passes")
+        print(
+            f"with the refit (the default): refit {timings['refit']:.2f} s more, "
+            f"{sum(timings.values()) / t_forward:.2f} times the forward passes"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Seconds to find the channel groups of a width-64 CIFAR ResNet18 and to permute them (target: < 0.5 s together).
 
-    python bench/bench_groups.py [--width 64] [--repeat 5]
+python bench/bench_groups.py [--width 64] [--repeat 5]
 """
 
 import argparse
@@ -9,8 +9,7 @@ import time
 
 import torch
 
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 
 
@@ -34,8 +33,10 @@ def main() -> None:
     t_groups, groups = best_of(lambda: channel_groups(model, x), args.repeat)
     perms = random_maps(groups)
     t_perm, _ = best_of(lambda: permute(model, groups, perms), args.repeat)
-    print(f"resnet18 w{args.width}: {len(groups)} groups; channel_groups {t_groups:.3f} s, permute {t_perm:.3f} s, "
-          f"together {t_groups + t_perm:.3f} s (target < 0.5 s; {torch.get_num_threads()} threads)")
+    print(
+        f"resnet18 w{args.width}: {len(groups)} groups; channel_groups {t_groups:.3f} s, permute {t_perm:.3f} s, "
+        f"together {t_groups + t_perm:.3f} s (target < 0.5 s; {torch.get_num_threads()} threads)"
+    )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        inputs = fusion_inputs(args.checkpoints, parse_assignments(args.base, FuseConfig), data_dir=args.data_dir, device=args.device,
-                               same_width=True)
+        inputs = fusion_inputs(
+            args.checkpoints, parse_assignments(args.base, FuseConfig), data_dir=args.data_dir, device=args.device, same_width=True
+        )
         models, metas, data = inputs.models, inputs.metas, inputs.data
         changes = [parse_assignments(c, FuseConfig) for c in args.only] or CHANGES
         base = flatten(inputs.cfg)  # the defaults `otfuse fuse` takes for these parents, then --base
@@ -90,13 +91,24 @@ def main(argv: list[str]) -> int:
             cfg = build(FuseConfig, {**base, **change})
             t0 = time.perf_counter()
             _, acc, agree = val_accuracy(models, data, cfg)
-            r = {"dataset": data.slug, "width": meta["width"], "seeds": seeds, "change": label, "val_accuracy": f"{acc:.2f}",
-                 "agree_model1": f"{agree[0]:.2f}", "agree_model2": f"{agree[1]:.2f}", "seconds": f"{time.perf_counter() - t0:.1f}",
-                 "defaults": defaults}
+            r = {
+                "dataset": data.slug,
+                "width": meta["width"],
+                "seeds": seeds,
+                "change": label,
+                "val_accuracy": f"{acc:.2f}",
+                "agree_model1": f"{agree[0]:.2f}",
+                "agree_model2": f"{agree[1]:.2f}",
+                "seconds": f"{time.perf_counter() - t0:.1f}",
+                "defaults": defaults,
+            }
             rows.append(r)
             atomic_write_csv(out, rows, list(r))
-            print(f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
-                  f"  {r['seconds']:>6} s", flush=True)
+            print(
+                f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
+                f"  {r['seconds']:>6} s",
+                flush=True,
+            )
         print(f"wrote {out}")
         return 0
 

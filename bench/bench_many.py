@@ -27,8 +27,24 @@ from otfuse.report import fusion_table
 from otfuse.results import bench_stem
 from otfuse.storage import atomic_write_csv
 
-FIELDS = ["k", "seeds", "parents", "parent_mean", "parent_best", "ensemble", "vanilla_refit", "fused_average", "fused",
-          "fused_minus_mean", "fused_minus_ensemble", "s_fusion", "s_evaluation", "split", "dataset", "options"]
+FIELDS = [
+    "k",
+    "seeds",
+    "parents",
+    "parent_mean",
+    "parent_best",
+    "ensemble",
+    "vanilla_refit",
+    "fused_average",
+    "fused",
+    "fused_minus_mean",
+    "fused_minus_ensemble",
+    "s_fusion",
+    "s_evaluation",
+    "split",
+    "dataset",
+    "options",
+]
 
 
 def main(argv: list[str]) -> int:
@@ -57,12 +73,21 @@ def main(argv: list[str]) -> int:
             fusion, acc = fusion_table(inputs.models[:k], inputs.data, inputs.cfg, args.split, progress=True)
             parents = [acc[f"model{i + 1}"] for i in range(k)]
             mean = sum(parents) / k
-            row = {"k": k, "seeds": seeds, "parents": " / ".join(f"{a:.2f}" for a in parents), "parent_mean": f"{mean:.2f}",
-                   "parent_best": f"{max(parents):.2f}", **{c: f"{acc[c]:.2f}" for c in ("ensemble", "vanilla_refit", "fused_average", "fused")},
-                   "fused_minus_mean": f"{acc['fused'] - mean:.2f}", "fused_minus_ensemble": f"{acc['fused'] - acc['ensemble']:.2f}",
-                   "s_fusion": f"{sum(v for ph, v in fusion.seconds.items() if ph != 'evaluation'):.0f}",
-                   "s_evaluation": f"{fusion.seconds.get('evaluation', 0.0):.0f}", "split": args.split, "dataset": inputs.data.slug,
-                   "options": flatten(inputs.cfg)}
+            row = {
+                "k": k,
+                "seeds": seeds,
+                "parents": " / ".join(f"{a:.2f}" for a in parents),
+                "parent_mean": f"{mean:.2f}",
+                "parent_best": f"{max(parents):.2f}",
+                **{c: f"{acc[c]:.2f}" for c in ("ensemble", "vanilla_refit", "fused_average", "fused")},
+                "fused_minus_mean": f"{acc['fused'] - mean:.2f}",
+                "fused_minus_ensemble": f"{acc['fused'] - acc['ensemble']:.2f}",
+                "s_fusion": f"{sum(v for ph, v in fusion.seconds.items() if ph != 'evaluation'):.0f}",
+                "s_evaluation": f"{fusion.seconds.get('evaluation', 0.0):.0f}",
+                "split": args.split,
+                "dataset": inputs.data.slug,
+                "options": flatten(inputs.cfg),
+            }
             rows.append(row)
             atomic_write_csv(out, rows, FIELDS)
             print(f"k={k} ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{c} {row[c]}" for c in FIELDS[3:11]), flush=True)

@@ -35,9 +35,27 @@ from otfuse.results import bench_stem
 from otfuse.storage import atomic_write_csv, writable_file
 
 PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation")
-FIELDS = ["row", "method", "model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn",
-          "fused_average", "fused_repair", "fused", "agree_model1", "agree_model2", *(f"s_{k}" for k in PHASES),
-          "precision", "split", "dataset", "options"]
+FIELDS = [
+    "row",
+    "method",
+    "model1",
+    "model2",
+    "ensemble",
+    "vanilla",
+    "vanilla_bn",
+    "vanilla_refit",
+    "fused_no_bn",
+    "fused_average",
+    "fused_repair",
+    "fused",
+    "agree_model1",
+    "agree_model2",
+    *(f"s_{k}" for k in PHASES),
+    "precision",
+    "split",
+    "dataset",
+    "options",
+]
 
 
 def main(argv: list[str]) -> int:
@@ -80,11 +98,27 @@ def main(argv: list[str]) -> int:
             cfg = build(FuseConfig, {**base, "method": methods[0]})
             fusion, acc = fusion_table(models, data, cfg, args.split, progress=True)
             if ("default", precision) not in done:
-                record({"row": "default", "method": methods[0], **{k: f"{v:.2f}" for k, v in acc.items()},
-                        **{f"s_{k}": f"{fusion.seconds.get(k, 0.0):.1f}" for k in PHASES}})
+                record(
+                    {
+                        "row": "default",
+                        "method": methods[0],
+                        **{k: f"{v:.2f}" for k, v in acc.items()},
+                        **{f"s_{k}": f"{fusion.seconds.get(k, 0.0):.1f}" for k in PHASES},
+                    }
+                )
             if args.save:
-                save_checkpoint(args.save, fusion.fused, fused_meta(metas, args.checkpoints, meta["width"], flatten(cfg),
-                                                                    len(data.val_y), acc["fused"] if args.split == "test" else None))
+                save_checkpoint(
+                    args.save,
+                    fusion.fused,
+                    fused_meta(
+                        metas,
+                        args.checkpoints,
+                        meta["width"],
+                        flatten(cfg),
+                        len(data.val_y),
+                        acc["fused"] if args.split == "test" else None,
+                    ),
+                )
         parent = None  # the parents' logits, for the other rows' agreement: computed once, when a row needs them
         for method in methods[1:]:
             if (method, precision) in done:
@@ -94,9 +128,13 @@ def main(argv: list[str]) -> int:
             t1 = time.perf_counter()
             parent = parent or [logits(m, x, data.norm, precision=precision) for m in models]
             z = logits(result.fused, x, data.norm, precision=precision)
-            row = {"row": method, "method": method, "fused": f"{accuracy_of_logits(z, y):.2f}",
-                   "fused_average": f"{accuracy_of_logits(logits(result.fused_average, x, data.norm, precision=precision), y):.2f}",
-                   **{f"agree_model{i + 1}": f"{agreement(z, q):.2f}" for i, q in enumerate(parent)}}
+            row = {
+                "row": method,
+                "method": method,
+                "fused": f"{accuracy_of_logits(z, y):.2f}",
+                "fused_average": f"{accuracy_of_logits(logits(result.fused_average, x, data.norm, precision=precision), y):.2f}",
+                **{f"agree_model{i + 1}": f"{agreement(z, q):.2f}" for i, q in enumerate(parent)},
+            }
             result.seconds["evaluation"] = time.perf_counter() - t1
             row.update({f"s_{k}": f"{result.seconds.get(k, 0.0):.1f}" for k in PHASES})
             record(row)
@@ -107,8 +145,18 @@ def main(argv: list[str]) -> int:
 
 
 def _line(row: dict) -> str:
-    keys = ("model1", "model2", "ensemble", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair", "fused",
-            "agree_model1", "agree_model2")
+    keys = (
+        "model1",
+        "model2",
+        "ensemble",
+        "vanilla_bn",
+        "vanilla_refit",
+        "fused_average",
+        "fused_repair",
+        "fused",
+        "agree_model1",
+        "agree_model2",
+    )
     return f"{row['row']:<16} " + " ".join(f"{k} {row[k]}" for k in keys if k in row)
 
 

@@ -107,8 +107,18 @@ def main(argv: list[str]) -> int:
         precisions = [resolve_precision(q, device) for q in args.precisions.split(",") if q]
 
         def record(what: str, width: int, precision: str, value: float, unit: str) -> None:
-            rows.append({"what": what, "width": width, "precision": precision, "value": f"{value:.1f}", "unit": unit,
-                         "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads()})
+            rows.append(
+                {
+                    "what": what,
+                    "width": width,
+                    "precision": precision,
+                    "value": f"{value:.1f}",
+                    "unit": unit,
+                    "machine": machine,
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                }
+            )
             atomic_write_csv(out, rows, FIELDS)
             print(f"{what:<20} w{width:<3} {precision:<5} {value:9.1f} {unit}", flush=True)
 
@@ -135,9 +145,21 @@ def main(argv: list[str]) -> int:
             for precision in precisions if args.table else []:
                 if todo("table", width, precision):
                     t0 = time.perf_counter()
-                    subprocess.run([sys.executable, str(Path(__file__).parent / "bench_scale.py"), *args.parents, "--methods",
-                                    "activation", "--base", f"precision={precision}", "--out-dir", args.out_dir]
-                                   + (["--data-dir", args.data_dir] if args.data_dir else []), check=True)
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            str(Path(__file__).parent / "bench_scale.py"),
+                            *args.parents,
+                            "--methods",
+                            "activation",
+                            "--base",
+                            f"precision={precision}",
+                            "--out-dir",
+                            args.out_dir,
+                        ]
+                        + (["--data-dir", args.data_dir] if args.data_dir else []),
+                        check=True,
+                    )
                     record("table", width, precision, time.perf_counter() - t0, "s")
         print(f"wrote {out}")
         return 0

@@ -61,8 +61,21 @@ SETTINGS = {
 DEFAULT = ("cifar10-5+5", "cifar10-biased", "cifar100-50+50", "cifar100-biased")
 RUNS = [("activation", "union"), ("activation", "model1"), ("weight", "union")]  # (method, fusion data) per setting
 COLUMNS = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair", "fused")
-FIELDS = ["setting", "split", "method", "fusion_data", "width", "epochs", *[f"{c}{t}" for c in COLUMNS for t in ("", "_task1", "_task2")],
-          "agree_model1", "agree_model2", "fused_of_ensemble", "seconds", "dataset", "options"]
+FIELDS = [
+    "setting",
+    "split",
+    "method",
+    "fusion_data",
+    "width",
+    "epochs",
+    *[f"{c}{t}" for c in COLUMNS for t in ("", "_task1", "_task2")],
+    "agree_model1",
+    "agree_model2",
+    "fused_of_ensemble",
+    "seconds",
+    "dataset",
+    "options",
+]
 
 
 def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, progress: bool) -> list[Path]:
@@ -71,9 +84,17 @@ def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, p
     halves = [f"0-{n // 2 - 1}", f"{n // 2}-{n - 1}"]
     out = []
     for seed, classes in enumerate(halves):
-        cfg = TrainConfig(dataset=s.dataset, width=s.width, epochs=s.epochs, seed=seed, classes=classes,
-                          bias=1.0 if s.split == "disjoint" else s.bias, resume=True,
-                          out=str(checkpoint_dir / name / f"seed{seed}-c{classes}.pt"), **({"data_dir": data_dir} if data_dir else {}))
+        cfg = TrainConfig(
+            dataset=s.dataset,
+            width=s.width,
+            epochs=s.epochs,
+            seed=seed,
+            classes=classes,
+            bias=1.0 if s.split == "disjoint" else s.bias,
+            resume=True,
+            out=str(checkpoint_dir / name / f"seed{seed}-c{classes}.pt"),
+            **({"data_dir": data_dir} if data_dir else {}),
+        )
         t0 = time.perf_counter()
         out.append(train(cfg, progress=progress))
         if progress:
@@ -118,27 +139,61 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
         return
     t0 = time.perf_counter()
     _, acc = fusion_table(inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks)
-    row = {"setting": name, "split": s.split, "method": method, "fusion_data": fusion_data, "width": s.width, "epochs": s.epochs,
-           **{k: f"{v:.2f}" for k, v in acc.items() if k in FIELDS}, "fused_of_ensemble": f"{100 * acc['fused'] / acc['ensemble']:.1f}",
-           "seconds": f"{time.perf_counter() - t0:.0f}", "dataset": inputs.data.slug, "options": flatten(inputs.cfg)}
+    row = {
+        "setting": name,
+        "split": s.split,
+        "method": method,
+        "fusion_data": fusion_data,
+        "width": s.width,
+        "epochs": s.epochs,
+        **{k: f"{v:.2f}" for k, v in acc.items() if k in FIELDS},
+        "fused_of_ensemble": f"{100 * acc['fused'] / acc['ensemble']:.1f}",
+        "seconds": f"{time.perf_counter() - t0:.0f}",
+        "dataset": inputs.data.slug,
+        "options": flatten(inputs.cfg),
+    }
     atomic_write_csv(out, rows + [row], FIELDS)
-    print(f"{name} {method} on {fusion_data}: " + ", ".join(f"{k} {row[k]}" for k in ("model1", "model2", "ensemble", "vanilla_refit",
-                                                                                        "fused_average", "fused_repair", "fused")), flush=True)
+    print(
+        f"{name} {method} on {fusion_data}: "
+        + ", ".join(f"{k} {row[k]}" for k in ("model1", "model2", "ensemble", "vanilla_refit", "fused_average", "fused_repair", "fused")),
+        flush=True,
+    )
 
 
 def partial(name: str, paths: list[Path], args: argparse.Namespace) -> None:
     """The setting's default fusion merged up to every cut: results/partial-<dataset>.csv and .png."""
     inputs = fusion_inputs(paths, {}, data_dir=args.data_dir, device=args.device)
-    fusion, acc = fusion_table(inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks,
-                               with_baselines=False)
-    rows = partial_rows(fusion, chosen_cuts(fusion.fused, "all"), inputs.data.train_x, *inputs.data.split("test"), inputs.data.norm,
-                        inputs.tasks, progress=True)
+    fusion, acc = fusion_table(
+        inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks, with_baselines=False
+    )
+    rows = partial_rows(
+        fusion,
+        chosen_cuts(fusion.fused, "all"),
+        inputs.data.train_x,
+        *inputs.data.split("test"),
+        inputs.data.norm,
+        inputs.tasks,
+        progress=True,
+    )
     metas = inputs.metas
-    key = {"dataset": inputs.data.slug, "arch": metas[0]["arch"], "width": metas[0]["width"], "widths": f"{metas[0]['width']}-{metas[1]['width']}",
-           "seeds": f"{metas[0]['seed']}-{metas[1]['seed']}", "method": inputs.cfg.align.method, "parts": name,
-           "fusion_data": inputs.cfg.fusion_data}
-    write_partial(Path(args.results_dir), inputs.data.slug, key, acc, rows, f"{name}: ResNet18 w{metas[0]['width']}, parties merged "
-                  "up to each cut, one branch per party after it")
+    key = {
+        "dataset": inputs.data.slug,
+        "arch": metas[0]["arch"],
+        "width": metas[0]["width"],
+        "widths": f"{metas[0]['width']}-{metas[1]['width']}",
+        "seeds": f"{metas[0]['seed']}-{metas[1]['seed']}",
+        "method": inputs.cfg.align.method,
+        "parts": name,
+        "fusion_data": inputs.cfg.fusion_data,
+    }
+    write_partial(
+        Path(args.results_dir),
+        inputs.data.slug,
+        key,
+        acc,
+        rows,
+        f"{name}: ResNet18 w{metas[0]['width']}, parties merged up to each cut, one branch per party after it",
+    )
 
 
 if __name__ == "__main__":

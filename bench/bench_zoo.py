@@ -27,13 +27,11 @@ import torch
 import torchvision
 
 from otfuse.errors import OtfuseError
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.storage import atomic_write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize_bn, randomize_constants  # noqa: E402  (the tests' own randomisers: one way to do it)
-
 
 # CNNs only (transformers and attention hybrids are counted apart), small variants, 30 families
 TIMM_CNNS = """resnet10t resnet14t resnet18 resnet18d resnet26 resnet26d resnet34 resnet50 resnet50d seresnet18
@@ -67,6 +65,7 @@ def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
     """(a model with random weights and 10 classes, its family)."""
     if source.startswith("timm"):
         import timm  # optional: only this source needs it
+
         return timm.create_model(name, pretrained=False, num_classes=10), _timm_family(name)
     kwargs = {"num_classes": 10}
     if name.startswith(("inception", "googlenet")):
@@ -76,6 +75,7 @@ def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
 
 def _timm_family(name: str) -> str:
     import timm
+
     return timm.models._registry._model_to_module.get(name, "").rpartition(".")[2] or name.split("_")[0]
 
 
@@ -90,8 +90,13 @@ def check(source: str, name: str, size: int | None, limit: float) -> dict:
     model = randomize_bn(randomize_constants(model)).eval()
     size = size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    row = {"model": name, "family": family, "size": size, "parameters": sum(p.numel() for p in model.parameters()),
-           "build_s": f"{time.perf_counter() - t0:.1f}"}
+    row = {
+        "model": name,
+        "family": family,
+        "size": size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "build_s": f"{time.perf_counter() - t0:.1f}",
+    }
     try:
         t1 = time.perf_counter()
         groups = channel_groups(model, x[:1], time_limit=limit)
@@ -105,8 +110,14 @@ def check(source: str, name: str, size: int | None, limit: float) -> dict:
             with torch.no_grad():
                 a, b = model.double()(x.double()), out.double()(x.double())
             err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-        row.update(result="exact" if err <= 1e-5 else "WRONG", groups=len(groups), rel_error=f"{err:.1e}",
-                   groups_s=f"{t2 - t1:.1f}", permute_s=f"{t3 - t2:.1f}", message="")
+        row.update(
+            result="exact" if err <= 1e-5 else "WRONG",
+            groups=len(groups),
+            rel_error=f"{err:.1e}",
+            groups_s=f"{t2 - t1:.1f}",
+            permute_s=f"{t3 - t2:.1f}",
+            message="",
+        )
     except OtfuseError as exc:
         row.update(result="refused", message=str(exc)[:300])
     except Exception as exc:  # what the bench is for: anything but the project's own error is a bug
@@ -119,8 +130,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", default="torchvision", choices=list(SOURCES))
     p.add_argument("--only", default="", help="comma-separated model names (default: every classification model of the source)")
-    p.add_argument("--size", type=int, default=None,
-                   help="image side (default: 224, what every CNN accepts; timm-transformers: each model's own)")
+    p.add_argument(
+        "--size", type=int, default=None, help="image side (default: 224, what every CNN accepts; timm-transformers: each model's own)"
+    )
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
     p.add_argument("--out", default="", help="default: bench/zoo-<source>.csv")
     args = p.parse_args()
@@ -128,7 +140,20 @@ def main() -> int:
     every = SOURCES[args.source] or torchvision.models.list_models(module=torchvision.models)
     size = args.size or (None if args.source == "timm-transformers" else 224)
     names = [n for n in args.only.split(",") if n] or every
-    fields = ["model", "family", "result", "rel_error", "groups", "size", "parameters", "build_s", "groups_s", "permute_s", "total_s", "message"]
+    fields = [
+        "model",
+        "family",
+        "result",
+        "rel_error",
+        "groups",
+        "size",
+        "parameters",
+        "build_s",
+        "groups_s",
+        "permute_s",
+        "total_s",
+        "message",
+    ]
     # rows of models not rerun are kept: a stopped run, or one with --only, leaves the others as they were
     kept = [r for r in csv.DictReader(out.open(newline="")) if r["model"] in every] if out.is_file() else []
     rows = []

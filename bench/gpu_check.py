@@ -35,8 +35,9 @@ from otfuse.tune import TuneConfig, run_study
 FUSION_TOLERANCE = 1.0  # points: the same weights fused on two devices (rounding of bf16 kernels differs)
 
 
-def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: dict[str, Path] | None, epochs: int,
-               precision: str) -> tuple[list[dict], dict[str, Path]]:
+def run_device(
+    device: str, dataset: str, data_dir: str, work: Path, parents: dict[str, Path] | None, epochs: int, precision: str
+) -> tuple[list[dict], dict[str, Path]]:
     rows: list[dict] = []
 
     def add(check: str, figures: dict[str, float], seconds: float) -> None:
@@ -48,8 +49,18 @@ def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: di
     trained = {}
     for name, width, seed in (("w16s0", 16, 0), ("w16s1", 16, 1), ("w8s1", 8, 1)):
         t0 = time.perf_counter()
-        cfg = TrainConfig(dataset=dataset, width=width, epochs=epochs, seed=seed, batch_size=128, lr=0.1, device=device,
-                          precision=precision, data_dir=data_dir, out=str(work / device / f"{name}.pt"))
+        cfg = TrainConfig(
+            dataset=dataset,
+            width=width,
+            epochs=epochs,
+            seed=seed,
+            batch_size=128,
+            lr=0.1,
+            device=device,
+            precision=precision,
+            data_dir=data_dir,
+            out=str(work / device / f"{name}.pt"),
+        )
         path = train(cfg, progress=False)
         trained[name] = path
         meta = torch.load(path, weights_only=True)["meta"]
@@ -66,7 +77,9 @@ def run_device(device: str, dataset: str, data_dir: str, work: Path, parents: di
     fused(["w16s0", "w16s1"], 8, "fuse w16+w16 -> w8")
     fused(["w16s0", "w8s1"], 16, "fuse w16+w8 -> w16")
     t0 = time.perf_counter()
-    inputs = fusion_inputs([parents["w16s0"], parents["w16s1"]], {"precision": precision}, data_dir=data_dir, device=device, same_width=True)
+    inputs = fusion_inputs(
+        [parents["w16s0"], parents["w16s1"]], {"precision": precision}, data_dir=data_dir, device=device, same_width=True
+    )
     models, data = inputs.models, inputs.data
     out = run_study(models, data, inputs.metas, inputs.paths, TuneConfig(n_trials=1, results_dir=str(work / device / "tune")), inputs.cfg)
     add("tune 1 trial", {"val_accuracy": out["val_accuracy"], "test_accuracy": out["test_accuracy"]}, time.perf_counter() - t0)

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from otfuse.checkpoints import load_checkpoint
-from otfuse.data import load_dataset
-from otfuse.fusion import FuseConfig
+from otfuse.data import ImageData, load_dataset, normalize
+from otfuse.fusion import FuseConfig, fuse
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.options import build
 from otfuse.train import TrainConfig, train
 
@@ -67,6 +68,29 @@ class CatNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+METHODS = ["activation", "weight", "weight-matching"]
+
+
+def random_data(shape: tuple[int, int, int], n: int = 64, classes: int = 10) -> ImageData:
+    """Random uint8 images of `shape` with random labels, as an ImageData (train, val and test overlapping)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    c = shape[0]
+    return ImageData("random", [str(i) for i in range(classes)], x, y, x[:8], y[:8], x[:16], y[:16], (0.5,) * c, (0.25,) * c, False)
+
+
+def assert_returns_model(model, data, method, n_images=64, **options):
+    """The oracle: fusing `model` with a randomly permuted copy of itself returns `model` (the aligned average)."""
+    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
+    copy = permute(model, groups, random_maps(groups, seed=5))
+    cfg = config(method=method, n_images=n_images, bn_batches=0, refit=False, **options)  # the oracle is on the average
+    raw = fuse([model, copy], data.train_x, data.norm, cfg).fused_no_bn
+    ref = model.state_dict()
+    for k, v in raw.state_dict().items():
+        assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
+
+
 def bench_module(name: str):
     """A script of bench/ imported as a module (registered, so its dataclasses resolve their annotations)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
@@ -94,13 +118,27 @@ def trained(tmp_path_factory):
     """Two digits ResNet18s (width 8), trained for a few epochs, and their data."""
     root = tmp_path_factory.mktemp("trained")
     # fp32: the same parents on every machine, whether or not its CPU has native bf16 (which `auto` would pick)
-    cfgs = [TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=s, device="cpu", precision="fp32",
-                        data_dir=str(root / "data"), checkpoint_dir=str(root / "ck")) for s in (0, 1)]
+    cfgs = [
+        TrainConfig(
+            dataset="digits",
+            width=8,
+            epochs=8,
+            batch_size=64,
+            lr=0.1,
+            seed=s,
+            device="cpu",
+            precision="fp32",
+            data_dir=str(root / "data"),
+            checkpoint_dir=str(root / "ck"),
+        )
+        for s in (0, 1)
+    ]
     paths = [train(c, progress=False) for c in cfgs]
     return [load_checkpoint(p)[0] for p in paths], load_dataset("digits", root / "data"), paths, root
 
 
 # --- channel splits, slices, gates, norm groups, parametrised and tied weights: patterns users write ---------------
+
 
 class _Head(nn.Module):
     def head(self, x):
@@ -293,29 +331,45 @@ class SplitAttentionNet(_Head):
         return self.head(self.d((x * a).sum(1)))
 
 
-PATTERNS = {"split": SplitNet, "glu": GLUNet, "partial-residual": PartialResidualNet, "res2net": Res2Net, "ghost": GhostNet,
-            "mixconv": MixConvNet, "groupnorm": GroupNormNet, "weight-norm": WeightNormNet, "spectral-norm": SpectralNormNet,
-            "tied": TiedNet, "pixel-shuffle": PixelShuffleNet, "pixel-unshuffle": PixelUnshuffleNet,
-            "selective-kernel": SelectiveKernelNet, "split-attention": SplitAttentionNet}
+PATTERNS = {
+    "split": SplitNet,
+    "glu": GLUNet,
+    "partial-residual": PartialResidualNet,
+    "res2net": Res2Net,
+    "ghost": GhostNet,
+    "mixconv": MixConvNet,
+    "groupnorm": GroupNormNet,
+    "weight-norm": WeightNormNet,
+    "spectral-norm": SpectralNormNet,
+    "tied": TiedNet,
+    "pixel-shuffle": PixelShuffleNet,
+    "pixel-unshuffle": PixelUnshuffleNet,
+    "selective-kernel": SelectiveKernelNet,
+    "split-attention": SplitAttentionNet,
+}
 
 
 # --- small instances of torchvision's classes: the same code paths as the full-size models (bench_zoo.py covers those) ---
 
+
 def small_resnet50():
     """torchvision's ResNet with Bottleneck blocks, one per stage, narrow."""
     from torchvision.models.resnet import Bottleneck, ResNet
+
     return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10, width_per_group=16)
 
 
 def small_densenet():
     """torchvision's DenseNet: dense blocks of concatenations and transitions, narrow."""
     from torchvision.models.densenet import DenseNet
+
     return DenseNet(growth_rate=8, block_config=(2, 2, 2), num_init_features=16, bn_size=2, num_classes=10)
 
 
 def small_vgg_bn():
     """torchvision's VGG with BatchNorm: its flatten after a 7x7 adaptive pool into Linear layers, narrow."""
     from torchvision.models.vgg import VGG, make_layers
+
     vgg = VGG(make_layers([8, "M", 16, "M", 32, 32, "M"], batch_norm=True), num_classes=10, init_weights=False)
     vgg.classifier = nn.Sequential(nn.Linear(32 * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     return vgg
@@ -325,4 +379,5 @@ def small_mobilenet_v2():
     """torchvision's MobileNetV2 (inverted residuals, depthwise convs) at half width (at a quarter, the weight method
     cannot tell the 8 stem channels apart: an ambiguity of that method, not of the grouping)."""
     from torchvision.models import mobilenet_v2
+
     return mobilenet_v2(num_classes=10, width_mult=0.5)

@@ -22,11 +22,30 @@ def test_the_public_names_are_the_objects_of_their_modules():
     assert otfuse.fuse is otfuse.fusion.fuse and callable(otfuse.fuse)  # the function, after its module was imported
     assert otfuse.FuseConfig is otfuse.fusion.FuseConfig and otfuse.permute is otfuse.maps.permute
     assert set(otfuse.METHODS) >= {"activation", "weight", "weight-matching"} and otfuse.METHODS is otfuse.align.METHODS
-    assert sorted(otfuse.__all__) == sorted({"__version__", "fuse", "FuseConfig", "Fusion", "AlignConfig", "register_method", "METHODS",
-                                             "channel_groups", "ChannelMap", "carry", "permute", "random_maps", "transport_map",
-                                             "build_model", "load_checkpoint", "save_checkpoint", "fusion_table", "OtfuseError"})
+    assert sorted(otfuse.__all__) == sorted(
+        {
+            "__version__",
+            "fuse",
+            "FuseConfig",
+            "Fusion",
+            "AlignConfig",
+            "register_method",
+            "METHODS",
+            "channel_groups",
+            "ChannelMap",
+            "carry",
+            "permute",
+            "random_maps",
+            "transport_map",
+            "build_model",
+            "load_checkpoint",
+            "save_checkpoint",
+            "fusion_table",
+            "OtfuseError",
+        }
+    )
     with pytest.raises(AttributeError, match="no attribute 'fusee'"):
-        otfuse.fusee
+        _ = otfuse.fusee
 
 
 def test_importing_the_package_does_not_load_torch():

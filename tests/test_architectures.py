@@ -11,13 +11,13 @@ from torch import nn
 from torchvision.models import convnext, regnet, shufflenetv2
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from conftest import config, randomize_bn
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.fusion import fuse
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
+
+from conftest import config, randomize_bn
 
 
 def _resnext():
@@ -25,8 +25,9 @@ def _resnext():
 
 
 def _regnet():
-    params = regnet.BlockParams(depths=[1, 1], widths=[8, 16], group_widths=[4, 4], bottleneck_multipliers=[1.0, 1.0],
-                                strides=[2, 2], se_ratio=0.25)
+    params = regnet.BlockParams(
+        depths=[1, 1], widths=[8, 16], group_widths=[4, 4], bottleneck_multipliers=[1.0, 1.0], strides=[2, 2], se_ratio=0.25
+    )
     return regnet.RegNet(params, num_classes=10, stem_width=8)
 
 

@@ -8,14 +8,14 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import config
 from otfuse.attention import attention_layers
 from otfuse.data import normalize
 from otfuse.errors import OtfuseError
 from otfuse.fusion import fuse
 from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
-from test_fuse import METHODS, _assert_returns_model, _random_data
+
+from conftest import METHODS, assert_returns_model, config, random_data
 
 
 class Encoder(nn.Module):
@@ -109,27 +109,30 @@ def test_heads_move_as_whole_blocks_and_q_with_k():
     qk = next(g for g in groups if g.name == "att:qk")
     for seed in range(5):
         perm = random_maps(groups, seed)[qk.name].perm
-        assert all(len(set((perm[h * 4:(h + 1) * 4] // 4).tolist())) == 1 for h in range(4)), "a head is split"
+        assert all(len(set((perm[h * 4 : (h + 1) * 4] // 4).tolist())) == 1 for h in range(4)), "a head is split"
     rows = [m for m in qk.members if m.module == "att" and m.tensor == "in_proj_weight"]
     assert len(rows) == 1 and rows[0].index.shape == (16, 2), "q and k rows in one member: one permutation for both"
 
 
 def _timm_vit():
     timm = pytest.importorskip("timm")
-    return timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
-                                                            num_heads=2, num_classes=10, class_token=True, reg_tokens=1)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10, class_token=True, reg_tokens=1
+    )
 
 
 def _timm_swin():
     timm = pytest.importorskip("timm")
-    return timm.models.swin_transformer.SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=16,
-                                                        depths=(1, 1), num_heads=(2, 4), num_classes=10)
+    return timm.models.swin_transformer.SwinTransformer(
+        img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4), num_classes=10
+    )
 
 
 def _timm_swinv2():
     timm = pytest.importorskip("timm")
-    return timm.models.swin_transformer_v2.SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=16,
-                                                             depths=(1, 1), num_heads=(2, 4), num_classes=10)
+    return timm.models.swin_transformer_v2.SwinTransformerV2(
+        img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4), num_classes=10
+    )
 
 
 def _vit():
@@ -137,12 +140,18 @@ def _vit():
 
 
 def _torchvision_vit():
-    return torchvision.models.vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                                   hidden_dim=32, mlp_dim=64, num_classes=10)
+    return torchvision.models.vision_transformer.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    )
 
 
-TRANSFORMERS = {"otfuse-vit": _vit, "torchvision-vit": _torchvision_vit, "timm-vit": _timm_vit, "timm-swin": _timm_swin,
-                "timm-swinv2": _timm_swinv2}
+TRANSFORMERS = {
+    "otfuse-vit": _vit,
+    "torchvision-vit": _torchvision_vit,
+    "timm-vit": _timm_vit,
+    "timm-swin": _timm_swin,
+    "timm-swinv2": _timm_swinv2,
+}
 
 
 @pytest.mark.parametrize("arch", list(TRANSFORMERS))
@@ -155,19 +164,19 @@ def test_vision_transformers_permute_exactly(arch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_oracle_holds_for_the_vit_with_every_method(method):
-    _assert_returns_model(_randomised(_vit()), _random_data((3, 32, 32)), method, n_images=32)
+    assert_returns_model(_randomised(_vit()), random_data((3, 32, 32)), method, n_images=32)
 
 
 @pytest.mark.parametrize("point", ["pre", "post"])
 def test_q_and_k_are_read_after_their_projection_at_every_observation_point(point):
-    _assert_returns_model(_randomised(_vit()), _random_data((3, 32, 32)), "activation", n_images=32, point=point)
+    assert_returns_model(_randomised(_vit()), random_data((3, 32, 32)), "activation", n_images=32, point=point)
 
 
 @pytest.mark.parametrize("arch", ["otfuse-vit", "torchvision-vit"])
 def test_the_default_fusion_with_refit_returns_the_model(arch):
     """The whole default pipeline (alignment, averaging, refit of every Linear that runs as a module) on a model and
     a permuted copy: the model comes back, whether its attention is timm-style or nn.MultiheadAttention."""
-    model, data = _randomised(TRANSFORMERS[arch]()), _random_data((3, 32, 32))
+    model, data = _randomised(TRANSFORMERS[arch]()), random_data((3, 32, 32))
     groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
     twin = permute(model, groups, random_maps(groups, seed=5))
     fused = fuse([model, twin], data.train_x, data.norm, config(n_images=32, refit_n_images=32)).fused
@@ -178,13 +187,14 @@ def test_the_default_fusion_with_refit_returns_the_model(arch):
 
 
 def test_the_oracle_holds_for_timm_swin():
-    _assert_returns_model(_randomised(_timm_swin()), _random_data((3, 32, 32)), "activation", n_images=32)
+    assert_returns_model(_randomised(_timm_swin()), random_data((3, 32, 32)), "activation", n_images=32)
 
 
 def test_normalised_queries_and_keys_are_refused_in_one_line():
     timm = pytest.importorskip("timm")
-    model = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
-                                                             num_classes=10, qk_norm=True)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10, qk_norm=True
+    )
     with pytest.raises(OtfuseError, match=r"blocks\.0\.attn.*norm"):
         channel_groups(model.eval(), torch.randn(1, 3, 32, 32))
 
@@ -197,18 +207,48 @@ def test_the_vit_trains_and_goes_through_the_scripts_tune_and_interpolate(tmp_pa
     from otfuse.sweep import main as sweep_main
     from otfuse.train import TrainConfig, train
 
-    cfg = dict(dataset="digits", arch="vit", width=16, epochs=2, optimizer="adamw", lr=2e-3, device="cpu", precision="fp32",
-               data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ck"))
+    cfg = dict(
+        dataset="digits",
+        arch="vit",
+        width=16,
+        epochs=2,
+        optimizer="adamw",
+        lr=2e-3,
+        device="cpu",
+        precision="fp32",
+        data_dir=str(tmp_path / "data"),
+        checkpoint_dir=str(tmp_path / "ck"),
+    )
     paths = [train(TrainConfig(**cfg, seed=s), progress=False) for s in (0, 1)]
     base = ["--data-dir", cfg["data_dir"], "--device", "cpu", "--n-images", "128", "--refit-n-images", "128"]
-    assert sweep_main(["--checkpoint-dir", cfg["checkpoint_dir"], "--results-dir", str(tmp_path / "res"),
-                       "--finetune-epochs", "1", *base], "activation") == 0, capsys.readouterr().err
-    row, = read_rows(tmp_path / "res" / "digits_activation.csv")
+    assert (
+        sweep_main(
+            ["--checkpoint-dir", cfg["checkpoint_dir"], "--results-dir", str(tmp_path / "res"), "--finetune-epochs", "1", *base],
+            "activation",
+        )
+        == 0
+    ), capsys.readouterr().err
+    (row,) = read_rows(tmp_path / "res" / "digits_activation.csv")
     assert row["arch"] == "vit" and float(row["fused"]) > 0
     assert (tmp_path / "res" / "finetune-digits.csv").is_file()
     assert main(["tune", *map(str, paths), "--n-trials", "1", "--results-dir", str(tmp_path / "res"), *base]) == 0
-    assert main(["interpolate", *map(str, paths), "--points", "3", "--results-dir", str(tmp_path / "res"),
-                 "--data-dir", cfg["data_dir"], "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "interpolate",
+                *map(str, paths),
+                "--points",
+                "3",
+                "--results-dir",
+                str(tmp_path / "res"),
+                "--data-dir",
+                cfg["data_dir"],
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert list((tmp_path / "res").glob("interp-digits-vit-w16-*.png"))
 
 

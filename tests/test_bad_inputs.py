@@ -96,6 +96,7 @@ def _damaged_checkpoints(w: Path, raw: dict) -> None:
 def _bad_image_folders(w: Path) -> None:
     """Image folders that break `split/class/file`: deeper files, a file outside a class, a nested split, a link,
     classes that differ between train and test, and truncated or linked archives."""
+
     def folder(name: str, extra: list[str]) -> Path:
         root = _image_tree(w / f"img-{name}")
         for rel in extra:
@@ -153,8 +154,10 @@ def _sweep_folders(w: Path, paths: list[Path]) -> None:
     shutil.copy(paths[0], dup / "seed0-copy.pt")
     shutil.copy(paths[1], dup / "seed1.pt")
     raw = torch.load(paths[0], weights_only=True)  # a fusion of other parents where the script would write its own
-    torch.save({**raw, "meta": {**raw["meta"], "kind": "fused", "parents": ["x.pt", "y.pt"]}},
-               w / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1.pt")
+    torch.save(
+        {**raw, "meta": {**raw["meta"], "kind": "fused", "parents": ["x.pt", "y.pt"]}},
+        w / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1.pt",
+    )
     split = w / "ck-split" / "digits" / "resnet18-w8"
     split.mkdir(parents=True)
     shutil.copy(paths[0], split / "seed0.pt")

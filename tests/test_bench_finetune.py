@@ -4,18 +4,10 @@ stopped sweep resumes without redoing a run."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-from pathlib import Path
 
 from otfuse.cli import main as otfuse_main
 
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_finetune.py"
-    spec = importlib.util.spec_from_file_location("bench_finetune", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import bench_module
 
 
 def test_bench_finetune_writes_each_starts_curve_and_resumes(trained, tmp_path):
@@ -23,9 +15,17 @@ def test_bench_finetune_writes_each_starts_curve_and_resumes(trained, tmp_path):
     base = ["--data-dir", str(root / "data"), "--device", "cpu"]
     fused = tmp_path / "fused.pt"
     assert otfuse_main(["fuse", str(paths[0]), str(paths[1]), "--bn-batches", "4", "--out", str(fused), *base]) == 0
-    args = [str(fused), str(paths[0]), str(paths[1]), "--run", "fused,transplant: epochs=1 batch_size=64 precision=fp32",
-            "--out-dir", str(tmp_path), *base]
-    bench = _bench()
+    args = [
+        str(fused),
+        str(paths[0]),
+        str(paths[1]),
+        "--run",
+        "fused,transplant: epochs=1 batch_size=64 precision=fp32",
+        "--out-dir",
+        str(tmp_path),
+        *base,
+    ]
+    bench = bench_module("bench_finetune")
     assert bench.main(args) == 0
     out = tmp_path / "finetune-digits-w8.csv"
     rows = list(csv.DictReader(out.open(newline="")))
@@ -45,7 +45,7 @@ def test_bench_finetune_makes_narrower_starts_of_any_width(trained, tmp_path, ca
     assert otfuse_main(["fuse", str(paths[0]), str(paths[1]), "--bn-batches", "4", "--out", str(fused), *base]) == 0
     starts = ("fused-w4", "pruned-w4", "fused-pruned-w4", "transplant-w4", "scratch-w4")
     common = [str(fused), str(paths[0]), str(paths[1]), "--out-dir", str(tmp_path), *base]
-    bench = _bench()
+    bench = bench_module("bench_finetune")
     assert bench.main([*common, "--run", f"{','.join(starts)}: epochs=1 batch_size=64 precision=fp32"]) == 0
     rows = list(csv.DictReader((tmp_path / "finetune-digits-w8.csv").open(newline="")))
     for start in starts:

@@ -5,16 +5,40 @@ from __future__ import annotations
 
 import csv
 
-from conftest import bench_module
 from otfuse.train import TrainConfig, train
+
+from conftest import bench_module
 
 
 def test_bench_many_fuses_two_and_three_parents_and_resumes(trained, tmp_path):
     _, _, paths, root = trained
-    third = train(TrainConfig(dataset="digits", width=8, epochs=8, batch_size=64, lr=0.1, seed=2, device="cpu", precision="fp32",
-                              data_dir=str(root / "data"), out=str(tmp_path / "seed2.pt")), progress=False)
-    args = [*map(str, paths), str(third), "--data-dir", str(root / "data"), "--device", "cpu", "--out-dir", str(tmp_path),
-            "--results-dir", str(tmp_path / "res")]
+    third = train(
+        TrainConfig(
+            dataset="digits",
+            width=8,
+            epochs=8,
+            batch_size=64,
+            lr=0.1,
+            seed=2,
+            device="cpu",
+            precision="fp32",
+            data_dir=str(root / "data"),
+            out=str(tmp_path / "seed2.pt"),
+        ),
+        progress=False,
+    )
+    args = [
+        *map(str, paths),
+        str(third),
+        "--data-dir",
+        str(root / "data"),
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path),
+        "--results-dir",
+        str(tmp_path / "res"),
+    ]
     bench = bench_module("bench_many")
     assert bench.main(args) == 0
     out = tmp_path / "many-digits-w8.csv"

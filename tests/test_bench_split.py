@@ -11,15 +11,32 @@ from conftest import bench_module
 def test_bench_split_trains_parties_fuses_them_and_resumes(tmp_path, monkeypatch):
     bench = bench_module("bench_split")
     monkeypatch.setitem(bench.SETTINGS, "digits-5+5", bench.Setting("digits", 4, 2, "disjoint"))
-    args = ["--settings", "digits-5+5", "--partial", "digits-5+5", "--checkpoint-dir", str(tmp_path / "ck"), "--results-dir",
-            str(tmp_path / "res"), "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    args = [
+        "--settings",
+        "digits-5+5",
+        "--partial",
+        "digits-5+5",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--results-dir",
+        str(tmp_path / "res"),
+        "--out-dir",
+        str(tmp_path),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--device",
+        "cpu",
+    ]
     assert bench.main(args) == 0
     out = tmp_path / "split-digits-w4.csv"
     rows = list(csv.DictReader(out.open()))
     assert [(r["method"], r["fusion_data"]) for r in rows] == bench.RUNS
     for r in rows:
-        assert all(r[f"{c}{t}"] for c in ("model1", "ensemble", "vanilla_refit", "fused_average", "fused_repair", "fused")
-                   for t in ("", "_task1", "_task2"))
+        assert all(
+            r[f"{c}{t}"]
+            for c in ("model1", "ensemble", "vanilla_refit", "fused_average", "fused_repair", "fused")
+            for t in ("", "_task1", "_task2")
+        )
     partial = list(csv.DictReader((tmp_path / "res" / "partial-digits.csv").open()))
     assert partial[0]["cut"] == "input" and partial[-1]["cut"] == "fc" and len(partial) >= 6
     assert (tmp_path / "res" / "partial-digits.png").stat().st_size > 0

@@ -17,8 +17,10 @@ COMMANDS = {
     "train": ([TrainConfig], set()),
     "finetune": ([TrainConfig], {"checkpoint"}),
     "evaluate": ([], {"checkpoint", "split", "device", "data_dir", "precision"}),
-    "fuse": ([FuseConfig], {"checkpoints", "width", "out", "overwrite", "split", "baselines", "merge_until", "config", "device",
-                            "data_dir"}),
+    "fuse": (
+        [FuseConfig],
+        {"checkpoints", "width", "out", "overwrite", "split", "baselines", "merge_until", "config", "device", "data_dir"},
+    ),
     "tune": ([FuseConfig, TuneConfig], {"checkpoints", "width", "config", "device", "data_dir"}),
     "interpolate": ([FuseConfig], {"checkpoints", "points", "split", "results_dir", "config", "device", "data_dir"}),
 }

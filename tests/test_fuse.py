@@ -8,49 +8,40 @@ import pytest
 import torch
 import torchvision
 
-from conftest import CatNet, config, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
-from otfuse.cli import main
-from otfuse.data import ImageData, normalize
 from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
+from otfuse.cli import main
+from otfuse.data import normalize
 from otfuse.fusion import average, fuse
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.report import fusion_table
 from otfuse.train import TrainConfig, checkpoint_path, train
 
-METHODS = ["activation", "weight", "weight-matching"]
-
-
-def _random_data(shape: tuple[int, int, int], n: int = 64, classes: int = 10) -> ImageData:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    c = shape[0]
-    return ImageData("random", [str(i) for i in range(classes)], x, y, x[:8], y[:8], x[:16], y[:16], (0.5,) * c, (0.25,) * c, False)
-
-
-def _assert_returns_model(model, data, method, n_images=64, **options):
-    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
-    copy = permute(model, groups, random_maps(groups, seed=5))
-    cfg = config(method=method, n_images=n_images, bn_batches=0, refit=False, **options)  # the oracle is on the average
-    raw = fuse([model, copy], data.train_x, data.norm, cfg).fused_no_bn
-    ref = model.state_dict()
-    for k, v in raw.state_dict().items():
-        assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
+from conftest import (
+    METHODS,
+    CatNet,
+    assert_returns_model,
+    config,
+    random_data,
+    randomize_bn,
+    small_densenet,
+    small_mobilenet_v2,
+    small_resnet50,
+    small_vgg_bn,
+)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fusing_a_trained_model_with_a_permuted_copy_returns_the_model(trained, method):
     models, data, _, _ = trained
-    _assert_returns_model(models[0], data, method)
+    assert_returns_model(models[0], data, method)
 
 
 @pytest.mark.parametrize("options", [dict(point="pre"), dict(point="post"), dict(cost="euclidean"), dict(mix=0.5)])
 def test_the_oracle_holds_for_every_activation_option(trained, options):
     models, data, _, _ = trained
-    _assert_returns_model(models[1], data, "activation", **options)
+    assert_returns_model(models[1], data, "activation", **options)
 
 
 ARCHS = {
@@ -69,7 +60,7 @@ ARCHS = {
 def test_the_oracle_holds_on_every_architecture(arch, method):
     make, shape = ARCHS[arch]
     torch.manual_seed(0)
-    _assert_returns_model(randomize_bn(make()), _random_data(shape), method, n_images=32)
+    assert_returns_model(randomize_bn(make()), random_data(shape), method, n_images=32)
 
 
 def test_three_models_fuse_by_aligning_each_to_the_first(trained):
@@ -98,8 +89,20 @@ def test_alignment_beats_vanilla_averaging_on_trained_models(trained):
     # digits, width 8 (val): the aligned average ~81, the vanilla one with BatchNorm reset ~43
     assert acc["fused_average"] > acc["vanilla_bn"] + 15.0
     assert acc["fused"] >= acc["vanilla_refit"]
-    assert {"model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn", "fused_average",
-            "fused", "fused_repair", "agree_model1", "agree_model2"} == set(acc)
+    assert {
+        "model1",
+        "model2",
+        "ensemble",
+        "vanilla",
+        "vanilla_bn",
+        "vanilla_refit",
+        "fused_no_bn",
+        "fused_average",
+        "fused",
+        "fused_repair",
+        "agree_model1",
+        "agree_model2",
+    } == set(acc)
     assert "evaluation" in fusion.seconds
 
 
@@ -108,8 +111,21 @@ def test_cli_fuse_saves_before_evaluating_and_prints_the_table_with_baselines(tr
 
     _, _, paths, root = trained
     out = tmp_path / "fused.pt"
-    args = ["fuse", str(paths[0]), str(paths[1]), "--method", "weight", "--out", str(out), "--device", "cpu",
-            "--data-dir", str(root / "data"), "--bn-batches", "4"]
+    args = [
+        "fuse",
+        str(paths[0]),
+        str(paths[1]),
+        "--method",
+        "weight",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(root / "data"),
+        "--bn-batches",
+        "4",
+    ]
     real = cli.logits
     seen = []
 
@@ -154,13 +170,13 @@ def test_cli_fuse_bad_inputs_exit_2_and_write_nothing(trained, tmp_path, capsys)
 
 def test_repair_keeps_the_oracle(trained):
     models, data, _, _ = trained
-    _assert_returns_model(models[0], data, "activation", repair=True)
+    assert_returns_model(models[0], data, "activation", repair=True)
 
 
 def test_repair_gives_the_first_layer_the_parents_mean_statistics():
     """On a net without BatchNorm the stem's outputs are exact after REPAIR: nothing upstream moves them."""
 
-    data = _random_data((3, 8, 8), n=128)
+    data = random_data((3, 8, 8), n=128)
     nets = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -170,7 +186,7 @@ def test_repair_gives_the_first_layer_the_parents_mean_statistics():
     fused = average(nets, [0.5, 0.5])
     repair(fused, nets, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(n_images=128), Precision.FP32)
     stem = [p for g in groups for p in g.pre_observations if p.module == "b"]
-    (mu_f, sd_f), = channel_moments(fused, stem, data.train_x, data.norm, Precision.FP32, 128)
+    ((mu_f, sd_f),) = channel_moments(fused, stem, data.train_x, data.norm, Precision.FP32, 128)
     moments = [channel_moments(n, stem, data.train_x, data.norm, Precision.FP32, 128)[0] for n in nets]
     assert torch.allclose(mu_f, (moments[0][0] + moments[1][0]) / 2, atol=1e-5)
     assert torch.allclose(sd_f, (moments[0][1] + moments[1][1]) / 2, atol=1e-5)
@@ -180,7 +196,9 @@ def test_augmented_batchnorm_statistics_are_reproducible_and_differ_from_plain_o
     models, data, _, _ = trained
 
     def stats(augment):
-        m = recompute_bn(copy.deepcopy(models[0]), data.train_x, data.norm, BatchNormConfig(batches=4, batch_size=64, augment=augment), Precision.FP32)
+        m = recompute_bn(
+            copy.deepcopy(models[0]), data.train_x, data.norm, BatchNormConfig(batches=4, batch_size=64, augment=augment), Precision.FP32
+        )
         return torch.cat([b.running_mean for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)])
 
     assert torch.equal(stats(True), stats(True))

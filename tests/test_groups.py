@@ -9,12 +9,12 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import CatNet, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
 from otfuse.errors import OtfuseError
 from otfuse.groups import check_same_groups
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
+
+from conftest import CatNet, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
 
 CASES = {
     "resnet18-w8-rgb": (lambda: build_model("resnet18", 8, 3, 10), (2, 3, 32, 32)),
@@ -30,7 +30,7 @@ CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)  # each case traced once: the tests read the model, never change it
+@functools.cache  # each case traced once: the tests read the model, never change it
 def _setup(case: str):
     make, shape = CASES[case]
     torch.manual_seed(0)
@@ -70,7 +70,11 @@ def test_every_channel_index_belongs_to_exactly_one_group(case):
     owners: dict[tuple[str, str, int], torch.Tensor] = {}
     for g in groups:
         for m in g.members:
-            t = model.get_submodule(m.module).get_parameter(m.tensor) if m.tensor in ("weight", "bias") else model.get_submodule(m.module).get_buffer(m.tensor)
+            t = (
+                model.get_submodule(m.module).get_parameter(m.tensor)
+                if m.tensor in ("weight", "bias")
+                else model.get_submodule(m.module).get_buffer(m.tensor)
+            )
             count = owners.setdefault((m.module, m.tensor, m.axis), torch.zeros(t.shape[m.axis], dtype=torch.long))
             count.index_add_(0, m.index.reshape(-1), torch.ones(m.index.numel(), dtype=torch.long))
     for name, mod in model.named_modules():

@@ -7,8 +7,9 @@ import csv
 import pytest
 
 from otfuse.cli import main
-from conftest import config
 from otfuse.interpolate import CURVES, interpolation
+
+from conftest import config
 
 
 def test_every_curve_starts_at_model_a_and_the_aligned_ones_end_at_model_b(trained):
@@ -27,8 +28,25 @@ def test_every_curve_starts_at_model_a_and_the_aligned_ones_end_at_model_b(train
 
 def test_cli_interpolate_writes_csv_and_png(trained, tmp_path, capsys):
     _, _, paths, root = trained
-    code = main(["interpolate", str(paths[0]), str(paths[1]), "--points", "3", "--bn-batches", "4", "--n-images", "128",
-                 "--results-dir", str(tmp_path), "--data-dir", str(root / "data"), "--device", "cpu"])
+    code = main(
+        [
+            "interpolate",
+            str(paths[0]),
+            str(paths[1]),
+            "--points",
+            "3",
+            "--bn-batches",
+            "4",
+            "--n-images",
+            "128",
+            "--results-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(root / "data"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     (csv_path,) = tmp_path.glob("interp-digits-resnet18-w8-seed0-seed1-*.csv")
     rows = list(csv.DictReader(open(csv_path)))

@@ -16,9 +16,11 @@ ALLOWED_INNER = {("otfuse.entry", "otfuse.cli")}
 
 def _modules() -> dict[str, ast.Module]:
     """Every module of the package and its subpackages (`otfuse.align.weights`; a package by its own name)."""
+
     def name(p: Path) -> str:
         parts = ("otfuse",) + p.relative_to(PACKAGE).with_suffix("").parts
         return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
     return {name(p): ast.parse(p.read_text()) for p in PACKAGE.rglob("*.py")}
 
 
@@ -46,7 +48,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()
@@ -83,7 +85,12 @@ def test_no_function_imports_another_otfuse_module_except_where_readme_says_why(
 
 
 def test_no_module_imports_another_modules_underscored_names():
-    private = [(name, node.module, a.name) for name, tree in _modules().items() for node in ast.walk(tree)
-               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("otfuse") for a in node.names
-               if a.name.startswith("_") and a.name != "__version__"]
+    private = [
+        (name, node.module, a.name)
+        for name, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("otfuse")
+        for a in node.names
+        if a.name.startswith("_") and a.name != "__version__"
+    ]
     assert not private

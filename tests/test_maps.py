@@ -7,11 +7,11 @@ import itertools
 import pytest
 import torch
 
-from conftest import CatNet, randomize_bn
 from otfuse.errors import OtfuseError
-from otfuse.maps import channel_groups
-from otfuse.maps import ChannelMap, carry, permute, random_maps, transport_map
+from otfuse.maps import ChannelMap, carry, channel_groups, permute, random_maps, transport_map
 from otfuse.models import build_model
+
+from conftest import CatNet, randomize_bn
 
 
 def _cost(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -75,8 +75,9 @@ def test_chained_permutations_compose():
     assert torch.equal(x[a.perm][b.perm], x[a.then(b).perm])
 
 
-@pytest.mark.parametrize("make,shape", [(lambda: build_model("resnet18", 8, 3, 10), (2, 3, 16, 16)), (CatNet, (2, 3, 8, 8))],
-                         ids=["resnet18", "catnet"])
+@pytest.mark.parametrize(
+    "make,shape", [(lambda: build_model("resnet18", 8, 3, 10), (2, 3, 16, 16)), (CatNet, (2, 3, 8, 8))], ids=["resnet18", "catnet"]
+)
 def test_carrying_through_permutations_keeps_the_function(make, shape):
     torch.manual_seed(0)
     model = randomize_bn(make())
@@ -100,5 +101,9 @@ def test_a_soft_doubly_stochastic_map_is_applied_to_producers_and_consumers_alik
     w = out.state_dict()
     # every producer row becomes the mean row; every consumer column the mean column
     src = model.state_dict()
-    assert torch.allclose(w["layer1.0.conv1.weight"], src["layer1.0.conv1.weight"].mean(0, keepdim=True).expand_as(src["layer1.0.conv1.weight"]))
-    assert torch.allclose(w["layer1.0.conv2.weight"], src["layer1.0.conv2.weight"].mean(1, keepdim=True).expand_as(src["layer1.0.conv2.weight"]))
+    assert torch.allclose(
+        w["layer1.0.conv1.weight"], src["layer1.0.conv1.weight"].mean(0, keepdim=True).expand_as(src["layer1.0.conv1.weight"])
+    )
+    assert torch.allclose(
+        w["layer1.0.conv2.weight"], src["layer1.0.conv2.weight"].mean(1, keepdim=True).expand_as(src["layer1.0.conv2.weight"])
+    )

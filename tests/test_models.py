@@ -12,7 +12,12 @@ def test_resnet18_shapes_and_widths(width, cin, size):
     m = build_model("resnet18", width, cin, 7)
     assert m(torch.randn(2, cin, size, size)).shape == (2, 7)
     assert m.conv1.out_channels == width and m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1)
-    assert m.layer4[1].conv2.out_channels == 8 * width and [len(l) for l in (m.layer1, m.layer2, m.layer3, m.layer4)] == [2, 2, 2, 2]
+    assert m.layer4[1].conv2.out_channels == 8 * width and [len(stage) for stage in (m.layer1, m.layer2, m.layer3, m.layer4)] == [
+        2,
+        2,
+        2,
+        2,
+    ]
     assert not any(isinstance(x, torch.nn.MaxPool2d) for x in m.modules())
 
 
@@ -41,8 +46,22 @@ def test_a_vit_width_that_splits_no_heads_evenly_is_refused():
 def test_a_trained_vit_loads_at_its_image_size(tmp_path):
     from otfuse.checkpoints import load_checkpoint
     from otfuse.train import TrainConfig, train
-    path = train(TrainConfig(dataset="digits", arch="vit", width=16, epochs=1, device="cpu", precision="fp32", optimizer="adamw",
-                             lr=2e-3, data_dir=str(tmp_path / "data"), checkpoint_dir=str(tmp_path / "ck")), progress=False)
+
+    path = train(
+        TrainConfig(
+            dataset="digits",
+            arch="vit",
+            width=16,
+            epochs=1,
+            device="cpu",
+            precision="fp32",
+            optimizer="adamw",
+            lr=2e-3,
+            data_dir=str(tmp_path / "data"),
+            checkpoint_dir=str(tmp_path / "ck"),
+        ),
+        progress=False,
+    )
     model, meta, _ = load_checkpoint(path)
     assert meta["image_size"] == 8 and model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     assert meta["config"]["optimizer"] == "adamw"

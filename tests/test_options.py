@@ -47,12 +47,15 @@ def test_a_config_file_fills_what_the_command_line_leaves_out(best):
     assert cfg.align.n_images == FuseConfig().align.n_images
 
 
-@pytest.mark.parametrize("argv,check", [
-    (["--no-refit"], lambda c: c.refit.enabled is False),
-    (["--meth", "activation"], lambda c: c.align.method == "activation"),
-    (["--refit-ridge=0.01"], lambda c: c.refit.ridge == 0.01),
-    (["--bn-batches", "3", "--method=weight-matching"], lambda c: c.bn.batches == 3 and c.align.method == "weight-matching"),
-])
+@pytest.mark.parametrize(
+    "argv,check",
+    [
+        (["--no-refit"], lambda c: c.refit.enabled is False),
+        (["--meth", "activation"], lambda c: c.align.method == "activation"),
+        (["--refit-ridge=0.01"], lambda c: c.refit.ridge == 0.01),
+        (["--bn-batches", "3", "--method=weight-matching"], lambda c: c.bn.batches == 3 and c.align.method == "weight-matching"),
+    ],
+)
 def test_flags_override_the_config_file_however_they_are_written(best, argv, check):
     assert check(_cfg(["--config", best, *argv])) and check(_cfg([*argv, "--config", best]))
 
@@ -67,12 +70,15 @@ def test_flatten_and_build_round_trip():
     assert build(FuseConfig, flatten(cfg)) == cfg
 
 
-@pytest.mark.parametrize("obj,message", [
-    ({"bn_batches": "ten"}, "bn_batches must be an integer"),
-    ({"refit": "yes"}, "refit must be true or false"),
-    ({"reg": None}, "reg must be a finite number"),
-    ({"colour": "blue"}, "unknown option(s) colour"),
-])
+@pytest.mark.parametrize(
+    "obj,message",
+    [
+        ({"bn_batches": "ten"}, "bn_batches must be an integer"),
+        ({"refit": "yes"}, "refit must be true or false"),
+        ({"reg": None}, "reg must be a finite number"),
+        ({"colour": "blue"}, "unknown option(s) colour"),
+    ],
+)
 def test_bad_config_values_are_one_clear_error(tmp_path, obj, message):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(obj))

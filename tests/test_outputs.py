@@ -26,8 +26,25 @@ from otfuse.fusion import FuseConfig
 
 
 def _fuse(a, b, out, data, *extra) -> int:
-    return main(["fuse", str(a), str(b), "--out", str(out), "--method", "weight", "--bn-batches", "2", "--no-refit",
-                 "--data-dir", str(data), "--device", "cpu", *extra])
+    return main(
+        [
+            "fuse",
+            str(a),
+            str(b),
+            "--out",
+            str(out),
+            "--method",
+            "weight",
+            "--bn-batches",
+            "2",
+            "--no-refit",
+            "--data-dir",
+            str(data),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_fusing_again_replaces_only_its_own_earlier_result(trained, tmp_path, capsys):
@@ -47,8 +64,20 @@ def test_results_are_named_by_their_inputs_not_by_inherited_seeds(trained, tmp_p
     _, _, (a, b), root = trained
     fused = tmp_path / "fused.pt"
     assert _fuse(a, b, fused, root / "data") == 0
-    args = ["--points", "2", "--method", "weight", "--bn-batches", "2", "--results-dir", str(tmp_path / "res"),
-            "--data-dir", str(root / "data"), "--device", "cpu"]
+    args = [
+        "--points",
+        "2",
+        "--method",
+        "weight",
+        "--bn-batches",
+        "2",
+        "--results-dir",
+        str(tmp_path / "res"),
+        "--data-dir",
+        str(root / "data"),
+        "--device",
+        "cpu",
+    ]
     assert main(["interpolate", str(a), str(b), *args]) == 0
     assert main(["interpolate", str(fused), str(b), *args]) == 0  # fused.pt inherits seed 0 from a.pt
     assert main(["interpolate", str(a), str(b), *args]) == 0  # again: replaces its own earlier result
@@ -60,10 +89,27 @@ def test_results_are_named_by_their_inputs_not_by_inherited_seeds(trained, tmp_p
 def test_two_processes_writing_one_checkpoint_cannot_both_succeed(trained, tmp_path, capsys):
     _, _, _, root = trained
     out = tmp_path / "m.pt"
-    cmd = [sys.executable, "-m", "otfuse", "train", "--dataset", "digits", "--width", "4", "--epochs", "3", "--device", "cpu",
-           "--data-dir", str(root / "data"), "--out", str(out)]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "otfuse",
+        "train",
+        "--dataset",
+        "digits",
+        "--width",
+        "4",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(root / "data"),
+        "--out",
+        str(out),
+    ]
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
     lock = tmp_path / ".m.pt.lock"
     deadline = time.time() + 120
     while not lock.exists() and first.poll() is None and time.time() < deadline:
@@ -91,6 +137,7 @@ def test_a_full_disk_is_one_error_and_leaves_nothing_behind(tmp_path, monkeypatc
 
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(S.os, "replace", full)
     with pytest.raises(OtfuseError, match="no space left|No space left"):
         S.atomic_write_text(tmp_path / "keep.csv", "new\n")
@@ -126,8 +173,27 @@ def test_a_renamed_class_folder_is_refused_for_a_checkpoint_trained_before(tmp_p
     _tree(root)
     out = tmp_path / "m.pt"
     common = ["--data-dir", str(tmp_path / "cache"), "--device", "cpu"]
-    assert main(["train", "--dataset", f"imagefolder:{root}", "--width", "2", "--epochs", "1", "--batch-size", "4",
-                 "--val-size", "2", "--out", str(out), *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                f"imagefolder:{root}",
+                "--width",
+                "2",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--val-size",
+                "2",
+                "--out",
+                str(out),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(out)[1]["classes"] == ["cat", "dog"]
     shutil.move(root / "train" / "dog", root / "train" / "puppy")
     shutil.move(root / "test" / "dog", root / "test" / "puppy")

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import otfuse.precision as P
-from conftest import config
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, logits
 from otfuse.fusion import fuse
 from otfuse.precision import Precision
+
+from conftest import config
 
 
 def test_auto_resolves_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):
@@ -35,16 +36,23 @@ def test_bf16_evaluation_runs_in_bf16_and_agrees_with_fp32(trained):
     z16 = logits(models[0], data.test_x, data.norm, precision=Precision.BF16)
     assert z16.dtype == torch.float32 and not torch.equal(z32, z16)  # bf16 rounding shows in the logits
     assert (z32 - z16).abs().max() < 0.05 * z32.abs().max()
-    assert abs(accuracy(models[0], data.test_x, data.test_y, data.norm, Precision.FP32)
-               - accuracy(models[0], data.test_x, data.test_y, data.norm, Precision.BF16)) <= 1.0
+    assert (
+        abs(
+            accuracy(models[0], data.test_x, data.test_y, data.norm, Precision.FP32)
+            - accuracy(models[0], data.test_x, data.test_y, data.norm, Precision.BF16)
+        )
+        <= 1.0
+    )
 
 
 def test_a_bf16_fusion_matches_the_fp32_one(trained):
     """bf16 moves only the forward passes: the fused model is the fp32 one up to rounding, and BatchNorm's
     statistics stay float32 buffers."""
     models, data, _, _ = trained
-    results = {p: fuse(models, data.train_x, data.norm, config(precision=p, bn_batches=4, n_images=200, refit_n_images=200))
-               for p in ("fp32", "bf16")}
+    results = {
+        p: fuse(models, data.train_x, data.norm, config(precision=p, bn_batches=4, n_images=200, refit_n_images=200))
+        for p in ("fp32", "bf16")
+    }
     assert results["bf16"].precision == "bf16" and results["fp32"].precision == "fp32"
     a, b = (r.fused.state_dict() for r in results.values())
     assert all(b[k].dtype == a[k].dtype for k in a) and b["bn1.running_var"].dtype == torch.float32
@@ -73,12 +81,21 @@ def forward_precisions(monkeypatch):
                 return original(*args, **kwargs)
             finally:
                 stage[0] = before
+
         monkeypatch.setattr(module, name, staged)
 
-    for module, name in ((otfuse.fusion, "recompute_bn"), (otfuse.fusion, "refit"), (otfuse.fusion, "repair"),
-                         (otfuse.fusion, "to_target_maps"), (otfuse.fusion, "align"), (otfuse.train, "accuracy"),
-                         (otfuse.train, "logits"), (otfuse.fusion, "groups_of"), (otfuse.fusion, "refit_sets_every_batchnorm"),
-                         (otfuse.refit, "units")):
+    for module, name in (
+        (otfuse.fusion, "recompute_bn"),
+        (otfuse.fusion, "refit"),
+        (otfuse.fusion, "repair"),
+        (otfuse.fusion, "to_target_maps"),
+        (otfuse.fusion, "align"),
+        (otfuse.train, "accuracy"),
+        (otfuse.train, "logits"),
+        (otfuse.fusion, "groups_of"),
+        (otfuse.fusion, "refit_sets_every_batchnorm"),
+        (otfuse.refit, "units"),
+    ):
         wrap(module, name)
 
     def hook(m, args):
@@ -101,11 +118,22 @@ def test_every_forward_pass_runs_in_the_resolved_precision(trained, tmp_path, fo
 
     models, data, _, root = trained
     want = precision == "bf16"
-    fusion = fuse(models, data.train_x, data.norm, config(precision=precision, bn_batches=2, n_images=100, refit_n_images=100,
-                                                          repair=True))
+    fusion = fuse(models, data.train_x, data.norm, config(precision=precision, bn_batches=2, n_images=100, refit_n_images=100, repair=True))
     table(fusion, data, "val")
-    train(TrainConfig(dataset="digits", width=4, epochs=1, batch_size=64, seed=0, device="cpu", precision=precision,
-                      data_dir=str(root / "data"), out=str(tmp_path / "m.pt")), progress=False)
+    train(
+        TrainConfig(
+            dataset="digits",
+            width=4,
+            epochs=1,
+            batch_size=64,
+            seed=0,
+            device="cpu",
+            precision=precision,
+            data_dir=str(root / "data"),
+            out=str(tmp_path / "m.pt"),
+        ),
+        progress=False,
+    )
     stages = {s for s, _ in forward_precisions}
     assert {"recompute_bn", "refit", "repair", "align", "accuracy", "logits", "other"} <= stages
     probes = ("align", "to_target_maps", "groups_of", "refit_sets_every_batchnorm", "units")

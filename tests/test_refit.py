@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CatNet, config, randomize_bn
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.evaluate import logits
 from otfuse.fusion import fuse
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.precision import Precision
 from otfuse.refit import units
+
+from conftest import CatNet, config, randomize_bn
 
 
 def _images(shape=(3, 8, 8), n=96) -> ImageData:
@@ -33,7 +33,9 @@ def _permuted_copy(model, data):
 def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
     models, data, _, _ = trained
     model = models[0]
-    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=4, n_images=500, refit_n_images=500)).fused
+    fused = fuse(
+        [model, _permuted_copy(model, data)], data.train_x, data.norm, config(bn_batches=4, n_images=500, refit_n_images=500)
+    ).fused
     x, _ = data.split("test")
     z, z_ref = logits(fused, x, data.norm, Precision.FP32), logits(model, x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)

@@ -17,6 +17,7 @@ from otfuse.sweep import main as sweep_main
 @pytest.fixture
 def toy():
     """A toy method that keeps every channel where it is (vanilla averaging through the pipeline)."""
+
     @register_method("toy-identity", "Toy identity fusion", needs_images=False)
     def identity(anchor, source, anchor_groups, source_groups, cfg, images=None, norm=None, progress=False):
         return {g.name: ChannelMap.identity(g.size) for g in anchor_groups}
@@ -31,8 +32,25 @@ def test_a_registered_method_is_offered_by_fuse(toy, trained, tmp_path, capsys):
         main(["fuse", "--help"])
     assert toy in capsys.readouterr().out
     out = tmp_path / "fused.pt"
-    code = main(["fuse", str(paths[0]), str(paths[1]), "--method", toy, "--bn-batches", "4", "--no-refit", "--out", str(out),
-                 "--data-dir", str(root / "data"), "--device", "cpu", "--baselines"])
+    code = main(
+        [
+            "fuse",
+            str(paths[0]),
+            str(paths[1]),
+            "--method",
+            toy,
+            "--bn-batches",
+            "4",
+            "--no-refit",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(root / "data"),
+            "--device",
+            "cpu",
+            "--baselines",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and f"method {toy}" in text
     meta = torch.load(out, weights_only=True)["meta"]
@@ -45,13 +63,46 @@ def test_a_registered_method_is_offered_by_fuse(toy, trained, tmp_path, capsys):
 def test_a_registered_method_reaches_the_scripts_summary_and_tune(toy, trained, tmp_path, capsys):
     _, _, paths, root = trained
     results = tmp_path / "results"
-    code = sweep_main(["--checkpoint-dir", str(root / "ck"), "--results-dir", str(results), "--data-dir", str(root / "data"),
-                       "--device", "cpu", "--method", toy, "--bn-batches", "4", "--no-refit"], "activation")
+    code = sweep_main(
+        [
+            "--checkpoint-dir",
+            str(root / "ck"),
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(root / "data"),
+            "--device",
+            "cpu",
+            "--method",
+            toy,
+            "--bn-batches",
+            "4",
+            "--no-refit",
+        ],
+        "activation",
+    )
     assert code == 0, capsys.readouterr().err
     assert read_rows(results / f"digits_{toy}.csv")[0]["method"] == toy
     assert "Toy identity fusion" in (results / "summary.md").read_text()
-    code = main(["tune", str(paths[0]), str(paths[1]), "--methods", toy, "--n-trials", "2", "--results-dir", str(results),
-                 "--data-dir", str(root / "data"), "--device", "cpu", "--bn-batches", "4"])
+    code = main(
+        [
+            "tune",
+            str(paths[0]),
+            str(paths[1]),
+            "--methods",
+            toy,
+            "--n-trials",
+            "2",
+            "--results-dir",
+            str(results),
+            "--data-dir",
+            str(root / "data"),
+            "--device",
+            "cpu",
+            "--bn-batches",
+            "4",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     best = json.loads(next(results.glob("tune-*-best.json")).read_text())
     assert best["method"] == toy

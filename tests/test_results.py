@@ -8,8 +8,20 @@ from otfuse.sweep import main
 
 
 def _row(seeds, method, fused):
-    return {"dataset": "digits", "arch": "resnet18", "width": 8, "seeds": seeds, "method": method, "model1": "90.00",
-            "model2": "91.00", "ensemble": "93.00", "vanilla": "10.00", "vanilla_bn": "50.00", "fused_no_bn": "20.00", "fused": fused}
+    return {
+        "dataset": "digits",
+        "arch": "resnet18",
+        "width": 8,
+        "seeds": seeds,
+        "method": method,
+        "model1": "90.00",
+        "model2": "91.00",
+        "ensemble": "93.00",
+        "vanilla": "10.00",
+        "vanilla_bn": "50.00",
+        "fused_no_bn": "20.00",
+        "fused": fused,
+    }
 
 
 def test_rows_are_upserted_and_no_temporary_file_is_left(tmp_path):
@@ -26,29 +38,57 @@ def test_summary_has_the_original_columns_plus_ensemble_and_vanilla(tmp_path):
     upsert_row(tmp_path / "digits_activation.csv", _row("0-1", "activation", "80.00"))
     upsert_row(tmp_path / "digits_weight.csv", _row("0-1", "weight", "70.00"))
     text = write_summary(tmp_path).read_text()
-    assert "| Dataset | Model | Pairs | Model1 | Model2 | Activation-base Fusion | Weights-base Fusion | Ensemble | Vanilla | Vanilla + BN |" in text
+    assert (
+        "| Dataset | Model | Pairs | Model1 | Model2 | Activation-base Fusion | Weights-base Fusion | Ensemble | Vanilla | Vanilla + BN |"
+        in text
+    )
     assert "| digits | resnet18 w8 | 1 | 90.00 | 91.00 | 80.00 | 70.00 | 93.00 | 10.00 | 50.00 |" in text
 
 
 def test_summary_gains_repair_and_finetuning_columns_when_runs_have_them(tmp_path):
-    upsert_row(tmp_path / "digits_activation.csv", {**_row("0-1", "activation", "80.00"), "fused_repair": "81.00",
-                                                     "fused_ft": "92.00", "finetune_epochs": "1"})
+    upsert_row(
+        tmp_path / "digits_activation.csv",
+        {**_row("0-1", "activation", "80.00"), "fused_repair": "81.00", "fused_ft": "92.00", "finetune_epochs": "1"},
+    )
     upsert_row(tmp_path / "digits_weight.csv", {**_row("0-1", "weight", "70.00"), "fused_repair": "72.00"})
     text = write_summary(tmp_path).read_text()
-    assert ("| Activation-base Fusion | Weights-base Fusion | Activation + REPAIR | Weights + REPAIR "
-            "| Activation + 1 ep fine-tuning | Ensemble |") in text
+    assert (
+        "| Activation-base Fusion | Weights-base Fusion | Activation + REPAIR | Weights + REPAIR "
+        "| Activation + 1 ep fine-tuning | Ensemble |"
+    ) in text
     assert "| 80.00 | 70.00 | 81.00 | 72.00 | 92.00 | 93.00 |" in text
 
 
 def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path, capsys):
     _, _, paths, root = trained
-    code = main(["--checkpoint-dir", str(root / "ck"), "--results-dir", str(tmp_path), "--data-dir", str(root / "data"),
-                  "--device", "cpu", "--bn-batches", "4", "--n-images", "128", "--finetune-epochs", "1", "--finetune-distill"], "activation")
+    code = main(
+        [
+            "--checkpoint-dir",
+            str(root / "ck"),
+            "--results-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(root / "data"),
+            "--device",
+            "cpu",
+            "--bn-batches",
+            "4",
+            "--n-images",
+            "128",
+            "--finetune-epochs",
+            "1",
+            "--finetune-distill",
+        ],
+        "activation",
+    )
     assert code == 0, capsys.readouterr().err
     row = read_rows(tmp_path / "digits_activation.csv")[0]
     assert row["finetune_epochs"] == "1" and row["fused_repair"]
     folder = root / "ck" / "digits" / "resnet18-w8"
-    for column, name in (("fused_ft", "fused-activation-seeds0-1-ft1.pt"), ("fused_ft_distill", "fused-activation-seeds0-1-ft1-distill.pt")):
+    for column, name in (
+        ("fused_ft", "fused-activation-seeds0-1-ft1.pt"),
+        ("fused_ft_distill", "fused-activation-seeds0-1-ft1-distill.pt"),
+    ):
         meta = load_checkpoint(folder / name)[1]
         # the column is the fine-tuned checkpoint's test accuracy, and a fine-tune never ends below its start on validation
         assert f"{meta['test_acc']:.2f}" == f"{float(row[column]):.2f}"

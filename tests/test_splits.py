@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import PATTERNS, randomize_bn
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, find_groups
 from otfuse.maps import channel_groups, check_exact, permute, random_maps
 from otfuse.models import build_model
-from test_fuse import METHODS, _assert_returns_model, _random_data
+
+from conftest import METHODS, PATTERNS, assert_returns_model, random_data, randomize_bn
 
 
 def _model(name: str) -> nn.Module:
@@ -43,14 +43,16 @@ def test_permuting_every_group_of_every_pattern_keeps_the_function(name):
 @pytest.mark.parametrize("name", list(PATTERNS))
 @pytest.mark.parametrize("method", METHODS)
 def test_the_oracle_holds_for_every_pattern_and_method(name, method):
-    _assert_returns_model(_model(name), _random_data((3, 8, 8)), method, n_images=32)
+    assert_returns_model(_model(name), random_data((3, 8, 8)), method, n_images=32)
 
 
 def test_a_pixel_shuffle_moves_each_channels_block_of_sub_pixels_together():
     groups = channel_groups(_model("pixel-shuffle"), torch.randn(1, 3, 8, 8))
     producer = next(m for m in groups[0].members if m.module == "c" and m.tensor == "weight")
     consumer = next(m for m in groups[0].members if m.module == "d" and m.tensor == "weight")
-    assert producer.index.tolist() == [[4 * c + k for k in range(4)] for c in range(4)] and consumer.index.tolist() == [[c] for c in range(4)]
+    assert producer.index.tolist() == [[4 * c + k for k in range(4)] for c in range(4)] and consumer.index.tolist() == [
+        [c] for c in range(4)
+    ]
 
 
 def test_a_split_becomes_one_group_per_part_and_merging_the_parts_is_refused():
@@ -59,8 +61,15 @@ def test_a_split_becomes_one_group_per_part_and_merging_the_parts_is_refused():
     parts = [g for g in groups if g.name.startswith("c[")]
     assert sorted(g.size for g in parts) == [3, 5]
     # one group across both parts (what Torch-Pruning's own grouping amounts to) moves channels between the convs a and b
-    merged = ChannelGroup("c", 8, [type(m)(m.module, m.tensor, m.axis, torch.cat([p.members[i].index for p in parts]), m.role, m.kind)
-                                   for i, m in enumerate(parts[0].members) if m.role == "out"])
+    merged = ChannelGroup(
+        "c",
+        8,
+        [
+            type(m)(m.module, m.tensor, m.axis, torch.cat([p.members[i].index for p in parts]), m.role, m.kind)
+            for i, m in enumerate(parts[0].members)
+            if m.role == "out"
+        ],
+    )
     with pytest.raises(OtfuseError, match="permuting channel group c .*changes what the model computes"):
         check_exact(model, [merged], x)
 
@@ -112,6 +121,7 @@ def _orthogonal():
 
         def forward(self, x):
             return self.fc(torch.relu(self.d(torch.relu(self.c(x)))))
+
     return Net(), torch.randn(1, 5)
 
 
@@ -123,17 +133,21 @@ def _old_weight_norm():
 
         def forward(self, x):
             return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
     return Net(), torch.randn(1, 3, 8, 8)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("case,match", [
-    (lambda: (_Reshuffle(nn.ChannelShuffle(2)), torch.randn(1, 3, 8, 8)), "uses channel_shuffle"),
-    (lambda: (_Reshuffle(_Flip()), torch.randn(1, 3, 8, 8)), "permuting channel group c .*changes what the model computes"),
-    (lambda: (_Reshuffle(_CumSum()), torch.randn(1, 3, 8, 8)), "permuting channel group c .*changes what the model computes"),
-    (_orthogonal, "module d's parametrised weight does not commute"),
-    (_old_weight_norm, "module c uses the deprecated torch.nn.utils.weight_norm"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        (lambda: (_Reshuffle(nn.ChannelShuffle(2)), torch.randn(1, 3, 8, 8)), "uses channel_shuffle"),
+        (lambda: (_Reshuffle(_Flip()), torch.randn(1, 3, 8, 8)), "permuting channel group c .*changes what the model computes"),
+        (lambda: (_Reshuffle(_CumSum()), torch.randn(1, 3, 8, 8)), "permuting channel group c .*changes what the model computes"),
+        (_orthogonal, "module d's parametrised weight does not commute"),
+        (_old_weight_norm, "module c uses the deprecated torch.nn.utils.weight_norm"),
+    ],
+)
 def test_what_cannot_be_permuted_exactly_is_one_clear_error(case, match):
     model, x = case()
     with pytest.raises(OtfuseError, match=match) as info:
@@ -142,9 +156,11 @@ def test_what_cannot_be_permuted_exactly_is_one_clear_error(case, match):
 
 
 def test_the_refit_refuses_a_parametrisation_it_cannot_write():
-    from conftest import config
     from otfuse.fusion import fuse
-    model, data = _model("spectral-norm"), _random_data((3, 8, 8))
+
+    from conftest import config
+
+    model, data = _model("spectral-norm"), random_data((3, 8, 8))
     torch.manual_seed(1)
     other = randomize_bn(PATTERNS["spectral-norm"](), seed=1)  # not a permuted copy: the refit must change the weights
     with pytest.raises(OtfuseError, match="parametrised weight.*--no-refit"):

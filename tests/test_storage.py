@@ -53,8 +53,19 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 
 def _cfg(tmp_path, **kw) -> T.TrainConfig:
-    return T.TrainConfig(**{"dataset": "digits", "width": 4, "batch_size": 64, "lr": 0.1, "device": "cpu", "epochs": 1,
-                            "data_dir": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "ck"), **kw})
+    return T.TrainConfig(
+        **{
+            "dataset": "digits",
+            "width": 4,
+            "batch_size": 64,
+            "lr": 0.1,
+            "device": "cpu",
+            "epochs": 1,
+            "data_dir": str(tmp_path / "data"),
+            "checkpoint_dir": str(tmp_path / "ck"),
+            **kw,
+        }
+    )
 
 
 def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path):
@@ -76,7 +87,7 @@ def test_seeds_are_found_by_their_metadata_and_finetuning_keeps_the_seed(trained
     tuned = T.finetune(folder / "seed1.pt", folder / "seed1-ft1.pt", str(root / "data"), "cpu", batch_size=64)
     assert load_checkpoint(tuned)[1]["seed"] == 1 and load_checkpoint(tuned)[1]["kind"] == "finetuned"
     shutil.copy(tuned, folder / "seed7.pt")  # a fine-tuned model under a seed's name is still no seed
-    found, = trained_seeds(tmp_path / "ck", None).values()
+    (found,) = trained_seeds(tmp_path / "ck", None).values()
     assert [m["seed"] for _, m in found] == [0, 1]
 
 

@@ -25,8 +25,12 @@ from otfuse.train import TrainConfig, finetune_config, train
 def test_classes_are_ranges_and_lists_and_bad_ones_are_one_clear_error():
     assert parse_classes("0-4", 10) == (0, 1, 2, 3, 4) and parse_classes("7, 0,2-3", 10) == (0, 2, 3, 7)
     assert format_classes((0, 1, 2, 5, 7, 8)) == "0-2,5,7-8"
-    for bad, why in (("0-10", "within the dataset's labels 0-9"), ("a-b", "label indices and ranges"), ("3-1", "not a range"),
-                     ("0-9", "lists every class")):
+    for bad, why in (
+        ("0-10", "within the dataset's labels 0-9"),
+        ("a-b", "label indices and ranges"),
+        ("3-1", "not a range"),
+        ("0-9", "lists every class"),
+    ):
         with pytest.raises(OtfuseError, match=why):
             parse_classes(bad, 10)
 
@@ -47,8 +51,20 @@ def test_complementary_parties_split_every_split_exactly(bias):
 
 
 def _party(root, seed: int, classes: str, bias: float = 1.0, epochs: int = 2):
-    cfg = TrainConfig(dataset="digits", width=4, epochs=epochs, batch_size=64, lr=0.1, seed=seed, classes=classes, bias=bias,
-                      device="cpu", precision="fp32", data_dir=str(root / "data"), checkpoint_dir=str(root / "ck"))
+    cfg = TrainConfig(
+        dataset="digits",
+        width=4,
+        epochs=epochs,
+        batch_size=64,
+        lr=0.1,
+        seed=seed,
+        classes=classes,
+        bias=bias,
+        device="cpu",
+        precision="fp32",
+        data_dir=str(root / "data"),
+        checkpoint_dir=str(root / "ck"),
+    )
     return train(cfg, progress=False)
 
 
@@ -62,7 +78,11 @@ def test_a_class_split_and_a_biased_split_are_recorded_and_reload(parties):
     root, (a, b, biased, _) = parties
     assert a.name == "seed0-c0-4.pt" and biased.name == "seed2-c0-4-b0.8.pt"
     data = load_dataset("digits", root / "data")
-    for path, part in ((a, Subset((0, 1, 2, 3, 4), 1.0, 0)), (b, Subset((5, 6, 7, 8, 9), 1.0, 0)), (biased, Subset((0, 1, 2, 3, 4), 0.8, 0))):
+    for path, part in (
+        (a, Subset((0, 1, 2, 3, 4), 1.0, 0)),
+        (b, Subset((5, 6, 7, 8, 9), 1.0, 0)),
+        (biased, Subset((0, 1, 2, 3, 4), 0.8, 0)),
+    ):
         model, meta, _ = load_checkpoint(path)
         assert subset_of(meta) == part and meta["num_classes"] == 10 and model.fc.out_features == 10  # the head covers every class
         assert meta["val_size"] == len(data.val_y)  # the dataset's split, as every party holds it out
@@ -71,7 +91,9 @@ def test_a_class_split_and_a_biased_split_are_recorded_and_reload(parties):
         cfg = finetune_config(meta, path, root / "ft.pt")
         assert (cfg.classes, cfg.bias, cfg.split_seed) == (format_classes(part.classes), part.bias, 0)
     seen = restrict(data, subset_of(load_checkpoint(a)[1]))
-    assert set(seen.train_y.tolist()) == set(range(5)) and set(seen.val_y.tolist()) == set(range(5)) and len(seen.test_y) == len(data.test_y)
+    assert (
+        set(seen.train_y.tolist()) == set(range(5)) and set(seen.val_y.tolist()) == set(range(5)) and len(seen.test_y) == len(data.test_y)
+    )
 
 
 def test_a_bias_without_classes_or_a_bad_bias_is_refused_before_any_work(tmp_path):
@@ -100,8 +122,27 @@ def test_split_parents_fuse_on_their_union_or_one_partys_images(parties):
 
 def test_split_parents_fused_from_the_cli_report_joint_and_per_task_accuracy(parties, capsys):
     root, (a, b, _, _) = parties
-    assert main(["fuse", str(a), str(b), "--baselines", "--precision", "fp32", "--data-dir", str(root / "data"), "--device", "cpu",
-                 "--n-images", "200", "--refit-n-images", "200"]) == 0
+    assert (
+        main(
+            [
+                "fuse",
+                str(a),
+                str(b),
+                "--baselines",
+                "--precision",
+                "fp32",
+                "--data-dir",
+                str(root / "data"),
+                "--device",
+                "cpu",
+                "--n-images",
+                "200",
+                "--refit-n-images",
+                "200",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for column in ("model1", "model2", "ensemble", "vanilla_refit", "fused_average", "fused_repair", "fused"):
         for k in ("", "_task1", "_task2"):
@@ -112,9 +153,17 @@ def test_run_train_all_trains_parties_and_the_fusion_script_fuses_complementary_
     """SPLIT=disjoint trains party A (classes 0-4) and B (5-9) per seed; run_activation_based_fusion.py fuses A of one
     seed with B of the other and writes results/split-digits.csv and the summary's parties table."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "SPLIT": "disjoint", "DATASETS": "digits", "SEEDS": "0 1", "EPOCHS": "1", "WIDTH": "4",
-           "DATA_DIR": str(tmp_path / "data"), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "SPLIT": "disjoint",
+        "DATASETS": "digits",
+        "SEEDS": "0 1",
+        "EPOCHS": "1",
+        "WIDTH": "4",
+        "DATA_DIR": str(tmp_path / "data"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
     # run_train_all.sh works in its own folder: a copy of it here keeps the checkpoints here
     script = tmp_path / "run_train_all.sh"
     script.write_text((root / "run_train_all.sh").read_text())
@@ -122,9 +171,27 @@ def test_run_train_all_trains_parties_and_the_fusion_script_fuses_complementary_
     subprocess.run([str(script)], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
     folder = tmp_path / "checkpoint" / "digits" / "resnet18-w4"
     assert sorted(p.name for p in folder.glob("*.pt")) == ["seed0-c0-4.pt", "seed0-c5-9.pt", "seed1-c0-4.pt", "seed1-c5-9.pt"]
-    out = subprocess.run([sys.executable, str(root / "run_activation_based_fusion.py"), "--data-dir", str(tmp_path / "data"),
-                          "--device", "cpu", "--precision", "fp32", "--n-images", "100", "--refit-n-images", "100"],
-                         cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "run_activation_based_fusion.py"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--n-images",
+            "100",
+            "--refit-n-images",
+            "100",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     rows = list(csv.DictReader(open(tmp_path / "results" / "split-digits.csv")))
     assert sorted((r["seeds"], r["parts"]) for r in rows) == [("0-1", "c0-4+c5-9"), ("1-0", "c0-4+c5-9")]
     assert all(r["fused_task1"] and r["ensemble_task2"] and r["fusion_data"] == "union" for r in rows)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import otfuse.train as T
+from otfuse.checkpoints import load_checkpoint
 from otfuse.cli import main
 from otfuse.errors import OtfuseError
-from otfuse.checkpoints import load_checkpoint
 
 FAST = dict(dataset="digits", width=8, batch_size=64, lr=0.1, device="cpu")
 
@@ -49,8 +49,10 @@ def test_no_augment_trains_as_on_a_dataset_without_augmentation(tmp_path):
     digits = load_dataset("digits", tmp_path / "data")
     crops = replace(digits, augment=True)  # digits have no augmentation of their own; give them crops and flips
     runs = {"off": (crops, False), "plain": (digits, True), "on": (crops, True)}
-    weights = {k: torch.load(T.train(_cfg(tmp_path / k, epochs=1, augment=flag), data, progress=False),
-                             weights_only=True)["state_dict"] for k, (data, flag) in runs.items()}
+    weights = {
+        k: torch.load(T.train(_cfg(tmp_path / k, epochs=1, augment=flag), data, progress=False), weights_only=True)["state_dict"]
+        for k, (data, flag) in runs.items()
+    }
 
     def same(a: str, b: str) -> bool:
         return all(torch.equal(weights[a][n], weights[b][n]) for n in weights[a])
@@ -147,9 +149,32 @@ def test_evaluate_prints_the_test_accuracy(tmp_path, capsys):
 
 def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "otfuse", "train",
-           "--dataset", "digits", "--width", "8", "--epochs", "4", "--batch-size", "64", "--lr", "0.1", "--device", "cpu",
-           "--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "ck")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "otfuse",
+        "train",
+        "--dataset",
+        "digits",
+        "--width",
+        "8",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.1",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ck" / "digits" / "resnet18-w8" / "seed0.pt", weights_only=True)

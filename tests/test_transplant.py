@@ -8,13 +8,14 @@ import copy
 import pytest
 import torch
 
-from conftest import randomize_bn
 from otfuse.bn import BatchNormConfig
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.transplant import pruned, side_by_side, transplant
+
+from conftest import randomize_bn
 
 NORM = ((0.5,) * 3, (0.25,) * 3)
 
@@ -57,8 +58,16 @@ def test_pruning_back_keeps_the_stronger_models_channels():
 @pytest.mark.parametrize("width,ratio", [(4, None), (2, 0.75)])
 def test_transplant_returns_the_narrow_model_with_its_batchnorm_recomputed(width, ratio):
     models, x = [_model(4, 0), _model(4, 1)], _images()
-    start = transplant(models, build_model("resnet18", 8, 3, 10), build_model("resnet18", width, 3, 10), x, NORM,
-                       BatchNormConfig(batches=2, batch_size=32), Precision.FP32, ratio=ratio)
+    start = transplant(
+        models,
+        build_model("resnet18", 8, 3, 10),
+        build_model("resnet18", width, 3, 10),
+        x,
+        NORM,
+        BatchNormConfig(batches=2, batch_size=32),
+        Precision.FP32,
+        ratio=ratio,
+    )
     want = build_model("resnet18", width, 3, 10).state_dict()
     assert not start.training and start.state_dict().keys() == want.keys()
     assert all(a.shape == b.shape for a, b in zip(start.state_dict().values(), want.values()))

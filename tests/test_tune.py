@@ -36,8 +36,9 @@ def test_tune_reads_the_test_set_only_for_the_final_report(trained, tmp_path, mo
 
     monkeypatch.setattr(ImageData, "__getattribute__", counting)
     results = tmp_path / "not-yet-there"
-    code = main(["tune", str(paths[0]), str(paths[1]), "--n-trials", "4", "--results-dir", str(results),
-                 "--data-dir", str(root / "data"), *FAST])
+    code = main(
+        ["tune", str(paths[0]), str(paths[1]), "--n-trials", "4", "--results-dir", str(results), "--data-dir", str(root / "data"), *FAST]
+    )
     monkeypatch.setattr(ImageData, "__getattribute__", original)
     out = capsys.readouterr().out
     assert code == 0, out
@@ -49,8 +50,9 @@ def test_tune_reads_the_test_set_only_for_the_final_report(trained, tmp_path, mo
 
     # the best options, applied by `otfuse fuse --config`, give the best trial's validation accuracy
     val = json.loads(best.read_text())["_val_accuracy"]
-    code = main(["fuse", str(paths[0]), str(paths[1]), "--config", str(best), "--split", "val",
-                 "--data-dir", str(root / "data"), "--device", "cpu"])
+    code = main(
+        ["fuse", str(paths[0]), str(paths[1]), "--config", str(best), "--split", "val", "--data-dir", str(root / "data"), "--device", "cpu"]
+    )
     out = capsys.readouterr().out
     fused = float(re.search(r"^\s+fused\s+([\d.]+)$", out, flags=re.M).group(1))
     assert code == 0 and abs(fused - val) < 0.01, (fused, val)
@@ -68,9 +70,30 @@ def test_config_errors_are_one_line(trained, tmp_path, capsys):
 
 
 def _worker(paths, root, url, n, results):
-    cmd = [sys.executable, "-m", "otfuse", "tune", str(paths[0]), str(paths[1]), "--storage", url, "--study", "shared",
-           "--n-trials", str(n), "--results-dir", str(results), "--data-dir", str(root / "data"), *FAST,
-           "--no-refit", "--bn-batches", "4", "--n-images", "250"]  # pinned (not searched): cheap trials
+    cmd = [
+        sys.executable,
+        "-m",
+        "otfuse",
+        "tune",
+        str(paths[0]),
+        str(paths[1]),
+        "--storage",
+        url,
+        "--study",
+        "shared",
+        "--n-trials",
+        str(n),
+        "--results-dir",
+        str(results),
+        "--data-dir",
+        str(root / "data"),
+        *FAST,
+        "--no-refit",
+        "--bn-batches",
+        "4",
+        "--n-images",
+        "250",
+    ]  # pinned (not searched): cheap trials
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -105,8 +128,27 @@ def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, 
 def test_options_given_on_the_command_line_are_fixed_in_every_trial(trained, tmp_path, capsys):
     _, _, paths, root = trained
     url = f"sqlite:///{tmp_path / 'pinned.db'}"
-    code = main(["tune", str(paths[0]), str(paths[1]), "--bn-batches", "4", "--no-refit", "--n-trials", "2", "--storage", url,
-                 "--study", "pinned", "--results-dir", str(tmp_path), "--data-dir", str(root / "data"), *FAST])
+    code = main(
+        [
+            "tune",
+            str(paths[0]),
+            str(paths[1]),
+            "--bn-batches",
+            "4",
+            "--no-refit",
+            "--n-trials",
+            "2",
+            "--storage",
+            url,
+            "--study",
+            "pinned",
+            "--results-dir",
+            str(tmp_path),
+            "--data-dir",
+            str(root / "data"),
+            *FAST,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     done = _completed(url, "pinned")
     assert len(done) == 2 and all(t.user_attrs["options"]["bn_batches"] == 4 and not t.user_attrs["options"]["refit"] for t in done)
@@ -115,12 +157,15 @@ def test_options_given_on_the_command_line_are_fixed_in_every_trial(trained, tmp
 
 def test_ctrl_c_during_a_trial_is_one_line(trained, tmp_path, monkeypatch, capsys):
     import otfuse.tune as T
+
     _, _, paths, root = trained
 
     def interrupted(*_args, **_kw):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(T, "val_accuracy", interrupted)
-    code = main(["tune", str(paths[0]), str(paths[1]), "--n-trials", "1", "--results-dir", str(tmp_path),
-                 "--data-dir", str(root / "data"), *FAST])
+    code = main(
+        ["tune", str(paths[0]), str(paths[1]), "--n-trials", "1", "--results-dir", str(tmp_path), "--data-dir", str(root / "data"), *FAST]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 130 and err == "otfuse: interrupted"

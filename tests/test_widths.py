@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import config, randomize_bn
 from otfuse.align import channel_importance, merge_plan, split_plan
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.fusion import fuse
-from otfuse.maps import channel_groups
-from otfuse.maps import permute, random_maps
+from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.train import TrainConfig, train
+
+from conftest import config, randomize_bn
 
 
 def _data(n: int = 64) -> ImageData:
@@ -80,14 +80,19 @@ def test_parents_of_different_widths_fuse_into_either_width():
     a, b = _model(8, 0), _model(4, 1)
     x = normalize(data.train_x, data.norm)
     for width in (8, 4, 6):
-        result = fuse([a, b], data.train_x, data.norm, config(n_images=64, bn_batches=2, refit_n_images=64),
-                      target=build_model("resnet18", width, 3, 10))
+        result = fuse(
+            [a, b],
+            data.train_x,
+            data.norm,
+            config(n_images=64, bn_batches=2, refit_n_images=64),
+            target=build_model("resnet18", width, 3, 10),
+        )
         assert result.fused.conv1.weight.shape[0] == width
         assert all(torch.isfinite(t).all() for t in result.fused.state_dict().values() if t.is_floating_point())
         # the refit pulls every layer to the parents' mean output: nearer it than either parent alone
         with torch.no_grad():
             mean = (a.eval()(x) + b.eval()(x)) / 2
-            gap = lambda m: float((m.eval()(x) - mean).norm())
+            gap = lambda m, mean=mean: float((m.eval()(x) - mean).norm())
             assert gap(result.fused) < min(gap(a), gap(b))
     # all the weight on the anchor, into its own width: the anchor itself, whatever the other parent's width
     alone = fuse([a, b], data.train_x, data.norm, config(weights="1,0", **EXACT), target=build_model("resnet18", 8, 3, 10))
@@ -100,8 +105,20 @@ def test_parents_of_different_widths_fuse_into_either_width():
 
 def test_cli_fuses_mixed_widths_and_compresses_one_model(trained, tmp_path, capsys):
     _, _, paths, root = trained
-    narrow = train(TrainConfig(dataset="digits", width=4, epochs=4, batch_size=64, lr=0.1, seed=1, device="cpu",
-                               data_dir=str(root / "data"), out=str(tmp_path / "w4.pt")), progress=False)
+    narrow = train(
+        TrainConfig(
+            dataset="digits",
+            width=4,
+            epochs=4,
+            batch_size=64,
+            lr=0.1,
+            seed=1,
+            device="cpu",
+            data_dir=str(root / "data"),
+            out=str(tmp_path / "w4.pt"),
+        ),
+        progress=False,
+    )
     base = ["--data-dir", str(root / "data"), "--device", "cpu", "--bn-batches", "4", "--split", "val"]
     out = tmp_path / "fused.pt"
     assert main(["fuse", str(paths[0]), str(narrow), "--out", str(out), *base]) == 0
@@ -130,17 +147,43 @@ def test_the_fusion_scripts_and_tune_fuse_mixed_widths(trained, tmp_path, capsys
     (ck / "resnet18-w8").mkdir(parents=True)
     for p in paths:
         shutil.copy(p, ck / "resnet18-w8" / p.name)
-    train(TrainConfig(dataset="digits", width=4, epochs=4, batch_size=64, lr=0.1, seed=1, device="cpu",
-                      data_dir=str(root / "data"), checkpoint_dir=str(tmp_path / "ck")), progress=False)
+    train(
+        TrainConfig(
+            dataset="digits",
+            width=4,
+            epochs=4,
+            batch_size=64,
+            lr=0.1,
+            seed=1,
+            device="cpu",
+            data_dir=str(root / "data"),
+            checkpoint_dir=str(tmp_path / "ck"),
+        ),
+        progress=False,
+    )
     base = ["--data-dir", str(root / "data"), "--device", "cpu", "--bn-batches", "4"]
-    code = sweep_main(["--checkpoint-dir", str(tmp_path / "ck"), "--results-dir", str(tmp_path / "res"), "--widths", "8,4",
-                       "--width", "8", *base], "activation")
+    code = sweep_main(
+        ["--checkpoint-dir", str(tmp_path / "ck"), "--results-dir", str(tmp_path / "res"), "--widths", "8,4", "--width", "8", *base],
+        "activation",
+    )
     assert code == 0, capsys.readouterr().err
-    row, = read_rows(tmp_path / "res" / "digits_activation.csv")
+    (row,) = read_rows(tmp_path / "res" / "digits_activation.csv")
     assert (row["width"], row["widths"], row["seeds"]) == ("8", "8-4", "0-1") and float(row["fused"]) > 50
     assert "resnet18 w8+w4 -> w8" in (tmp_path / "res" / "summary.md").read_text()
     assert (ck / "resnet18-w8" / "fused-activation-w8s0-w4s1.pt").is_file()
-    code = main(["tune", str(paths[0]), str(ck / "resnet18-w4" / "seed1.pt"), "--width", "6", "--n-trials", "1",
-                 "--results-dir", str(tmp_path / "res"), *base])
+    code = main(
+        [
+            "tune",
+            str(paths[0]),
+            str(ck / "resnet18-w4" / "seed1.pt"),
+            "--width",
+            "6",
+            "--n-trials",
+            "1",
+            "--results-dir",
+            str(tmp_path / "res"),
+            *base,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert len(list((tmp_path / "res").glob("tune-digits-resnet18-w6-from-w8-w4-seed0-seed1-*-best.json"))) == 1

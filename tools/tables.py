@@ -14,8 +14,8 @@ from __future__ import annotations
 import csv
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -73,11 +73,23 @@ W64 = {"row": "default", "precision": "fp32", "split": "test"}  # bench_scale.py
 @table
 def headline() -> list[list[str]]:
     ours = one("scale-cifar10-jpeg-w64.csv", **W64)
-    out = [["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "**Fused**", "loss against the parents' mean"],
-           ["otfuse, CIFAR-10 JPEG copy", ours["model1"], ours["model2"], ours["ensemble"], ours["vanilla_refit"],
-            ours["fused_average"], f"**{ours['fused']}**", drop(ours)]]
+    out = [
+        ["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "**Fused**", "loss against the parents' mean"],
+        [
+            "otfuse, CIFAR-10 JPEG copy",
+            ours["model1"],
+            ours["model2"],
+            ours["ensemble"],
+            ours["vanilla_refit"],
+            ours["fused_average"],
+            f"**{ours['fused']}**",
+            drop(ours),
+        ],
+    ]
     for r in rows("original-repository.csv"):
-        out.append([f"original repository, {r['method']}-based, {r['dataset']}", r["model1"], r["model2"], "-", "-", "-", r["fused"], drop(r)])
+        out.append(
+            [f"original repository, {r['method']}-based, {r['dataset']}", r["model1"], r["model2"], "-", "-", "-", r["fused"], drop(r)]
+        )
     return out
 
 
@@ -90,30 +102,80 @@ def vit() -> list[list[str]]:
     r = one(f"scale-{VIT}.csv", row="default")
     ft = {x["start"]: x["acc"] for x in rows(f"finetune-{VIT}.csv", split="test")}
     mean = (float(r["model1"]) + float(r["model2"])) / 2
-    return [["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "+ REPAIR", "**Fused**",
-             "against the parents' mean"],
-            ["gradient-free", r["model1"], r["model2"], r["ensemble"], r["vanilla_refit"], r["fused_average"], r["fused_repair"],
-             f"**{r['fused']}**", f"{float(r['fused']) - mean:+.2f}"],
-            ["each + 1 epoch (same recipe)", ft["seed0"], ft["seed1"], "-", ft["vanilla"], "-", "-", f"**{ft['fused']}**",
-             f"{float(ft['fused']) - mean:+.2f}"]]
+    return [
+        ["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "+ REPAIR", "**Fused**", "against the parents' mean"],
+        [
+            "gradient-free",
+            r["model1"],
+            r["model2"],
+            r["ensemble"],
+            r["vanilla_refit"],
+            r["fused_average"],
+            r["fused_repair"],
+            f"**{r['fused']}**",
+            f"{float(r['fused']) - mean:+.2f}",
+        ],
+        [
+            "each + 1 epoch (same recipe)",
+            ft["seed0"],
+            ft["seed1"],
+            "-",
+            ft["vanilla"],
+            "-",
+            "-",
+            f"**{ft['fused']}**",
+            f"{float(ft['fused']) - mean:+.2f}",
+        ],
+    ]
 
 
 @table
 def vit_knobs() -> list[list[str]]:
-    return [["Change from the defaults (ViT, Fashion-MNIST)", "val", "agrees with A / B", "seconds"],
-            *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows(f"knobs-{VIT}.csv")]]
+    return [
+        ["Change from the defaults (ViT, Fashion-MNIST)", "val", "agrees with A / B", "seconds"],
+        *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows(f"knobs-{VIT}.csv")],
+    ]
 
 
 # --- docs/measurements.md --------------------------------------------------------------------------------------------
 
+
 @table
 def width16() -> list[list[str]]:
-    out = [["Dataset", "Model1", "Model2", "Activation", "average only", "+ REPAIR", "+ 1 epoch", "Weight", "Weight matching",
-            "Ensemble", "Vanilla + BN", "Vanilla + refit"]]
+    out = [
+        [
+            "Dataset",
+            "Model1",
+            "Model2",
+            "Activation",
+            "average only",
+            "+ REPAIR",
+            "+ 1 epoch",
+            "Weight",
+            "Weight matching",
+            "Ensemble",
+            "Vanilla + BN",
+            "Vanilla + refit",
+        ]
+    ]
     for dataset in dict.fromkeys(r["dataset"] for r in rows("fusions-w16.csv")):
         act, weight, matching = (one("fusions-w16.csv", dataset=dataset, method=m) for m in ("activation", "weight", "weight-matching"))
-        out.append([act["label"], act["model1"], act["model2"], f"**{act['fused']}**", act["fused_average"], act["fused_repair"],
-                    act["fused_ft"], weight["fused"], matching["fused"], act["ensemble"], act["vanilla_bn"], act["vanilla_refit"]])
+        out.append(
+            [
+                act["label"],
+                act["model1"],
+                act["model2"],
+                f"**{act['fused']}**",
+                act["fused_average"],
+                act["fused_repair"],
+                act["fused_ft"],
+                weight["fused"],
+                matching["fused"],
+                act["ensemble"],
+                act["vanilla_bn"],
+                act["vanilla_refit"],
+            ]
+        )
     return out
 
 
@@ -121,8 +183,19 @@ def fusion_rows(*names: str) -> list[list[str]]:
     out = [["Model1", "Model2", "Ensemble", "Fused", "average only", "+ REPAIR", "Vanilla + BN", "Vanilla + refit", "agrees with A / B"]]
     for name in names:
         r = one("fusions.csv", name=name)
-        out.append([r["model1"], r["model2"], r["ensemble"], f"**{r['fused']}**", r["fused_average"], r["fused_repair"],
-                    r["vanilla_bn"], r["vanilla_refit"], pair(r)])
+        out.append(
+            [
+                r["model1"],
+                r["model2"],
+                r["ensemble"],
+                f"**{r['fused']}**",
+                r["fused_average"],
+                r["fused_repair"],
+                r["vanilla_bn"],
+                r["vanilla_refit"],
+                pair(r),
+            ]
+        )
     return out
 
 
@@ -136,21 +209,40 @@ def ghostnet() -> list[list[str]]:
 def width64() -> list[list[str]]:
     r = one("scale-cifar10-jpeg-w64.csv", **W64)
     mean = (float(r["model1"]) + float(r["model2"])) / 2
-    return [["Parents", "Ensemble", "Vanilla + BN", "Vanilla + refit", "average only", "+ REPAIR", "**Default fusion**", "agrees with A / B"],
-            [f"{pair(r, 'model1', 'model2')} (mean {mean:.2f})", r["ensemble"], r["vanilla_bn"], r["vanilla_refit"], r["fused_average"],
-             r["fused_repair"], f"**{r['fused']}**", pair(r)]]
+    return [
+        ["Parents", "Ensemble", "Vanilla + BN", "Vanilla + refit", "average only", "+ REPAIR", "**Default fusion**", "agrees with A / B"],
+        [
+            f"{pair(r, 'model1', 'model2')} (mean {mean:.2f})",
+            r["ensemble"],
+            r["vanilla_bn"],
+            r["vanilla_refit"],
+            r["fused_average"],
+            r["fused_repair"],
+            f"**{r['fused']}**",
+            pair(r),
+        ],
+    ]
 
 
 @table
 def width64_knobs() -> list[list[str]]:
-    return [["Fusion (validation split)", "val", "agrees with A / B"],
-            *[[r["label"], r["val_accuracy"], pair(r)] for r in rows("knobs-cifar10-jpeg-w64.csv")]]
+    return [
+        ["Fusion (validation split)", "val", "agrees with A / B"],
+        *[[r["label"], r["val_accuracy"], pair(r)] for r in rows("knobs-cifar10-jpeg-w64.csv")],
+    ]
 
 
 FINETUNE_CSV = "finetune-cifar10-jpeg-w64.csv"
-START_LABELS = {"fused": "default fusion", "vanilla": "vanilla average + refit", "transplant": "transplant (both side by side, pruned back)",
-                "fused-w32": "fused into width 32", "pruned-w32": "seed0 pruned to width 32", "scratch-w32": "width 32 from scratch",
-                "fused-pruned-w32": "default fusion pruned to width 32", "transplant-w32": "transplant pruned to width 32"}
+START_LABELS = {
+    "fused": "default fusion",
+    "vanilla": "vanilla average + refit",
+    "transplant": "transplant (both side by side, pruned back)",
+    "fused-w32": "fused into width 32",
+    "pruned-w32": "seed0 pruned to width 32",
+    "scratch-w32": "width 32 from scratch",
+    "fused-pruned-w32": "default fusion pruned to width 32",
+    "transplant-w32": "transplant pruned to width 32",
+}
 
 
 @table
@@ -160,18 +252,28 @@ def finetune_w64() -> list[list[str]]:
     runs = list(dict.fromkeys((r["start"], r["options"]) for r in found))
     epochs = max(int(r["epoch"]) for r in found)
     first = min(int(r["epoch"]) for r in found)  # 0 where a run recorded its start
-    out = [["Start", "Recipe", *[f"val after {e}" if e else "val at start" for e in range(first, epochs + 1)], "test at the end", "minutes"]]
+    out = [
+        ["Start", "Recipe", *[f"val after {e}" if e else "val at start" for e in range(first, epochs + 1)], "test at the end", "minutes"]
+    ]
     for start, options in runs:
         run = [r for r in found if (r["start"], r["options"]) == (start, options)]
         val = {int(r["epoch"]): r["acc"] for r in run if r["split"] == "val"}
         test = next(r for r in run if r["split"] == "test")
         recipe = ", ".join(options.split())
-        out.append([START_LABELS.get(start, f"{start} (parent)"), recipe, *[dash(val.get(e)) for e in range(first, epochs + 1)],
-                    f"**{test['acc']}**", f"{float(test['seconds']) / 60:.0f}"])
+        out.append(
+            [
+                START_LABELS.get(start, f"{start} (parent)"),
+                recipe,
+                *[dash(val.get(e)) for e in range(first, epochs + 1)],
+                f"**{test['acc']}**",
+                f"{float(test['seconds']) / 60:.0f}",
+            ]
+        )
     return out
 
 
 # --- docs/defaults.md ------------------------------------------------------------------------------------------------
+
 
 def knobs(suffix: str, labels: dict[str, str]) -> list[list[str]]:
     fashion, cifar = (rows(f"knobs-{ds}-w16{suffix}.csv") for ds in ("fashion-mnist", "imagefolder-cifar10-jpeg"))
@@ -179,8 +281,15 @@ def knobs(suffix: str, labels: dict[str, str]) -> list[list[str]]:
     out = [["Change from the defaults", "Fashion-MNIST val", "agrees with A / B", "CIFAR-10 val", "agrees with A / B"]]
     for r in fashion:
         c = by_change.get(r["change"], {})
-        out.append([labels.get(r["change"], r["change"].replace(",", ", ")), r["val_accuracy"], pair(r), dash(c.get("val_accuracy")),
-                    pair(c) if c else "-"])
+        out.append(
+            [
+                labels.get(r["change"], r["change"].replace(",", ", ")),
+                r["val_accuracy"],
+                pair(r),
+                dash(c.get("val_accuracy")),
+                pair(c) if c else "-",
+            ]
+        )
     return out
 
 
@@ -207,6 +316,7 @@ def finetune_settings() -> list[list[str]]:
 
 
 # --- docs/widths.md, docs/architectures.md ---------------------------------------------------------------------------
+
 
 @table
 def widths() -> list[list[str]]:
@@ -250,8 +360,11 @@ TORCHVISION = [
     ({"ConvNeXt": ["convnext"]}, "layer scale, channels-last LayerNorm", ""),
     ({"DenseNet": ["densenet"]}, "concatenations", ""),
     ({"GoogLeNet": ["googlenet"], "Inception v3": ["inception"]}, "", ""),
-    ({"MobileNet v2 and v3": ["mobilenet"], "MNASNet": ["mnasnet"], "EfficientNet v1 and v2": ["efficientnet"]},
-     "depthwise convs, squeeze-excitation", ""),
+    (
+        {"MobileNet v2 and v3": ["mobilenet"], "MNASNet": ["mnasnet"], "EfficientNet v1 and v2": ["efficientnet"]},
+        "depthwise convs, squeeze-excitation",
+        "",
+    ),
     ({"ShuffleNetV2": ["shufflenet"]}, "", "it shuffles channels"),
     ({"ViT": ["vit"]}, "`nn.MultiheadAttention`, heads as blocks", ""),
     ({"Swin v1 and v2": ["swin"]}, "window attention, a position bias table per head, patch merging", ""),
@@ -294,6 +407,7 @@ def zoo_timm_transformers() -> list[list[str]]:
 
 # --- docs/speed.md ---------------------------------------------------------------------------------------------------
 
+
 @table
 def speed_layouts() -> list[list[str]]:
     found = rows("speed-layouts-cpu2.csv")
@@ -306,10 +420,14 @@ def speed_layouts() -> list[list[str]]:
 
 @table
 def speed_targets() -> list[list[str]]:
-    return [["", "before", "bf16 (`auto` here)", "fp32"], *[[r["what"], r["before"], r["bf16"], r["fp32"]] for r in rows("speed-targets-cpu2.csv")]]
+    return [
+        ["", "before", "bf16 (`auto` here)", "fp32"],
+        *[[r["what"], r["before"], r["bf16"], r["fp32"]] for r in rows("speed-targets-cpu2.csv")],
+    ]
 
 
 # --- rendering -------------------------------------------------------------------------------------------------------
+
 
 def render(text: str, where: str) -> tuple[str, list[str]]:
     """(`text` with every marked table rendered, the names of the tables that changed)."""

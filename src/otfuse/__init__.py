@@ -32,11 +32,22 @@ import importlib
 from otfuse.version import __version__
 
 _EXPORTS = {
-    "fuse": "otfuse.fusion", "FuseConfig": "otfuse.fusion", "Fusion": "otfuse.fusion",
-    "AlignConfig": "otfuse.align", "register_method": "otfuse.align", "METHODS": "otfuse.align",
-    "channel_groups": "otfuse.maps", "ChannelMap": "otfuse.maps", "carry": "otfuse.maps", "permute": "otfuse.maps",
-    "random_maps": "otfuse.maps", "transport_map": "otfuse.maps", "build_model": "otfuse.models",
-    "load_checkpoint": "otfuse.checkpoints", "save_checkpoint": "otfuse.checkpoints", "fusion_table": "otfuse.report",
+    "fuse": "otfuse.fusion",
+    "FuseConfig": "otfuse.fusion",
+    "Fusion": "otfuse.fusion",
+    "AlignConfig": "otfuse.align",
+    "register_method": "otfuse.align",
+    "METHODS": "otfuse.align",
+    "channel_groups": "otfuse.maps",
+    "ChannelMap": "otfuse.maps",
+    "carry": "otfuse.maps",
+    "permute": "otfuse.maps",
+    "random_maps": "otfuse.maps",
+    "transport_map": "otfuse.maps",
+    "build_model": "otfuse.models",
+    "load_checkpoint": "otfuse.checkpoints",
+    "save_checkpoint": "otfuse.checkpoints",
+    "fusion_table": "otfuse.report",
     "OtfuseError": "otfuse.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -24,9 +24,9 @@ A layer whose q/k normalisation has weights shared across heads is refused by na
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -100,8 +100,10 @@ def multihead_attention(name: str, m: nn.Module) -> Attention | None:
     if not isinstance(m, nn.MultiheadAttention):
         return None
     if m.in_proj_weight is None:
-        raise OtfuseError(f"module {name}: its keys or values are narrower or wider than its queries (kdim/vdim), so they "
-                          "come from another tensor; otfuse fuses self-attention only")
+        raise OtfuseError(
+            f"module {name}: its keys or values are narrower or wider than its queries (kdim/vdim), so they "
+            "come from another tensor; otfuse fuses self-attention only"
+        )
     e = m.embed_dim
     spec = _around(name, m.num_heads, e, [(name, "in_proj_weight", 1)], _join(name, "out_proj"), m.out_proj.bias is not None, [])
     for part, k in (("q", 0), ("k", 1), ("v", 2)):
@@ -133,8 +135,10 @@ def qkv_attention(name: str, m: nn.Module) -> Attention | None:
         return None
     for norm in ("q_norm", "k_norm"):
         if any(True for _ in getattr(m, norm, nn.Identity()).parameters()):
-            raise OtfuseError(f"module {name}: its {norm} has weights shared by every head, so the channels within a head "
-                              "cannot move alone; otfuse cannot fuse attention with q/k normalisation")
+            raise OtfuseError(
+                f"module {name}: its {norm} has weights shared by every head, so the channels within a head "
+                "cannot move alone; otfuse cannot fuse attention with q/k normalisation"
+            )
     q, pn = _join(name, names[0]), _join(name, names[1])
     spec = _around(name, heads, e, [(q, "weight", 1)], pn, proj.bias is not None, [q, pn])
     buffers = dict(m.named_buffers(recurse=False))
@@ -196,13 +200,16 @@ def traced_as_leaves(model: nn.Module, layers: dict[str, Attention]) -> Iterator
             if isinstance(module, nn.MultiheadAttention):
                 kv = [*args[1:3], *(kwargs[k] for k in ("key", "value") if k in kwargs)]
                 if any(t is not x for t in kv):
-                    raise OtfuseError(f"module {name} (MultiheadAttention) reads its keys or values from another tensor "
-                                      "than its queries; otfuse fuses self-attention only")
+                    raise OtfuseError(
+                        f"module {name} (MultiheadAttention) reads its keys or values from another tensor "
+                        "than its queries; otfuse fuses self-attention only"
+                    )
             with torch.no_grad():
                 out = forward(*args, **kwargs)
             if isinstance(out, tuple):
                 return (_Leaf.apply(x, out[0]), *out[1:])
             return _Leaf.apply(x, out)
+
         return run
 
     for name in layers:

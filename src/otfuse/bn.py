@@ -1,7 +1,7 @@
 """BatchNorm statistics recomputed after the weights changed under them, and REPAIR.
 
-    recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=40), Precision.BF16)         # in place
-    repair(fused, aligned_parents, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(), Precision.BF16)
+recompute_bn(model, data.train_x, data.norm, BatchNormConfig(batches=40), Precision.BF16)         # in place
+repair(fused, aligned_parents, [0.5, 0.5], groups, data.train_x, data.norm, RepairConfig(), Precision.BF16)
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.maps import channel_rows
 from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Observation
 from otfuse.hooks import tapping
+from otfuse.maps import channel_rows
 from otfuse.precision import Precision, autocast, channels_last
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -54,8 +54,9 @@ class RepairConfig:
 
 
 @torch.no_grad()
-def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: BatchNormConfig, precision: Precision,
-                 progress: bool = False) -> nn.Module:
+def recompute_bn(
+    model: nn.Module, images: torch.Tensor, norm: tuple, cfg: BatchNormConfig, precision: Precision, progress: bool = False
+) -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over
     `cfg.batches` shuffled batches of `images` (unaugmented, or with training's crops and flips), in
     place; returns the model in eval mode. The forward passes run in `precision`; the statistics
@@ -72,8 +73,10 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: Batch
     size = min(cfg.batch_size, len(images))
     done, epoch = 0, 0
     try:
-        with tqdm(total=cfg.batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar, \
-                autocast(precision, dev):
+        with (
+            tqdm(total=cfg.batches, desc="batchnorm", disable=True if not progress else None, leave=False) as bar,
+            autocast(precision, dev),
+        ):
             while done < cfg.batches:
                 # fewer images than batches * batch_size: go round again in a new order
                 for xb in image_batches(images, size, norm, seed=cfg.seed, epoch=epoch, drop_last=True, augment=cfg.augment):
@@ -90,8 +93,16 @@ def recompute_bn(model: nn.Module, images: torch.Tensor, norm: tuple, cfg: Batch
 
 
 @torch.no_grad()
-def channel_moments(model: nn.Module, points: list[Observation], images: torch.Tensor, norm: tuple, precision: Precision,
-                    n_images: int = 1000, batch_size: int = 250, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def channel_moments(
+    model: nn.Module,
+    points: list[Observation],
+    images: torch.Tensor,
+    norm: tuple,
+    precision: Precision,
+    n_images: int = 1000,
+    batch_size: int = 250,
+    seed: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and standard deviation at each Observation (a module's input or output), on a fixed
     sample of unaugmented images; streamed, only running sums are kept."""
     sums = [[0.0, 0.0, 0] for _ in points]
@@ -101,6 +112,7 @@ def channel_moments(model: nn.Module, points: list[Observation], images: torch.T
             rows = channel_rows(x.detach(), p.index, p.axis).float()
             s = sums[k]
             s[0], s[1], s[2] = s[0] + rows.sum(1).double(), s[1] + (rows * rows).sum(1).double(), s[2] + rows.shape[1]
+
         return fn
 
     model.eval()
@@ -116,15 +128,25 @@ def channel_moments(model: nn.Module, points: list[Observation], images: torch.T
 
 
 @torch.no_grad()
-def repair(fused: nn.Module, parents: list[nn.Module], weights: list[float], groups: list[ChannelGroup], images: torch.Tensor,
-           norm: tuple, cfg: RepairConfig, precision: Precision) -> nn.Module:
+def repair(
+    fused: nn.Module,
+    parents: list[nn.Module],
+    weights: list[float],
+    groups: list[ChannelGroup],
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: RepairConfig,
+    precision: Precision,
+) -> nn.Module:
     """REPAIR-style renormalisation, in place: at every group's norm outputs (or producer outputs where
     there is no norm), give each fused channel the weighted mean of the aligned parents' activation
     mean and standard deviation, folded into that layer's affine parameters (the architecture stays)."""
     points = [p for g in groups for p in g.pre_observations if p.foldable]
     moments = lambda m: channel_moments(m, points, images, norm, precision, cfg.n_images, cfg.batch_size, cfg.seed)
-    target = [(sum(w * m for w, (m, _) in zip(weights, ms)), sum(w * s for w, (_, s) in zip(weights, ms)))
-              for ms in zip(*(moments(p) for p in parents))]
+    target = [
+        (sum(w * m for w, (m, _) in zip(weights, ms)), sum(w * s for w, (_, s) in zip(weights, ms)))
+        for ms in zip(*(moments(p) for p in parents))
+    ]
     for p, (mu_t, sd_t), (mu_f, sd_f) in zip(points, target, moments(fused)):
         live = sd_f > 1e-6 * sd_f.max().clamp_min(1e-30)  # a dead channel has nothing to rescale
         scale = torch.where(live, sd_t / sd_f.clamp_min(1e-30), torch.ones_like(sd_f))

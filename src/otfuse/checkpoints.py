@@ -26,7 +26,9 @@ from otfuse.version import __version__
 # metadata every otfuse checkpoint has, with its type
 REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
 MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
-MAX_ABS = 1e18  # its square overflows float32: no trained network holds it (a fusion of underfit parents can hold BatchNorm variances of 1e6)
+MAX_ABS = (
+    1e18  # its square overflows float32: no trained network holds it (a fusion of underfit parents can hold BatchNorm variances of 1e6)
+)
 OPTIMIZERS = ("sgd", "adamw")  # what otfuse train can use, so what a checkpoint may record
 FITS = 99.0  # training accuracy (%) from which a parent counts as fitting its (augmented) training set
 
@@ -55,8 +57,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, **extra) -> 
     """A checkpoint that loads with weights_only=True; a model with non-finite weights is refused, not saved."""
     bad = non_finite(model)
     if bad:
-        raise OtfuseError(f"refusing to save {path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
-                          "lower the learning rate or check the inputs")
+        raise OtfuseError(
+            f"refusing to save {path}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}); "
+            "lower the learning rate or check the inputs"
+        )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last weights saved plainly
     save_torch(path, {"state_dict": state, "meta": {**meta, "version": __version__}, **extra})
 
@@ -77,8 +81,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
     own = model.state_dict()
     for k, t in state.items():
         if k in own and t.is_floating_point() != own[k].is_floating_point():
-            raise OtfuseError(f"checkpoint {path}: tensor {k} is {t.dtype}, not a {'floating-point' if own[k].is_floating_point() else 'integer'} "
-                              "tensor; re-create it")
+            raise OtfuseError(
+                f"checkpoint {path}: tensor {k} is {t.dtype}, not a {'floating-point' if own[k].is_floating_point() else 'integer'} "
+                "tensor; re-create it"
+            )
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
@@ -91,13 +97,16 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
         if k.endswith("running_var") and bool((t < 0).any()):
             raise OtfuseError(f"checkpoint {path}: BatchNorm variance {k} holds negative values; the file is damaged, re-create it")
         if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_ABS:
-            raise OtfuseError(f"checkpoint {path}: tensor {k} holds a value of magnitude {float(t.abs().max()):.3g}, beyond any "
-                              f"trained network's ({MAX_ABS:.0e}); the file is damaged, re-create it")
+            raise OtfuseError(
+                f"checkpoint {path}: tensor {k} holds a value of magnitude {float(t.abs().max()):.3g}, beyond any "
+                f"trained network's ({MAX_ABS:.0e}); the file is damaged, re-create it"
+            )
     return model.eval(), meta, ckpt
 
 
 def _check_meta(path: str | Path, meta: dict) -> None:
     """Every metadata field otfuse reads, with its type and range (one error naming the field)."""
+
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             got = "missing" if key not in meta else repr(meta[key])[:60]
@@ -107,27 +116,40 @@ def _check_meta(path: str | Path, meta: dict) -> None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     def numbers(v, n: int, positive: bool) -> bool:
-        return (isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                                                          and (x > 0 or not positive) for x in v))
+        return (
+            isinstance(v, list)
+            and len(v) == n
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+        )
 
     for key, kind in REQUIRED.items():
-        need(isinstance(meta.get(key), kind) and not isinstance(meta.get(key), bool), key,
-             "an integer" if kind is int else "a " + kind.__name__)
+        need(
+            isinstance(meta.get(key), kind) and not isinstance(meta.get(key), bool),
+            key,
+            "an integer" if kind is int else "a " + kind.__name__,
+        )
     need(meta["width"] >= 0, "width", "a width of 0 or more")
     need(1 <= meta["in_channels"] <= 64, "in_channels", "a channel count from 1 to 64")
     need(2 <= meta["num_classes"] <= 100_000, "num_classes", "a class count from 2 to 100000")
     need(numbers(meta["mean"], meta["in_channels"], False), "mean", f"{meta['in_channels']} finite numbers (one per input channel)")
     need(numbers(meta["std"], meta["in_channels"], True), "std", f"{meta['in_channels']} positive numbers (one per input channel)")
-    optional = {"seed": (is_int, "an integer"), "val_size": (is_int, "an integer"), "epoch": (is_int, "an integer"),
-                "image_size": (lambda v: is_int(v) and 1 <= v <= 4096, "an image side from 1 to 4096 pixels"),
-                "kind": (lambda v: v in ("trained", "finetuned", "fused"), "trained, finetuned or fused"),
-                "config": (lambda v: isinstance(v, dict), "a dict"), "history": (lambda v: isinstance(v, list), "a list"),
-                "parents": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
-                "classes": (lambda v: isinstance(v, list) and len(v) == meta["num_classes"] and all(isinstance(c, str) for c in v),
-                            f"a list of {meta['num_classes']} class names"),
-                "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
-                "subset": (lambda v: _is_subset(v, meta["num_classes"]), "a part of the data (classes, bias, seed)"),
-                "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS))}
+    optional = {
+        "seed": (is_int, "an integer"),
+        "val_size": (is_int, "an integer"),
+        "epoch": (is_int, "an integer"),
+        "image_size": (lambda v: is_int(v) and 1 <= v <= 4096, "an image side from 1 to 4096 pixels"),
+        "kind": (lambda v: v in ("trained", "finetuned", "fused"), "trained, finetuned or fused"),
+        "config": (lambda v: isinstance(v, dict), "a dict"),
+        "history": (lambda v: isinstance(v, list), "a list"),
+        "parents": (lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v), "a list of paths"),
+        "classes": (
+            lambda v: isinstance(v, list) and len(v) == meta["num_classes"] and all(isinstance(c, str) for c in v),
+            f"a list of {meta['num_classes']} class names",
+        ),
+        "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
+        "subset": (lambda v: _is_subset(v, meta["num_classes"]), "a part of the data (classes, bias, seed)"),
+        "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+    }
     for key, (ok, what) in optional.items():
         if key in meta:
             need(ok(meta[key]), key, what)
@@ -138,10 +160,18 @@ def _is_subset(v, num_classes: int) -> bool:
     if not isinstance(v, dict) or set(v) != {"classes", "bias", "seed"}:
         return False
     classes, bias, seed = v["classes"], v["bias"], v["seed"]
-    return (isinstance(classes, list) and 0 < len(classes) < num_classes and len(set(classes)) == len(classes)
-            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes for c in classes)
-            and isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias) and 0 < bias <= 1
-            and isinstance(seed, int) and not isinstance(seed, bool))
+    return (
+        isinstance(classes, list)
+        and 0 < len(classes) < num_classes
+        and len(set(classes)) == len(classes)
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes for c in classes)
+        and isinstance(bias, (int, float))
+        and not isinstance(bias, bool)
+        and math.isfinite(bias)
+        and 0 < bias <= 1
+        and isinstance(seed, int)
+        and not isinstance(seed, bool)
+    )
 
 
 def val_size_of(meta: dict) -> int | None:
@@ -156,10 +186,14 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
     data = load_dataset(meta["dataset"], data_dir, val_size_of(meta))
     want = meta.get("classes")
     if want is not None and list(data.classes) != list(want):
-        diff = next((f"{a!r} where it had {b!r}" for a, b in zip(data.classes, want) if a != b),
-                    f"{len(data.classes)} classes where it had {len(want)}")
-        raise OtfuseError(f"dataset {meta['dataset']} has class {diff} (the checkpoint was trained on {', '.join(map(str, want[:5]))}"
-                          f"{', ...' if len(want) > 5 else ''}); give the data it was trained on")
+        diff = next(
+            (f"{a!r} where it had {b!r}" for a, b in zip(data.classes, want) if a != b),
+            f"{len(data.classes)} classes where it had {len(want)}",
+        )
+        raise OtfuseError(
+            f"dataset {meta['dataset']} has class {diff} (the checkpoint was trained on {', '.join(map(str, want[:5]))}"
+            f"{', ...' if len(want) > 5 else ''}); give the data it was trained on"
+        )
     return data
 
 
@@ -174,8 +208,12 @@ def fits_training_set(meta: dict) -> bool:
 def fused_from_fitted_parents(meta: dict) -> bool:
     """Whether a fused checkpoint's parents all fit their training set (their accuracies are stored at fusion)."""
     accs = meta.get("parent_train_acc") or []
-    return meta.get("kind") == "fused" and bool(accs) and dataset_augments(str(meta.get("dataset", ""))) \
+    return (
+        meta.get("kind") == "fused"
+        and bool(accs)
+        and dataset_augments(str(meta.get("dataset", "")))
         and all(isinstance(a, (int, float)) and a >= FITS for a in accs)
+    )
 
 
 def recipe_options(metas: list[dict]) -> dict[str, object]:
@@ -192,15 +230,26 @@ def optimizer_of(meta: dict) -> str:
     return str(meta.get("parent_optimizer") or (meta.get("config") or {}).get("optimizer") or "sgd")
 
 
-def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, val_size: int,
-               test_acc: float | None) -> dict:
+def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, val_size: int, test_acc: float | None) -> dict:
     """A fused checkpoint's metadata: the first parent's identity (dataset, normalisation, classes), the
     fused width and options, and what each parent was (path, width, training accuracy)."""
-    meta = {k: v for k, v in metas[0].items()
-            if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc", "subset", "task_test_acc")}
-    meta.update(kind="fused", width=width, parent_widths=[m["width"] for m in metas], method=options.get("method"),
-                options=options, parents=[str(p) for p in parents], val_size=val_size, test_acc=test_acc,
-                parent_train_acc=[m.get("train_acc") for m in metas], parent_optimizer=optimizer_of(metas[0]))
+    meta = {
+        k: v
+        for k, v in metas[0].items()
+        if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc", "subset", "task_test_acc")
+    }
+    meta.update(
+        kind="fused",
+        width=width,
+        parent_widths=[m["width"] for m in metas],
+        method=options.get("method"),
+        options=options,
+        parents=[str(p) for p in parents],
+        val_size=val_size,
+        test_acc=test_acc,
+        parent_train_acc=[m.get("train_acc") for m in metas],
+        parent_optimizer=optimizer_of(metas[0]),
+    )
     if any(m.get("subset") for m in metas):  # parents trained on parts of the data: the fused model serves their union
         meta["parent_subsets"] = [m.get("subset") for m in metas]
     return meta
@@ -218,8 +267,9 @@ def fused_from(path: str | Path, parents: list[str | Path]) -> bool:
     return meta.get("kind") == "fused" and made_from == [Path(p).resolve() for p in parents]
 
 
-def load_parents(paths: list[str | Path], data_dir: str | Path | None, device_name: str,
-                 same_width: bool = True) -> tuple[list[nn.Module], list[dict], ImageData]:
+def load_parents(
+    paths: list[str | Path], data_dir: str | Path | None, device_name: str, same_width: bool = True
+) -> tuple[list[nn.Module], list[dict], ImageData]:
     """(models on the device, their metadata, the first one's dataset on the device), after checking
     the checkpoints can be fused: one architecture, class count, dataset and validation split (and width)."""
     device = pick_device(device_name)
@@ -229,10 +279,14 @@ def load_parents(paths: list[str | Path], data_dir: str | Path | None, device_na
     for path, (_, meta, _) in zip(paths[1:], loaded[1:]):
         for k in keys:
             if meta.get(k) != meta0.get(k):
-                raise OtfuseError(f"{path} has {k}={meta.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; "
-                                  f"fuse models of one architecture, {'width, ' if same_width else ''}class count and dataset")
+                raise OtfuseError(
+                    f"{path} has {k}={meta.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; "
+                    f"fuse models of one architecture, {'width, ' if same_width else ''}class count and dataset"
+                )
         if val_size_of(meta) != val_size_of(meta0):
-            raise OtfuseError(f"{path} was trained without a validation split of {val_size_of(meta)} images but {paths[0]} "
-                              f"without {val_size_of(meta0)}; fuse models trained on the same split")
+            raise OtfuseError(
+                f"{path} was trained without a validation split of {val_size_of(meta)} images but {paths[0]} "
+                f"without {val_size_of(meta0)}; fuse models trained on the same split"
+            )
     data = data_of(meta0, data_dir).to(device)
     return [m.to(device) for m, _, _ in loaded], [meta for _, meta, _ in loaded], data

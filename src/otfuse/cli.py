@@ -22,8 +22,8 @@ from otfuse.fusion import FuseConfig, fuse, timed
 from otfuse.inputs import FusionInputs, check_request, fusion_inputs
 from otfuse.interpolate import interpolation, options_note
 from otfuse.models import arch_folder
-from otfuse.partial import MERGE_UNTIL_HELP, chosen_cuts, partial_rows
 from otfuse.options import Parser, add_options, flatten, read_config, resolve
+from otfuse.partial import MERGE_UNTIL_HELP, chosen_cuts, partial_rows
 from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
 from otfuse.report import accuracies, table
@@ -74,8 +74,6 @@ def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
     return {**{f"input checkpoint {i + 1} ({c})": c for i, c in enumerate(checkpoints)}, "--config": config}
 
 
-
-
 def cmd_fuse(args: argparse.Namespace) -> int:
     check_request(len(args.checkpoints), args.width, vars(args), args.config)
     if args.merge_until and len(args.checkpoints) < 2:
@@ -89,7 +87,9 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
     cfg, metas, data = inputs.cfg, inputs.metas, inputs.data
     fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True)
     made = sum(fusion.seconds.values())
-    meta = lambda acc: fused_meta(metas, args.checkpoints, inputs.width, flatten(cfg), len(data.val_y), acc if args.split == "test" else None)
+    meta = lambda acc: fused_meta(
+        metas, args.checkpoints, inputs.width, flatten(cfg), len(data.val_y), acc if args.split == "test" else None
+    )
     if args.out:  # the fused model first: the evaluation below is extra, never a reason to lose it
         save_checkpoint(args.out, fusion.fused, meta(None))
         print(f"saved {args.out} (fused in {made:.1f} s, {fusion.precision})", flush=True)
@@ -108,8 +108,15 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.seconds.items()))
     if args.merge_until:
         print(f"partial merges (the layers up to the cut fused, each parent's later layers a branch; {args.split} accuracy, %):")
-        partial_rows(fusion, chosen_cuts(fusion.fused, args.merge_until), data.train_x, *data.split(args.split), data.norm,
-                     inputs.tasks, progress=True)
+        partial_rows(
+            fusion,
+            chosen_cuts(fusion.fused, args.merge_until),
+            data.train_x,
+            *data.split(args.split),
+            data.norm,
+            inputs.tasks,
+            progress=True,
+        )
     if args.out and args.split == "test":  # the metadata gains the accuracy just measured
         save_checkpoint(args.out, fusion.fused, meta(acc["fused"]))
     return 0
@@ -125,10 +132,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     inputs = fusion_inputs(args.checkpoints, vars(args), args.config, args.width, args.data_dir, args.device)
     # what the user pinned (on the command line or in --config) is not searched
     fixed = frozenset(k for k in flatten(inputs.cfg) if k in vars(args)) | frozenset(read_config(args.config) if args.config else ())
-    out = run_study(inputs.models, inputs.data, inputs.metas, args.checkpoints, tcfg, inputs.cfg, progress=True,
-                    target=inputs.target, width=inputs.width, fixed=fixed)
-    print(f"study {out['study']}: {out['trials']} completed trials; best #{out['best_trial']} "
-          f"validation {out['val_accuracy']:.2f}% (again: {out['val_accuracy_again']:.2f}%)")
+    out = run_study(
+        inputs.models,
+        inputs.data,
+        inputs.metas,
+        args.checkpoints,
+        tcfg,
+        inputs.cfg,
+        progress=True,
+        target=inputs.target,
+        width=inputs.width,
+        fixed=fixed,
+    )
+    print(
+        f"study {out['study']}: {out['trials']} completed trials; best #{out['best_trial']} "
+        f"validation {out['val_accuracy']:.2f}% (again: {out['val_accuracy_again']:.2f}%)"
+    )
     print("best options: " + ", ".join(f"{k}={v}" for k, v in out["options"].items()))
     print(f"test accuracy of the best options (read once, now): {out['test_accuracy']:.2f}%")
     print("wrote " + ", ".join(out["files"]))
@@ -152,8 +171,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
     with output_lock(f"{stem}.csv", f"{stem}.png"):
         rows = interpolation(models, data, cfg, args.points, args.split, progress=True)
         atomic_write_csv(f"{stem}.csv", rows)
-        title = (f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}: "
-                 f"interpolating {names}\n{options_note(cfg)}")
+        title = f"{dataset_slug(meta0['dataset'])}, {meta0['arch']} width {meta0['width']}: interpolating {names}\n{options_note(cfg)}"
         save_figure(interpolation_figure(rows, title, args.split), f"{stem}.png")
     for r in rows:
         print(f"  alpha {r['alpha']:.2f} {r['curve']:<15} accuracy {r['accuracy']:6.2f}  loss {r['loss']:.4f}")
@@ -178,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a (fused) checkpoint with the training loop: otfuse finetune F.pt --epochs 1")
     p.add_argument("checkpoint")
     add_options(p, TrainConfig, FINETUNE, only_given=True, exclude=lambda name: name == "init")  # the checkpoint is the start
-    p.epilog = ("Defaults shown are those of most checkpoints; a fusion of parents that fit their training set (99% training "
-                f"accuracy, augmented) defaults to {' '.join(f'{k}={v}' for k, v in FINETUNE_FITTED.items())}, its parents teaching.")
+    p.epilog = (
+        "Defaults shown are those of most checkpoints; a fusion of parents that fit their training set (99% training "
+        f"accuracy, augmented) defaults to {' '.join(f'{k}={v}' for k, v in FINETUNE_FITTED.items())}, its parents teaching."
+    )
     p.set_defaults(run=cmd_finetune)
     p = sub.add_parser("evaluate", help="print a checkpoint's accuracy")
     p.add_argument("checkpoint")
@@ -190,15 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate)
     p = sub.add_parser("fuse", help="fuse two or more checkpoints (widths may differ) and print the accuracy table")
     p.add_argument("checkpoints", nargs="*")
-    p.add_argument("--width", type=int, default=0, help="width of the fused model (default 0: the first parent's); "
-                                                         "with one checkpoint, compresses or widens it")
-    p.add_argument("--out", default="", help="where to save the fused checkpoint (an existing file only if it is an "
-                                             "earlier fusion of these checkpoints, or with --overwrite)")
+    p.add_argument(
+        "--width",
+        type=int,
+        default=0,
+        help="width of the fused model (default 0: the first parent's); with one checkpoint, compresses or widens it",
+    )
+    p.add_argument(
+        "--out",
+        default="",
+        help="where to save the fused checkpoint (an existing file only if it is an "
+        "earlier fusion of these checkpoints, or with --overwrite)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file whatever it holds")
     p.add_argument("--split", default="test", choices=["val", "test"], help="the images to score (default: test; choose options on val)")
-    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
-                   help="also evaluate every stage and baseline: parents, ensemble, vanilla averaging, REPAIR (default: off, "
-                        "only the fused model, after it is saved)")
+    p.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also evaluate every stage and baseline: parents, ensemble, vanilla averaging, REPAIR (default: off, "
+        "only the fused model, after it is saved)",
+    )
     p.add_argument("--merge-until", default="", help=MERGE_UNTIL_HELP)
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)

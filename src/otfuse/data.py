@@ -28,9 +28,9 @@ import os
 import pickle
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -107,11 +107,13 @@ class ImageData:
         if which not in ("train", "val", "test"):
             raise OtfuseError(f"unknown split {which!r}; use train, val or test")
         if not len(getattr(self, f"{which}_y")):
-            raise OtfuseError(f"{self.name} has no {which} images (a model trained with --val-size 0 holds out no validation "
-                              "split); use another split, or train with a validation split")
+            raise OtfuseError(
+                f"{self.name} has no {which} images (a model trained with --val-size 0 holds out no validation "
+                "split); use another split, or train with a validation split"
+            )
         return getattr(self, f"{which}_x"), getattr(self, f"{which}_y")
 
-    def to(self, device: torch.device | str) -> "ImageData":
+    def to(self, device: torch.device | str) -> ImageData:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return ImageData(**moved)
 
@@ -167,6 +169,7 @@ AUGMENTS: dict[str, bool] = {}  # whether training augments the dataset's images
 def register_dataset(name: str, augment: bool = True):
     """Add a dataset: `@register_dataset("name")` on a function (argument after "name:", data dir) -> _Source;
     `augment=False` for images that crops and flips would damage (digits)."""
+
     def wrap(fn: SourceFn) -> SourceFn:
         SOURCES[name] = fn
         AUGMENTS[name] = augment
@@ -183,8 +186,10 @@ def dataset_augments(name: str) -> bool:
 def _source(name: str, data_dir: Path) -> _Source:
     kind, _, arg = name.partition(":")
     if kind not in SOURCES:
-        raise OtfuseError(f"unknown dataset {name!r}; choose "
-                          + ", ".join(k + {"imagefolder": ":PATH", "cifar100": "[:PATH]"}.get(k, "") for k in SOURCES))
+        raise OtfuseError(
+            f"unknown dataset {name!r}; choose "
+            + ", ".join(k + {"imagefolder": ":PATH", "cifar100": "[:PATH]"}.get(k, "") for k in SOURCES)
+        )
     return SOURCES[kind](arg, data_dir)
 
 
@@ -208,8 +213,10 @@ def _cifar100_source(arg: str, data_dir: Path) -> _Source:
     if arg:
         path = Path(arg).expanduser()
         if not path.exists():
-            raise OtfuseError(f"cifar100 copy {path} does not exist; give the PNG archive (e.g. ../shared/data/{CIFAR100_ARCHIVE}), "
-                              "an ImageFolder folder of it, or torchvision's cifar-100-python folder")
+            raise OtfuseError(
+                f"cifar100 copy {path} does not exist; give the PNG archive (e.g. ../shared/data/{CIFAR100_ARCHIVE}), "
+                "an ImageFolder folder of it, or torchvision's cifar-100-python folder"
+            )
         if path.is_dir() and _has_cifar_pickles("cifar100", path):
             return _cifar_source("cifar100", path.parent, path)
         return _cifar100_imagefolder(path)
@@ -221,11 +228,14 @@ def _cifar100_source(arg: str, data_dir: Path) -> _Source:
 def _cifar100_imagefolder(path: Path) -> _Source:
     """CIFAR-100 in the ImageFolder layout: the images as they are (one cache with `imagefolder:PATH`), its 100 fine
     labels checked."""
+
     def check(raw: dict) -> None:
         if raw["classes"] != CIFAR100_CLASSES:
             odd = sorted(set(raw["classes"]) ^ set(CIFAR100_CLASSES))
-            raise OtfuseError(f"{path} holds {len(raw['classes'])} classes, not CIFAR-100's 100 fine labels ({', '.join(odd[:3])} "
-                              f"differ); give a copy of CIFAR-100, or use --dataset imagefolder:{path}")
+            raise OtfuseError(
+                f"{path} holds {len(raw['classes'])} classes, not CIFAR-100's 100 fine labels ({', '.join(odd[:3])} "
+                f"differ); give a copy of CIFAR-100, or use --dataset imagefolder:{path}"
+            )
 
     inner = _imagefolder_source(str(path), path)
     return _Source(inner.key, inner.decode, check)
@@ -338,9 +348,12 @@ def _decode_digits() -> dict:
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     tx, vx, ty, vy = train_test_split(x, d.target, test_size=0.2, stratify=d.target, random_state=0)
     return dict(
-        train_x=torch.from_numpy(tx), train_y=torch.from_numpy(ty).long(),
-        test_x=torch.from_numpy(vx), test_y=torch.from_numpy(vy).long(),
-        classes=[str(i) for i in range(10)], augment=dataset_augments("digits"),
+        train_x=torch.from_numpy(tx),
+        train_y=torch.from_numpy(ty).long(),
+        test_x=torch.from_numpy(vx),
+        test_y=torch.from_numpy(vy).long(),
+        classes=[str(i) for i in range(10)],
+        augment=dataset_augments("digits"),
     )
 
 
@@ -370,22 +383,27 @@ def _decode_imagefolder(path: Path) -> dict:
             continue
         if len(parts) != 3:
             where = "directly in" if len(parts) == 2 else "below a class folder of"
-            raise OtfuseError(f"imagefolder {path}: {'/'.join(parts)} lies {where} {parts[0]}/; the layout is exactly "
-                              f"{parts[0]}/<class>/<image>: move or remove it")
+            raise OtfuseError(
+                f"imagefolder {path}: {'/'.join(parts)} lies {where} {parts[0]}/; the layout is exactly "
+                f"{parts[0]}/<class>/<image>: move or remove it"
+            )
         splits[parts[0]].setdefault(parts[1], []).append(("/".join(parts), read()))
     classes = sorted(splits["train"])
     if not classes or sorted(splits["test"]) != classes:
         missing = sorted(set(splits["train"]) ^ set(splits["test"]))
-        raise OtfuseError(f"imagefolder {path} needs train/<class>/* and test/<class>/* with the same classes"
-                          + (f" (only in one of them: {', '.join(missing[:5])})" if missing and classes else ""))
+        raise OtfuseError(
+            f"imagefolder {path} needs train/<class>/* and test/<class>/* with the same classes"
+            + (f" (only in one of them: {', '.join(missing[:5])})" if missing and classes else "")
+        )
 
     def decode(name: str, blob: bytes) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(blob)) as im:
                 return np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise OtfuseError(f"imagefolder {path}: {name} is not a readable image ({' '.join(str(exc).split()[:8])}); "
-                              "remove or replace it") from None
+            raise OtfuseError(
+                f"imagefolder {path}: {name} is not a readable image ({' '.join(str(exc).split()[:8])}); remove or replace it"
+            ) from None
 
     def stack(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -413,8 +431,10 @@ def _tar_entries(path: Path):
                     blob = tar.extractfile(m).read()
                     yield parts, (lambda b=blob: b)
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
-        raise OtfuseError(f"imagefolder archive {path} is corrupt or truncated ({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); "
-                          "give a complete .tar.xz of train/ and test/") from None
+        raise OtfuseError(
+            f"imagefolder archive {path} is corrupt or truncated ({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); "
+            "give a complete .tar.xz of train/ and test/"
+        ) from None
 
 
 def _dir_entries(path: Path):
@@ -424,8 +444,9 @@ def _dir_entries(path: Path):
         for name in sorted(dirs + files):
             p = Path(folder) / name
             if p.is_symlink() and not name.startswith("."):
-                raise OtfuseError(f"imagefolder {path}: {p.relative_to(path)} is a symbolic link; copy what it points to "
-                                  "into the folder instead")
+                raise OtfuseError(
+                    f"imagefolder {path}: {p.relative_to(path)} is a symbolic link; copy what it points to into the folder instead"
+                )
         for name in sorted(files):
             p = Path(folder) / name
             yield p.relative_to(path).parts, p.read_bytes
@@ -452,9 +473,11 @@ def _cached(source: _Source, data_dir: Path) -> dict:
     except OtfuseError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as exc:
-        raise OtfuseError(f"the files of dataset {source.key.rsplit('-', 1)[0]} in {data_dir} are corrupt or truncated "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); delete them so they are fetched again, "
-                          "or replace them") from None
+        raise OtfuseError(
+            f"the files of dataset {source.key.rsplit('-', 1)[0]} in {data_dir} are corrupt or truncated "
+            f"({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); delete them so they are fetched again, "
+            "or replace them"
+        ) from None
     _check_decoded(raw, source.key)
     x = raw["train_x"].float() / 255.0
     raw["mean"] = x.mean(dim=(0, 2, 3)).tolist()
@@ -482,11 +505,18 @@ def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageDat
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size].sort().values, order[val_size:].sort().values
     return ImageData(
-        name=name, classes=list(raw["classes"]),
-        train_x=raw["train_x"][train], train_y=raw["train_y"][train],
-        val_x=raw["train_x"][val], val_y=raw["train_y"][val],
-        test_x=raw["test_x"], test_y=raw["test_y"],
-        mean=tuple(raw["mean"]), std=tuple(raw["std"]), augment=bool(raw["augment"]), digest=str(raw.get("digest", "")),
+        name=name,
+        classes=list(raw["classes"]),
+        train_x=raw["train_x"][train],
+        train_y=raw["train_y"][train],
+        val_x=raw["train_x"][val],
+        val_y=raw["train_y"][val],
+        test_x=raw["test_x"],
+        test_y=raw["test_y"],
+        mean=tuple(raw["mean"]),
+        std=tuple(raw["std"]),
+        augment=bool(raw["augment"]),
+        digest=str(raw.get("digest", "")),
     )
 
 
@@ -496,8 +526,10 @@ def _with_validation(name: str, raw: dict, val_size: int, seed: int) -> ImageDat
 @functools.lru_cache(maxsize=32)
 def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype):
     """(mean, std) as (1, C, 1, 1) tensors: built once per normalisation and device, not per batch."""
-    return (torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
-            torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1))
+    return (
+        torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+        torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1),
+    )
 
 
 def normalize(x: torch.Tensor, norm: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:

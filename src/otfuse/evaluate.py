@@ -1,6 +1,6 @@
 """Logits, accuracy and loss of a model on uint8 data, in the precision asked for.
 
-    acc = accuracy(model, data.test_x, data.test_y, data.norm, Precision.BF16)
+acc = accuracy(model, data.test_x, data.test_y, data.norm, Precision.BF16)
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -97,8 +98,9 @@ class Fusion:
         BatchNorm's statistics itself the pipeline does not need it, so it is computed on first use."""
         if "fused_average" not in self.made:
             with timed(self.seconds, "batchnorm"):
-                self.made["fused_average"] = recompute_bn(copy.deepcopy(self.fused_no_bn), self.images, self.norm, self.cfg.bn,
-                                                          self.precision)
+                self.made["fused_average"] = recompute_bn(
+                    copy.deepcopy(self.fused_no_bn), self.images, self.norm, self.cfg.bn, self.precision
+                )
         return self.made["fused_average"]
 
     def columns(self, baselines: bool = True, progress: bool = False) -> dict[str, nn.Module]:
@@ -111,8 +113,16 @@ class Fusion:
         elif same_widths(self.maps):
             if "fused_repair" not in self.made:
                 with timed(self.seconds, "repair", progress):
-                    self.made["fused_repair"] = repaired(copy.deepcopy(self.fused_average), self.aligned, self.weights, self.groups,
-                                                         self.images, self.norm, self.cfg, self.precision)
+                    self.made["fused_repair"] = repaired(
+                        copy.deepcopy(self.fused_average),
+                        self.aligned,
+                        self.weights,
+                        self.groups,
+                        self.images,
+                        self.norm,
+                        self.cfg,
+                        self.precision,
+                    )
             out["fused_repair"] = self.made["fused_repair"]
         if baselines and len(self.parents) > 1 and all(same_shapes(m, self.fused) for m in self.parents):
             if "vanilla" not in self.made:
@@ -122,8 +132,9 @@ class Fusion:
         return out
 
 
-def vanilla_models(models: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple, cfg: FuseConfig,
-                   precision: Precision) -> dict[str, nn.Module]:
+def vanilla_models(
+    models: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple, cfg: FuseConfig, precision: Precision
+) -> dict[str, nn.Module]:
     """Vanilla averaging without alignment, by column: as it is, with BatchNorm recomputed, and refit when `cfg` refits."""
     vanilla = average(models, weights).eval()
     out = {"vanilla": vanilla, "vanilla_bn": recompute_bn(copy.deepcopy(vanilla), images, norm, cfg.bn, precision)}
@@ -148,8 +159,15 @@ def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
     return out
 
 
-def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseConfig,
-         maps: list[dict[str, ChannelMap]] | None = None, target: nn.Module | None = None, progress: bool = False) -> Fusion:
+def fuse(
+    models: list[nn.Module],
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: FuseConfig,
+    maps: list[dict[str, ChannelMap]] | None = None,
+    target: nn.Module | None = None,
+    progress: bool = False,
+) -> Fusion:
     """Fuse `models` (one architecture) on unlabelled uint8 training `images` normalised by `norm`.
 
     Every model is aligned onto the first (or carried through the given `maps`, one set per model)
@@ -173,13 +191,17 @@ def fuse(models: list[nn.Module], images: torch.Tensor, norm: tuple, cfg: FuseCo
         # (18-46 of the 2,880 of a width-64 ResNet18), which moves the fused accuracy by up to 0.3 points (docs/speed.md)
         with timed(seconds, "alignment", progress):
             to_target = to_target_maps(anchor, per_model[0], groups, cfg.align, images, norm, progress)
-            maps = [to_target] + [_chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress), to_target)
-                                  for m, g in zip(models[1:], per_model[1:])]
+            maps = [to_target] + [
+                _chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress), to_target)
+                for m, g in zip(models[1:], per_model[1:])
+            ]
     if len(maps) != len(models):
         raise OtfuseError(f"give one set of maps per model: {len(models)}, got {len(maps)}")
     if cfg.repair.enabled and not same_widths(maps):
-        raise OtfuseError("--repair matches the aligned parents' channel statistics, which needs parents of the fused "
-                          "model's width; leave --repair out (the refit handles other widths)")
+        raise OtfuseError(
+            "--repair matches the aligned parents' channel statistics, which needs parents of the fused "
+            "model's width; leave --repair out (the refit handles other widths)"
+        )
     into = target if target is not None else anchor
     aligned = [carry(m, g, mp, into=into, into_groups=groups) for m, g, mp in zip(models, per_model, maps)]
     with timed(seconds, "averaging", progress):
@@ -214,8 +236,16 @@ def _chain(onto_anchor: dict[str, ChannelMap], to_target: dict[str, ChannelMap])
     return {name: m.then(to_target[name]) for name, m in onto_anchor.items()}
 
 
-def repaired(model: nn.Module, aligned: list[nn.Module], weights: list[float], groups: list[ChannelGroup],
-             images: torch.Tensor, norm: tuple, cfg: FuseConfig, precision: Precision) -> nn.Module:
+def repaired(
+    model: nn.Module,
+    aligned: list[nn.Module],
+    weights: list[float],
+    groups: list[ChannelGroup],
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: FuseConfig,
+    precision: Precision,
+) -> nn.Module:
     """REPAIR in place on a merged model, then BatchNorm recomputed: the corrections move every later layer's inputs."""
     repair(model, aligned, weights, groups, images, norm, cfg.repair, precision)
     return recompute_bn(model, images, norm, cfg.bn, precision)

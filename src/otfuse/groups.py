@@ -23,9 +23,9 @@ from __future__ import annotations
 import signal
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch_pruning as tp
@@ -110,6 +110,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
             order.setdefault(name, len(order))
             if isinstance(module, CONV + CONV_T + (nn.Linear,)):
                 layers.append(module)
+
         return fn
 
     params = list(model.parameters())
@@ -123,10 +124,17 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     taps = [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
     try:
         model.eval()
-        with tapping(model, taps), traced_as_leaves(model, attention), torch.enable_grad(), _lenient_concat_maps(), warnings.catch_warnings():
+        with (
+            tapping(model, taps),
+            traced_as_leaves(model, attention),
+            torch.enable_grad(),
+            _lenient_concat_maps(),
+            warnings.catch_warnings(),
+        ):
             warnings.filterwarnings("ignore", module="torch_pruning")  # its shape inference's depth notices: not the user's concern
-            graph = tp.DependencyGraph().build_dependency(model, example_input, verbose=False,
-                                                           customized_pruners=leaf_pruners(model, attention))
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_input, verbose=False, customized_pruners=leaf_pruners(model, attention)
+            )
     except OtfuseError:
         raise
     except Exception as exc:  # a forward pass that fails, or a trace Torch-Pruning cannot follow
@@ -143,12 +151,17 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
         with _time_limited(time_limit), warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch_pruning")
             _repair_index_maps(graph, tokens=bool(attention))
-            groups = [g for items in _coupled(graph, order, names, ignored)
-                      for g in _to_groups(items, names, order, params_by_id, unwrapped, attention)]
+            groups = [
+                g
+                for items in _coupled(graph, order, names, ignored)
+                for g in _to_groups(items, names, order, params_by_id, unwrapped, attention)
+            ]
     except _OutOfTime:
-        raise OtfuseError(f"Torch-Pruning's DepGraph did not finish grouping {type(model).__name__}'s channels in {time_limit:.0f} s "
-                          f"(on an input of shape {tuple(example_input.shape)}, its index mappings through reshapes and "
-                          "window partitions grow with the feature maps); give a smaller example input or a larger time_limit") from None
+        raise OtfuseError(
+            f"Torch-Pruning's DepGraph did not finish grouping {type(model).__name__}'s channels in {time_limit:.0f} s "
+            f"(on an input of shape {tuple(example_input.shape)}, its index mappings through reshapes and "
+            "window partitions grow with the feature maps); give a smaller example input or a larger time_limit"
+        ) from None
     except OtfuseError as exc:
         raise OtfuseError(channel_rearrangement(model, example_input) or str(exc)) from None
     except Exception as exc:  # Torch-Pruning's own failure on a layout it cannot index
@@ -162,9 +175,11 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
 def _refuse_old_weight_norm(model: nn.Module) -> None:
     for name, mod in model.named_modules():
         if any(type(h).__name__ == "WeightNorm" for h in mod._forward_pre_hooks.values()):
-            raise OtfuseError(f"module {name} uses the deprecated torch.nn.utils.weight_norm, whose weight is recomputed in "
-                              "every forward pass and cannot be copied exactly; use torch.nn.utils.parametrizations.weight_norm "
-                              "(the same function, supported) or torch.nn.utils.remove_weight_norm before fusing")
+            raise OtfuseError(
+                f"module {name} uses the deprecated torch.nn.utils.weight_norm, whose weight is recomputed in "
+                "every forward pass and cannot be copied exactly; use torch.nn.utils.parametrizations.weight_norm "
+                "(the same function, supported) or torch.nn.utils.remove_weight_norm before fusing"
+            )
 
 
 def _refuse_recurrent(model: nn.Module) -> None:
@@ -172,8 +187,10 @@ def _refuse_recurrent(model: nn.Module) -> None:
     # of an unrolled loop never closes (Torch-Pruning's split offsets grow at every time step)
     for name, mod in model.named_modules():
         if isinstance(mod, nn.RNNBase):
-            raise OtfuseError(f"module {name} ({type(mod).__name__}) holds tensors in a channel group and otfuse cannot "
-                              "permute it exactly (recurrent layers are not supported)")
+            raise OtfuseError(
+                f"module {name} ({type(mod).__name__}) holds tensors in a channel group and otfuse cannot "
+                "permute it exactly (recurrent layers are not supported)"
+            )
 
 
 class _OutOfTime(BaseException):  # not an Exception: library code that catches those must not swallow it
@@ -208,8 +225,10 @@ def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception) -> str:
     except Exception as forward:
         why = " ".join(str(forward).split()[:16]) or type(forward).__name__
         return f"the model cannot run on an example of shape {tuple(x.shape)} ({type(forward).__name__}: {why}); give an input it accepts"
-    return channel_rearrangement(model, x) or (f"Torch-Pruning's DepGraph cannot trace {type(model).__name__}: {type(exc).__name__}: "
-                                        f"{first}; otfuse cannot find its channel groups")
+    return channel_rearrangement(model, x) or (
+        f"Torch-Pruning's DepGraph cannot trace {type(model).__name__}: {type(exc).__name__}: "
+        f"{first}; otfuse cannot find its channel groups"
+    )
 
 
 def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
@@ -228,12 +247,16 @@ def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
             continue
         seen.add(f)
         if type(f).__name__ in CHANNEL_SHUFFLES:
-            return (f"{type(model).__name__} uses {CHANNEL_SHUFFLES[type(f).__name__]}, which interleaves the channels of its "
-                    "groups, so no permutation of one group keeps the function; otfuse refuses it rather than fuse it wrongly")
+            return (
+                f"{type(model).__name__} uses {CHANNEL_SHUFFLES[type(f).__name__]}, which interleaves the channels of its "
+                "groups, so no permutation of one group keeps the function; otfuse refuses it rather than fuse it wrongly"
+            )
         if type(f).__name__ == "TransposeBackward0" and {f._saved_dim0, f._saved_dim1} == {1, 2} and _is_shuffle(f, consumer):
-            return (f"{type(model).__name__} shuffles channels (view as groups, transpose(1, 2), view back): the shuffle "
-                    "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
-                    "otfuse refuses it rather than fuse it wrongly")
+            return (
+                f"{type(model).__name__} shuffles channels (view as groups, transpose(1, 2), view back): the shuffle "
+                "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
+                "otfuse refuses it rather than fuse it wrongly"
+            )
         for n, _ in f.next_functions:
             if n is not None:
                 consumer.setdefault(n, f)
@@ -297,7 +320,7 @@ def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
             for out in node.outputs:
                 nrs = [i for f, i in getattr(out.grad_fn, "next_functions", ()) if f is fn]
                 if len(nrs) == 1:
-                    _set_map(node, out, 0, mapping._SplitIndexMapping, offsets[nrs[0]:nrs[0] + 2])
+                    _set_map(node, out, 0, mapping._SplitIndexMapping, offsets[nrs[0] : nrs[0] + 2])
         elif node.type == tp_ops.OPTYPE.CONCAT:
             producers = [f for f, _ in fn.next_functions]
             if None in producers or len({id(f) for f in producers}) != len(producers):
@@ -305,7 +328,7 @@ def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
             offsets = _offsets([int(_output_shape(f, i)[dim]) for f, i in fn.next_functions])
             for k, f in enumerate(producers):
                 for inp in [n for n in node.inputs if n.grad_fn is f]:
-                    _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
+                    _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k : k + 2])
     for node in graph.module2node.values():
         _map_pixel_shuffle(node)
         _map_paths(node, mapping)
@@ -363,9 +386,9 @@ def _map_merge_into_channels(node) -> None:
         return
     before = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ()))
     after = tuple(int(v) for v in fn._input_metadata[0].shape)
-    if len(before) < len(after) + 2 or len(after) < 2 or before[:len(after) - 1] != after[:-1] or after[-1] % before[-1]:
+    if len(before) < len(after) + 2 or len(after) < 2 or before[: len(after) - 1] != after[:-1] or after[-1] % before[-1]:
         return
-    if min(before[len(after) - 1:]) == 1:  # a flatten of (N, C, 1, 1): singleton dims fold nothing into the channels
+    if min(before[len(after) - 1 :]) == 1:  # a flatten of (N, C, 1, 1): singleton dims fold nothing into the channels
         return
     _set_path_sum(node, after[-1] // before[-1], before[-1], into_node_widens=True)
 
@@ -453,7 +476,7 @@ def _map_paths(node, mapping) -> None:
         offsets = _offsets([int(sh[1]) for sh in shapes])
         for k, f in enumerate(producers):
             for inp in [n for n in node.inputs if n.grad_fn is f]:
-                _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k:k + 2])
+                _set_map(inp, node, 1, mapping._ConcatIndexMapping, offsets[k : k + 2])
     elif name == "SumBackward1" and tuple(fn._saved_dim) == (1,) and len(fn._saved_self_sym_sizes) == 5 and not fn._saved_keepdim:
         _set_path_sum(node, int(fn._saved_self_sym_sizes[1]), int(fn._saved_self_sym_sizes[2]), into_node_widens=False)
     elif node.type == tp_ops.OPTYPE.RESHAPE and _keeps_channel_order(fn):
@@ -522,8 +545,9 @@ def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, igno
     torch.cat never merges two producers' channels), every (node, handler) its out-channels reach, with the
     (index, root index) pairs of every path. Torch-Pruning's get_pruning_group keeps one root index per index,
     which loses couplings such as a GLU gate's (channel i multiplied by channel C + i)."""
-    roots = sorted((m for m in graph.module2node if isinstance(m, CONV + CONV_T + (nn.Linear,))),
-                   key=lambda m: order.get(names.get(m), 1 << 30))
+    roots = sorted(
+        (m for m in graph.module2node if isinstance(m, CONV + CONV_T + (nn.Linear,))), key=lambda m: order.get(names.get(m), 1 << 30)
+    )
     visited: set = set()
     # no channel count exceeds all layers' widths together: an index past that is a loop that never closes
     bound = sum(max(p.shape) for p in graph.model.parameters() if p.dim())
@@ -560,8 +584,10 @@ def _reach(graph: tp.DependencyGraph, root, fn, n: int, bound: int) -> dict:
                     new = mapping(new)
             fresh = {(int(i.idx), int(i.root_idx)) for i in new} - reached.get((dep.target, dep.handler), set())
             if any(i >= bound for i, _ in fresh):
-                raise OtfuseError(f"channel indices grow without end around a loop in the traced graph (at {dep.target.name}); "
-                                  "a recurrent computation cannot be permuted exactly")
+                raise OtfuseError(
+                    f"channel indices grow without end around a loop in the traced graph (at {dep.target.name}); "
+                    "a recurrent computation cannot be permuted exactly"
+                )
             if fresh:
                 reached.setdefault((dep.target, dep.handler), set()).update(fresh)
                 stack.append((dep.target, dep.handler, [_HybridIndex(i, r) for i, r in sorted(fresh)]))
@@ -599,8 +625,11 @@ def _per_output(module: nn.Module, name: str) -> list[tuple[str, str, int, str]]
     """Slots of a conv or linear subclass's own extra per-output-channel tensors (an NFNet conv's `gain`, shape
     (out, 1, 1, 1)): they move with the outputs."""
     n = module.weight.shape[0]
-    extra = [(k, t) for k, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-             if k not in ("weight", "bias") and t is not None and t.ndim >= 1 and t.shape[0] == n and t[0].numel() == 1]
+    extra = [
+        (k, t)
+        for k, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if k not in ("weight", "bias") and t is not None and t.ndim >= 1 and t.shape[0] == n and t[0].numel() == 1
+    ]
     return [(name, k, 0, "out") for k, _ in extra]
 
 
@@ -610,8 +639,9 @@ def _kind(module: nn.Module) -> str:
     return "norm" if isinstance(module, BATCHNORM + INSTANCENORM + (nn.GroupNorm, nn.LayerNorm)) else "other"
 
 
-def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int],
-               attention: dict[str, Attention]) -> list[ChannelGroup]:
+def _to_groups(
+    reached: dict, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int], attention: dict[str, Attention]
+) -> list[ChannelGroup]:
     """The channel groups of one producer's reach: its channels coupled into group channels (every root index
     that reaches one index of one tensor belongs to one group channel), then split into parts by where they go
     (a split's parts, a partial residual's two sides): each part is a group whose channels move among themselves."""
@@ -637,7 +667,9 @@ def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[i
             kinds.update({n: "layer" if n in spec.layers else "other" for (n, *_), _ in found})
             last.update(n for (n, *_), _ in found)
         elif not isinstance(module, nn.Parameter):
-            found = [sl for sl in _role_and_slots(module, name, getattr(handler, "__name__", "")) if getattr(module, sl[1], None) is not None]
+            found = [
+                sl for sl in _role_and_slots(module, name, getattr(handler, "__name__", "")) if getattr(module, sl[1], None) is not None
+            ]
             found = [(sl, 1) for sl in found] + _stored_slots(module, name, found)
             kinds[name] = _kind(module)
             if _channels_last(module):
@@ -658,9 +690,19 @@ def _to_groups(reached: dict, names: dict, order: dict[str, int], params: dict[i
         parts.setdefault(tuple(len(positions[sl].get(c, ())) for sl in slots), []).append(c)
     out = []
     for signature, chans in parts.items():
-        members = [Member(n, t, a, _index_matrix([positions[(n, t, a, role)][c] for c in chans], n), role,
-                          kinds.get(n, "other"), dense.get(n, 1) if t == "weight" else 1)
-                   for ((n, t, a, role), count) in zip(slots, signature) if count]
+        members = [
+            Member(
+                n,
+                t,
+                a,
+                _index_matrix([positions[(n, t, a, role)][c] for c in chans], n),
+                role,
+                kinds.get(n, "other"),
+                dense.get(n, 1) if t == "weight" else 1,
+            )
+            for ((n, t, a, role), count) in zip(slots, signature)
+            if count
+        ]
         name = root if len(parts) == 1 else f"{root}[{min(chans)}]"
         group = _group(name, len(chans), members, last, order)
         group.norm_blocks = {n: [sorted(i for i, r in pairs if channel[r] == c) for c in chans] for n, pairs in norm_groups.items()}
@@ -703,8 +745,11 @@ def _group(name: str, size: int, members: list[Member], last: set[str], order: d
     norms = {m.module for m in producers if m.kind == "norm"}
     # a producer followed by a norm is read at the norm's output; one without a norm at its own
     normed = {m.module for m in producers if m.kind == "layer" and any(_follows(n, m.module, order) for n in norms)}
-    pre = [Observation(m.module, m.index, "output", axis(m)) for m in producers
-           if m.kind == "norm" or (m.kind == "layer" and m.module not in normed)]
+    pre = [
+        Observation(m.module, m.index, "output", axis(m))
+        for m in producers
+        if m.kind == "norm" or (m.kind == "layer" and m.module not in normed)
+    ]
     first = min((order.get(m.module, 1 << 30) for m in members if m.role == "out"), default=1 << 30)
     return ChannelGroup(name, size, members, observations, pre, first)
 
@@ -723,17 +768,28 @@ def _head_groups(spec: Attention, order: dict[str, int]) -> list[ChannelGroup]:
         return [Member(n, t, a, torch.stack(cols, 1), role, kind(n)) for (n, t, a), cols in by_slot.items()]
 
     def seen(points: list, foldable: bool) -> list[Observation]:
-        return [Observation(n, torch.stack([c + o for o in offsets], 1), on, -1, through, foldable and not through[0])
-                for n, on, offsets, through in points]
+        return [
+            Observation(n, torch.stack([c + o for o in offsets], 1), on, -1, through, foldable and not through[0])
+            for n, on, offsets, through in points
+        ]
 
     first = order.get(spec.name, min((order.get(n, 1 << 30) for n in spec.layers), default=1 << 30))
-    qk = ChannelGroup(f"{spec.name}:qk", spec.width, members(spec.q + spec.k, "out") +
-                      [Member(n, t, a, head[:, None], "out", "other") for n, t, a in spec.per_head],
-                      pre_observations=seen(spec.seen_qk, False), order=first)
+    qk = ChannelGroup(
+        f"{spec.name}:qk",
+        spec.width,
+        members(spec.q + spec.k, "out") + [Member(n, t, a, head[:, None], "out", "other") for n, t, a in spec.per_head],
+        pre_observations=seen(spec.seen_qk, False),
+        order=first,
+    )
     seen_v = seen(spec.seen_v, True)
-    v = ChannelGroup(f"{spec.name}:v", spec.width, members(spec.v, "out") + [Member(n, t, a, c[:, None], "in", kind(n)) for n, t, a in spec.mixed],
-                     observations=[o for o in seen_v if o.on == "input"], pre_observations=[o for o in seen_v if o.on == "output"],
-                     order=first)
+    v = ChannelGroup(
+        f"{spec.name}:v",
+        spec.width,
+        members(spec.v, "out") + [Member(n, t, a, c[:, None], "in", kind(n)) for n, t, a in spec.mixed],
+        observations=[o for o in seen_v if o.on == "input"],
+        pre_observations=[o for o in seen_v if o.on == "output"],
+        order=first,
+    )
     for g in (qk, v):
         g.blocks, g.family = head.clone(), f"{spec.name}:heads"
     return [qk, v]
@@ -767,9 +823,11 @@ def _stored_slots(module: nn.Module, name: str, slots: list) -> list[tuple[tuple
             elif t.ndim == 1 and t.numel() == (columns if axis == 0 else size if logical.ndim > 1 else -2):
                 continue  # the vector runs along the other axis
             else:
-                raise OtfuseError(f"module {name}: its {tensor} is computed from {owner}.{attr} of shape {tuple(t.shape)}, "
-                                  f"which otfuse cannot permute along the {tensor}'s axis {axis}; remove the parametrisation "
-                                  "(torch.nn.utils.parametrize.remove_parametrizations) before fusing")
+                raise OtfuseError(
+                    f"module {name}: its {tensor} is computed from {owner}.{attr} of shape {tuple(t.shape)}, "
+                    f"which otfuse cannot permute along the {tensor}'s axis {axis}; remove the parametrisation "
+                    "(torch.nn.utils.parametrize.remove_parametrizations) before fusing"
+                )
     return out
 
 
@@ -782,8 +840,9 @@ def _parameter_slots(p: nn.Parameter, params: dict[int, str], unwrapped: dict[in
     """A bare parameter coupled to channels (ConvNeXt's layer scale): permuted on the axis DepGraph prunes."""
     name = params.get(id(p))
     if name is None or id(p) not in unwrapped:
-        raise OtfuseError(f"a parameter of shape {tuple(p.shape)} outside the model's named parameters is coupled to channels; "
-                          "register it on a module")
+        raise OtfuseError(
+            f"a parameter of shape {tuple(p.shape)} outside the model's named parameters is coupled to channels; register it on a module"
+        )
     owner, _, attr = name.rpartition(".")
     return [(owner, attr, unwrapped[id(p)], "out")], name
 
@@ -839,8 +898,10 @@ def _link_blocks(model: nn.Module, groups: list[ChannelGroup]) -> None:
                 first = index[:, 0]
             blocks = first // (channels // n_blocks)
             if g.blocks is not None and not torch.equal(g.blocks, blocks):
-                raise OtfuseError(f"module {name}: its channels are split into blocks that another grouped layer splits "
-                                  f"differently (groups={n_blocks}); they cannot be permuted exactly")
+                raise OtfuseError(
+                    f"module {name}: its channels are split into blocks that another grouped layer splits "
+                    f"differently (groups={n_blocks}); they cannot be permuted exactly"
+                )
             g.blocks = blocks
         linked = [g for g, *_ in sides if g is not None]
         for g in linked:

@@ -2,7 +2,6 @@
 
     with tapping(model, [("layer1.0.bn1", "output", seen.append), ("fc", "input", print)]):
         model(x)
-    x_fc = tapped(model, "fc", "input", x)      # runs the model only as far as fc
 
 A tap is (module name, "input" or "output", callback); the callback gets the module's first
 input or its output. Hooks are always removed, even when the forward pass raises.
@@ -10,19 +9,13 @@ input or its output. Hooks are always removed, even when the forward pass raises
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from otfuse.errors import OtfuseError
-
 Tap = tuple[str, str, Callable[[torch.Tensor], None]]
-
-
-class _Reached(Exception):
-    """Raised by a tap once its tensor is captured: the rest of the forward pass is not needed."""
 
 
 @contextmanager
@@ -40,21 +33,3 @@ def tapping(model: nn.Module, taps: Iterable[Tap]) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-def tapped(model: nn.Module, name: str, where: str, x: torch.Tensor) -> torch.Tensor:
-    """The input or output of module `name` on batch `x`, running the model no further than that."""
-    box: list[torch.Tensor] = []
-
-    def take(t: torch.Tensor) -> None:
-        box.append(t)
-        raise _Reached
-
-    with tapping(model, [(name, where, take)]):
-        try:
-            model(x)
-        except _Reached:
-            pass
-    if not box:
-        raise OtfuseError(f"module {name} is not reached by the forward pass; it cannot be observed")
-    return box[0]

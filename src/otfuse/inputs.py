@@ -43,8 +43,9 @@ class FusionInputs:
         return [p.classes if p else tuple(range(self.data.num_classes)) for p in self.parts]
 
 
-def check_request(n_checkpoints: int, width: int = 0, given: dict[str, Any] | None = None, config: str = "",
-                  one_allowed: bool = True) -> None:
+def check_request(
+    n_checkpoints: int, width: int = 0, given: dict[str, Any] | None = None, config: str = "", one_allowed: bool = True
+) -> None:
     """The request alone, before anything is loaded: the options given and in `config` (their ranges), the
     number of checkpoints and the fused `width` (0: the first parent's). One clear error for each."""
     if width < 0:
@@ -61,8 +62,15 @@ def fusion_options(given: dict[str, Any], config: str = "", metas: list[dict] | 
     return resolve(FuseConfig, given, config, recipe_options(metas or []))
 
 
-def fusion_inputs(paths: list[str | Path], given: dict[str, Any] | None = None, config: str = "", width: int = 0,
-                  data_dir: str | Path | None = None, device: str = "auto", same_width: bool = False) -> FusionInputs:
+def fusion_inputs(
+    paths: list[str | Path],
+    given: dict[str, Any] | None = None,
+    config: str = "",
+    width: int = 0,
+    data_dir: str | Path | None = None,
+    device: str = "auto",
+    same_width: bool = False,
+) -> FusionInputs:
     """Load and check the parents and their data, resolve the fusion options once, and build the target."""
     models, metas, data = load_parents(paths, data_dir, device, same_width=same_width)
     cfg = fusion_options(given or {}, config, metas)
@@ -79,4 +87,3 @@ def fusion_inputs(paths: list[str | Path], given: dict[str, Any] | None = None, 
 def target_model(meta: dict, width: int, device: torch.device) -> nn.Module:
     """A fresh model of the architecture in checkpoint metadata `meta`, `width` wide, on `device`."""
     return model_from_meta(meta, width).to(device)
-

@@ -21,15 +21,15 @@ from otfuse.align import align
 from otfuse.data import ImageData
 from otfuse.evaluate import loss_and_accuracy
 from otfuse.fusion import FuseConfig, fuse
-from otfuse.maps import groups_of
-from otfuse.maps import ChannelMap
+from otfuse.maps import ChannelMap, groups_of
 from otfuse.precision import resolve_precision
 
 CURVES = ("vanilla", "aligned", "aligned+repair")
 
 
-def interpolation(models: list[nn.Module], data: ImageData, cfg: FuseConfig, points: int = 11,
-                  split: str = "test", progress: bool = False) -> list[dict]:
+def interpolation(
+    models: list[nn.Module], data: ImageData, cfg: FuseConfig, points: int = 11, split: str = "test", progress: bool = False
+) -> list[dict]:
     """Rows (alpha, curve, accuracy, loss) for every curve at `points` evenly spaced alphas in [0, 1]."""
     a, b = models
     ga, gb = groups_of(models, data.train_x, data.norm)

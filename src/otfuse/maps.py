@@ -41,7 +41,7 @@ class ChannelMap:
     perm: torch.Tensor | None = None  # when the plan is a permutation: target channel c takes source perm[c]
 
     @classmethod
-    def permutation(cls, perm: torch.Tensor) -> "ChannelMap":
+    def permutation(cls, perm: torch.Tensor) -> ChannelMap:
         perm = torch.as_tensor(perm, dtype=torch.long).cpu()
         n = len(perm)
         if not torch.equal(perm.sort().values, torch.arange(n)):
@@ -51,11 +51,11 @@ class ChannelMap:
         return cls(plan, perm)
 
     @classmethod
-    def identity(cls, n: int) -> "ChannelMap":
+    def identity(cls, n: int) -> ChannelMap:
         return cls.permutation(torch.arange(n))
 
     @classmethod
-    def from_plan(cls, plan: torch.Tensor) -> "ChannelMap":
+    def from_plan(cls, plan: torch.Tensor) -> ChannelMap:
         """A map from any non-negative plan; a plan that is a scaled permutation matrix becomes one exactly."""
         plan = torch.as_tensor(plan, dtype=torch.float64).cpu()
         if plan.ndim != 2 or not torch.isfinite(plan).all() or (plan < 0).any():
@@ -87,7 +87,7 @@ class ChannelMap:
         """(n_target, n_source): each source channel's consumer weights split over its targets (columns sum to 1)."""
         return self.plan / self.plan.sum(0, keepdim=True)
 
-    def then(self, other: "ChannelMap") -> "ChannelMap":
+    def then(self, other: ChannelMap) -> ChannelMap:
         """This map followed by `other` (source -> this map's targets -> other's targets)."""
         if other.n_source != self.n_target:
             raise OtfuseError(f"cannot chain a map onto {self.n_target} channels with one from {other.n_source}")
@@ -96,8 +96,13 @@ class ChannelMap:
         return ChannelMap.from_plan(other.outputs() @ self.plan)
 
 
-def transport_map(cost: torch.Tensor, solver: str = "emd", reg: float = 0.01,
-                  target_mass: torch.Tensor | None = None, source_mass: torch.Tensor | None = None) -> ChannelMap:
+def transport_map(
+    cost: torch.Tensor,
+    solver: str = "emd",
+    reg: float = 0.01,
+    target_mass: torch.Tensor | None = None,
+    source_mass: torch.Tensor | None = None,
+) -> ChannelMap:
     """The optimal transport plan for `cost` (rows: target channels, columns: source channels).
 
     Marginals are uniform unless given. `emd` solves the problem exactly (a permutation when the
@@ -186,8 +191,11 @@ def tensors_of(model: nn.Module, dense: bool = False) -> dict[str, torch.Tensor]
 
 def grouped_convs(model: nn.Module) -> dict[str, int]:
     """Convs with groups > 1 that are not depthwise, by name: their number of groups."""
-    return {n: m.groups for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and not m.groups == m.in_channels == m.out_channels}
+    return {
+        n: m.groups
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and not m.groups == m.in_channels == m.out_channels
+    }
 
 
 def to_dense(w: torch.Tensor, groups: int) -> torch.Tensor:
@@ -196,7 +204,7 @@ def to_dense(w: torch.Tensor, groups: int) -> torch.Tensor:
     dense = w.new_zeros((out, per_in * groups, *w.shape[2:]))
     per_out = out // groups
     for g in range(groups):
-        dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = w[g * per_out:(g + 1) * per_out]
+        dense[g * per_out : (g + 1) * per_out, g * per_in : (g + 1) * per_in] = w[g * per_out : (g + 1) * per_out]
     return dense
 
 
@@ -204,11 +212,13 @@ def to_grouped(dense: torch.Tensor, groups: int, what: str) -> torch.Tensor:
     """The inverse of `to_dense`; weights outside the diagonal blocks mean the maps broke the groups."""
     out, full = dense.shape[0], dense.shape[1]
     per_out, per_in = out // groups, full // groups
-    blocks = [dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] for g in range(groups)]
+    blocks = [dense[g * per_out : (g + 1) * per_out, g * per_in : (g + 1) * per_in] for g in range(groups)]
     inside = sum(float(b.abs().sum()) for b in blocks)
     if float(dense.abs().sum()) - inside > 1e-6 * max(inside, 1e-30):
-        raise OtfuseError(f"{what} is a grouped conv (groups={groups}) and the maps move channels across its blocks; "
-                          "align with block-structured maps (use --solver emd and parents of one width)")
+        raise OtfuseError(
+            f"{what} is a grouped conv (groups={groups}) and the maps move channels across its blocks; "
+            "align with block-structured maps (use --solver emd and parents of one width)"
+        )
     return torch.cat(blocks)
 
 
@@ -216,8 +226,13 @@ def tensor_key(mem: Member) -> str:
     return f"{mem.module}.{mem.tensor}" if mem.module else mem.tensor
 
 
-def carry(model: nn.Module, groups: list[ChannelGroup], maps: dict[str, ChannelMap],
-          into: nn.Module | None = None, into_groups: list[ChannelGroup] | None = None) -> nn.Module:
+def carry(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    maps: dict[str, ChannelMap],
+    into: nn.Module | None = None,
+    into_groups: list[ChannelGroup] | None = None,
+) -> nn.Module:
     """A copy of `into` (default: of `model`) holding `model`'s tensors carried through one map per group.
 
     `groups` are `model`'s groups; `into_groups` are the target's (default: the same), matched by name.
@@ -325,8 +340,10 @@ def carry_outputs(t: torch.Tensor, axis: int, parts: list[tuple[torch.Tensor, Ch
         index, m = parts[0]
         return mix_positions(t, axis, index, m)
     if any(m.n_target != m.n_source for _, m in parts):
-        raise OtfuseError("a layer whose outputs span several channel groups (a depthwise conv after a concatenation) "
-                          "can be fused at its own width only; leave --width out")
+        raise OtfuseError(
+            "a layer whose outputs span several channel groups (a depthwise conv after a concatenation) "
+            "can be fused at its own width only; leave --width out"
+        )
     out = t
     for index, m in parts:  # each group's positions, from the original activations
         out = out.index_copy(axis, index.reshape(-1).to(t.device), mix_positions(t, axis, index, m))
@@ -343,7 +360,7 @@ def permute(model: nn.Module, groups: list[ChannelGroup], perms: dict[str, torch
 
 EXACT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative output error of a permuted copy that refuses a grouping
 EXACT_FLOAT64_PARAMS = 100_000_000  # above this many parameters the check runs in float32: two float64 copies of
-                                    # regnet_y_128gf (644M) and its trace do not fit in 24 GB
+# regnet_y_128gf (644M) and its trace do not fit in 24 GB
 
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float = 300.0) -> list[ChannelGroup]:
@@ -368,8 +385,10 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
         with torch.no_grad():
             want = probe(probe_x)
     except Exception as exc:  # a model that cannot be copied, or run with random weights
-        raise OtfuseError(f"{type(model).__name__}: otfuse cannot check its channel groups on a random-weight copy "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); it cannot fuse this model") from None
+        raise OtfuseError(
+            f"{type(model).__name__}: otfuse cannot check its channel groups on a random-weight copy "
+            f"({type(exc).__name__}: {' '.join(str(exc).split()[:12])}); it cannot fuse this model"
+        ) from None
     with torch.no_grad():
         if _breaks(probe, groups, probe_x, want) is None:
             return
@@ -378,17 +397,25 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
         culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, family(g), probe_x, want)] if w is not None), (groups[0], ""))
     where = ", ".join(sorted({m.module for m in culprit.members}))[:200]
     if why:
-        raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} "
-                          f"({where}) fails ({why}): the layout between these layers is one otfuse does not follow; it "
-                          "cannot fuse this model")
+        raise OtfuseError(
+            channel_rearrangement(model, x)
+            or f"{type(model).__name__}: permuting channel group {culprit.name} "
+            f"({where}) fails ({why}): the layout between these layers is one otfuse does not follow; it "
+            "cannot fuse this model"
+        )
     parametrized = sorted({m.module.partition(".parametrizations.")[0] for m in culprit.members if ".parametrizations." in m.module})
     if parametrized:
-        raise OtfuseError(f"{type(model).__name__}: module {parametrized[0]}'s parametrised weight does not commute with permuting "
-                          "its channels (an orthogonal or other coupling parametrisation), so it cannot be permuted exactly; "
-                          "remove it (torch.nn.utils.parametrize.remove_parametrizations) before fusing")
-    raise OtfuseError(channel_rearrangement(model, x) or f"{type(model).__name__}: permuting channel group {culprit.name} ({where}) "
-                      "changes what the model computes, so the layout between these layers (a channel split, shuffle or "
-                      "reshape otfuse does not follow) cannot be permuted exactly; otfuse refuses it rather than fuse it wrongly")
+        raise OtfuseError(
+            f"{type(model).__name__}: module {parametrized[0]}'s parametrised weight does not commute with permuting "
+            "its channels (an orthogonal or other coupling parametrisation), so it cannot be permuted exactly; "
+            "remove it (torch.nn.utils.parametrize.remove_parametrizations) before fusing"
+        )
+    raise OtfuseError(
+        channel_rearrangement(model, x)
+        or f"{type(model).__name__}: permuting channel group {culprit.name} ({where}) "
+        "changes what the model computes, so the layout between these layers (a channel split, shuffle or "
+        "reshape otfuse does not follow) cannot be permuted exactly; otfuse refuses it rather than fuse it wrongly"
+    )
 
 
 def _breaks(probe: nn.Module, groups: list[ChannelGroup], x: torch.Tensor, want: torch.Tensor) -> str | None:

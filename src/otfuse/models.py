@@ -14,7 +14,7 @@ downloaded); timm models have no width knob, so their width is recorded as 0.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ REGISTRY: dict[str, Callable[[int, int, int, int], nn.Module]] = {}
 
 def register(name: str):
     """Add an architecture: `@register("name")` on a function (width, in_channels, num_classes, image_size) -> nn.Module."""
+
     def wrap(fn: Callable[[int, int, int, int], nn.Module]) -> Callable[[int, int, int, int], nn.Module]:
         REGISTRY[name] = fn
         return fn
@@ -44,19 +45,22 @@ def check_arch(arch: str) -> None:
 
 def build_model(arch: str, width: int = 64, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Module:
     if arch.startswith(TIMM):
-        return timm_model(arch[len(TIMM):], width, in_channels, num_classes)
+        return timm_model(arch[len(TIMM) :], width, in_channels, num_classes)
     check_arch(arch)
     if width < 1 or in_channels < 1 or num_classes < 2 or image_size < 1:
-        raise OtfuseError(f"width {width}, in_channels {in_channels}, num_classes {num_classes}, image_size {image_size}: "
-                          "need width>=1, in_channels>=1, num_classes>=2, image_size>=1")
+        raise OtfuseError(
+            f"width {width}, in_channels {in_channels}, num_classes {num_classes}, image_size {image_size}: "
+            "need width>=1, in_channels>=1, num_classes>=2, image_size>=1"
+        )
     return REGISTRY[arch](width, in_channels, num_classes, image_size)
 
 
 def model_from_meta(meta: dict, width: int | None = None) -> nn.Module:
     """A fresh model of the architecture checkpoint metadata `meta` names (at `width`, default its own); checkpoints
     written before the image size was recorded hold 32 px CNNs, which ignore it."""
-    return build_model(meta["arch"], meta["width"] if width is None else width, meta["in_channels"], meta["num_classes"],
-                       int(meta.get("image_size", 32)))
+    return build_model(
+        meta["arch"], meta["width"] if width is None else width, meta["in_channels"], meta["num_classes"], int(meta.get("image_size", 32))
+    )
 
 
 def timm_model(name: str, width: int, in_channels: int, num_classes: int) -> nn.Module:
@@ -215,6 +219,8 @@ def vit(width: int, in_channels: int, num_classes: int, image_size: int = 32) ->
     """A small ViT: `width` channels, 6 blocks, one head per 16 channels (at least one)."""
     heads = max(1, width // 16)
     if width % heads:
-        raise OtfuseError(f"--width {width}: vit gives one attention head per 16 channels ({heads} heads), which must divide "
-                          "the width; use a multiple of 16")
+        raise OtfuseError(
+            f"--width {width}: vit gives one attention head per 16 channels ({heads} heads), which must divide "
+            "the width; use a multiple of 16"
+        )
     return ViT(width, in_channels, num_classes, image_size, patch_size(image_size), depth=6, num_heads=heads)

@@ -19,9 +19,10 @@ import inspect
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from otfuse.errors import OtfuseError
 
@@ -77,8 +78,14 @@ def options_of(cls, prefix: str = "", path: tuple[str, ...] = ()) -> list[Option
     return out
 
 
-def add_options(parser: argparse.ArgumentParser, cls, defaults: dict | None = None, only_given: bool = False,
-                helps: dict[str, str] | None = None, exclude: Callable[[str], bool] = lambda _: False) -> None:
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls,
+    defaults: dict | None = None,
+    only_given: bool = False,
+    helps: dict[str, str] | None = None,
+    exclude: Callable[[str], bool] = lambda _: False,
+) -> None:
     """One --option per field, its help from the field's comment (or `helps`), except the names `exclude`
     accepts (options the command sets itself). With `only_given`, an option not written on the command
     line stays out of the parsed namespace, so a JSON file can fill it (help still shows the real default)."""
@@ -101,6 +108,7 @@ SEED_LIMIT = 2**32  # seeds are combined with epochs and batch numbers (seed * 1
 
 def _parser_of(o: Option):
     """The argparse type of an option: a bad value is one line naming the option."""
+
     def parse(text: str):
         try:
             value = o.kind(text)
@@ -113,6 +121,7 @@ def _parser_of(o: Option):
         if o.name.endswith("seed") and not 0 <= value < SEED_LIMIT:
             raise argparse.ArgumentTypeError(f"{text!r}: a seed is from 0 to {SEED_LIMIT - 1}")
         return value
+
     return parse
 
 

@@ -34,9 +34,11 @@ from otfuse.refit import refit, units
 from otfuse.report import accuracies
 
 INPUT = "input"  # the cut before the first layer: nothing merged
-MERGE_UNTIL_HELP = ("also report partial merges: the layers up to this module's output fused, each parent's later layers kept "
-                    "as a branch, their logits averaged; a module (e.g. layer3.1), several separated by commas, input, or all "
-                    "(every cut where one tensor flows); with their parameters and FLOPs (default: none)")
+MERGE_UNTIL_HELP = (
+    "also report partial merges: the layers up to this module's output fused, each parent's later layers kept "
+    "as a branch, their logits averaged; a module (e.g. layer3.1), several separated by commas, input, or all "
+    "(every cut where one tensor flows); with their parameters and FLOPs (default: none)"
+)
 
 
 class PartialMerge(nn.Module):
@@ -68,8 +70,10 @@ def _graph(model: nn.Module, cut: str) -> fx.Graph:
     try:
         return _CutTracer(cut).trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, NotImplementedError) on data-dependent code
-        raise OtfuseError(f"--merge-until {cut}: {type(model).__name__} cannot be traced by torch.fx "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split()[:10])}); partial merging needs a traceable model") from None
+        raise OtfuseError(
+            f"--merge-until {cut}: {type(model).__name__} cannot be traced by torch.fx "
+            f"({type(exc).__name__}: {' '.join(str(exc).split()[:10])}); partial merging needs a traceable model"
+        ) from None
 
 
 def split_graph(model: nn.Module, cut: str) -> tuple[fx.Graph, fx.Graph | None]:
@@ -80,16 +84,20 @@ def split_graph(model: nn.Module, cut: str) -> tuple[fx.Graph, fx.Graph | None]:
     at = [n for n in nodes if n.op == "call_module" and n.target == cut]
     if cut != INPUT and len(at) != 1:
         known = ", ".join(n for n, _ in model.named_modules() if n and n.count(".") <= 1)
-        raise OtfuseError(f"--merge-until {cut}: {'no module of that name runs' if not at else 'that module runs more than once'} "
-                          f"in the model; choose a module called once, e.g. one of {known[:200]}")
+        raise OtfuseError(
+            f"--merge-until {cut}: {'no module of that name runs' if not at else 'that module runs more than once'} "
+            f"in the model; choose a module called once, e.g. one of {known[:200]}"
+        )
     cut_node = next(n for n in nodes if n.op == "placeholder") if cut == INPUT else at[0]
     before = set(nodes[: nodes.index(cut_node) + 1])
-    after = nodes[nodes.index(cut_node) + 1:]
+    after = nodes[nodes.index(cut_node) + 1 :]
     for n in after:
         crossing = [a for a in n.all_input_nodes if a in before and a is not cut_node and a.op != "get_attr"]
         if crossing:
-            raise OtfuseError(f"--merge-until {cut}: {crossing[0].name} crosses the cut beside its output (a skip connection?); "
-                              "cut where one tensor flows, e.g. at a block's output")
+            raise OtfuseError(
+                f"--merge-until {cut}: {crossing[0].name} crosses the cut beside its output (a skip connection?); "
+                "cut where one tensor flows, e.g. at a block's output"
+            )
     stem = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for n in nodes[: nodes.index(cut_node) + 1]:
@@ -128,8 +136,9 @@ def partial_merge(fusion: Fusion, cut: str, images: torch.Tensor, norm: tuple) -
     return PartialMerge(stem, made, fusion.weights).eval()
 
 
-def _refit_tail(fused: nn.Module, parent: nn.Module, tail_graph: fx.Graph, images: torch.Tensor, norm: tuple, cfg: FuseConfig,
-                precision: Precision) -> nn.Module:
+def _refit_tail(
+    fused: nn.Module, parent: nn.Module, tail_graph: fx.Graph, images: torch.Tensor, norm: tuple, cfg: FuseConfig, precision: Precision
+) -> nn.Module:
     """The fused model with `parent`'s layers after the cut, those refit so that, fed the fused stem's outputs, each
     reproduces the parent's own output (the parent's weights anchor the ridge)."""
     hybrid = copy.deepcopy(fused)
@@ -196,8 +205,16 @@ def chosen_cuts(model: nn.Module, text: str) -> list[str]:
     return cuts
 
 
-def partial_rows(fusion: Fusion, cuts: list[str], images: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm: tuple,
-                 tasks: list[tuple[int, ...]] | None = None, progress: bool = False) -> list[dict]:
+def partial_rows(
+    fusion: Fusion,
+    cuts: list[str],
+    images: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: tuple,
+    tasks: list[tuple[int, ...]] | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """One row per cut: its parameters and FLOPs (also as multiples of one parent's), seconds to build, and its joint
     (and per-task) accuracy on (x, y), in the fusion's precision."""
     one = cost(fusion.parents[0], normalize(x[:1], norm).to(next(fusion.fused.parameters()).device))
@@ -208,9 +225,13 @@ def partial_rows(fusion: Fusion, cuts: list[str], images: torch.Tensor, x: torch
         seconds = time.perf_counter() - t0
         c = cost(merged, normalize(x[:1], norm).to(next(merged.parameters()).device))
         acc = accuracies("accuracy", logits(merged, x, norm, precision=fusion.precision), y, tasks)
-        rows.append({"cut": cut, **c, "params_x": c["params"] / one["params"], "flops_x": c["flops"] / one["flops"],
-                     "seconds": seconds, **acc})
+        rows.append(
+            {"cut": cut, **c, "params_x": c["params"] / one["params"], "flops_x": c["flops"] / one["flops"], "seconds": seconds, **acc}
+        )
         if progress:
-            print(f"merged until {cut:<10} params x{rows[-1]['params_x']:.2f}  flops x{rows[-1]['flops_x']:.2f}  "
-                  + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+            print(
+                f"merged until {cut:<10} params x{rows[-1]['params_x']:.2f}  flops x{rows[-1]['flops_x']:.2f}  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()),
+                flush=True,
+            )
     return rows

@@ -67,8 +67,15 @@ def finetune_figure(rows: list[dict], title: str):
     for start, recipe in dict.fromkeys((r["start"], r["recipe"]) for r in val if r["start"] != "ensemble"):
         pts = sorted((int(r["epoch"]), float(r["acc"])) for r in val if (r["start"], r["recipe"]) == (start, recipe))
         # one colour per start, one line style per recipe
-        ax.plot(*zip(*pts), "--" if recipe == "distill" else "-", color=f"C{starts.index(start)}", marker="o", ms=4,
-                lw=2.2 if start == "fused" else 1.2, label=f"{start}, {recipe} recipe")
+        ax.plot(
+            *zip(*pts),
+            "--" if recipe == "distill" else "-",
+            color=f"C{starts.index(start)}",
+            marker="o",
+            ms=4,
+            lw=2.2 if start == "fused" else 1.2,
+            label=f"{start}, {recipe} recipe",
+        )
     for r in val:
         if r["start"] == "ensemble":
             ax.axhline(float(r["acc"]), color="black", ls=":", lw=1, label="ensemble of the parents")
@@ -87,7 +94,14 @@ def partial_figure(rows: list[dict], lines: dict[str, float], title: str):
     models in `lines` (e.g. each parent, their ensemble) as horizontal lines."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     pts = sorted((float(r["flops_x"]), float(r["accuracy"]), r["cut"]) for r in rows)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", marker="o", ms=4, label="merged up to the cut, then one branch per parent")
+    ax.plot(
+        [p[0] for p in pts],
+        [p[1] for p in pts],
+        color="tab:blue",
+        marker="o",
+        ms=4,
+        label="merged up to the cut, then one branch per parent",
+    )
     for fx_, acc, cut in pts:
         ax.annotate(cut, (fx_, acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
     for i, (label, value) in enumerate(lines.items()):
@@ -107,9 +121,13 @@ def many_figure(rows: list[dict], title: str):
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     rows = sorted(rows, key=lambda r: int(r["k"]))
     k = [int(r["k"]) for r in rows]
-    for column, style, label in (("ensemble", "k--", "ensemble of the same models"), ("parent_best", "C2:", "best parent"),
-                                 ("parent_mean", "C2-", "parents' mean"), ("fused", "C0-", "fused into one model"),
-                                 ("vanilla_refit", "C7-", "vanilla average + refit")):
+    for column, style, label in (
+        ("ensemble", "k--", "ensemble of the same models"),
+        ("parent_best", "C2:", "best parent"),
+        ("parent_mean", "C2-", "parents' mean"),
+        ("fused", "C0-", "fused into one model"),
+        ("vanilla_refit", "C7-", "vanilla average + refit"),
+    ):
         ax.plot(k, [float(r[column]) for r in rows], style, marker="o", ms=4, lw=2.2 if column == "fused" else 1.2, label=label)
     ax.set_xlabel("models fused")
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -43,6 +43,8 @@ class Precision(str, enum.Enum):
 
     def __hash__(self) -> int:  # equal to its name, so hashed as it: ("row", Precision.BF16) finds ("row", "bf16")
         return hash(self.value)
+
+
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags of native bf16 dot products
 
 

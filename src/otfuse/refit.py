@@ -84,6 +84,7 @@ def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None
         def fn(out: torch.Tensor) -> None:
             order.append(name)
             made[id(out)] = (name, out)
+
         return fn
 
     def record_norm(name: str):
@@ -91,6 +92,7 @@ def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None
             hit = made.get(id(x))
             if hit is not None and hit[1] is x:
                 norm_of.setdefault(hit[0], name)
+
         return fn
 
     taps = [(n, "output", record_layer(n)) for n, m in model.named_modules() if _refittable(m)]
@@ -204,18 +206,21 @@ def _write_weight(m: nn.Module, layer: str, w: torch.Tensor) -> None:
     try:
         m.weight = w
     except Exception as exc:
-        raise OtfuseError(f"the refit cannot write module {layer}'s parametrised weight ({type(exc).__name__}: {exc}); "
-                          "fuse with --no-refit") from None
+        raise OtfuseError(
+            f"the refit cannot write module {layer}'s parametrised weight ({type(exc).__name__}: {exc}); fuse with --no-refit"
+        ) from None
     if not torch.allclose(m.weight, w, rtol=1e-4, atol=1e-6 * float(w.abs().max())):
-        raise OtfuseError(f"the refit cannot write module {layer}'s parametrised weight: its parametrisation does not give back "
-                          "the fitted weight (spectral norm rescales it); fuse with --no-refit")
+        raise OtfuseError(
+            f"the refit cannot write module {layer}'s parametrised weight: its parametrisation does not give back "
+            "the fitted weight (spectral norm rescales it); fuse with --no-refit"
+        )
 
 
 def _batches(sample: torch.Tensor, norm: tuple, cfg: RefitConfig, device: torch.device) -> list[torch.Tensor]:
     """The refit's batches, the same for every model (augmented with a fixed draw where asked), as uint8 slices."""
     out = []
     for i, start in enumerate(range(0, len(sample), cfg.batch_size)):
-        xb = sample[start:start + cfg.batch_size]
+        xb = sample[start : start + cfg.batch_size]
         if cfg.augment:
             xb = augment_batch(xb, torch.Generator().manual_seed(cfg.seed * 100_003 + i), max(1, xb.shape[-1] // 8))
         out.append(xb)
@@ -267,11 +272,15 @@ class _Stream:
                 self.go.acquire()
                 if self.stop:
                     raise _Stopped
+
             return fn
 
         try:
-            with torch.no_grad(), autocast(self.precision, self.x.device), \
-                    tapping(self.model, [(name, where, tap(key)) for key, name, where in self.taps]):
+            with (
+                torch.no_grad(),
+                autocast(self.precision, self.x.device),
+                tapping(self.model, [(name, where, tap(key)) for key, name, where in self.taps]),
+            ):
                 self.model(channels_last(self.x, self.precision))
         except _Stopped:
             pass
@@ -340,9 +349,9 @@ def _accumulate(layer: nn.Module, x: torch.Tensor, t: torch.Tensor, idx: torch.T
     t = t.reshape(n, -1, t.shape[-1])
     step = max(1, CHUNK_ELEMENTS // (t.shape[1] * _fan_in(layer)))
     for i0 in range(0, n, step):
-        xi = _input_rows(layer, x[i0:i0 + step], None if idx is None else idx[i0:i0 + step]).float()
+        xi = _input_rows(layer, x[i0 : i0 + step], None if idx is None else idx[i0 : i0 + step]).float()
         xi = xi.reshape(len(xi), g, -1)
-        ti = t[i0:i0 + step].reshape(len(xi), g, -1)
+        ti = t[i0 : i0 + step].reshape(len(xi), g, -1)
         # products in single precision (the big part), sums over chunks in double; the intercept's
         # row and column are the sums of the inputs and targets, not a column of ones multiplied out
         k, sx, st = xi.shape[2], xi.sum(0).double(), ti.sum(0).double()
@@ -358,8 +367,16 @@ def _accumulate(layer: nn.Module, x: torch.Tensor, t: torch.Tensor, idx: torch.T
         sums[1] = cross if sums[1] is None else sums[1] + cross
 
 
-def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], layer: str, bn: str | None,
-           gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> None:
+def _solve(
+    fused: nn.Module,
+    parents: list[nn.Module],
+    weights: list[float],
+    layer: str,
+    bn: str | None,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    ridge: float,
+) -> None:
     """Ridge least squares of one unit, pulled towards the parents' averaged unit, written into `fused`."""
     mod = fused.get_submodule(layer)
     g = _groups(mod)
@@ -377,18 +394,28 @@ def _solve(fused: nn.Module, parents: list[nn.Module], weights: list[float], lay
     except RuntimeError:  # torch.linalg.LinAlgError: singular without a ridge
         fit = None
     if fit is None or not torch.isfinite(fit).all():
-        raise OtfuseError(f"the refit of layer {layer} is singular (its inputs are linearly dependent on these images, "
-                          f"ridge {ridge:g}); give --refit-ridge above 0 or --no-refit")
+        raise OtfuseError(
+            f"the refit of layer {layer} is singular (its inputs are linearly dependent on these images, "
+            f"ridge {ridge:g}); give --refit-ridge above 0 or --no-refit"
+        )
     if k < n:
         fit = torch.cat([fit, torch.zeros_like(fit[:, :, :1])], 2)
     _set_unit(fused, layer, bn, fit.reshape(-1, n).to(mod.weight.device), gram.to(mod.weight.device))
 
 
 @torch.no_grad()
-def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], images: torch.Tensor, norm: tuple,
-          cfg: RefitConfig, precision: Precision, progress: bool = False,
-          sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
-          layers: set[str] | None = None) -> nn.Module:
+def refit(
+    fused: nn.Module,
+    parents: list[nn.Module],
+    weights: list[float],
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: RefitConfig,
+    precision: Precision,
+    progress: bool = False,
+    sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
+    layers: set[str] | None = None,
+) -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
     `parents` must already be carried onto the fused model's channels: their averaged units are the
@@ -426,6 +453,7 @@ def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], imag
             if layer in carried:
                 rows = carry_outputs(rows, 2, carried[layer])
             return rows.reshape(-1, rows.shape[2])
+
         return fn
 
     target_taps = [(ui, bn or layer, "output") for ui, (layer, bn) in enumerate(todo)]
@@ -435,8 +463,7 @@ def refit(fused: nn.Module, parents: list[nn.Module], weights: list[float], imag
     for m, carried in teachers:
         distinct.append((copy.deepcopy(m) if id(m) in seen or m is fused else m, carried))
         seen.add(id(m))
-    targets = [[_Stream(m, xb, target_taps, target_of(carried, bi), precision) for bi, xb in enumerate(raw)]
-               for m, carried in distinct]
+    targets = [[_Stream(m, xb, target_taps, target_of(carried, bi), precision) for bi, xb in enumerate(raw)] for m, carried in distinct]
     inputs = [_Stream(fused, xb, input_taps, lambda _k, x: x, precision) for xb in raw]
     try:
         for ui, (layer, bn) in enumerate(tqdm(todo, desc="refit", disable=True if not progress else None, leave=False)):

@@ -21,20 +21,45 @@ from otfuse.evaluate import accuracy_of_logits, agreement, ensemble_of_logits, l
 from otfuse.fusion import FuseConfig, Fusion, fuse, timed
 
 # every accuracy column a fusion table may hold, in table order
-COLUMNS = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_no_bn", "fused_average",
-           "fused", "fused_repair", "agree_model1", "agree_model2")
+COLUMNS = (
+    "model1",
+    "model2",
+    "ensemble",
+    "vanilla",
+    "vanilla_bn",
+    "vanilla_refit",
+    "fused_no_bn",
+    "fused_average",
+    "fused",
+    "fused_repair",
+    "agree_model1",
+    "agree_model2",
+)
 
 
-def fusion_table(models: list[nn.Module], data: ImageData, cfg: FuseConfig, split: str = "test", progress: bool = False,
-                 with_baselines: bool = True, target: nn.Module | None = None,
-                 tasks: list[tuple[int, ...]] | None = None) -> tuple[Fusion, dict[str, float]]:
+def fusion_table(
+    models: list[nn.Module],
+    data: ImageData,
+    cfg: FuseConfig,
+    split: str = "test",
+    progress: bool = False,
+    with_baselines: bool = True,
+    target: nn.Module | None = None,
+    tasks: list[tuple[int, ...]] | None = None,
+) -> tuple[Fusion, dict[str, float]]:
     """(the fusion, its accuracies on `split`): `fuse`, then `table`."""
     fusion = fuse(models, data.train_x, data.norm, cfg, target=target, progress=progress)
     return fusion, table(fusion, data, split, progress, with_baselines, tasks)
 
 
-def table(fusion: Fusion, data: ImageData, split: str = "test", progress: bool = False,
-          with_baselines: bool = True, tasks: list[tuple[int, ...]] | None = None) -> dict[str, float]:
+def table(
+    fusion: Fusion,
+    data: ImageData,
+    split: str = "test",
+    progress: bool = False,
+    with_baselines: bool = True,
+    tasks: list[tuple[int, ...]] | None = None,
+) -> dict[str, float]:
     """The accuracies on `split` of every model of `fusion.columns(with_baselines)`, of the parents and
     their ensemble, and the fused model's agreement with each parent's predictions (%); with `tasks` (each
     parent's classes) also each one's per-task accuracy. Seconds per phase go to `fusion.seconds`."""

@@ -22,11 +22,18 @@ from otfuse.storage import atomic_write_csv, atomic_write_text
 KEY = ("dataset", "arch", "width", "widths", "seeds")  # width: the fused model's; widths: its parents'
 SPLIT_KEY = (*KEY, "parts", "method", "fusion_data")  # results/split-<dataset>.csv: parties, by their parts and fusion data
 # the split table's models: (CSV column, header); "permute" is the aligned average with BatchNorm recomputed
-SPLIT_COLUMNS = (("model1", "Model 1"), ("model2", "Model 2"), ("ensemble", "Ensemble"), ("vanilla_bn", "Vanilla + BN"),
-                 ("vanilla_refit", "Vanilla + refit"), ("fused_average", "Permute"), ("fused_repair", "+ REPAIR"), ("fused", "Fused"))
+SPLIT_COLUMNS = (
+    ("model1", "Model 1"),
+    ("model2", "Model 2"),
+    ("ensemble", "Ensemble"),
+    ("vanilla_bn", "Vanilla + BN"),
+    ("vanilla_refit", "Vanilla + refit"),
+    ("fused_average", "Permute"),
+    ("fused_repair", "+ REPAIR"),
+    ("fused", "Fused"),
+)
 
-PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation", "finetune",
-          "finetune_distill")
+PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation", "finetune", "finetune_distill")
 
 
 def bench_stem(meta: dict, data: ImageData) -> str:
@@ -69,8 +76,13 @@ def fusion_row(dataset: str, meta: dict, seeds: list, method: str, acc: dict, se
 def split_row(row: dict, parts: list[str], fusion_data: str, acc: dict[str, float]) -> dict:
     """A results/split-<dataset>.csv row: `row` (fusion_row's) with the parents' parts, the fusion data, and every
     joint and per-task accuracy."""
-    return {**{k: v for k, v in row.items() if k != "options"}, "parts": "+".join(parts), "fusion_data": fusion_data,
-            **{k: f"{v:.2f}" for k, v in acc.items()}, "options": row["options"]}
+    return {
+        **{k: v for k, v in row.items() if k != "options"},
+        "parts": "+".join(parts),
+        "fusion_data": fusion_data,
+        **{k: f"{v:.2f}" for k, v in acc.items()},
+        "options": row["options"],
+    }
 
 
 def split_summary(results_dir: Path) -> list[str]:
@@ -79,11 +91,27 @@ def split_summary(results_dir: Path) -> list[str]:
     rows = [r for path in sorted(results_dir.glob("split-*.csv")) for r in read_rows(path)]
     if not rows:
         return []
-    head = ["Dataset", "Model", "Parts", "Fusion data", "Method", "Pairs", *[h for _, h in SPLIT_COLUMNS], "Fused per task", "Fused / ensemble"]
-    lines = ["", "## Parents trained on parts of the data", "",
-             "Joint test accuracy (%, every class), mean over the fused pairs; per task: each parent's classes' images, "
-             "argmax within them. Permute: the aligned average with BatchNorm recomputed.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    head = [
+        "Dataset",
+        "Model",
+        "Parts",
+        "Fusion data",
+        "Method",
+        "Pairs",
+        *[h for _, h in SPLIT_COLUMNS],
+        "Fused per task",
+        "Fused / ensemble",
+    ]
+    lines = [
+        "",
+        "## Parents trained on parts of the data",
+        "",
+        "Joint test accuracy (%, every class), mean over the fused pairs; per task: each parent's classes' images, "
+        "argmax within them. Permute: the aligned average with BatchNorm recomputed.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["arch"], r["width"], r["parts"], r["fusion_data"], r["method"]), []).append(r)
@@ -121,18 +149,28 @@ def write_summary(results_dir: Path) -> Path:
     cols += [(f"{_short(m)}, average only", m, "fused_average") for m in methods if any(r.get("fused_average") for r in rows_of(m))]
     cols += [(f"{_short(m)} + REPAIR", m, "fused_repair") for m in methods if any(r.get("fused_repair") for r in rows_of(m))]
     epochs = sorted({r.get("finetune_epochs") for m in methods for r in rows_of(m) if r.get("fused_ft")})
-    cols += [(f"{_short(m)} + {'/'.join(epochs)} ep fine-tuning", m, "fused_ft") for m in methods if any(r.get("fused_ft") for r in rows_of(m))]
-    cols += [(f"{_short(m)} + {'/'.join(epochs)} ep distillation", m, "fused_ft_distill") for m in methods
-             if any(r.get("fused_ft_distill") for r in rows_of(m))]
+    cols += [
+        (f"{_short(m)} + {'/'.join(epochs)} ep fine-tuning", m, "fused_ft") for m in methods if any(r.get("fused_ft") for r in rows_of(m))
+    ]
+    cols += [
+        (f"{_short(m)} + {'/'.join(epochs)} ep distillation", m, "fused_ft_distill")
+        for m in methods
+        if any(r.get("fused_ft_distill") for r in rows_of(m))
+    ]
     refit_col = [("Vanilla + refit", "vanilla_refit")] if any(r.get("vanilla_refit") for m in methods for r in rows_of(m)) else []
     head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [c[0] for c in cols] + ["Ensemble", "Vanilla", "Vanilla + BN"]
     head += [h for h, _ in refit_col]
-    lines = ["# Fusion results", "",
-             "Test accuracy (%), mean over the fused pairs. A method's own column is the fusion with the options "
-             "it ran with (by default: aligned average, BatchNorm recomputed, then the layer-wise refit); "
-             "\"average only\" is the aligned average with BatchNorm recomputed; \"+ REPAIR\" is that with REPAIR "
-             "instead of the refit. No fine-tuning except in the fine-tuning columns.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        "# Fusion results",
+        "",
+        "Test accuracy (%), mean over the fused pairs. A method's own column is the fusion with the options "
+        "it ran with (by default: aligned average, BatchNorm recomputed, then the layer-wise refit); "
+        '"average only" is the aligned average with BatchNorm recomputed; "+ REPAIR" is that with REPAIR '
+        "instead of the refit. No fine-tuning except in the fine-tuning columns.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     mean = lambda rows, k: f"{sum(float(r[k]) for r in rows) / len(rows):.2f}" if rows and all(r.get(k) for r in rows) else "-"
     for (dataset, arch, width, widths), runs in sorted(by_model.items()):
         any_rows = next(iter(runs.values()))

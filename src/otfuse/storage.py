@@ -21,9 +21,10 @@ import io
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -65,8 +66,9 @@ def writable_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def check_outputs(outputs: dict[str, str | Path], inputs: dict[str, str | Path], overwrite: bool = False,
-                  own: Callable[[Path], bool] = lambda _: False) -> None:
+def check_outputs(
+    outputs: dict[str, str | Path], inputs: dict[str, str | Path], overwrite: bool = False, own: Callable[[Path], bool] = lambda _: False
+) -> None:
     """Refuse, before any work, an output (`{what: path}`) that is an input (`{what: path}`: checkpoints, the
     config), another output of the same run, or an existing file that is neither this command's earlier
     result for the same inputs (`own(path)`) nor replaceable by `overwrite`."""
@@ -84,8 +86,10 @@ def check_outputs(outputs: dict[str, str | Path], inputs: dict[str, str | Path],
             raise OtfuseError(f"{what} {path} is also {seen[key]} of this run; choose paths that differ")
         seen[key] = what
         if p.exists() and not overwrite and not own(p):
-            raise OtfuseError(f"{what} {path} already exists and is not this command's earlier result for these inputs; "
-                              "choose a new path, or add --overwrite to replace it")
+            raise OtfuseError(
+                f"{what} {path} already exists and is not this command's earlier result for these inputs; "
+                "choose a new path, or add --overwrite to replace it"
+            )
 
 
 @contextmanager
@@ -112,8 +116,10 @@ def _locked(path: Path) -> Iterator[None]:
             except (OSError, ValueError):
                 pid = 0
             if pid and pid != os.getpid() and _alive(pid):
-                raise OtfuseError(f"{path} is being written by another otfuse process (pid {pid}); wait for it to finish "
-                                  f"or choose another output path (a lock left by a crash: remove {lock})") from None
+                raise OtfuseError(
+                    f"{path} is being written by another otfuse process (pid {pid}); wait for it to finish "
+                    f"or choose another output path (a lock left by a crash: remove {lock})"
+                ) from None
             lock.unlink(missing_ok=True)  # stale: its process is gone
     else:
         raise OtfuseError(f"cannot take the lock {lock} for {path}; remove it if no otfuse process is running")
@@ -203,11 +209,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise OtfuseError(f"cannot write {path} ({exc.strerror}); free space or choose another path "
-                              "(nothing was written there)") from None
+            raise OtfuseError(
+                f"cannot write {path} ({exc.strerror}); free space or choose another path (nothing was written there)"
+            ) from None
         if isinstance(exc, RuntimeError) and ("file write failed" in str(exc) or "No space left" in str(exc)):
-            raise OtfuseError(f"cannot write {path} (no space left on the device); free space or choose another path "
-                              "(nothing was written there)") from None
+            raise OtfuseError(
+                f"cannot write {path} (no space left on the device); free space or choose another path (nothing was written there)"
+            ) from None
         raise
 
 
@@ -229,8 +237,10 @@ def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
             raise
         text = str(exc)
         if "Weights only load failed" in text and ("GLOBAL" in text or "global" in text):
-            raise OtfuseError(f"{what} {path} holds objects other than tensors and plain data, which otfuse does not load "
-                              "(they could run code); give a checkpoint written by otfuse") from None
+            raise OtfuseError(
+                f"{what} {path} holds objects other than tensors and plain data, which otfuse does not load "
+                "(they could run code); give a checkpoint written by otfuse"
+            ) from None
         if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text or isinstance(exc, EOFError):
             reason = "not a complete PyTorch file"
         elif "Weights only load failed" in text:

@@ -106,8 +106,9 @@ def restrict(data: ImageData, part: Subset | None) -> ImageData:
     if part is None:
         return data
     keep_train, keep_val = mask(data.train_y, part, 0), mask(data.val_y, part, 1)
-    return replace(data, train_x=data.train_x[keep_train], train_y=data.train_y[keep_train],
-                   val_x=data.val_x[keep_val], val_y=data.val_y[keep_val])
+    return replace(
+        data, train_x=data.train_x[keep_train], train_y=data.train_y[keep_train], val_x=data.val_x[keep_val], val_y=data.val_y[keep_val]
+    )
 
 
 def union_mask(y: torch.Tensor, parts: list[Subset | None], salt: int = 0) -> torch.Tensor:
@@ -129,8 +130,7 @@ def per_class(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
 
 def check_bias(bias: float) -> None:
     if not (math.isfinite(bias) and 0 < bias <= 1):
-        raise OtfuseError(f"--bias {bias} must be above 0 and at most 1 (the listed classes' share of their images; "
-                          "1: those classes only)")
+        raise OtfuseError(f"--bias {bias} must be above 0 and at most 1 (the listed classes' share of their images; 1: those classes only)")
 
 
 FUSION_DATA = re.compile(r"^(?:union|model(?P<k>[1-9]\d*)|(?P<n>[1-9]\d*)-per-class)$")
@@ -140,8 +140,10 @@ def check_fusion_data(spec: str, n_models: int | None = None) -> None:
     """`union`, `model<k>` or `<N>-per-class`; one clear error otherwise."""
     m = FUSION_DATA.match(spec)
     if not m:
-        raise OtfuseError(f"--fusion-data {spec!r}: give union (what the parents trained on together), model<k> (the k-th "
-                          "parent's own images, e.g. model1) or <N>-per-class (e.g. 10-per-class)")
+        raise OtfuseError(
+            f"--fusion-data {spec!r}: give union (what the parents trained on together), model<k> (the k-th "
+            "parent's own images, e.g. model1) or <N>-per-class (e.g. 10-per-class)"
+        )
     if m.group("k") and n_models is not None and int(m.group("k")) > n_models:
         raise OtfuseError(f"--fusion-data {spec}: there are {n_models} parents; give model1 to model{n_models}")
 

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from otfuse.checkpoints import OPTIMIZERS, fused_from_fitted_parents, load_checkpoint, optimizer_of, pick_device, save_checkpoint, val_size_of
+from otfuse.checkpoints import (
+    OPTIMIZERS,
+    fused_from_fitted_parents,
+    load_checkpoint,
+    optimizer_of,
+    pick_device,
+    save_checkpoint,
+    val_size_of,
+)
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
@@ -94,9 +102,30 @@ class TrainConfig:
 
 
 # options that define a run: resuming with other values would make the checkpoint's metadata lie
-RUN_OPTIONS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "warmup", "optimizer", "momentum", "weight_decay",
-               "label_smoothing", "augment", "seed", "classes", "bias", "split_seed", "val_size", "init", "distill", "teachers",
-               "temperature", "distill_weight")
+RUN_OPTIONS = (
+    "dataset",
+    "arch",
+    "width",
+    "epochs",
+    "batch_size",
+    "lr",
+    "warmup",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "label_smoothing",
+    "augment",
+    "seed",
+    "classes",
+    "bias",
+    "split_seed",
+    "val_size",
+    "init",
+    "distill",
+    "teachers",
+    "temperature",
+    "distill_weight",
+)
 
 
 # Fine-tuning a fused model: a gentler peak, and no augmentation, which a single epoch does not need
@@ -121,6 +150,8 @@ def finetune_defaults(meta: dict) -> dict:
     if optimizer_of(meta) == "adamw":
         return FINETUNE_ADAMW
     return FINETUNE_FITTED if fused_from_fitted_parents(meta) else FINETUNE
+
+
 PROGRESS_EVERY = 20  # optimiser steps between progress-bar updates (each reads the running loss from the device)
 
 
@@ -177,12 +208,17 @@ def _check_paths(cfg: TrainConfig, path: Path) -> None:
     """The checkpoint and its per-epoch log (`path` with .csv) are two files, neither the --init checkpoint nor a
     teacher; an existing log is replaced only when it is an otfuse log (the checkpoint's own rules: _check_existing)."""
     if path.suffix == ".csv":
-        raise OtfuseError(f"checkpoint {path} ends in .csv, the name of its own per-epoch log, which would replace it "
-                          "every epoch; give a path ending in .pt")
+        raise OtfuseError(
+            f"checkpoint {path} ends in .csv, the name of its own per-epoch log, which would replace it "
+            "every epoch; give a path ending in .pt"
+        )
     teachers = {f"teacher {t}": t for t in cfg.teachers.split(",") if t.strip()} if cfg.distill else {}
-    check_outputs({"checkpoint": path, "the per-epoch log": path.with_suffix(".csv")},
-                  {"the checkpoint it starts from": cfg.init, **teachers}, overwrite=cfg.overwrite,
-                  own=lambda p: p.suffix == ".csv" and _is_log(p) or p == path)
+    check_outputs(
+        {"checkpoint": path, "the per-epoch log": path.with_suffix(".csv")},
+        {"the checkpoint it starts from": cfg.init, **teachers},
+        overwrite=cfg.overwrite,
+        own=lambda p: p.suffix == ".csv" and _is_log(p) or p == path,
+    )
 
 
 def _is_log(path: Path) -> bool:
@@ -203,8 +239,10 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     held_out = len(data.val_y)  # the validation split as the dataset holds it out, before the part restricts it
     data = restrict(data, part)  # train and validation splits follow the part; the test split stays whole (joint accuracy)
     if len(data.train_y) // cfg.batch_size < 1:
-        raise OtfuseError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
-                          "an epoch would take no step; use a smaller batch")
+        raise OtfuseError(
+            f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
+            "an epoch would take no step; use a smaller batch"
+        )
     teachers = _teachers(cfg, data) if cfg.distill else []
     if world > 1:
         device = _init_distributed(device, rank)
@@ -229,9 +267,22 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
         t0 = time.time()
         model.train()
         bar = tqdm(
-            batches(gpu_data.train_x, gpu_data.train_y, cfg.batch_size // world, data.norm, augment=data.augment and cfg.augment,
-                    seed=cfg.seed, epoch=epoch, rank=rank, world=world, drop_last=True),
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=True if not progress or rank != 0 else None, leave=False,
+            batches(
+                gpu_data.train_x,
+                gpu_data.train_y,
+                cfg.batch_size // world,
+                data.norm,
+                augment=data.augment and cfg.augment,
+                seed=cfg.seed,
+                epoch=epoch,
+                rank=rank,
+                world=world,
+                drop_last=True,
+            ),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=True if not progress or rank != 0 else None,
+            leave=False,
         )
         # running sums stay on the device: one host sync per epoch (and per progress update), not two per step
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -255,8 +306,12 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
             seen += len(yb)
             if not bar.disable and i % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(seen, 1), "train_acc": 100 * correct.item() / max(seen, 1),
-               "seconds": time.time() - t0}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "train_acc": 100 * correct.item() / max(seen, 1),
+            "seconds": time.time() - t0,
+        }
         if rank == 0:
             row["val_acc"] = accuracy(model, gpu_data.val_x, gpu_data.val_y, data.norm, precision) if len(data.val_y) else float("nan")
             if epoch + 1 == cfg.epochs:
@@ -280,8 +335,9 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     return path
 
 
-def _keep_better_start(model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_data: ImageData, precision: Precision,
-                       final_val: float, progress: bool) -> dict:
+def _keep_better_start(
+    model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_data: ImageData, precision: Precision, final_val: float, progress: bool
+) -> dict:
     """A fine-tune never ends below the model it started from on the validation split: when the start scores
     higher there, its weights replace the run's (the run's own curve stays in `history`). Returns the metadata
     to record: the start's validation accuracy, and, where the start was kept, its accuracies."""
@@ -292,13 +348,15 @@ def _keep_better_start(model: nn.Module, cfg: TrainConfig, data: ImageData, gpu_
     model.load_state_dict(start.state_dict())
     test = accuracy(model, gpu_data.test_x, gpu_data.test_y, data.norm, precision)
     if progress:
-        print(f"the start scores higher on the validation split ({start_val:.2f} against {final_val:.2f}): its weights are kept",
-              flush=True)
+        print(
+            f"the start scores higher on the validation split ({start_val:.2f} against {final_val:.2f}): its weights are kept", flush=True
+        )
     return {"start_val_acc": start_val, "kept_start": True, "val_acc": start_val, "test_acc": test}
 
 
-def finetune(init: str | Path, out: str | Path, data_dir: str, device: str = "auto", data: ImageData | None = None,
-             progress: bool = False, **changes) -> Path:
+def finetune(
+    init: str | Path, out: str | Path, data_dir: str, device: str = "auto", data: ImageData | None = None, progress: bool = False, **changes
+) -> Path:
     """Fine-tune checkpoint `init` with its `finetune_defaults` (and `changes`, e.g. epochs=2) into `out`;
     returns `out`. Dataset, architecture, width, validation split and seed come from the checkpoint."""
     return train(finetune_config(load_checkpoint(init)[1], init, out, data_dir=data_dir, device=device, **changes), data, progress)
@@ -306,8 +364,13 @@ def finetune(init: str | Path, out: str | Path, data_dir: str, device: str = "au
 
 def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) -> TrainConfig:
     """The fine-tuning run of the checkpoint with metadata `meta`: its `finetune_defaults`, then `changes`."""
-    from_ckpt = {"dataset": meta["dataset"], "arch": meta["arch"], "width": meta["width"],
-                 "val_size": -1 if val_size_of(meta) is None else val_size_of(meta), "seed": int(meta.get("seed", 0))}
+    from_ckpt = {
+        "dataset": meta["dataset"],
+        "arch": meta["arch"],
+        "width": meta["width"],
+        "val_size": -1 if val_size_of(meta) is None else val_size_of(meta),
+        "seed": int(meta.get("seed", 0)),
+    }
     part = subset_of(meta)  # a party goes on with its own part of the data
     if part:
         from_ckpt.update(classes=format_classes(part.classes), bias=part.bias, split_seed=part.seed)
@@ -316,9 +379,18 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
 
 def _meta(cfg: TrainConfig, data: ImageData) -> dict:
     return {
-        "kind": "trained", "arch": cfg.arch, "width": arch_width(cfg.arch, cfg.width), "in_channels": data.in_channels,
-        "image_size": data.image_size, "num_classes": data.num_classes, "dataset": cfg.dataset, "mean": list(data.mean), "std": list(data.std),
-        "val_size": len(data.val_y), "seed": cfg.seed, "classes": list(data.classes),
+        "kind": "trained",
+        "arch": cfg.arch,
+        "width": arch_width(cfg.arch, cfg.width),
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "num_classes": data.num_classes,
+        "dataset": cfg.dataset,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "val_size": len(data.val_y),
+        "seed": cfg.seed,
+        "classes": list(data.classes),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
         **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),
     }
@@ -334,12 +406,16 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
     out = []
     for p in paths:
         if not cfg.teachers and not Path(p).is_file():
-            raise OtfuseError(f"--distill learns from the parents {cfg.init} was fused from, but {p} does not exist (moved?); "
-                              "give --teachers A.pt,B.pt, or --no-distill")
+            raise OtfuseError(
+                f"--distill learns from the parents {cfg.init} was fused from, but {p} does not exist (moved?); "
+                "give --teachers A.pt,B.pt, or --no-distill"
+            )
         model, meta, _ = load_checkpoint(p)
         if meta["num_classes"] != data.num_classes or meta["in_channels"] != data.in_channels:
-            raise OtfuseError(f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
-                              f"this run {data.num_classes} of {data.in_channels}; use teachers trained on {cfg.dataset}")
+            raise OtfuseError(
+                f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
+                f"this run {data.num_classes} of {data.in_channels}; use teachers trained on {cfg.dataset}"
+            )
         out.append(model.eval().requires_grad_(False))
     return out
 
@@ -359,17 +435,23 @@ def _check_existing(path: Path, cfg: TrainConfig, precision: Precision) -> None:
     saved = load_checkpoint(path)[1]
     done = f"epoch {saved.get('epoch', '?')} of {(saved.get('config') or {}).get('epochs', '?')}"
     if not cfg.resume:
-        raise OtfuseError(f"checkpoint {path} already exists ({done}); add --resume to continue it, "
-                          "--out to write a new one elsewhere, or --overwrite to replace it")
+        raise OtfuseError(
+            f"checkpoint {path} already exists ({done}); add --resume to continue it, "
+            "--out to write a new one elsewhere, or --overwrite to replace it"
+        )
     old = saved.get("config") or {}
     changed = [k for k in RUN_OPTIONS if k in old and old[k] != getattr(cfg, k)]
     if changed:
         k = changed[0]
-        raise OtfuseError(f"--resume: {path} was trained with {k}={old[k]!r} but this run asks for {getattr(cfg, k)!r}; "
-                          f"resume with the same options, or start a new run with --out")
+        raise OtfuseError(
+            f"--resume: {path} was trained with {k}={old[k]!r} but this run asks for {getattr(cfg, k)!r}; "
+            f"resume with the same options, or start a new run with --out"
+        )
     if saved.get("precision", "fp32") != precision:
-        raise OtfuseError(f"--resume: {path} was trained in {saved.get('precision', 'fp32')} but this run resolves to {precision}; "
-                          f"resume with --precision {saved.get('precision', 'fp32')} (a run changing precision is not bit-exact)")
+        raise OtfuseError(
+            f"--resume: {path} was trained in {saved.get('precision', 'fp32')} but this run resolves to {precision}; "
+            f"resume with --precision {saved.get('precision', 'fp32')} (a run changing precision is not bit-exact)"
+        )
 
 
 def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):
@@ -378,7 +460,9 @@ def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):
     want = {"arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels, "num_classes": data.num_classes, "dataset": cfg.dataset}
     for k, v in want.items():
         if meta.get(k) != v:
-            raise OtfuseError(f"{flag}: checkpoint {path} has {k}={meta.get(k)!r} but this run has {v!r}; use another checkpoint or matching options")
+            raise OtfuseError(
+                f"{flag}: checkpoint {path} has {k}={meta.get(k)!r} but this run has {v!r}; use another checkpoint or matching options"
+            )
     return saved, meta, ckpt
 
 
@@ -409,6 +493,8 @@ def _init_distributed(device: torch.device, rank: int) -> torch.device:
 
 def _write_log(path: Path, history: list[dict]) -> None:
     keys = ["epoch", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
-    rows = [{k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) and not math.isnan(row[k]) else row.get(k, "")) for k in keys}
-            for row in history]
+    rows = [
+        {k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) and not math.isnan(row[k]) else row.get(k, "")) for k in keys}
+        for row in history
+    ]
     atomic_write_csv(path, rows, keys)

@@ -56,8 +56,10 @@ def side_by_side(models: list[nn.Module], wide: nn.Module, images: torch.Tensor,
     want = sum(logits(m.eval(), x, norm, Precision.FP32) for m in models) / n
     err = (logits(wide, x, norm, Precision.FP32) - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
     if err > SIDE_BY_SIDE_RTOL:
-        raise OtfuseError(f"this architecture cannot be widened into its models side by side (the wide model's logits differ from "
-                          f"the ensemble's by {err:.2g} of their scale); transplant needs a registry model whose width scales every channel")
+        raise OtfuseError(
+            f"this architecture cannot be widened into its models side by side (the wide model's logits differ from "
+            f"the ensemble's by {err:.2g} of their scale); transplant needs a registry model whose width scales every channel"
+        )
     return wide
 
 
@@ -68,20 +70,35 @@ def pruned(model: nn.Module, target: nn.Module, ratio: float, images: torch.Tens
     model = copy.deepcopy(model).float().cpu()
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     with torch.enable_grad():
-        pruner = tp.pruner.MagnitudePruner(model, normalize(images[:2].cpu(), norm), importance=tp.importance.MagnitudeImportance(p=p),
-                                           pruning_ratio=ratio, ignored_layers=[head])
+        pruner = tp.pruner.MagnitudePruner(
+            model,
+            normalize(images[:2].cpu(), norm),
+            importance=tp.importance.MagnitudeImportance(p=p),
+            pruning_ratio=ratio,
+            ignored_layers=[head],
+        )
         pruner.step()
     got, want = {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in target.state_dict().items()}
     if got != want:
         bad = next(k for k in want if got.get(k) != want[k])
-        raise OtfuseError(f"pruning does not give this architecture's narrower model ({bad}: {tuple(got.get(bad, ()))} against "
-                          f"{tuple(want[bad])}); prune a registry model whose width scales every channel")
+        raise OtfuseError(
+            f"pruning does not give this architecture's narrower model ({bad}: {tuple(got.get(bad, ()))} against "
+            f"{tuple(want[bad])}); prune a registry model whose width scales every channel"
+        )
     target.load_state_dict(model.state_dict())
     return target
 
 
-def transplant(models: list[nn.Module], wide: nn.Module, target: nn.Module, images: torch.Tensor, norm: tuple,
-               bn: BatchNormConfig, precision: Precision, ratio: float | None = None) -> nn.Module:
+def transplant(
+    models: list[nn.Module],
+    wide: nn.Module,
+    target: nn.Module,
+    images: torch.Tensor,
+    norm: tuple,
+    bn: BatchNormConfig,
+    precision: Precision,
+    ratio: float | None = None,
+) -> nn.Module:
     """The models side by side in `wide`, pruned to `target`'s width by magnitude (cutting the fraction `ratio` of
     every channel group; default 1 - 1/n, back to one model's width), BatchNorm statistics recomputed on `images`
     (the pruned channels' inputs changed); returns `target` in eval mode."""

@@ -74,8 +74,9 @@ class TuneConfig:
         return chosen
 
 
-def suggest(trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False, other_width: bool = False,
-            fixed: frozenset[str] = frozenset()) -> FuseConfig:
+def suggest(
+    trial, methods: list[str], base: FuseConfig, mixed_widths: bool = False, other_width: bool = False, fixed: frozenset[str] = frozenset()
+) -> FuseConfig:
     """The fusion options of one trial: the search space of the study (validation accuracy decides
     whether, e.g., augmented BatchNorm statistics suit these models). Options in `fixed` (given on the
     command line or in --config) keep `base`'s value and are not searched. Parents of different widths
@@ -173,8 +174,9 @@ def load_study(storage, name: str, seed: int, worker: str):
         except Exception as exc:  # two workers creating the schema or the study at once: the loser retries
             if attempt == 4:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-                raise OtfuseError(f"study {name!r} cannot be opened in its storage ({type(exc).__name__}: {first}); "
-                                  "give another --study or --storage") from None
+                raise OtfuseError(
+                    f"study {name!r} cannot be opened in its storage ({type(exc).__name__}: {first}); give another --study or --storage"
+                ) from None
             time.sleep(0.5 + attempt)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise OtfuseError(f"study {name!r} in this storage minimises its objective, so otfuse did not make it; give another --study")
@@ -182,8 +184,9 @@ def load_study(storage, name: str, seed: int, worker: str):
     return study
 
 
-def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
-                 target: nn.Module | None = None) -> tuple[nn.Module, float, list[float]]:
+def val_accuracy(
+    models: list[nn.Module], data: ImageData, cfg: FuseConfig, target: nn.Module | None = None
+) -> tuple[nn.Module, float, list[float]]:
     """(fused model, its validation accuracy, its agreement with each parent's predictions in %)."""
     fusion = fuse(models, data.train_x, data.norm, cfg, target=target)
     fused, precision = fusion.fused, fusion.precision
@@ -194,9 +197,18 @@ def val_accuracy(models: list[nn.Module], data: ImageData, cfg: FuseConfig,
     return fused, accuracy_of_logits(z, y), agree
 
 
-def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], parents: list[str], tcfg: TuneConfig,
-              base: FuseConfig, progress: bool = True, target: nn.Module | None = None, width: int = 0,
-              fixed: frozenset[str] = frozenset()) -> dict:
+def run_study(
+    models: list[nn.Module],
+    data: ImageData,
+    metas: list[dict],
+    parents: list[str],
+    tcfg: TuneConfig,
+    base: FuseConfig,
+    progress: bool = True,
+    target: nn.Module | None = None,
+    width: int = 0,
+    fixed: frozenset[str] = frozenset(),
+) -> dict:
     """Add this worker's trials to the study, write CSV, JSON and PNG, and report the best trial's
     test accuracy (the only read of the test set). Returns the best options and both accuracies.
     With `target` (the parents' architecture at `width`) the parents are fused into that width;
@@ -211,8 +223,10 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], paren
     if mixed:
         methods = [m for m in methods if METHODS[m].mixed_widths]
         if not methods:
-            raise OtfuseError(f"--methods {tcfg.methods!r}: none of them aligns models of other widths; add "
-                              + " or ".join(m.name for m in METHODS.values() if m.mixed_widths))
+            raise OtfuseError(
+                f"--methods {tcfg.methods!r}: none of them aligns models of other widths; add "
+                + " or ".join(m.name for m in METHODS.values() if m.mixed_widths)
+            )
     results = writable_dir(tcfg.results_dir)
     data.split("val")  # the objective: a model trained without a validation split cannot be tuned
     name = tcfg.study or default_study_name(metas, parents, width)
@@ -222,8 +236,10 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], paren
     except OtfuseError:
         raise
     except Exception as exc:  # a journal file that is not one, a folder, ...
-        raise OtfuseError(f"--storage {tcfg.storage or results}: cannot open it as an optuna storage ({type(exc).__name__}); "
-                          "give a new file or a database URL") from None
+        raise OtfuseError(
+            f"--storage {tcfg.storage or results}: cannot open it as an optuna storage ({type(exc).__name__}); "
+            "give a new file or a database URL"
+        ) from None
     study = load_study(storage, name, tcfg.sampler_seed, worker)
 
     def objective(trial) -> float:
@@ -239,8 +255,9 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], paren
         return acc
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed or interrupted trial is reported once, by otfuse
-    mine = lambda: sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                       if t.user_attrs.get("worker") == worker)
+    mine = lambda: sum(
+        1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("worker") == worker
+    )
     start, deadline = time.time(), time.time() + tcfg.timeout if tcfg.timeout else None
     while mine() < tcfg.n_trials and (deadline is None or time.time() < deadline):
         left = None if deadline is None else max(1.0, deadline - time.time())
@@ -259,8 +276,16 @@ def run_study(models: list[nn.Module], data: ImageData, metas: list[dict], paren
     test = accuracy(fused, x, y, data.norm, resolve_precision(cfg.precision, next(fused.parameters()).device))
     what = f"{meta['dataset']} {meta['arch']} w{meta['width']}, seeds {'-'.join(map(str, seeds))}"
     paths = write_outputs(study, results / f"tune-{name}", best, test, what)
-    return {"study": name, "trials": len(done), "best_trial": best.number, "val_accuracy": best.value,
-            "val_accuracy_again": val, "test_accuracy": test, "options": flatten(cfg), "files": paths}
+    return {
+        "study": name,
+        "trials": len(done),
+        "best_trial": best.number,
+        "val_accuracy": best.value,
+        "val_accuracy_again": val,
+        "test_accuracy": test,
+        "options": flatten(cfg),
+        "files": paths,
+    }
 
 
 def write_outputs(study, stem: Path, best, test_acc: float, what: str) -> list[str]:
@@ -270,8 +295,13 @@ def write_outputs(study, stem: Path, best, test_acc: float, what: str) -> list[s
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration", "datetime_start"))
     frame = frame.drop(columns=[c for c in frame.columns if c.endswith("user_attrs_options")])
     atomic_write_text(f"{stem}.csv", frame.to_csv(index=False))
-    best_json = {**best.user_attrs["options"], "_study": study.study_name, "_trial": best.number,
-                 "_val_accuracy": round(best.value, 4), "_test_accuracy": round(test_acc, 4)}
+    best_json = {
+        **best.user_attrs["options"],
+        "_study": study.study_name,
+        "_trial": best.number,
+        "_val_accuracy": round(best.value, 4),
+        "_test_accuracy": round(test_acc, 4),
+    }
     atomic_write_text(f"{stem}-best.json", json.dumps(best_json, indent=2, sort_keys=True) + "\n")
     done = [(t.number, t.params.get("method", "?"), t.value) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     save_figure(history_figure(done, what), f"{stem}-history.png")

@@ -14,8 +14,16 @@ from otfuse.maps import ChannelMap
 
 
 @register_method("activation", "Activation-base Fusion", needs_images=True, mixed_widths=True)
-def activation_maps(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup],
-                    cfg: AlignConfig, images: torch.Tensor, norm: tuple, progress: bool = False) -> dict[str, ChannelMap]:
+def activation_maps(
+    anchor: nn.Module,
+    source: nn.Module,
+    anchor_groups: list[ChannelGroup],
+    source_groups: list[ChannelGroup],
+    cfg: AlignConfig,
+    images: torch.Tensor,
+    norm: tuple,
+    progress: bool = False,
+) -> dict[str, ChannelMap]:
     """Exact OT on activation costs; channels that activations cannot tell apart are told apart by their weights."""
     if cfg.mix > 0 and any(a.size != s.size for a, s in zip(anchor_groups, source_groups)):
         raise OtfuseError(f"--mix {cfg.mix} mixes in weight costs, which need parents of one width; use --mix 0 for mixed widths")
@@ -28,4 +36,6 @@ def activation_maps(anchor: nn.Module, source: nn.Module, anchor_groups: list[Ch
     if cfg.marginals == "importance":
         wa, ws = channel_importance(anchor, anchor_groups), channel_importance(source, source_groups)
         masses = {ga.name: (wa[ga.name], ws[gs.name]) for ga, gs in zip(anchor_groups, source_groups)}
-    return {ga.name: group_map(costs[ga.name], ga, gs, betas, cfg, *masses.get(ga.name, ())) for ga, gs in zip(anchor_groups, source_groups)}
+    return {
+        ga.name: group_map(costs[ga.name], ga, gs, betas, cfg, *masses.get(ga.name, ())) for ga, gs in zip(anchor_groups, source_groups)
+    }

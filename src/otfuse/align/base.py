@@ -1,13 +1,13 @@
 """The alignment's config, the method registry, and the transport of one group (grouped convs' blocks included).
 
-    maps = align(anchor, source, anchor_groups, source_groups, AlignConfig(method="activation"), images, norm)
+maps = align(anchor, source, anchor_groups, source_groups, AlignConfig(method="activation"), images, norm)
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -77,6 +77,7 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, title: str, needs_images: bool = True, mixed_widths: bool = False):
     """Register `fn(anchor, source, anchor_groups, source_groups, cfg, images, norm, progress)` -> maps."""
+
     def wrap(fn: MethodFn) -> MethodFn:
         METHODS[name] = Method(name, fn, title, needs_images, mixed_widths)
         return fn
@@ -84,10 +85,17 @@ def register_method(name: str, title: str, needs_images: bool = True, mixed_widt
     return wrap
 
 
-def align(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup],
-          cfg: AlignConfig, images: torch.Tensor | None = None, norm: tuple | None = None, progress: bool = False,
-          timings: dict[str, float] | None = None) -> dict[str, ChannelMap]:
-    """One map per group from the source's channels onto the anchor's. Seconds go to `timings["alignment"]`."""
+def align(
+    anchor: nn.Module,
+    source: nn.Module,
+    anchor_groups: list[ChannelGroup],
+    source_groups: list[ChannelGroup],
+    cfg: AlignConfig,
+    images: torch.Tensor | None = None,
+    norm: tuple | None = None,
+    progress: bool = False,
+) -> dict[str, ChannelMap]:
+    """One map per group from the source's channels onto the anchor's."""
     cfg.check()
     method = METHODS[cfg.method]
     if not method.mixed_widths and any(a.size != s.size for a, s in zip(anchor_groups, source_groups)):
@@ -95,11 +103,7 @@ def align(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup
         raise OtfuseError(f"--method {cfg.method} aligns models of one width only; use --method {' or '.join(mixed)} for mixed widths")
     if method.needs_images and images is None:
         raise OtfuseError(f"the {cfg.method} method needs training images")
-    t0 = time.perf_counter()
-    maps = method.fn(anchor, source, anchor_groups, source_groups, cfg, images, norm, progress)
-    if timings is not None:
-        timings["alignment"] = timings.get("alignment", 0.0) + time.perf_counter() - t0
-    return maps
+    return method.fn(anchor, source, anchor_groups, source_groups, cfg, images, norm, progress)
 
 
 # --- grouped convs: blocks ---------------------------------------------------------------------
@@ -119,7 +123,9 @@ def _block_cost(cost: torch.Tensor, ga: ChannelGroup, gs: ChannelGroup) -> torch
     return out
 
 
-def family_betas(costs: dict[str, torch.Tensor], anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
+def family_betas(
+    costs: dict[str, torch.Tensor], anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup]
+) -> dict[str, torch.Tensor]:
     """Per family of grouped-conv groups, which source block goes to each anchor block: matched by the
     exact within-block costs summed over every group of the family."""
     total: dict[str, torch.Tensor] = {}
@@ -131,12 +137,20 @@ def family_betas(costs: dict[str, torch.Tensor], anchor_groups: list[ChannelGrou
         c = _block_cost(costs[ga.name], ga, gs)
         total[ga.family] = c if ga.family not in total else total[ga.family] + c
     pinned = {g.family for g in anchor_groups if g.pinned}
-    return {f: torch.arange(len(c)) if f in pinned else torch.from_numpy(linear_sum_assignment(c.numpy())[1]).long()
-            for f, c in total.items()}
+    return {
+        f: torch.arange(len(c)) if f in pinned else torch.from_numpy(linear_sum_assignment(c.numpy())[1]).long() for f, c in total.items()
+    }
 
 
-def group_map(cost: torch.Tensor, ga: ChannelGroup, gs: ChannelGroup, betas: dict[str, torch.Tensor], cfg: AlignConfig,
-              target_mass: torch.Tensor | None = None, source_mass: torch.Tensor | None = None) -> ChannelMap:
+def group_map(
+    cost: torch.Tensor,
+    ga: ChannelGroup,
+    gs: ChannelGroup,
+    betas: dict[str, torch.Tensor],
+    cfg: AlignConfig,
+    target_mass: torch.Tensor | None = None,
+    source_mass: torch.Tensor | None = None,
+) -> ChannelMap:
     """The OT map of one group (uniform marginals unless masses are given); in a grouped conv's group,
     solved within each matched pair of blocks, with uniform marginals."""
     if ga.blocks is None:

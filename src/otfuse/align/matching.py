@@ -25,9 +25,17 @@ def _layer_members(g: ChannelGroup) -> list[Member]:
 
 
 @register_method("weight-matching", "Weight matching", needs_images=False)
-def weight_matching(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup],
-                    cfg: AlignConfig, images: torch.Tensor | None = None, norm: tuple | None = None,
-                    progress: bool = False, max_rounds: int = 100) -> dict[str, ChannelMap]:
+def weight_matching(
+    anchor: nn.Module,
+    source: nn.Module,
+    anchor_groups: list[ChannelGroup],
+    source_groups: list[ChannelGroup],
+    cfg: AlignConfig,
+    images: torch.Tensor | None = None,
+    norm: tuple | None = None,
+    progress: bool = False,
+    max_rounds: int = 100,
+) -> dict[str, ChannelMap]:
     """Git Re-Basin's coordinate descent: maximise the summed inner products of all layer members.
     It starts from the sequential weight alignment rather than the identity: fewer rounds, and a
     start that already holds the exact answer for a permuted copy. The result is a permutation
@@ -45,13 +53,17 @@ def weight_matching(anchor: nn.Module, source: nn.Module, anchor_groups: list[Ch
             for k in torch.randperm(len(groups), generator=gen).tolist():
                 g = groups[k]
                 maps = {name: ChannelMap.permutation(p) for name, p in perms.items()}
-                sim = sum(ix.view(ta[tensor_key(m)], m, g.name, {}).double() @ ix.view(tb[tensor_key(m)], m, g.name, maps).double().T
-                          for m in _layer_members(g))
+                sim = sum(
+                    ix.view(ta[tensor_key(m)], m, g.name, {}).double() @ ix.view(tb[tensor_key(m)], m, g.name, maps).double().T
+                    for m in _layer_members(g)
+                )
                 sim = sim.cpu().numpy()
                 if g.blocks is None:
                     _, cols = linear_sum_assignment(sim, maximize=True)
                 else:
-                    within = lambda b, t, src: torch.from_numpy(linear_sum_assignment(sim[t.numpy()][:, src.numpy()], maximize=True)[1])
+                    within = lambda b, t, src, sim=sim: torch.from_numpy(
+                        linear_sum_assignment(sim[t.numpy()][:, src.numpy()], maximize=True)[1]
+                    )
                     cols = block_permutation(g.blocks, betas[g.family], within).numpy()
                 old = perms[g.name].numpy()
                 if sim[np.arange(g.size), cols].sum() > sim[np.arange(g.size), old].sum() + 1e-9 * abs(sim).max():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,16 @@ def observed_rows(model: nn.Module, obs: Observation) -> Callable[[torch.Tensor]
     return lambda x: channel_rows(F.linear(x, w_rows, b_rows), index, -1)
 
 
-def activation_costs(anchor: nn.Module, source: nn.Module, anchor_groups: list[ChannelGroup], source_groups: list[ChannelGroup],
-                     images: torch.Tensor, norm: tuple, cfg: AlignConfig, progress: bool = False) -> dict[str, torch.Tensor]:
+def activation_costs(
+    anchor: nn.Module,
+    source: nn.Module,
+    anchor_groups: list[ChannelGroup],
+    source_groups: list[ChannelGroup],
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: AlignConfig,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """Per group, an (anchor channels, source channels) cost from their activations on a fixed sample of `images`."""
     stats: dict[tuple[int, int], _Stats] = {}
     held: dict[tuple[int, int], torch.Tensor] = {}  # the anchor's rows for the current batch, per (group, point)
@@ -91,25 +99,35 @@ def activation_costs(anchor: nn.Module, source: nn.Module, anchor_groups: list[C
             if key not in seen:
                 seen[key] = x
                 held[(gi, pi)] = rows(x.detach())
+
         return fn
 
     def on_source(gi: int, pi: int, obs, rows):
         def fn(x: torch.Tensor) -> None:
             if (gi, pi) in held:
                 stats.setdefault((gi, pi), _Stats()).add(held.pop((gi, pi)), rows(x.detach()))
+
         return fn
 
     def taps(model, groups, make):
-        return [(o.module, o.on, make(gi, pi, o, observed_rows(model, o)))
-                for gi, g in enumerate(groups) for pi, o in enumerate(observation_points(g, cfg.point))]
+        return [
+            (o.module, o.on, make(gi, pi, o, observed_rows(model, o)))
+            for gi, g in enumerate(groups)
+            for pi, o in enumerate(observation_points(g, cfg.point))
+        ]
 
     anchor.eval(), source.eval()
     dev = next(anchor.parameters()).device
     sample = fixed_sample(images, cfg.n_images, cfg.seed)
     total = -(-len(sample) // cfg.act_batch_size)
     with torch.no_grad(), tapping(anchor, taps(anchor, anchor_groups, on_anchor)), tapping(source, taps(source, source_groups, on_source)):
-        for xb in tqdm(image_batches(sample, cfg.act_batch_size, norm), total=total, desc="activations",
-                       disable=True if not progress else None, leave=False):
+        for xb in tqdm(
+            image_batches(sample, cfg.act_batch_size, norm),
+            total=total,
+            desc="activations",
+            disable=True if not progress else None,
+            leave=False,
+        ):
             seen.clear()
             anchor(xb.to(dev))
             source(xb.to(dev))

@@ -26,6 +26,7 @@ def _quantiles(rows: torch.Tensor, k: int = QUANTILES) -> torch.Tensor:
 @torch.no_grad()
 def invariant_cost(anchor: nn.Module, source: nn.Module, ga: ChannelGroup, gs: ChannelGroup) -> torch.Tensor:
     """Squared distance between channels' producer weights, sorted so that no other group's order matters; scaled to [0, 1]."""
+
     def features(model, g):
         t = tensors_of(model)
         return torch.cat([_quantiles(_rows(t[tensor_key(m)], m)) for m in g.members if m.role == "out"] or [torch.zeros(g.size, 1)], 1)
@@ -43,7 +44,9 @@ class AxisIndex:
             for m in g.members:
                 self.by_tensor.setdefault(tensor_key(m), []).append((g.name, m))
 
-    def view(self, t: torch.Tensor, mem: Member, own: str, maps: dict[str, ChannelMap], unknown: frozenset[str] = frozenset()) -> torch.Tensor:
+    def view(
+        self, t: torch.Tensor, mem: Member, own: str, maps: dict[str, ChannelMap], unknown: frozenset[str] = frozenset()
+    ) -> torch.Tensor:
         """Rows of `mem` in `t` after carrying the other groups' axes through `maps`; axes of `unknown`
         groups are sorted, so the rows do not depend on those groups' order."""
         sort_axes = set()
@@ -66,16 +69,20 @@ def _carried(t: torch.Tensor, mem: Member, m: ChannelMap) -> torch.Tensor:
 
 def _producer_weights(g: ChannelGroup) -> list[Member]:
     """The out-members that are conv/linear weights: BatchNorm statistics, on another scale, would drown them."""
-    return [m for m in g.members if m.role == "out" and m.kind == "layer" and m.tensor == "weight"] or \
-        [m for m in g.members if m.role == "out"] or g.members
+    return (
+        [m for m in g.members if m.role == "out" and m.kind == "layer" and m.tensor == "weight"]
+        or [m for m in g.members if m.role == "out"]
+        or g.members
+    )
 
 
 def _unit(c: torch.Tensor) -> torch.Tensor:
     return c / c.max().clamp_min(1e-30)
 
 
-def sequential_weight_maps(anchor: nn.Module, source: nn.Module, groups: list[ChannelGroup], cfg: AlignConfig,
-                            act_costs: dict[str, torch.Tensor] | None = None) -> dict[str, ChannelMap]:
+def sequential_weight_maps(
+    anchor: nn.Module, source: nn.Module, groups: list[ChannelGroup], cfg: AlignConfig, act_costs: dict[str, torch.Tensor] | None = None
+) -> dict[str, ChannelMap]:
     """OTFusion's sequential weight-based alignment, groups in forward order; with activation
     costs, the cost is their mix (weight share `cfg.mix`), both scaled to [0, 1]."""
     ta, tb, ix = tensors_of(anchor, dense=True), tensors_of(source, dense=True), AxisIndex(groups)

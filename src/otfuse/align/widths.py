@@ -14,8 +14,15 @@ from otfuse.groups import ChannelGroup
 from otfuse.maps import ChannelMap, transport_map
 
 
-def to_target_maps(anchor: nn.Module, anchor_groups: list[ChannelGroup], target_groups: list[ChannelGroup], cfg: AlignConfig,
-                   images: torch.Tensor | None = None, norm: tuple | None = None, progress: bool = False) -> dict[str, ChannelMap]:
+def to_target_maps(
+    anchor: nn.Module,
+    anchor_groups: list[ChannelGroup],
+    target_groups: list[ChannelGroup],
+    cfg: AlignConfig,
+    images: torch.Tensor | None = None,
+    norm: tuple | None = None,
+    progress: bool = False,
+) -> dict[str, ChannelMap]:
     """Maps from the anchor's channels onto a target's that may have fewer or more channels per group.
 
     Same size: the identity. Fewer: the anchor's channels are clustered into as many balanced groups of
