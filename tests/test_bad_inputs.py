@@ -141,6 +141,7 @@ def _outputs_that_exist(w: Path, a: Path) -> None:
     shutil.copy(a, w / "other.pt")
     (w / "cfg.json").write_text(json.dumps({"bn_batches": 4}))
     (w / "user.csv").write_text("name,value\nmine,1\n")
+    (w / "keras.csv").write_text("epoch,loss,accuracy\n0,0.91,0.71\n1,0.52,0.83\n")  # a Keras CSVLogger file: looks like a log
     (w / ".locked.pt.lock").write_text("1")  # pid 1 is always alive: another process holds locked.pt
     (w / "locked-results").mkdir()
     (w / "locked-results" / ".summary.md.lock").write_text("1")
@@ -158,6 +159,12 @@ def _sweep_folders(w: Path, paths: list[Path]) -> None:
         {**raw, "meta": {**raw["meta"], "kind": "fused", "parents": ["x.pt", "y.pt"]}},
         w / "ck" / "digits" / "resnet18-w8" / "fused-activation-seeds0-1.pt",
     )
+    ft = w / "ck-ft" / "digits" / "resnet18-w8"  # a user's own fine-tune where --finetune-epochs 1 would write
+    ft.mkdir(parents=True)
+    shutil.copy(paths[0], ft / "seed0.pt")
+    shutil.copy(paths[1], ft / "seed1.pt")
+    mine = torch.load(paths[0], weights_only=True)
+    torch.save({**mine, "meta": {**mine["meta"], "kind": "finetuned", "init": "my-own-fusion.pt"}}, ft / "fused-activation-seeds0-1-ft1.pt")
     split = w / "ck-split" / "digits" / "resnet18-w8"
     split.mkdir(parents=True)
     shutil.copy(paths[0], split / "seed0.pt")
@@ -242,6 +249,7 @@ CASES = [
     ("train --dataset digits --width 4 --epochs 1 --out {w}/model.csv", "ends in .csv"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/user.pt", "the per-epoch log"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/locked.pt", "is being written by another otfuse process"),
+    ("train --dataset digits --width 4 --epochs 1 --out {w}/keras.pt", "the per-epoch log"),
     ("finetune {w}/a.pt --out {w}/a.pt --overwrite", "is also the checkpoint it starts from"),
     ("finetune {w}/a.pt --distill --teachers {w}/b.pt --out {w}/b.pt --overwrite", "is also teacher"),
     ("finetune {w}/a.pt --out {w}/other.pt", "already exists"),
@@ -286,9 +294,12 @@ CASES = [
     ("train --dataset fashion-mnist --width 4 --out {w}/new.pt --data-dir {w}/baddata-fashion", "are corrupt or truncated"),
     # --- tune storages that are not one ---
     ("tune {w}/a.pt {w}/b.pt --n-trials 1 --storage {w}/afile --results-dir {w}/res", "--storage"),
+    ("tune {w}/a.pt {w}/b.pt --n-trials 1 --study ../../victim --results-dir {w}/res", "a study name goes into file names"),
+    ("tune {w}/a.pt {w}/b.pt --n-trials 1 --study a/b --results-dir {w}/res", "no path separators"),
     # --- the fusion scripts: the checks of otfuse fuse, and checkpoint folders in odd states ---
     ("sweep --checkpoint-dir {w}/ck-dup --results-dir {w}/res", "are both seed 0"),
     ("sweep --checkpoint-dir {w}/ck-split --results-dir {w}/res", "fuse models trained on the same split"),
+    ("sweep --checkpoint-dir {w}/ck-ft --results-dir {w}/res --finetune-epochs 1", "seeds0-1-ft1.pt already exists and is not this command's"),
     ("sweep --checkpoint-dir {w}/ck --results-dir {w}/locked-results", "summary.md is being written by another otfuse process"),
     ("sweep --checkpoint-dir {w}/ck --results-dir {w}/res", "fused-activation-seeds0-1.pt already exists and is not this command's"),
 ]

@@ -222,3 +222,27 @@ def test_cifar100_pickles_and_the_png_copy_are_the_same_data_and_named_alike(tmp
     assert png.slug == "imagefolder-top" and pickles.slug == "cifar100"
     monkeypatch.setitem(D.KNOWN_CONTENT, png.digest, "cifar100")
     assert D.load_dataset(f"imagefolder:{tmp_path / 'src' / 'top'}", tmp_data_dir, val_size=20).slug == "cifar100"
+
+
+class _Planted:
+    """What an attacker plants in the data dir: unpickling it would create a file (plain pickle calls open)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_a_planted_cifar_pickle_runs_no_code(name, tmp_path, tmp_data_dir):
+    folder = tmp_data_dir / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir()
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"] if name == "cifar10" else ["train", "test", "meta"]
+    marker = tmp_path / "pwned"
+    for f in files:
+        with open(folder / f, "wb") as fh:
+            pickle.dump({"data": _Planted(marker), "labels": [0], "fine_labels": [0]}, fh)
+    with pytest.raises(OtfuseError, match=r"asks to run (builtins|io)\.open, which CIFAR's files never do"):
+        D.load_dataset(name, tmp_data_dir)
+    assert not marker.exists()

@@ -267,6 +267,17 @@ def fused_from(path: str | Path, parents: list[str | Path]) -> bool:
     return meta.get("kind") == "fused" and made_from == [Path(p).resolve() for p in parents]
 
 
+def finetuned_from(path: str | Path, init: str | Path) -> bool:
+    """Whether `path` is an earlier fine-tune of checkpoint `init` (its metadata says so): the one existing file a
+    fine-tune of `init` may replace without --overwrite."""
+    try:
+        ckpt = load_torch(path)
+        meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+        return meta.get("kind") == "finetuned" and Path(str(meta.get("init"))).resolve() == Path(init).resolve()
+    except (OtfuseError, AttributeError, TypeError):
+        return False
+
+
 def load_parents(
     paths: list[str | Path], data_dir: str | Path | None, device_name: str, same_width: bool = True
 ) -> tuple[list[nn.Module], list[dict], ImageData]:

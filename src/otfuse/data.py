@@ -241,6 +241,26 @@ def _cifar100_imagefolder(path: Path) -> _Source:
     return _Source(inner.key, inner.decode, check)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads what CIFAR's batch files hold (dicts, lists, strings, numbers and numpy arrays) and nothing else: a
+    file planted in the data dir that names any other class or function (which plain pickle would call) is refused."""
+
+    ALLOWED = {(f"numpy{core}.multiarray", fn) for core in (".core", "._core") for fn in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def __init__(self, fh, path: Path):
+        super().__init__(fh, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise OtfuseError(
+                f"{self.path} asks to run {module}.{name}, which CIFAR's files never do; it was not loaded "
+                "(delete the data dir's CIFAR folder so it is fetched again)"
+            )
+        return super().find_class(module, name)
+
+
 # per dataset: torchvision's folder, its data files (the last one the test split), label key, meta file, class-name key
 CIFAR = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", "batches.meta", "label_names"),
@@ -265,7 +285,12 @@ def _cifar_source(name: str, data_dir: Path, root: Path | None = None) -> _Sourc
     def decode() -> dict:
         def read(f: str) -> dict:
             with open(root / f, "rb") as fh:
-                return pickle.load(fh, encoding="latin1")
+                out = _ArrayUnpickler(fh, root / f).load()
+            if not isinstance(out, dict):
+                raise OtfuseError(
+                    f"{root / f} is not one of CIFAR's batch files (a {type(out).__name__}); delete it so it is fetched again"
+                )
+            return out
 
         parts = [read(f) for f in files]
         to_x = lambda d: torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())

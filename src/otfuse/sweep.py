@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from otfuse.align import METHODS
-from otfuse.checkpoints import fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
+from otfuse.checkpoints import finetuned_from, fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import accuracy_of_logits, ensemble_of_logits, logits
 from otfuse.fusion import FuseConfig, Fusion
@@ -32,7 +32,7 @@ from otfuse.report import fusion_table
 from otfuse.results import KEY, SPLIT_KEY, fusion_row, split_row, upsert_row, upsert_rows, write_summary
 from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
 from otfuse.subsets import complement, subset_of
-from otfuse.train import finetune
+from otfuse.train import finetune, is_log_of
 
 # the fine-tuning columns: (CSV column, checkpoint suffix, changes to otfuse finetune's defaults, which follow the
 # checkpoint): the default recipe, and label-free distillation from the parents' ensemble
@@ -291,6 +291,15 @@ def write_curves(results: Path, dataset: str, rows: list[dict], title: str) -> N
     save_figure(finetune_figure([{k: str(v) for k, v in r.items()} for r in rows], title), results / f"finetune-{dataset}.png")
 
 
+def _finetuned_path(fused: Path, epochs: int, suffix: str) -> Path:
+    return fused.with_name(f"{fused.stem}-ft{epochs}{suffix}.pt")
+
+
+def _finetuned_paths(fused: Path, epochs: int, finetunes: tuple) -> list[Path]:
+    """The checkpoints --finetune-epochs writes beside the fused one (the names otfuse finetune would give them)."""
+    return [_finetuned_path(fused, epochs, suffix) for _, suffix, _ in finetunes]
+
+
 def write_partial(results: Path, dataset: str, key: dict, acc: dict[str, float], rows: list[dict], title: str) -> None:
     """results/partial-<dataset>.csv (rows upserted per fusion, `key`, and cut) and its plot: accuracy against cost per
     cut, the parents and their ensemble as lines."""
@@ -321,11 +330,18 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
         parts = [_part(m) for _, m in pair]
         name += ("-" + "+".join(parts) if any(parts) else "") + ("" if cfg.fusion_data == "union" else f"-{cfg.fusion_data}")
         fused_path, parents = folder / f"fused-{method}-{name}.pt", [p for p, _ in pair]
-        check_outputs(
-            {"the fused checkpoint": fused_path},
-            {f"parent {p}": str(p) for p in parents},
-            own=lambda path, parents=parents: fused_from(path, parents),
-        )  # before the fusion: a refusal must not cost one
+        tuned_paths = {f"the fine-tuned checkpoint {n}": n for n in _finetuned_paths(fused_path, args.finetune_epochs, finetunes)}
+        tuned_paths |= {f"its per-epoch log {n.with_suffix('.csv')}": n.with_suffix(".csv") for n in tuned_paths.values()}
+
+        def own(path: Path, parents=parents, fused_path=fused_path) -> bool:
+            """This script's own earlier outputs for these parents, known by their metadata, never by their names."""
+            if path == fused_path:
+                return fused_from(path, parents)
+            checkpoint = path.with_suffix(".pt")
+            return finetuned_from(checkpoint, fused_path) and (path == checkpoint or is_log_of(path, checkpoint))
+
+        # before the fusion: a refusal must not cost one
+        check_outputs({"the fused checkpoint": fused_path, **tuned_paths}, {f"parent {p}": str(p) for p in parents}, own=own)
         fusion, acc = fusion_table(
             inputs.models, inputs.data, cfg, progress=True, target=inputs.target, with_baselines=args.baselines, tasks=inputs.tasks
         )
@@ -337,7 +353,7 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
             t0 = time.perf_counter()
             out = finetune(
                 fused_path,
-                fused_path.with_name(f"{fused_path.stem}-ft{args.finetune_epochs}{suffix}.pt"),
+                _finetuned_path(fused_path, args.finetune_epochs, suffix),
                 args.data_dir,
                 args.device,
                 epochs=args.finetune_epochs,

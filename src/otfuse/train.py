@@ -10,6 +10,7 @@ interruption gives the same weights as a run never interrupted (bit for bit on t
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import time
@@ -35,7 +36,7 @@ from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
 from otfuse.precision import Precision, autocast, channels_last, memory_format, resolve_precision
-from otfuse.storage import atomic_write_csv, check_outputs, output_lock
+from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
 from otfuse.subsets import Subset, check_bias, format_classes, parse_classes, restrict, subset_of
 
 
@@ -217,16 +218,22 @@ def _check_paths(cfg: TrainConfig, path: Path) -> None:
         {"checkpoint": path, "the per-epoch log": path.with_suffix(".csv")},
         {"the checkpoint it starts from": cfg.init, **teachers},
         overwrite=cfg.overwrite,
-        own=lambda p: p.suffix == ".csv" and _is_log(p) or p == path,
+        own=lambda p: p == path or (p.suffix == ".csv" and is_log_of(p, path)),
     )
 
 
-def _is_log(path: Path) -> bool:
+def is_log_of(log: Path, checkpoint: Path) -> bool:
+    """Whether `log` is the per-epoch log of the otfuse checkpoint `checkpoint`: its rows are those of the checkpoint's
+    history (all of them, or all but the last epoch's, where a run stopped between the two writes). A file that only
+    looks like a log (a header starting with `epoch,`) is not."""
     try:
-        with open(path) as f:
-            return f.readline().startswith("epoch,")
-    except (OSError, UnicodeDecodeError):
+        history = load_torch(checkpoint)["meta"]["history"]
+        with open(log, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OtfuseError, OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError):
         return False
+    want = [LOG_COLUMNS] + [_log_row(h) for h in history]
+    return bool(history) and rows in (want, want[:-1])
 
 
 def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: int, world: int) -> Path:
@@ -491,10 +498,12 @@ def _init_distributed(device: torch.device, rank: int) -> torch.device:
     return device
 
 
+LOG_COLUMNS = ["epoch", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
+
+
+def _log_row(row: dict) -> list[str]:
+    return [f"{row[k]:.4f}" if isinstance(row.get(k), float) and not math.isnan(row[k]) else str(row.get(k, "")) for k in LOG_COLUMNS]
+
+
 def _write_log(path: Path, history: list[dict]) -> None:
-    keys = ["epoch", "train_loss", "train_acc", "val_acc", "test_acc", "seconds"]
-    rows = [
-        {k: (f"{row[k]:.4f}" if isinstance(row.get(k), float) and not math.isnan(row[k]) else row.get(k, "")) for k in keys}
-        for row in history
-    ]
-    atomic_write_csv(path, rows, keys)
+    atomic_write_csv(path, [dict(zip(LOG_COLUMNS, _log_row(r))) for r in history], LOG_COLUMNS)

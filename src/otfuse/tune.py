@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -61,6 +62,11 @@ class TuneConfig:
 
     def check(self) -> None:
         self.method_list()
+        if self.study and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", self.study):
+            raise OtfuseError(
+                f"--study {self.study!r}: a study name goes into file names in --results-dir; use letters, digits "
+                "and . _ + - (at most 100, no path separators), e.g. --study fmnist-w16"
+            )
         if self.n_trials < 1:
             raise OtfuseError(f"--n-trials {self.n_trials} must be at least 1")
         if not self.timeout >= 0:
