@@ -31,6 +31,7 @@ def world(trained, tmp_path_factory):
     shutil.copy(paths[0], ck / "seed0.pt")
     shutil.copy(paths[1], ck / "seed1.pt")
     raw = torch.load(a, weights_only=True)
+    digest = raw["meta"].pop("weights_digest")  # the damaged copies below carry none (as older files), so each check shows
     nan = {**raw, "state_dict": {**raw["state_dict"], "conv1.weight": raw["state_dict"]["conv1.weight"] * float("nan")}}
     torch.save(nan, w / "nan.pt")
     for key, value in (("dataset", None), ("width", "8")):
@@ -45,7 +46,7 @@ def world(trained, tmp_path_factory):
         root_ = _image_tree(w / f"img-{name}")
         (root_ / "train" / "dog" / ("broken.jpg" if name == "corrupt" else "notes.txt")).write_bytes(extra)
     _image_tree(w / "img-oneclass", classes=("cat",))
-    _damaged_checkpoints(w, raw)
+    _damaged_checkpoints(w, raw, digest)
     _bad_image_folders(w)
     _bad_data_dirs(w)
     _outputs_that_exist(w, a)
@@ -63,8 +64,9 @@ def _image_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog")) -> Path:
     return root
 
 
-def _damaged_checkpoints(w: Path, raw: dict) -> None:
-    """Checkpoints that load as files but are not sound: each a copy of a.pt with one thing wrong."""
+def _damaged_checkpoints(w: Path, raw: dict, digest: str) -> None:
+    """Checkpoints that load as files but are not sound: each a copy of a.pt with one thing wrong (`flipped`: one weight
+    changed under the checksum `digest` written with the original)."""
     sd, meta = raw["state_dict"], raw["meta"]
     var = next(k for k in sd if k.endswith("running_var"))
     for name, ckpt in {
@@ -89,6 +91,19 @@ def _damaged_checkpoints(w: Path, raw: dict) -> None:
         "trainacc": {**raw, "meta": {**meta, "train_acc": "high"}},
         "history": {**raw, "meta": {**meta, "history": {"epoch": 1}}},
         "archbool": {**raw, "meta": {**meta, "width": True}},
+        "meanhuge": {**raw, "meta": {**meta, "mean": [1e308] * len(meta["mean"])}},
+        "stdtiny": {**raw, "meta": {**meta, "std": [1e-300] * len(meta["std"])}},
+        "epochneg": {**raw, "meta": {**meta, "epoch": -1}},
+        "flipped": {
+            **raw,
+            "meta": {**meta, "weights_digest": digest},
+            "state_dict": {
+                **sd,
+                "conv1.weight": sd["conv1.weight"].flatten().index_fill(0, torch.tensor([3]), 0.125).view_as(sd["conv1.weight"]),
+            },
+        },
+        "otherclasses": {**raw, "meta": {**meta, "classes": [f"c{i}" for i in range(meta["num_classes"])]}},
+        "otherdata": {**raw, "meta": {**meta, "dataset": "fashion-mnist"}},
     }.items():
         torch.save(ckpt, w / f"bad-{name}.pt")
 
@@ -276,6 +291,13 @@ CASES = [
     ("evaluate {w}/bad-history.pt", "metadata history"),
     ("evaluate {w}/bad-archbool.pt", "metadata width"),
     ("fuse {w}/a.pt {w}/bad-negvar.pt", "holds negative values"),
+    ("evaluate {w}/bad-meanhuge.pt", "metadata mean"),
+    ("evaluate {w}/bad-stdtiny.pt", "metadata std"),
+    ("evaluate {w}/bad-epochneg.pt", "metadata epoch"),
+    ("evaluate {w}/bad-flipped.pt", "is damaged: its weights differ from the checksum"),
+    ("fuse {w}/a.pt {w}/bad-otherclasses.pt", "trained on classes that differ"),
+    ("fuse {w}/bad-otherclasses.pt {w}/a.pt", "trained on classes that differ"),
+    ("finetune {w}/a.pt --distill --teachers {w}/bad-otherdata.pt,{w}/b.pt --out {w}/new.pt", "was trained on fashion-mnist"),
     # --- numbers beyond what the machine holds ---
     ("train --dataset digits --width 4 --seed 99999999999999999999 --out {w}/new.pt", "beyond a 64-bit integer"),
     ("train --dataset digits --width 4 --seed -1 --out {w}/new.pt", "a seed is from 0"),
@@ -299,7 +321,10 @@ CASES = [
     # --- the fusion scripts: the checks of otfuse fuse, and checkpoint folders in odd states ---
     ("sweep --checkpoint-dir {w}/ck-dup --results-dir {w}/res", "are both seed 0"),
     ("sweep --checkpoint-dir {w}/ck-split --results-dir {w}/res", "fuse models trained on the same split"),
-    ("sweep --checkpoint-dir {w}/ck-ft --results-dir {w}/res --finetune-epochs 1", "seeds0-1-ft1.pt already exists and is not this command's"),
+    (
+        "sweep --checkpoint-dir {w}/ck-ft --results-dir {w}/res --finetune-epochs 1",
+        "seeds0-1-ft1.pt already exists and is not this command's",
+    ),
     ("sweep --checkpoint-dir {w}/ck --results-dir {w}/locked-results", "summary.md is being written by another otfuse process"),
     ("sweep --checkpoint-dir {w}/ck --results-dir {w}/res", "fused-activation-seeds0-1.pt already exists and is not this command's"),
 ]
@@ -320,3 +345,27 @@ def test_a_bad_input_is_one_line_exit_2_and_writes_nothing(world, line, message,
     assert len(err.splitlines()) == 1 and message in err, err
     assert _snapshot(w) == before, "a file was written or changed"
     assert set(_snapshot(data)) == set(cache), "a dataset cache was written"
+
+
+def test_a_checkpoint_with_one_flipped_weight_byte_is_refused(world, capsys):
+    """torch does not check its zip's CRCs: a changed byte inside a weight tensor loads without a word, unless the
+    checkpoint's own checksum catches it."""
+    import struct
+    import zipfile
+
+    w, data = world
+    flipped = w / "flip-copy.pt"
+    shutil.copy(w / "a.pt", flipped)
+    with zipfile.ZipFile(flipped) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(flipped, "r+b") as f:
+        f.seek(entry.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x10]))
+    assert main(["evaluate", str(flipped), "--data-dir", str(data)]) == 2
+    assert "is damaged: its weights differ from the checksum" in capsys.readouterr().err
+    flipped.unlink()

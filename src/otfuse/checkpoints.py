@@ -11,6 +11,7 @@ run, the optimiser state.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -62,7 +63,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, **extra) -> 
             "lower the learning rate or check the inputs"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last weights saved plainly
-    save_torch(path, {"state_dict": state, "meta": {**meta, "version": __version__}, **extra})
+    save_torch(path, {"state_dict": state, "meta": {**meta, "version": __version__, "weights_digest": weights_digest(state)}, **extra})
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A checksum of a state dict as stored (names, dtypes, shapes and bytes): torch does not check its zip's CRCs, so
+    a flipped bit in a weight would load without a word."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
@@ -78,6 +90,11 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise OtfuseError(f"checkpoint {path}: its state_dict is not a mapping of names to tensors; re-create it")
+    if "weights_digest" in meta and meta["weights_digest"] != weights_digest(state):  # checkpoints from before it carry none
+        raise OtfuseError(
+            f"checkpoint {path} is damaged: its weights differ from the checksum written when it was saved "
+            "(a changed byte); re-create it or copy it again"
+        )
     own = model.state_dict()
     for k, t in state.items():
         if k in own and t.is_floating_point() != own[k].is_floating_point():
@@ -115,11 +132,11 @@ def _check_meta(path: str | Path, meta: dict) -> None:
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    def numbers(v, n: int, positive: bool) -> bool:
+    def numbers(v, n: int, low: float, high: float) -> bool:
         return (
             isinstance(v, list)
             and len(v) == n
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive) for x in v)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high for x in v)
         )
 
     for key, kind in REQUIRED.items():
@@ -131,12 +148,15 @@ def _check_meta(path: str | Path, meta: dict) -> None:
     need(meta["width"] >= 0, "width", "a width of 0 or more")
     need(1 <= meta["in_channels"] <= 64, "in_channels", "a channel count from 1 to 64")
     need(2 <= meta["num_classes"] <= 100_000, "num_classes", "a class count from 2 to 100000")
-    need(numbers(meta["mean"], meta["in_channels"], False), "mean", f"{meta['in_channels']} finite numbers (one per input channel)")
-    need(numbers(meta["std"], meta["in_channels"], True), "std", f"{meta['in_channels']} positive numbers (one per input channel)")
+    # pixels are read as values in [0, 1]: their mean lies in it, and their std in [1e-3 (the floor data.py gives a
+    # constant channel), 1]
+    n = meta["in_channels"]
+    need(numbers(meta["mean"], n, 0.0, 1.0), "mean", f"{n} numbers from 0 to 1 (one per input channel, of pixels read as 0 to 1)")
+    need(numbers(meta["std"], n, 1e-3, 1.0), "std", f"{n} numbers from 0.001 to 1 (one per input channel, of pixels read as 0 to 1)")
     optional = {
         "seed": (is_int, "an integer"),
         "val_size": (is_int, "an integer"),
-        "epoch": (is_int, "an integer"),
+        "epoch": (lambda v: is_int(v) and v >= 0, "an epoch count of 0 or more"),
         "image_size": (lambda v: is_int(v) and 1 <= v <= 4096, "an image side from 1 to 4096 pixels"),
         "kind": (lambda v: v in ("trained", "finetuned", "fused"), "trained, finetuned or fused"),
         "config": (lambda v: isinstance(v, dict), "a dict"),
@@ -288,6 +308,14 @@ def load_parents(
     meta0 = loaded[0][1]
     keys = MATCH + (("width",) if same_width else ())
     for path, (_, meta, _) in zip(paths[1:], loaded[1:]):
+        if meta.get("classes") != meta0.get("classes"):
+            diff = next(
+                (f"{a!r} where it has {b!r}" for a, b in zip(meta.get("classes") or [], meta0.get("classes") or []) if a != b),
+                "other class names",
+            )
+            raise OtfuseError(
+                f"{path} was trained on classes that differ from {paths[0]}'s ({diff}); fuse models of one dataset's classes, in one order"
+            )
         for k in keys:
             if meta.get(k) != meta0.get(k):
                 raise OtfuseError(

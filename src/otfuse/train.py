@@ -423,6 +423,12 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
                 f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
                 f"this run {data.num_classes} of {data.in_channels}; use teachers trained on {cfg.dataset}"
             )
+        if meta["dataset"] != cfg.dataset or meta.get("classes", data.classes) != data.classes:
+            raise OtfuseError(
+                f"--teachers: {p} was trained on {meta['dataset']}"
+                + (" with other class names" if meta["dataset"] == cfg.dataset else "")
+                + f", this run is on {cfg.dataset}; use teachers trained on the same data"
+            )
         out.append(model.eval().requires_grad_(False))
     return out
 
