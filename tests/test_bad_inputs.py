@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -156,6 +157,8 @@ def _outputs_that_exist(w: Path, a: Path) -> None:
     shutil.copy(a, w / "other.pt")
     (w / "cfg.json").write_text(json.dumps({"bn_batches": 4}))
     (w / "user.csv").write_text("name,value\nmine,1\n")
+    os.mkfifo(w / "fifo")  # a read would block forever
+    (w / "loop").symlink_to(w / "loop")
     (w / "keras.csv").write_text("epoch,loss,accuracy\n0,0.91,0.71\n1,0.52,0.83\n")  # a Keras CSVLogger file: looks like a log
     (w / ".locked.pt.lock").write_text("1")  # pid 1 is always alive: another process holds locked.pt
     (w / "locked-results").mkdir()
@@ -215,7 +218,13 @@ CASES = [
     ("fuse {w}/a.pt {w}/b.pt --bn-batches ten", "argument --bn-batches: 'ten' is not an integer"),
     ("fuse {w}/a.pt {w}/b.pt --reg nan", "'nan' is not a finite number"),
     ("fuse {w}/a.pt {w}/b.pt --config {w}/wrongtype.json", "bn_batches must be an integer"),
-    ("fuse {w}/a.pt {w}/b.pt --config {w}/missing.json", "the file does not exist"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/missing.json", "missing.json does not exist"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/fifo", "is not a regular file"),
+    ("fuse {w}/a.pt {w}/b.pt --config /dev/zero", "is not a regular file"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/loop", "is a loop of symbolic links"),
+    ("fuse {w}/a.pt {w}/fifo", "is not a regular file"),
+    ("tune {w}/a.pt {w}/b.pt --n-trials 1 --storage {w}/fifo --results-dir {w}/res", "is not a regular file"),
+    ("train --dataset imagefolder:{w}/fifo --width 4 --out {w}/new.pt", "is not a regular file"),
     ("fuse {w}/a.pt {w}/b.pt --config {w}/outdir", "is a directory"),
     ("fuse {w}/a.pt {w}/outdir", "is a directory; give the .pt file"),
     ("fuse {w}/a.pt {w}/cut.pt", "is corrupt or truncated"),

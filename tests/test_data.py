@@ -246,3 +246,36 @@ def test_a_planted_cifar_pickle_runs_no_code(name, tmp_path, tmp_data_dir):
     with pytest.raises(OtfuseError, match=r"asks to run (builtins|io)\.open, which CIFAR's files never do"):
         D.load_dataset(name, tmp_data_dir)
     assert not marker.exists()
+
+
+def test_images_otfuse_cannot_read_right_are_one_clear_error(tmp_path, tmp_data_dir, monkeypatch):
+    root = tmp_path / "imgs"
+    _image_tree(root)
+    deep = np.full((6, 6), 40000, np.uint16)  # a 16-bit PNG: read as 8-bit it would be white
+    Image.fromarray(deep).save(root / "train" / "cat" / "deep.png")
+    with pytest.raises(OtfuseError, match="deep.png holds I;16 pixels, not 8-bit ones"):
+        D.load_dataset(f"imagefolder:{root}", tmp_data_dir)
+    (root / "train" / "cat" / "deep.png").unlink()
+    monkeypatch.setattr(D, "MAX_PIXELS", 30)
+    with pytest.raises(OtfuseError, match="is 6 x 6 pixels, more than otfuse reads"):
+        D.load_dataset(f"imagefolder:{root}", tmp_data_dir)
+
+
+def test_an_archive_member_that_cannot_be_an_image_is_never_read(tmp_path, tmp_data_dir, monkeypatch):
+    root = tmp_path / "imgs"
+    _image_tree(root)
+    (root / "notes.bin").write_bytes(b"x" * 5000)  # outside train/ and test/: skipped, and not even read
+    archive = tmp_path / "imgs.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(root, arcname="top")
+    read = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or real(self, m))
+    monkeypatch.setattr(D, "MAX_FILE_BYTES", 4096)
+    assert D.load_dataset(f"imagefolder:{archive}", tmp_data_dir, val_size=1).classes == ["cat", "dog"]
+    assert read and not any("notes" in n for n in read)
+    (root / "train" / "dog" / "huge.png").write_bytes(b"x" * 5000)
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(root, arcname="top")
+    with pytest.raises(OtfuseError, match="huge.png is 5,000 bytes, more than any image otfuse reads"):
+        D.load_dataset(f"imagefolder:{archive}", tmp_data_dir)

@@ -27,6 +27,7 @@ import lzma
 import os
 import pickle
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,10 +38,13 @@ import torch
 from PIL import Image
 
 from otfuse.errors import OtfuseError
-from otfuse.storage import atomic_write_bytes, load_torch, save_torch, writable_dir
+from otfuse.storage import atomic_write_bytes, load_torch, regular_file, save_torch, writable_dir
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CACHE_VERSION = 1
+MAX_FILE_BYTES = 64 << 20  # the largest file an image folder may hold: no image otfuse can train on is larger
+MAX_PIXELS = 4096 * 4096  # the largest image side a checkpoint may record is 4096
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 OFFLINE_CHOICES = (
     "offline choices: --dataset digits (bundled), fashion-mnist (apt-get install dataset-fashion-mnist), "
     "cifar100:PATH (a local copy, e.g. the lossless PNG archive), or imagefolder:PATH (e.g. the CIFAR-10 JPEG copy, a .tar.xz)"
@@ -387,8 +391,10 @@ def _imagefolder_source(arg: str, _data_dir: Path) -> _Source:
     if not arg:
         raise OtfuseError("--dataset imagefolder needs a path: imagefolder:PATH (a folder with train/ and test/, or a .tar.xz of one)")
     path = Path(arg).expanduser()
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise OtfuseError(f"imagefolder path {path} does not exist; give a folder with train/ and test/ or a .tar.xz of one")
+    if not path.is_dir():
+        regular_file(path, "imagefolder archive")
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return _Source(f"imagefolder-{_fingerprint(files)}", lambda: _decode_imagefolder(path))
 
@@ -423,7 +429,18 @@ def _decode_imagefolder(path: Path) -> dict:
 
     def decode(name: str, blob: bytes) -> np.ndarray:
         try:
-            with Image.open(io.BytesIO(blob)) as im:
+            with warnings.catch_warnings(), Image.open(io.BytesIO(blob)) as im:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked here, in one line
+                if im.width * im.height > MAX_PIXELS:
+                    raise OtfuseError(
+                        f"imagefolder {path}: {name} is {im.width} x {im.height} pixels, more than otfuse reads "
+                        f"({MAX_PIXELS // 2**20} megapixels); resize it first"
+                    )
+                if im.mode not in EIGHT_BIT_MODES:
+                    raise OtfuseError(
+                        f"imagefolder {path}: {name} holds {im.mode} pixels, not 8-bit ones (a 16-bit or float image "
+                        "would read as white); convert it to 8-bit first"
+                    )
                 return np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise OtfuseError(
@@ -452,7 +469,12 @@ def _tar_entries(path: Path):
                 parts = Path(m.name).parts
                 if (m.issym() or m.islnk()) and not any(p.startswith(".") for p in parts):
                     raise OtfuseError(f"imagefolder archive {path}: {m.name} is a link; archive the files themselves")
-                if m.isfile():
+                if m.isfile() and _may_be_image(parts):  # a member that cannot be one is never read
+                    if m.size > MAX_FILE_BYTES:
+                        raise OtfuseError(
+                            f"imagefolder archive {path}: {m.name} is {m.size:,} bytes, more than any image "
+                            f"otfuse reads ({MAX_FILE_BYTES >> 20} MiB); remove it from the archive"
+                        )
                     blob = tar.extractfile(m).read()
                     yield parts, (lambda b=blob: b)
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
@@ -460,6 +482,19 @@ def _tar_entries(path: Path):
             f"imagefolder archive {path} is corrupt or truncated ({type(exc).__name__}: {' '.join(str(exc).split()[:8])}); "
             "give a complete .tar.xz of train/ and test/"
         ) from None
+
+
+def _may_be_image(parts: tuple[str, ...]) -> bool:
+    """Whether an archive member at `parts` can be an image of split/class/file (below one optional top folder)."""
+    return not any(p.startswith(".") for p in parts) and (parts[:1] in (("train",), ("test",)) or parts[1:2] in (("train",), ("test",)))
+
+
+def _read_image_file(p: Path) -> bytes:
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise OtfuseError(
+            f"imagefolder file {p} is {p.stat().st_size:,} bytes, more than any image otfuse reads ({MAX_FILE_BYTES >> 20} MiB); remove it"
+        )
+    return p.read_bytes()
 
 
 def _dir_entries(path: Path):
@@ -474,7 +509,7 @@ def _dir_entries(path: Path):
                 )
         for name in sorted(files):
             p = Path(folder) / name
-            yield p.relative_to(path).parts, p.read_bytes
+            yield p.relative_to(path).parts, functools.partial(_read_image_file, p)
 
 
 # --- cache and splits -----------------------------------------------------------------------

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from otfuse.errors import OtfuseError
+from otfuse.storage import regular_file
+
+CONFIG_LIMIT = 1 << 20  # bytes: a file of options is a few hundred
 
 TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -189,13 +192,11 @@ def flatten(cfg) -> dict[str, Any]:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """Flat options from a JSON object (keys starting with '_' are notes); one clear error otherwise."""
-    p = Path(path)
+    p = regular_file(path, "--config")
+    if p.stat().st_size > CONFIG_LIMIT:
+        raise OtfuseError(f"--config {path} is {p.stat().st_size} bytes, not a file of options; give a JSON file (otfuse tune writes one)")
     try:
         obj = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise OtfuseError(f"--config {path}: the file does not exist") from None
-    except IsADirectoryError:
-        raise OtfuseError(f"--config {path} is a directory; give a JSON file") from None
     except (OSError, ValueError) as exc:
         raise OtfuseError(f"--config {path}: not a readable JSON file ({str(exc)[:100]}); write one with otfuse tune") from None
     if not isinstance(obj, dict):

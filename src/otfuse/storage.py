@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -47,6 +48,28 @@ def writable_dir(path: str | Path) -> Path:
         probe.close()
     except OSError as exc:
         raise OtfuseError(f"cannot write to directory {path} ({exc.strerror or exc}); choose a writable directory") from None
+    return path
+
+
+def regular_file(path: str | Path, what: str, missing_ok: bool = False) -> Path | None:
+    """`path` as a regular file to read, or one clear error naming what it is instead: missing (None with
+    `missing_ok`), a directory, a symbolic-link loop, or not a regular file (a FIFO would block the read forever, a
+    device such as /dev/zero never end)."""
+    path = Path(path).expanduser()
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if missing_ok and not path.is_symlink():
+            return None
+        raise OtfuseError(f"{what} {path} does not exist; check the path") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OtfuseError(f"{what} {path} is a loop of symbolic links; give the file itself") from None
+        raise OtfuseError(f"{what} {path} cannot be read ({exc.strerror or exc}); check the path") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise OtfuseError(f"{what} {path} is a directory; give a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise OtfuseError(f"{what} {path} is not a regular file (a pipe, socket or device); give a file")
     return path
 
 
@@ -228,8 +251,7 @@ def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
     path = Path(path)
     if path.is_dir():
         raise OtfuseError(f"{what} {path} is a directory; give the .pt file inside it")
-    if not path.is_file():
-        raise OtfuseError(f"{what} {path} does not exist; check the path")
+    regular_file(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt zips, pickles and code it refuses to run

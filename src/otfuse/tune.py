@@ -38,7 +38,7 @@ from otfuse.models import arch_folder
 from otfuse.options import build, flatten
 from otfuse.plots import history_figure, save_figure
 from otfuse.precision import resolve_precision
-from otfuse.storage import atomic_write_text, inputs_name, writable_dir
+from otfuse.storage import atomic_write_text, inputs_name, regular_file, writable_dir
 
 RIDGE = (1e-4, 1.0)  # refit's ridge: from nearly a plain least-squares fit to nearly the plain average
 N_IMAGES = (250, 500, 1000, 2000)  # sample sizes the study may pick for the alignment and the refit
@@ -152,7 +152,7 @@ def _check_journal(path: Path) -> None:
     """An existing --storage file must be an optuna journal (JSON lines): anything else is the user's file, never appended to."""
     if path.is_dir():
         raise OtfuseError(f"--storage {path} is a directory; give a journal file path (e.g. results/study.jsonl) or a database URL")
-    if not path.is_file() or path.stat().st_size == 0:
+    if regular_file(path, "--storage", missing_ok=True) is None or path.stat().st_size == 0:
         return
     try:
         with open(path, "rb") as f:
