@@ -179,3 +179,38 @@ def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / "ck" / "digits" / "resnet18-w8" / "seed0.pt", weights_only=True)
     assert ckpt["meta"]["epoch"] == 4 and ckpt["meta"]["test_acc"] > 50  # chance is 10%: both ranks learned together
+
+
+def _folder(root, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 12), ("test", 4)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_a_checkpoint_knows_its_data_by_content_from_any_folder(tmp_path, monkeypatch, capsys):
+    """A relative imagefolder path is recorded resolved, with a digest of the decoded data: evaluated from another
+    folder the checkpoint reads the same images; where other images sit at that path, it refuses in one line."""
+    (tmp_path / "a").mkdir()
+    _folder(tmp_path / "a" / "imgs", 0)
+    monkeypatch.chdir(tmp_path / "a")
+    data_dir = str(tmp_path / "data")
+    cfg = _cfg(tmp_path, dataset="imagefolder:imgs", width=4, epochs=1, batch_size=8, val_size=4, out=str(tmp_path / "m.pt"))
+    meta = load_checkpoint(T.train(cfg, progress=False))[1]
+    assert meta["dataset"] == f"imagefolder:{tmp_path / 'a' / 'imgs'}" and len(meta["data_digest"]) == 32
+    (tmp_path / "b").mkdir()
+    _folder(tmp_path / "b" / "imgs", 1)  # the same class names, other images, where the relative path now leads
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["evaluate", str(tmp_path / "m.pt"), "--data-dir", data_dir, "--device", "cpu"]) == 0
+    assert f"{meta['test_acc']:.2f}%" in capsys.readouterr().out  # the data it was trained on, from another folder
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "imgs")
+    _folder(tmp_path / "a" / "imgs", 2)  # other images at the recorded path itself
+    assert main(["evaluate", str(tmp_path / "m.pt"), "--data-dir", data_dir, "--device", "cpu"]) == 2
+    assert "holds other images or labels than the checkpoint" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from otfuse.data import ImageData, dataset_augments, load_dataset
+from otfuse.data import ImageData, dataset_augments, load_dataset, resolved_name
 from otfuse.errors import OtfuseError
 from otfuse.models import model_from_meta
 from otfuse.storage import load_torch, save_torch
@@ -26,7 +26,7 @@ from otfuse.version import __version__
 
 # metadata every otfuse checkpoint has, with its type
 REQUIRED = {"arch": str, "width": int, "in_channels": int, "num_classes": int, "dataset": str, "mean": list, "std": list}
-MATCH = ("arch", "in_channels", "num_classes", "dataset")  # what parents to fuse must share (the width may differ)
+MATCH = ("arch", "in_channels", "num_classes")  # what parents to fuse must share beside their data (the width may differ)
 MAX_ABS = (
     1e18  # its square overflows float32: no trained network holds it (a fusion of underfit parents can hold BatchNorm variances of 1e6)
 )
@@ -169,6 +169,8 @@ def _check_meta(path: str | Path, meta: dict) -> None:
         "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
         "subset": (lambda v: _is_subset(v, meta["num_classes"]), "a part of the data (classes, bias, seed)"),
         "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS)),
+        "data_digest": (lambda v: isinstance(v, str) and len(v) <= 64, "a digest of the training data"),
+        "weights_digest": (lambda v: isinstance(v, str) and len(v) <= 64, "a checksum of the weights"),
     }
     for key, (ok, what) in optional.items():
         if key in meta:
@@ -204,6 +206,7 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
     """The checkpoint's dataset, with the validation split it was trained without, and the classes it was
     trained on (a renamed, added or removed class folder would evaluate to nonsense without a word)."""
     data = load_dataset(meta["dataset"], data_dir, val_size_of(meta))
+    check_data_digest(meta, data, f"the checkpoint trained on {meta['dataset']}")
     want = meta.get("classes")
     if want is not None and list(data.classes) != list(want):
         diff = next(
@@ -215,6 +218,25 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
             f"{', ...' if len(want) > 5 else ''}); give the data it was trained on"
         )
     return data
+
+
+def check_data_digest(meta: dict, data: ImageData, what: str) -> None:
+    """One clear error where `data` is not the data `meta` records it was trained on (its digest: the decoded arrays);
+    checkpoints written before digests were recorded carry none and are accepted."""
+    want = meta.get("data_digest")
+    if want and data.digest and want != data.digest:
+        raise OtfuseError(
+            f"dataset {data.name} holds other images or labels than {what} was trained on (its content differs); "
+            "give the data it was trained on"
+        )
+
+
+def same_data(a: dict, b: dict) -> bool:
+    """Whether two checkpoints were trained on one dataset: equal data digests where both have one, else the same
+    dataset name with its path resolved."""
+    if a.get("data_digest") and b.get("data_digest"):
+        return a["data_digest"] == b["data_digest"]
+    return resolved_name(str(a.get("dataset"))) == resolved_name(str(b.get("dataset")))
 
 
 def fits_training_set(meta: dict) -> bool:
@@ -315,6 +337,11 @@ def load_parents(
             )
             raise OtfuseError(
                 f"{path} was trained on classes that differ from {paths[0]}'s ({diff}); fuse models of one dataset's classes, in one order"
+            )
+        if not same_data(meta, meta0):
+            raise OtfuseError(
+                f"{path} was trained on {meta['dataset']} but {paths[0]} on {meta0['dataset']} (other data); "
+                "fuse models trained on one dataset"
             )
         for k in keys:
             if meta.get(k) != meta0.get(k):

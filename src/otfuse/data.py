@@ -133,6 +133,15 @@ def dataset_slug(name: str) -> str:
     return name.partition(":")[0]
 
 
+def resolved_name(name: str) -> str:
+    """`name` with the path of a local copy made absolute (`imagefolder:../x` -> `imagefolder:/abs/x`): what a
+    checkpoint records, so it reads the same data from any folder."""
+    kind, sep, arg = name.partition(":")
+    if not sep or not arg or kind not in ("imagefolder", "cifar100"):
+        return name
+    return f"{kind}:{Path(arg).expanduser().resolve()}"
+
+
 def content_digest(raw: dict) -> str:
     """A digest of a decoded dataset's arrays and class names: equal digests, equal data."""
     h = hashlib.blake2b(digest_size=16)

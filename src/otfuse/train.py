@@ -15,7 +15,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from otfuse.checkpoints import (
     OPTIMIZERS,
+    check_data_digest,
     fused_from_fitted_parents,
     load_checkpoint,
     optimizer_of,
@@ -31,7 +32,7 @@ from otfuse.checkpoints import (
     save_checkpoint,
     val_size_of,
 )
-from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset
+from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset, resolved_name
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
@@ -194,6 +195,7 @@ def _dist() -> tuple[int, int]:
 def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True) -> Path:
     """Train (or resume) the model `cfg` describes; returns the checkpoint path."""
     cfg.check()
+    cfg = replace(cfg, dataset=resolved_name(cfg.dataset))  # a relative path recorded as given would mean other data elsewhere
     rank, world = _dist()
     path = checkpoint_path(cfg)
     _check_paths(cfg, path)
@@ -393,6 +395,7 @@ def _meta(cfg: TrainConfig, data: ImageData) -> dict:
         "image_size": data.image_size,
         "num_classes": data.num_classes,
         "dataset": cfg.dataset,
+        "data_digest": data.digest,  # what the data is, whatever its path: checked wherever the checkpoint is used
         "mean": list(data.mean),
         "std": list(data.std),
         "val_size": len(data.val_y),
@@ -423,7 +426,8 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
                 f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
                 f"this run {data.num_classes} of {data.in_channels}; use teachers trained on {cfg.dataset}"
             )
-        if meta["dataset"] != cfg.dataset or meta.get("classes", data.classes) != data.classes:
+        check_data_digest(meta, data, f"teacher {p}")
+        if resolved_name(meta["dataset"]) != resolved_name(cfg.dataset) or meta.get("classes", data.classes) != data.classes:
             raise OtfuseError(
                 f"--teachers: {p} was trained on {meta['dataset']}"
                 + (" with other class names" if meta["dataset"] == cfg.dataset else "")
@@ -453,7 +457,8 @@ def _check_existing(path: Path, cfg: TrainConfig, precision: Precision) -> None:
             "--out to write a new one elsewhere, or --overwrite to replace it"
         )
     old = saved.get("config") or {}
-    changed = [k for k in RUN_OPTIONS if k in old and old[k] != getattr(cfg, k)]
+    same = lambda k, v: resolved_name(str(v)) == cfg.dataset if k == "dataset" else v == getattr(cfg, k)
+    changed = [k for k in RUN_OPTIONS if k in old and not same(k, old[k])]
     if changed:
         k = changed[0]
         raise OtfuseError(
@@ -470,7 +475,13 @@ def _check_existing(path: Path, cfg: TrainConfig, precision: Precision) -> None:
 def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):
     """load_checkpoint(path), after checking it holds the model this run trains."""
     saved, meta, ckpt = load_checkpoint(path)
-    want = {"arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels, "num_classes": data.num_classes, "dataset": cfg.dataset}
+    if resolved_name(meta["dataset"]) != resolved_name(cfg.dataset):
+        raise OtfuseError(
+            f"{flag}: checkpoint {path} was trained on {meta['dataset']} but this run is on {cfg.dataset}; "
+            "use another checkpoint or matching options"
+        )
+    check_data_digest(meta, data, f"{flag} checkpoint {path}")
+    want = {"arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels, "num_classes": data.num_classes}
     for k, v in want.items():
         if meta.get(k) != v:
             raise OtfuseError(
