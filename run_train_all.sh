@@ -14,6 +14,11 @@ NPROC="${NPROC:-1}"
 DATA_DIR="${DATA_DIR:-$HOME/.cache/otfuse}"
 SPLIT="${SPLIT:-}"
 BIAS="${BIAS:-0.8}"
+for var in EPOCHS WIDTH NPROC; do
+  case "${!var}" in
+    "" | *[!0-9]*) echo "run_train_all.sh: $var=${!var} is not a whole number; e.g. $var=1" >&2; exit 2 ;;
+  esac
+done
 case "$SPLIT" in
   "" | disjoint | biased) ;;
   *) echo "run_train_all.sh: SPLIT=$SPLIT: use disjoint, biased or leave it unset (every seed on all the data)" >&2; exit 2 ;;

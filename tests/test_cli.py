@@ -61,3 +61,37 @@ def test_help_shows_each_options_meaning_and_default(command, capsys):
         assert "peak learning rate (default: 0.2)" in out
     if command == "fuse":
         assert "activation | weight | weight-matching (default: activation)" in out
+
+
+def test_output_piped_into_head_loses_nothing(trained, tmp_path):
+    """The reader of stdout goes away after one line (`otfuse fuse ... | head -1`): the command still saves its fusion,
+    exits 0 and prints no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    _, _, paths, root = trained
+    out = tmp_path / "fused.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "otfuse",
+        "fuse",
+        str(paths[0]),
+        str(paths[1]),
+        "--out",
+        str(out),
+        "--baselines",
+        "--data-dir",
+        str(root / "data"),
+        "--device",
+        "cpu",
+        "--bn-batches",
+        "4",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does once it has its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and out.is_file()

@@ -214,3 +214,12 @@ def test_a_checkpoint_knows_its_data_by_content_from_any_folder(tmp_path, monkey
     _folder(tmp_path / "a" / "imgs", 2)  # other images at the recorded path itself
     assert main(["evaluate", str(tmp_path / "m.pt"), "--data-dir", data_dir, "--device", "cpu"]) == 2
     assert "holds other images or labels than the checkpoint" in capsys.readouterr().err
+
+
+def test_run_train_all_refuses_a_count_that_is_not_a_number(tmp_path):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "run_train_all.sh"
+    env = {**os.environ, "NPROC": "abc", "DATASETS": "digits"}
+    run = subprocess.run([str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.strip() == "run_train_all.sh: NPROC=abc is not a whole number; e.g. NPROC=1"

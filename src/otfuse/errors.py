@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -10,8 +11,40 @@ class OtfuseError(Exception):
     """A bad input: the message names the input and the fix."""
 
 
+class _PipeSafe:
+    """stdout that outlives its reader: once the pipe it writes to closes (`otfuse fuse ... | head`), what follows is
+    dropped, and the command goes on to save its results instead of dying of a BrokenPipeError halfway."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's own last flush must not fail either
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run_main(fn: Callable[[], int]) -> int:
-    """Run a command; a bad input becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run a command; a bad input becomes one line on stderr and exit code 2, Ctrl-C exit code 130. A closed stdout
+    (the reader of a pipe gone) drops the rest of the output, never the command's work."""
+    stdout = sys.stdout
+    sys.stdout = stdout if isinstance(stdout, _PipeSafe) else _PipeSafe(stdout)
     try:
         return fn()
     except OtfuseError as exc:
@@ -20,3 +53,5 @@ def run_main(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("otfuse: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout

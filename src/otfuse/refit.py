@@ -64,8 +64,8 @@ class RefitConfig:
     seed: int = 0  # image sample, augmentation and position subsets
 
     def check(self) -> None:
-        if not (self.ridge >= 0 and self.ridge != float("inf")):
-            raise OtfuseError(f"--refit-ridge {self.ridge} must be a finite number, at least 0")
+        if not 0 <= self.ridge <= 1e6:  # at 1e6 the fit is already the parents' averaged layer: a larger one only overflows
+            raise OtfuseError(f"--refit-ridge {self.ridge} must be from 0 to 1e6")
         if self.n_images < 2:
             raise OtfuseError(f"--refit-n-images {self.n_images} is too small; use at least 2")
         if self.batch_size < 1:

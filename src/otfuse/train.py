@@ -79,15 +79,15 @@ class TrainConfig:
         bad = [
             (self.epochs >= 1, "--epochs", "at least 1"),
             (self.batch_size >= 1, "--batch-size", "at least 1"),
-            (math.isfinite(self.lr) and self.lr > 0, "--lr", "a positive number"),
+            (0 < self.lr <= 100, "--lr", "a positive number, at most 100"),
             (0 <= self.warmup <= 1, "--warmup", "between 0 and 1 (a fraction of the steps)"),
             (self.optimizer in OPTIMIZERS, "--optimizer", " or ".join(OPTIMIZERS)),
             (0 <= self.momentum < 1, "--momentum", "between 0 and 1 (excluded)"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay", "0 or more"),
+            (0 <= self.weight_decay <= 10, "--weight-decay", "from 0 to 10"),
             (0 <= self.label_smoothing < 1, "--label-smoothing", "between 0 and 1 (excluded)"),
             (self.val_size >= -1, "--val-size", "-1 (the default split) or 0 or more"),
             (self.width >= 1 or self.arch.startswith(TIMM), "--width", "at least 1"),
-            (math.isfinite(self.temperature) and self.temperature > 0, "--temperature", "a positive number"),
+            (0 < self.temperature <= 1000, "--temperature", "a positive number, at most 1000"),
             (0 <= self.distill_weight <= 1, "--distill-weight", "between 0 and 1"),
         ]
         for ok, flag, want in bad:
@@ -215,6 +215,8 @@ def _check_paths(cfg: TrainConfig, path: Path) -> None:
             f"checkpoint {path} ends in .csv, the name of its own per-epoch log, which would replace it "
             "every epoch; give a path ending in .pt"
         )
+    if path.is_file() and not cfg.overwrite:
+        load_torch(path)  # a damaged checkpoint there is the problem to name, before its log's
     teachers = {f"teacher {t}": t for t in cfg.teachers.split(",") if t.strip()} if cfg.distill else {}
     check_outputs(
         {"checkpoint": path, "the per-epoch log": path.with_suffix(".csv")},
