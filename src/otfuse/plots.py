@@ -38,8 +38,9 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
-    """Accuracy and loss against alpha, one line per curve."""
+def interpolation_figure(rows: list[dict], title: str, split: str = "test", marks: dict[str, float] | None = None):
+    """Accuracy and loss against alpha, one line per curve; `marks` (e.g. the fused model, the ensemble) as horizontal
+    lines on the accuracy panel."""
     fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
     for curve, (colour, marker, label) in CURVE_STYLE.items():
         pts = [r for r in rows if r["curve"] == curve]
@@ -48,6 +49,8 @@ def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
         al = [r["alpha"] for r in pts]
         ax_acc.plot(al, [r["accuracy"] for r in pts], color=colour, marker=marker, ms=4, label=label)
         ax_loss.plot(al, [r["loss"] for r in pts], color=colour, marker=marker, ms=4, label=label)
+    for i, (label, value) in enumerate((marks or {}).items()):
+        ax_acc.axhline(value, color=f"C{i + 3}", ls="--" if i else "-", lw=1.4, label=f"{label}: {value:.2f}")
     for ax, what in ((ax_acc, f"{split} accuracy (%)"), (ax_loss, f"{split} loss (cross-entropy)")):
         ax.set_xlabel("alpha: weight of model B  (0 = model A, 1 = model B)")
         ax.set_ylabel(what)
