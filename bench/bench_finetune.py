@@ -103,6 +103,7 @@ def main(argv: list[str]) -> int:
                     ck_meta = load_checkpoint(ck)[1]
                     history = ck_meta["history"]
                     ck.unlink()
+                    ck.with_suffix(".csv").unlink(missing_ok=True)  # its log too: the next run writes its own there
                     common = {
                         "start": start,
                         "distill": bool(options.get("distill")),

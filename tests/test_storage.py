@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import otfuse.train as T
-from otfuse.checkpoints import load_checkpoint
+from otfuse.checkpoints import load_checkpoint, weights_digest
 from otfuse.errors import OtfuseError
 from otfuse.storage import atomic_write_text, load_torch
 from otfuse.sweep import trained_seeds
@@ -96,6 +96,7 @@ def test_a_large_but_finite_batchnorm_variance_loads(trained, tmp_path):
     _, _, paths, _ = trained
     ckpt = torch.load(paths[0], weights_only=True)
     ckpt["state_dict"]["layer4.1.bn2.running_var"] = ckpt["state_dict"]["layer4.1.bn2.running_var"] * 0 + 1.3e6
+    ckpt["meta"]["weights_digest"] = weights_digest(ckpt["state_dict"])  # as otfuse would have saved it
     torch.save(ckpt, tmp_path / "big.pt")
     model = load_checkpoint(tmp_path / "big.pt")[0]
     assert float(model.layer4[1].bn2.running_var.max()) == pytest.approx(1.3e6)

@@ -208,7 +208,6 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
     """The checkpoint's dataset, with the validation split it was trained without, and the classes it was
     trained on (a renamed, added or removed class folder would evaluate to nonsense without a word)."""
     data = load_dataset(meta["dataset"], data_dir, val_size_of(meta))
-    check_data_digest(meta, data, f"the checkpoint trained on {meta['dataset']}")
     want = meta.get("classes")
     if want is not None and list(data.classes) != list(want):
         diff = next(
@@ -219,6 +218,7 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
             f"dataset {meta['dataset']} has class {diff} (the checkpoint was trained on {', '.join(map(str, want[:5]))}"
             f"{', ...' if len(want) > 5 else ''}); give the data it was trained on"
         )
+    check_data_digest(meta, data, f"the checkpoint trained on {meta['dataset']}")
     return data
 
 
