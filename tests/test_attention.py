@@ -199,6 +199,7 @@ def test_normalised_queries_and_keys_are_refused_in_one_line():
         channel_groups(model.eval(), torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_the_vit_trains_and_goes_through_the_scripts_tune_and_interpolate(tmp_path, capsys):
     """`--arch vit` end to end, unchanged commands: two seeds, the fusion script (with one fine-tuning epoch),
     tune and interpolate."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from otfuse.train import TrainConfig, train
 
 from conftest import bench_module
 
 
+@pytest.mark.slow
 def test_bench_many_fuses_two_and_three_parents_and_resumes(trained, tmp_path):
     _, _, paths, root = trained
     third = train(

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from conftest import bench_module
 
 
+@pytest.mark.slow
 def test_bench_split_trains_parties_fuses_them_and_resumes(tmp_path, monkeypatch):
     bench = bench_module("bench_split")
     monkeypatch.setitem(bench.SETTINGS, "digits-5+5", bench.Setting("digits", 4, 2, "disjoint"))

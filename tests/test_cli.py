@@ -63,6 +63,7 @@ def test_help_shows_each_options_meaning_and_default(command, capsys):
         assert "activation | weight | weight-matching (default: activation)" in out
 
 
+@pytest.mark.slow
 def test_output_piped_into_head_loses_nothing(trained, tmp_path):
     """The reader of stdout goes away after one line (`otfuse fuse ... | head -1`): the command still saves its fusion,
     exits 0 and prints no traceback."""

@@ -60,6 +60,7 @@ def test_fusing_again_replaces_only_its_own_earlier_result(trained, tmp_path, ca
     assert load_checkpoint(out)[1]["parents"] == [str(b), str(a)]
 
 
+@pytest.mark.slow
 def test_results_are_named_by_their_inputs_not_by_inherited_seeds(trained, tmp_path, capsys):
     _, _, (a, b), root = trained
     fused = tmp_path / "fused.pt"
@@ -86,6 +87,7 @@ def test_results_are_named_by_their_inputs_not_by_inherited_seeds(trained, tmp_p
     assert len(names) == 2 and names[0] != names[1] and any(n.split("-w8-")[1].startswith("fused-seed1-") for n in names)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_checkpoint_cannot_both_succeed(trained, tmp_path, capsys):
     _, _, _, root = trained
     out = tmp_path / "m.pt"

@@ -60,6 +60,7 @@ def test_a_registered_method_is_offered_by_fuse(toy, trained, tmp_path, capsys):
     assert len(fused) == 2 and fused[0].split()[1] == fused[1].split()[1]
 
 
+@pytest.mark.slow
 def test_a_registered_method_reaches_the_scripts_summary_and_tune(toy, trained, tmp_path, capsys):
     _, _, paths, root = trained
     results = tmp_path / "results"

@@ -59,6 +59,7 @@ def test_summary_gains_repair_and_finetuning_columns_when_runs_have_them(tmp_pat
     assert "| 80.00 | 70.00 | 81.00 | 72.00 | 92.00 | 93.00 |" in text
 
 
+@pytest.mark.slow
 def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path, capsys):
     _, _, paths, root = trained
     code = main(

@@ -149,6 +149,7 @@ def test_split_parents_fused_from_the_cli_report_joint_and_per_task_accuracy(par
             assert f"  {column}{k} " in out, f"{column}{k} missing"
 
 
+@pytest.mark.slow
 def test_run_train_all_trains_parties_and_the_fusion_script_fuses_complementary_ones(tmp_path):
     """SPLIT=disjoint trains party A (classes 0-4) and B (5-9) per seed; run_activation_based_fusion.py fuses A of one
     seed with B of the other and writes results/split-digits.csv and the summary's parties table."""

@@ -147,6 +147,7 @@ def test_evaluate_prints_the_test_accuracy(tmp_path, capsys):
     assert "digits test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes_on_gloo(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [

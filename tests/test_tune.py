@@ -12,6 +12,7 @@ import sys
 import time
 
 import optuna
+import pytest
 
 from otfuse.cli import main
 from otfuse.data import ImageData
@@ -24,6 +25,7 @@ def _completed(url: str, study: str) -> list:
     return [t for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+@pytest.mark.slow
 def test_tune_reads_the_test_set_only_for_the_final_report(trained, tmp_path, monkeypatch, capsys):
     _, _, paths, root = trained
     reads: list[str] = []
@@ -98,6 +100,7 @@ def _worker(paths, root, url, n, results):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, tmp_path):
     _, _, paths, root = trained
     url = f"sqlite:///{tmp_path / 'study.db'}"

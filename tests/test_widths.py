@@ -103,6 +103,7 @@ def test_parents_of_different_widths_fuse_into_either_width():
         fuse([a, b], data.train_x, data.norm, config(repair=True, n_images=64))
 
 
+@pytest.mark.slow
 def test_cli_fuses_mixed_widths_and_compresses_one_model(trained, tmp_path, capsys):
     _, _, paths, root = trained
     narrow = train(
@@ -136,6 +137,7 @@ def test_cli_fuses_mixed_widths_and_compresses_one_model(trained, tmp_path, caps
     assert "one width only" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.slow
 def test_the_fusion_scripts_and_tune_fuse_mixed_widths(trained, tmp_path, capsys):
     import shutil
 
