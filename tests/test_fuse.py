@@ -11,6 +11,7 @@ import torchvision
 from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
 from otfuse.cli import main
 from otfuse.data import normalize
+from otfuse.evaluate import accuracy
 from otfuse.fusion import average, fuse
 from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
@@ -69,6 +70,31 @@ def test_three_models_fuse_by_aligning_each_to_the_first(trained):
     assert len(result.maps) == 3 and all(torch.equal(m.perm, torch.arange(m.n_source)) for m in result.maps[2].values())
     # no "batchnorm": the refit sets every BatchNorm's statistics of a ResNet18, so they are not recomputed first
     assert set(result.seconds) == {"groups", "alignment", "averaging", "refit"}
+
+
+def test_more_alignment_rounds_meet_at_a_centre_and_still_return_a_permuted_model(trained):
+    """--rounds 2 re-aligns every model onto the first round's average: a model fused with two permuted copies of itself
+    still comes back; two trained models (the first twice) get an aligned average about as good as aligning onto the first."""
+    models, data, _, _ = trained
+    model = models[0]
+    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
+    copies = [permute(model, groups, random_maps(groups, seed=s)) for s in (5, 6)]
+    raw = fuse([model, *copies], data.train_x, data.norm, config(rounds=2, n_images=64, bn_batches=4, refit=False)).fused_no_bn
+    for k, v in raw.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, model.state_dict()[k], atol=1e-5), k
+    x, y = data.split("val")
+    acc = {
+        r: accuracy(
+            fuse([models[0], models[1], models[0]], data.train_x, data.norm, config(rounds=r, bn_batches=10, refit=False)).fused_average,
+            x,
+            y,
+            data.norm,
+            Precision.FP32,
+        )
+        for r in (1, 2)
+    }
+    assert acc[2] >= acc[1] - 1.0, acc
 
 
 def test_sinkhorn_with_little_regularisation_nearly_returns_the_model(trained):

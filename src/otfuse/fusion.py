@@ -195,6 +195,8 @@ def fuse(
                 _chain(align(anchor, m, per_model[0], g, cfg.align, images, norm, progress), to_target)
                 for m, g in zip(models[1:], per_model[1:])
             ]
+            for _ in range(cfg.align.rounds - 1):
+                maps = _realigned(models, per_model, maps, weights, images, norm, cfg, precision, progress)
     if len(maps) != len(models):
         raise OtfuseError(f"give one set of maps per model: {len(models)}, got {len(maps)}")
     if cfg.repair.enabled and not same_widths(maps):
@@ -225,6 +227,30 @@ def fuse(
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources)
     return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
+
+
+def _realigned(
+    models: list[nn.Module],
+    per_model: list[list[ChannelGroup]],
+    maps: list[dict[str, ChannelMap]],
+    weights: list[float],
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: FuseConfig,
+    precision: Precision,
+    progress: bool,
+) -> list[dict[str, ChannelMap]]:
+    """One more alignment round: every model (the first too) aligned onto the weighted average of all of them carried
+    through `maps`, BatchNorm recomputed. The models then meet at a centre they all shape, not at the first model."""
+    if not same_widths(maps):
+        raise OtfuseError(
+            "--rounds above 1 re-aligns the parents onto their average, which needs parents of the fused model's "
+            "width; use --rounds 1 to fuse into another width"
+        )
+    anchor, groups = models[0], per_model[0]
+    carried = [carry(m, g, mp, into=anchor, into_groups=groups) for m, g, mp in zip(models, per_model, maps)]
+    centre = recompute_bn(average(carried, weights).eval(), images, norm, cfg.bn, precision)
+    return [align(centre, m, groups, g, cfg.align, images, norm, progress) for m, g in zip(models, per_model)]
 
 
 def same_widths(maps: list[dict[str, ChannelMap]]) -> bool:

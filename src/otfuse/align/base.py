@@ -36,6 +36,7 @@ class AlignConfig:
     marginals: str = "uniform"  # each channel's mass in the transport: uniform | importance (its producers' weight norm)
     reg: float = 0.01  # sinkhorn regularisation, relative to the largest cost
     seed: int = 0  # image sample and weight-matching order
+    rounds: int = 1  # 1: every model aligned onto the first; each more: every model re-aligned onto the last round's average
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +53,8 @@ class AlignConfig:
             raise OtfuseError(f"--mix {self.mix} must be between 0 and 1")
         if not self.n_images >= 2:
             raise OtfuseError(f"--n-images {self.n_images} is too small; use at least 2")
+        if not 1 <= self.rounds <= 10:
+            raise OtfuseError(f"--rounds {self.rounds} must be from 1 (align onto the first model) to 10")
         if not self.act_batch_size >= 1:
             raise OtfuseError(f"--act-batch-size {self.act_batch_size} must be at least 1")
         if self.solver == "sinkhorn" and not (np.isfinite(self.reg) and self.reg > 0):
