@@ -3,6 +3,7 @@ naming the input, writes no file and changes none that existed."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -152,6 +153,9 @@ def _bad_data_dirs(w: Path) -> None:
         (fashion / n).write_bytes(b"\x00\x00\x08")
 
 
+HELD: list = []  # lock files this module holds for its cases, as another live process would
+
+
 def _outputs_that_exist(w: Path, a: Path) -> None:
     """Files an output must not replace: a trained checkpoint that is no parent, a config, a user's CSV, a held lock."""
     shutil.copy(a, w / "other.pt")
@@ -160,9 +164,12 @@ def _outputs_that_exist(w: Path, a: Path) -> None:
     os.mkfifo(w / "fifo")  # a read would block forever
     (w / "loop").symlink_to(w / "loop")
     (w / "keras.csv").write_text("epoch,loss,accuracy\n0,0.91,0.71\n1,0.52,0.83\n")  # a Keras CSVLogger file: looks like a log
-    (w / ".locked.pt.lock").write_text("1")  # pid 1 is always alive: another process holds locked.pt
+    (w / ".dirlock.pt.lock").mkdir()  # a directory where the lock file goes
     (w / "locked-results").mkdir()
-    (w / "locked-results" / ".summary.md.lock").write_text("1")
+    for lock in (w / ".locked.pt.lock", w / "locked-results" / ".summary.md.lock"):  # held, as a live writer holds it
+        lock.write_text("1")
+        HELD.append(open(lock))
+        fcntl.flock(HELD[-1].fileno(), fcntl.LOCK_EX)
 
 
 def _sweep_folders(w: Path, paths: list[Path]) -> None:
@@ -274,6 +281,11 @@ CASES = [
     ("fuse {w}/a.pt {w}/b.pt --config {w}/cfg.json --out {w}/cfg.json", "is also --config"),
     ("fuse {w}/a.pt {w}/b.pt --out {w}/b.pt --overwrite", "is also input checkpoint 2"),
     ("fuse {w}/a.pt {w}/b.pt --out {w}/locked.pt", "is being written by another otfuse process (pid 1)"),
+    (
+        "fuse {w}/a.pt {w}/b.pt --out {w}/" + "n" * 300 + ".pt",
+        "more than the 255 a file system allows",
+    ),
+    ("fuse {w}/a.pt {w}/b.pt --out {w}/dirlock.pt", "where otfuse keeps the lock of"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/model.csv", "ends in .csv"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/user.pt", "the per-epoch log"),
     ("train --dataset digits --width 4 --epochs 1 --out {w}/locked.pt", "is being written by another otfuse process"),

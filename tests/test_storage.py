@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,12 +34,15 @@ def test_written_files_follow_the_umask(tmp_path):
 
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".x.pt.{dead.stdout.strip()}-abc123.tmp"
-    live = tmp_path / f".y.pt.{os.getppid()}-abc123.tmp"  # a running process: still writing
+    import fcntl
+
+    stale = tmp_path / ".x.pt.12345-abc123.tmp"  # no process holds it: its writer was killed
+    live = tmp_path / f".y.pt.{os.getpid()}-abc123.tmp"  # held, as a writer holds its temporary file while it runs
     stale.write_bytes(b"half a checkpoint")
     live.write_bytes(b"being written")
-    atomic_write_text(tmp_path / "z.txt", "x")
+    with open(live) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        atomic_write_text(tmp_path / "z.txt", "x")
     assert not stale.exists() and live.exists()
 
 
@@ -100,3 +101,45 @@ def test_a_large_but_finite_batchnorm_variance_loads(trained, tmp_path):
     torch.save(ckpt, tmp_path / "big.pt")
     model = load_checkpoint(tmp_path / "big.pt")[0]
     assert float(model.layer4[1].bn2.running_var.max()) == pytest.approx(1.3e6)
+
+
+def test_a_held_lock_is_refused_whatever_its_pid_says_and_a_live_writers_temporary_stays(tmp_path):
+    """Locks and temporary files are known held by the kernel's flock, never by guessing at a process id (another pid
+    namespace, a recycled pid): a lock whose recorded pid looks dead but is held refuses; a temporary file whose pid
+    looks dead but is held stays."""
+    import fcntl
+
+    from otfuse.errors import OtfuseError
+    from otfuse.storage import atomic_write_text, output_lock
+
+    lock = tmp_path / ".x.csv.lock"
+    lock.write_text("999999999")
+    with open(lock) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(OtfuseError, match="is being written by another otfuse process"):
+            with output_lock(tmp_path / "x.csv"):
+                pass
+    tmp = tmp_path / ".y.csv.999999999-abc.tmp"
+    tmp.write_text("a live writer's half")
+    with open(tmp) as writing:
+        fcntl.flock(writing.fileno(), fcntl.LOCK_EX)
+        atomic_write_text(tmp_path / "z.csv", "z\n")
+        assert tmp.exists()
+    atomic_write_text(tmp_path / "z.csv", "z\n")  # its writer gone: taken for stale
+    assert not tmp.exists()
+
+
+def test_a_name_too_long_and_a_directory_at_the_lock_are_one_clear_error(tmp_path):
+    from otfuse.errors import OtfuseError
+    from otfuse.storage import atomic_write_text, output_lock
+
+    with pytest.raises(OtfuseError, match="more than the 255 a file system allows"):
+        atomic_write_text(tmp_path / ("n" * 300 + ".csv"), "a\n")
+    near = tmp_path / ("m" * 250 + ".csv")  # a legal name whose temporary and lock names would be too long: shortened
+    with output_lock(near):
+        atomic_write_text(near, "a\n")
+    assert near.read_text() == "a\n" and [p.name for p in tmp_path.iterdir()] == [near.name]
+    (tmp_path / ".d.pt.lock").mkdir()
+    with pytest.raises(OtfuseError, match="is a directory; remove it"):
+        with output_lock(tmp_path / "d.pt"):
+            pass

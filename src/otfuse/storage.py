@@ -8,14 +8,15 @@ Written files get the permissions the umask allows, like any other file the user
 Every command's outputs follow one rule (`check_outputs`): an existing file is replaced only when
 it is this command's own earlier result for the same inputs, or with --overwrite; an output is
 never an input, the config, or another output of the same run. A command holds an exclusive lock
-(`output_lock`, a `.<name>.lock` file beside the output naming its process) while it writes, so
-two processes writing one output cannot both succeed.
+(`output_lock`: flock on a `.<name>.lock` file beside the output, which the kernel releases when
+the process ends) while it writes, so two processes writing one output cannot both succeed.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -31,12 +32,14 @@ import torch
 
 from otfuse.errors import OtfuseError
 
+NAME_MAX = 255  # bytes in one file name, on every file system otfuse writes to
 _TMP = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp$")  # .<name>.<pid>-<random>.tmp
 
 
 def writable_dir(path: str | Path) -> Path:
     """Create `path` if needed and check it can be written, or raise one clear error."""
     path = Path(path).expanduser()
+    check_name(path)
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
@@ -77,6 +80,7 @@ def writable_file(path: str | Path, what: str) -> Path:
     """Check, before any work and without creating anything, that `path` can be written as a file:
     not a directory, and its nearest existing folder writable (missing folders are made when writing)."""
     path = Path(path).expanduser()
+    check_name(path)
     if path.is_dir() or str(path).endswith(os.sep):
         raise OtfuseError(f"{what} {path} is a directory; give a file path such as {path / 'model.pt'}")
     for folder in path.parents:
@@ -127,31 +131,48 @@ def output_lock(*paths: str | Path) -> Iterator[None]:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock the kernel holds for this process (flock on `.<name>.lock`): released when the process ends,
+    however it ends, so a crashed writer never blocks the next, and no process id is ever guessed at."""
     writable_dir(path.parent)
-    lock = path.parent / f".{path.name}.lock"
-    for _ in range(2):
+    lock = path.parent / short_name(f".{path.name}", ".lock")
+    while True:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except IsADirectoryError:
+            raise OtfuseError(f"{lock}, where otfuse keeps the lock of {path}, is a directory; remove it") from None
+        except OSError as exc:
+            raise OtfuseError(f"cannot take the lock {lock} for {path} ({exc.strerror}); choose a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise OtfuseError(
+                f"{path} is being written by another otfuse process (pid {holder or '?'}); wait for it to finish "
+                "or choose another output path"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a lock file its last holder removed meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
             break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise OtfuseError(
-                    f"{path} is being written by another otfuse process (pid {pid}); wait for it to finish "
-                    f"or choose another output path (a lock left by a crash: remove {lock})"
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-    else:
-        raise OtfuseError(f"cannot take the lock {lock} for {path}; remove it if no otfuse process is running")
-    try:
-        os.write(fd, str(os.getpid()).encode())
         os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def short_name(stem: str, suffix: str, limit: int = NAME_MAX) -> str:
+    """`stem + suffix`, with the stem cut and a hash of it added where the whole would pass the file system's name limit."""
+    if len((stem + suffix).encode()) <= limit:
+        return stem + suffix
+    digest = hashlib.sha1(stem.encode()).hexdigest()[:12]
+    return stem.encode()[: limit - len(suffix.encode()) - 14].decode(errors="ignore") + "~" + digest + suffix
 
 
 def identity(path: str | Path) -> str:
@@ -193,53 +214,70 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete the temporary files of killed writers in `folder`; returns how many went."""
+    """Delete the temporary files of killed writers in `folder`; returns how many went. A writer holds a lock on its
+    temporary file (flock) as long as it lives, so only a dead one's is taken, whatever its process id says."""
     gone = 0
     for p in folder.glob(".*.tmp"):
-        m = _TMP.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            gone += 1
+        if not _TMP.match(p.name):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its writer is alive
+        finally:
+            os.close(fd)
+        p.unlink(missing_ok=True)
+        gone += 1
     return gone
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
     """Call `write(fileobj)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
+    check_name(path)
     if path.is_dir():
         raise OtfuseError(f"{path} is a directory; give a file path")
     writable_dir(path.parent)
     remove_stale_temporaries(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=short_name(f".{path.name}", f".{os.getpid()}-", NAME_MAX - 14), suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # held while this process lives: its temporary file is never taken for stale
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result follows the umask
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise OtfuseError(
                 f"cannot write {path} ({exc.strerror}); free space or choose another path (nothing was written there)"
             ) from None
-        if isinstance(exc, RuntimeError) and ("file write failed" in str(exc) or "No space left" in str(exc)):
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+            raise OtfuseError(f"cannot write {path}: its name is too long for the file system; choose a shorter one") from None
+        if isinstance(exc, RuntimeError) and any(t in str(exc) for t in ("file write failed", "No space left", "failed writing")):
             raise OtfuseError(
                 f"cannot write {path} (no space left on the device); free space or choose another path (nothing was written there)"
             ) from None
         raise
+
+
+def check_name(path: Path) -> None:
+    """One clear error for a path with a name longer than the file system allows (before anything is written)."""
+    long = [part for part in path.parts if len(part.encode()) > NAME_MAX]
+    if long:
+        raise OtfuseError(
+            f"{path}: the name {long[0][:40]}... is {len(long[0].encode())} bytes, more than the {NAME_MAX} a file "
+            "system allows; choose a shorter name"
+        )
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
@@ -249,6 +287,7 @@ def save_torch(path: str | Path, obj: Any) -> None:
 def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True; a missing, truncated or foreign file is one clear error."""
     path = Path(path)
+    check_name(path)
     if path.is_dir():
         raise OtfuseError(f"{what} {path} is a directory; give the .pt file inside it")
     regular_file(path, what)
