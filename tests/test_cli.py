@@ -36,7 +36,7 @@ def test_every_option_is_documented_and_read_by_its_command():
     assert set(subparsers) == set(COMMANDS)
     for command, parser in subparsers.items():
         configs, own = COMMANDS[command]
-        read = own | {o.name for cls in configs for o in options_of(cls)}
+        read = own | {o.name for cls in configs for o in options_of(cls)} | {"verbose"}  # every command: run_main reads it
         for action in parser._actions:
             if action.dest == "help":
                 continue
@@ -96,3 +96,20 @@ def test_output_piped_into_head_loses_nothing(trained, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err and out.is_file()
+
+
+def test_other_libraries_warnings_show_only_with_verbose():
+    import warnings
+
+    from otfuse.errors import run_main
+
+    def warn() -> int:
+        warnings.warn_explicit("Sinkhorn did not converge", UserWarning, "_sinkhorn.py", 666, module="ot.bregman._sinkhorn")
+        return 0
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert run_main(warn) == 0
+    assert not shown
+    with pytest.warns(UserWarning, match="Sinkhorn did not converge"):
+        assert run_main(warn, verbose=True) == 0

@@ -107,3 +107,21 @@ def test_a_soft_doubly_stochastic_map_is_applied_to_producers_and_consumers_alik
     assert torch.allclose(
         w["layer1.0.conv2.weight"], src["layer1.0.conv2.weight"].mean(1, keepdim=True).expand_as(src["layer1.0.conv2.weight"])
     )
+
+
+def test_a_sinkhorn_plan_that_did_not_converge_is_refused_not_used(monkeypatch):
+    """A plan whose marginals do not hold (Sinkhorn stopped before converging) maps channels at random: it is one
+    clear error, never a silent fusion. POT's own warning is not printed: the check says it in one line."""
+    import warnings
+
+    import numpy as np
+    import ot
+
+    cost = torch.from_numpy(np.random.default_rng(0).random((64, 64)))
+    assert transport_map(cost, solver="sinkhorn", reg=0.05).perm is None
+    half_done = lambda a, b, m, reg, **kw: np.exp(-m / reg) / np.exp(-m / reg).sum() * (1 + np.arange(len(a)))[:, None] / len(a)
+    monkeypatch.setattr(ot, "sinkhorn", half_done)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(OtfuseError, match="Sinkhorn did not converge"):
+            transport_map(cost, solver="sinkhorn", reg=1e-3)

@@ -10,6 +10,7 @@ A bad input prints one line, `otfuse: error: ...`, and exits with code 2, having
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -190,6 +191,9 @@ def _fusion_options(p: argparse.ArgumentParser, exclude=lambda _: False) -> None
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="otfuse", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", action="store_true", help="also show other libraries' warnings (PyTorch, POT, optuna)")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # every subcommand takes --verbose
     p = sub.add_parser("train", help="train one seeded model (resumable)")
     add_options(p, TrainConfig)
     p.set_defaults(run=cmd_train)
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return run_main(lambda: args.run(args))
+    return run_main(lambda: args.run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -40,13 +41,18 @@ class _PipeSafe:
         return getattr(self._stream, name)
 
 
-def run_main(fn: Callable[[], int]) -> int:
+def run_main(fn: Callable[[], int], verbose: bool = False) -> int:
     """Run a command; a bad input becomes one line on stderr and exit code 2, Ctrl-C exit code 130. A closed stdout
-    (the reader of a pipe gone) drops the rest of the output, never the command's work."""
+    (the reader of a pipe gone) drops the rest of the output, never the command's work. Other libraries' warnings
+    (PyTorch's, POT's, optuna's) are shown only with `verbose`: otfuse says what matters in its own lines."""
     stdout = sys.stdout
     sys.stdout = stdout if isinstance(stdout, _PipeSafe) else _PipeSafe(stdout)
     try:
-        return fn()
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+                warnings.filterwarnings("default", module="otfuse")
+            return fn()
     except OtfuseError as exc:
         print(f"otfuse: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

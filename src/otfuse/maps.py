@@ -22,6 +22,7 @@ and exact. Carrying a model through its maps rewrites every member of every grou
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,9 +121,17 @@ def transport_map(
         plan[plan < 1e-9 * plan.max()] = 0.0  # the network simplex leaves float dust where no mass moves
     elif solver == "sinkhorn":
         scale = m.max() if m.max() > 0 else 1.0
-        plan = ot.sinkhorn(a, b, m / scale, reg, numItermax=10_000)
+        with warnings.catch_warnings():  # convergence is checked below, in one line of ours
+            warnings.simplefilter("ignore")
+            plan = ot.sinkhorn(a, b, m / scale, reg, numItermax=SINKHORN_ITERATIONS)
         if not np.isfinite(plan).all() or (plan.sum(1) <= 0).any() or (plan.sum(0) <= 0).any():
-            raise OtfuseError(f"--reg {reg} is too small for Sinkhorn (the plan underflows); use --reg 1e-3 or more, or --solver emd")
+            raise OtfuseError(f"--reg {reg} is too small for Sinkhorn (the plan underflows); use --reg 0.01 or more, or --solver emd")
+        off = max(np.abs(plan.sum(1) / a - 1).max(), np.abs(plan.sum(0) / b - 1).max())
+        if off > SINKHORN_TOLERANCE:  # a plan that has not converged maps channels at random: a silent failure
+            raise OtfuseError(
+                f"--reg {reg}: Sinkhorn did not converge in {SINKHORN_ITERATIONS:,} iterations on a group of {n_t} "
+                f"channels (its marginals are off by {off:.0%}); use --reg 0.01 or more, or --solver emd"
+            )
     else:
         raise OtfuseError(f"--solver {solver!r} is unknown; choose emd or sinkhorn")
     return ChannelMap.from_plan(torch.from_numpy(np.ascontiguousarray(plan)))
@@ -358,6 +367,8 @@ def permute(model: nn.Module, groups: list[ChannelGroup], perms: dict[str, torch
 
 # --- groups found, then checked -----------------------------------------------------------------
 
+SINKHORN_ITERATIONS = 10_000
+SINKHORN_TOLERANCE = 1e-3  # largest relative error of a Sinkhorn plan's marginals taken as converged
 EXACT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative output error of a permuted copy that refuses a grouping
 EXACT_FLOAT64_PARAMS = 100_000_000  # above this many parameters the check runs in float32: two float64 copies of
 # regnet_y_128gf (644M) and its trace do not fit in 24 GB

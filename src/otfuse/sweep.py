@@ -188,13 +188,14 @@ def parser(default_method: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help="dataset cache (default: $OTFUSE_DATA_DIR or ~/.cache/otfuse)")
+    p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings (PyTorch, POT, optuna)")
     add_options(p, FuseConfig, {"method": default_method}, only_given=True, helps={"method": " | ".join(METHODS)})
     return p
 
 
 def main(argv: list[str] | None, default_method: str) -> int:
     args = parser(default_method).parse_args(sys.argv[1:] if argv is None else argv)
-    return run_main(lambda: sweep(args, default_method))
+    return run_main(lambda: sweep(args, default_method), verbose=args.verbose)
 
 
 def parse_widths(text: str) -> tuple[int, int] | None:

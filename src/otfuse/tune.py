@@ -46,7 +46,8 @@ BN_BATCHES = (25, 50, 100, 200)  # BatchNorm recomputation batches the study may
 # sinkhorn regularisation range (log scale, relative to the largest cost). Kept small on purpose: a strongly
 # regularised map blends B's channels into their mean, and the "fusion" scores well only because it
 # collapses towards A (a uniform map, no alignment at all, beats exact OT on Fashion-MNIST; docs/defaults.md)
-REG = (1e-3, 2e-2)
+REG = (5e-3, 5e-2)  # below 5e-3 Sinkhorn need not converge in its iterations (transport_map refuses such a plan)
+MAX_REFUSED = 5  # refused trials in a row after which the options pinned, not the draws, are what is wrong
 MIX = (0.0, 0.5)  # share of the weight cost mixed into the activation cost
 
 
@@ -255,7 +256,11 @@ def run_study(
             raise optuna.TrialPruned("these options are already in the study")  # drawn again: never a repeated trial
         trial.set_user_attr("options", flatten(cfg))
         trial.set_user_attr("worker", worker)
-        _, acc, agree = val_accuracy(models, data, cfg, target)
+        try:
+            _, acc, agree = val_accuracy(models, data, cfg, target)
+        except OtfuseError as exc:  # options the fusion refuses (a Sinkhorn plan that did not converge): this trial only
+            trial.set_user_attr("refused", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
         for i, a in enumerate(agree):
             trial.set_user_attr(f"agree_model{i + 1}", round(a, 2))
         return acc
@@ -265,9 +270,15 @@ def run_study(
         1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("worker") == worker
     )
     start, deadline = time.time(), time.time() + tcfg.timeout if tcfg.timeout else None
+    refused: list[str] = []
     while mine() < tcfg.n_trials and (deadline is None or time.time() < deadline):
         left = None if deadline is None else max(1.0, deadline - time.time())
+        before = mine()
         study.optimize(objective, n_trials=1, timeout=left, show_progress_bar=False)
+        last = study.trials[-1] if study.trials else None
+        refused = refused + [last.user_attrs["refused"]] if mine() == before and last and "refused" in last.user_attrs else []
+        if len(refused) >= MAX_REFUSED:
+            raise OtfuseError(f"{MAX_REFUSED} trials in a row drew options the fusion refuses, the last: {refused[-1]}")
         if progress:
             print(f"trial {mine()}/{tcfg.n_trials} of this worker ({time.time() - start:.0f} s)", flush=True)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
