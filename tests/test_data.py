@@ -279,3 +279,29 @@ def test_an_archive_member_that_cannot_be_an_image_is_never_read(tmp_path, tmp_d
         tar.add(root, arcname="top")
     with pytest.raises(OtfuseError, match="huge.png is 5,000 bytes, more than any image otfuse reads"):
         D.load_dataset(f"imagefolder:{archive}", tmp_data_dir)
+
+
+def test_class_names_that_differ_only_in_unicode_form_are_one_clear_error(tmp_path, tmp_data_dir):
+    import unicodedata
+
+    root = tmp_path / "imgs"
+    _image_tree(root)
+    for form in ("NFC", "NFD"):
+        for split in ("train", "test"):
+            folder = root / split / unicodedata.normalize(form, "café")
+            folder.mkdir()
+            Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(folder / "0.png")
+    with pytest.raises(OtfuseError, match="look the same but are written in two Unicode forms"):
+        D.load_dataset(f"imagefolder:{root}", tmp_data_dir)
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = f"import os, sys; os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); from otfuse.entry import main; "
+    code += "sys.exit(main(['evaluate', 'x.pt']))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().startswith("otfuse: error: the current folder no longer exists")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -211,7 +212,16 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
     want = meta.get("classes")
     if want is not None and list(data.classes) != list(want):
         diff = next(
-            (f"{a!r} where it had {b!r}" for a, b in zip(data.classes, want) if a != b),
+            (
+                f"{a!r} where it had {b!r}"
+                + (
+                    " (the same letters in another Unicode form, NFC or NFD, as a copy from macOS makes: rename the folder)"
+                    if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b)
+                    else ""
+                )
+                for a, b in zip(data.classes, want)
+                if a != b
+            ),
             f"{len(data.classes)} classes where it had {len(want)}",
         )
         raise OtfuseError(

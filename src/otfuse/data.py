@@ -27,6 +27,7 @@ import lzma
 import os
 import pickle
 import tarfile
+import unicodedata
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -429,6 +430,12 @@ def _decode_imagefolder(path: Path) -> dict:
             )
         splits[parts[0]].setdefault(parts[1], []).append(("/".join(parts), read()))
     classes = sorted(splits["train"])
+    same = [c for c in classes if unicodedata.normalize("NFC", c) != c and unicodedata.normalize("NFC", c) in classes]
+    if same:
+        raise OtfuseError(
+            f"imagefolder {path}: the classes {unicodedata.normalize('NFC', same[0])!r} and {same[0]!r} look the same but are "
+            "written in two Unicode forms (NFC and NFD); merge the two folders into one"
+        )
     if not classes or sorted(splits["test"]) != classes:
         missing = sorted(set(splits["train"]) ^ set(splits["test"]))
         raise OtfuseError(
