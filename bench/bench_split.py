@@ -15,7 +15,7 @@ already there is skipped): the joint accuracy (every class of the test split) an
 party's classes' test images, argmax within them; `_task1`, `_task2`) of each parent, their ensemble, vanilla
 averaging (+ BatchNorm, + refit), the aligned average with BatchNorm recomputed ("permute"), REPAIR and the fusion.
 The fusion data is `union` (the images both parties trained on) or `model1` (party A's own images only: a fuser
-that holds only its own data). With --partial, the setting's partial merges over every cut of the default
+that holds only its own data). With --partial, the setting's partial merges over --cuts (stage ends by default) of the default
 fusion go to results/partial-<dataset>.csv and .png.
 """
 
@@ -58,6 +58,7 @@ SETTINGS = {
     "cifar100-biased": Setting(CIFAR100, 16, 30, "biased"),
     "digits-5+5": Setting("digits", 8, 10, "disjoint"),  # a quick guard (and the test's), not in the default list
 }
+CUTS = "input,bn1,layer1.1,layer2.1,layer3.0,layer3.1,layer4.0,layer4.1,fc"  # ResNet18's stage ends, and block by block late
 DEFAULT = ("cifar10-5+5", "cifar10-biased", "cifar100-50+50", "cifar100-biased")
 RUNS = [("activation", "union"), ("activation", "model1"), ("weight", "union")]  # (method, fusion data) per setting
 COLUMNS = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair", "fused")
@@ -105,7 +106,8 @@ def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, p
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--settings", default=",".join(DEFAULT), help=f"comma-separated, of {', '.join(SETTINGS)}")
-    p.add_argument("--partial", default="cifar100-50+50", help="settings whose partial merges are measured over every cut")
+    p.add_argument("--partial", default="cifar100-50+50", help="settings whose partial merges are measured over --cuts")
+    p.add_argument("--cuts", default=CUTS, help="the partial merges' cuts: modules, comma-separated, or all (every cut of the model)")
     p.add_argument("--checkpoint-dir", default="checkpoint/split")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--data-dir", default=None)
@@ -161,7 +163,7 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
 
 
 def partial(name: str, paths: list[Path], args: argparse.Namespace) -> None:
-    """The setting's default fusion merged up to every cut: results/partial-<dataset>.csv and .png."""
+    """The setting's default fusion merged up to each of --cuts: results/partial-<dataset>.csv and .png."""
     inputs = fusion_inputs(paths, {}, data_dir=args.data_dir, device=args.device)
     fusion, acc = fusion_table(
         inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks, with_baselines=False
