@@ -70,25 +70,43 @@ def markdown(table_rows: list[list[str]]) -> list[str]:
 W64 = {"row": "default", "precision": "fp32", "split": "test"}  # bench_scale.py's default fusion of the shared pair
 
 
+C100 = {"row": "default", "precision": "bf16", "split": "test"}  # bench_scale.py's default fusion of the CIFAR-100 pair, as fused here
+
+
 @table
 def headline() -> list[list[str]]:
-    ours = one("scale-cifar10-jpeg-w64.csv", **W64)
-    out = [
-        ["", "Model 1", "Model 2", "Ensemble", "Vanilla + refit", "Average only", "**Fused**", "loss against the parents' mean"],
+    """Ours (the default fusion and its weight-based row) beside the original repository's rows."""
+    out = [["", "Model 1", "Model 2", "Ensemble", "Aligned average + BN (the original's method)", "**Fused**", "against the parents' mean"]]
+    for label, name, where in (
+        ("otfuse, CIFAR-10 JPEG copy, width 64", "scale-cifar10-jpeg-w64.csv", W64),
+        ("otfuse, CIFAR-100, width 32 (15 epochs)", "scale-cifar100-w32.csv", C100),
+    ):
+        r = one(name, **where)
+        out.append([label, r["model1"], r["model2"], r["ensemble"], r["fused_average"], f"**{r['fused']}**", drop(r)])
+    c100 = one("scale-cifar100-w32.csv", **{**C100, "row": "weight"})
+    base = one("scale-cifar100-w32.csv", **C100)
+    out.append(
         [
-            "otfuse, CIFAR-10 JPEG copy",
-            ours["model1"],
-            ours["model2"],
-            ours["ensemble"],
-            ours["vanilla_refit"],
-            ours["fused_average"],
-            f"**{ours['fused']}**",
-            drop(ours),
-        ],
-    ]
-    for r in rows("original-repository.csv"):
+            "otfuse, CIFAR-100, width 32, weight-based",
+            base["model1"],
+            base["model2"],
+            "-",
+            c100["fused_average"],
+            f"**{c100['fused']}**",
+            drop({**c100, "model1": base["model1"], "model2": base["model2"]}),
+        ]
+    )
+    for r in rows("original-repository.csv"):  # the original's fusion is the aligned average with BatchNorm recomputed
         out.append(
-            [f"original repository, {r['method']}-based, {r['dataset']}", r["model1"], r["model2"], "-", "-", "-", r["fused"], drop(r)]
+            [
+                f"original repository, {r['method']}-based, {r['dataset']} (width 64)",
+                r["model1"],
+                r["model2"],
+                "-",
+                r["fused"],
+                "-",
+                drop(r),
+            ]
         )
     return out
 
@@ -230,6 +248,111 @@ def width64_knobs() -> list[list[str]]:
         ["Fusion (validation split)", "val", "agrees with A / B"],
         *[[r["label"], r["val_accuracy"], pair(r)] for r in rows("knobs-cifar10-jpeg-w64.csv")],
     ]
+
+
+@table
+def cifar100() -> list[list[str]]:
+    """The full fusion table of the CIFAR-100 pair: every baseline, then each method's fusion and average only."""
+    r = one("scale-cifar100-w32.csv", **C100)
+    mean = (float(r["model1"]) + float(r["model2"])) / 2
+    out = [
+        [
+            "Parents",
+            "Ensemble",
+            "Vanilla",
+            "Vanilla + BN",
+            "Vanilla + refit",
+            "Aligned average + BN",
+            "+ REPAIR",
+            "**Default fusion**",
+            "agrees with A / B",
+        ],
+        [
+            f"{pair(r, 'model1', 'model2')} (mean {mean:.2f})",
+            r["ensemble"],
+            r["vanilla"],
+            r["vanilla_bn"],
+            r["vanilla_refit"],
+            r["fused_average"],
+            r["fused_repair"],
+            f"**{r['fused']}**",
+            pair(r),
+        ],
+    ]
+    return out
+
+
+@table
+def cifar100_methods() -> list[list[str]]:
+    out = [["Method (CIFAR-100, test)", "Aligned average + BN", "Fused (+ refit)", "against the parents' mean", "agrees with A / B"]]
+    base = one("scale-cifar100-w32.csv", **C100)
+    for method in ("activation", "weight", "weight-matching"):
+        r = one("scale-cifar100-w32.csv", **{**C100, "row": "default" if method == "activation" else method})
+        out.append([method, r["fused_average"], r["fused"], drop({**r, "model1": base["model1"], "model2": base["model2"]}), pair(r)])
+    return out
+
+
+@table
+def cifar100_knobs() -> list[list[str]]:
+    return [
+        ["Change from the defaults (CIFAR-100, width 32)", "val", "agrees with A / B", "seconds"],
+        *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows("knobs-cifar100-w32.csv")],
+    ]
+
+
+@table
+def many_parents() -> list[list[str]]:
+    out = [
+        [
+            "Models fused",
+            "Seeds",
+            "Parents",
+            "Parents' mean",
+            "Ensemble",
+            "Vanilla + refit",
+            "Aligned average + BN",
+            "**Fused**",
+            "against the mean",
+            "against the ensemble",
+        ]
+    ]
+    for r in rows("many-cifar100-w32.csv", split="test"):
+        out.append(
+            [
+                r["k"],
+                r["seeds"],
+                r["parents"],
+                r["parent_mean"],
+                r["ensemble"],
+                r["vanilla_refit"],
+                r["fused_average"],
+                f"**{r['fused']}**",
+                r["fused_minus_mean"],
+                r["fused_minus_ensemble"],
+            ]
+        )
+    return out
+
+
+@table
+def finetune_c100() -> list[list[str]]:
+    found = rows("finetune-cifar100-w32.csv")
+    out = [["Start", "Epochs (lr 0.05, no augmentation)", "val at start", "val after each epoch", "test at the end", "minutes"]]
+    for start, options in dict.fromkeys((r["start"], r["options"]) for r in found):
+        run = [r for r in found if (r["start"], r["options"]) == (start, options)]
+        val = {int(r["epoch"]): r["acc"] for r in run if r["split"] == "val"}
+        test = next(r for r in run if r["split"] == "test")
+        out.append(
+            [
+                START_LABELS.get(start, f"{start} (parent)"),
+                test["epochs"],
+                dash(val.get(0)),
+                ", ".join(val[e] for e in sorted(val) if e),
+                f"**{test['acc']}**",
+                f"{float(test['seconds']) / 60:.0f}",
+            ]
+        )
+    return out
 
 
 FINETUNE_CSV = "finetune-cifar10-jpeg-w64.csv"
