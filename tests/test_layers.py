@@ -1,5 +1,5 @@
 """The package reads top-down: no import cycles, the library never imports the command line, and no
-function imports another otfuse module except where README says why."""
+function imports another otfuse module except where docs/library.md says why."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import otfuse
 
 PACKAGE = Path(otfuse.__file__).parent
 COMMAND_LINE = {"otfuse.cli", "otfuse.entry", "otfuse.__main__"}
-# (module, imported module): function-level imports README explains (the entry point's Ctrl-C guard)
+# (module, imported module): function-level imports docs/library.md explains (the entry point's Ctrl-C guard)
 ALLOWED_INNER = {("otfuse.entry", "otfuse.cli")}
 
 
@@ -72,16 +72,16 @@ def test_the_library_never_imports_the_command_line():
             assert not imports & COMMAND_LINE, f"{module} imports {imports & COMMAND_LINE}"
 
 
-def test_no_function_imports_another_otfuse_module_except_where_readme_says_why():
+def test_no_function_imports_another_otfuse_module_except_where_the_docs_say_why():
     inner = set()
     for name, tree in _modules().items():
         for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
             for node in ast.walk(fn):
                 inner |= {(name, m) for m in _imported(node)}
     assert inner == ALLOWED_INNER
-    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    library = (PACKAGE.parents[1] / "docs" / "library.md").read_text()  # the package page says why each one is there
     for module, imported in ALLOWED_INNER:
-        assert f"`{module}` imports `{imported}` inside" in readme
+        assert f"`{module}` imports `{imported}` inside" in library
 
 
 def test_no_module_imports_another_modules_underscored_names():

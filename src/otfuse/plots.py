@@ -1,4 +1,5 @@
-"""Figures written as PNG files: interpolation curves, fine-tuning curves, partial merges' cost and a tuning study's history.
+"""Figures written as PNG files: interpolation curves, methods side by side, fine-tuning curves, partial merges' cost and a
+tuning study's history.
 
     save_figure(interpolation_figure(rows, title), "results/interp.png")
 
@@ -32,15 +33,14 @@ def pyplot():
 def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure as PNG atomically, then close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # legends placed outside the axes stay in the file
     pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
-def interpolation_figure(rows: list[dict], title: str, split: str = "test", marks: dict[str, float] | None = None):
-    """Accuracy and loss against alpha, one line per curve; `marks` (e.g. the fused model, the ensemble) as horizontal
-    lines on the accuracy panel."""
+def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
+    """Accuracy and loss against alpha, one line per curve."""
     fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
     for curve, (colour, marker, label) in CURVE_STYLE.items():
         pts = [r for r in rows if r["curve"] == curve]
@@ -49,13 +49,44 @@ def interpolation_figure(rows: list[dict], title: str, split: str = "test", mark
         al = [r["alpha"] for r in pts]
         ax_acc.plot(al, [r["accuracy"] for r in pts], color=colour, marker=marker, ms=4, label=label)
         ax_loss.plot(al, [r["loss"] for r in pts], color=colour, marker=marker, ms=4, label=label)
-    for i, (label, value) in enumerate((marks or {}).items()):
-        ax_acc.axhline(value, color=f"C{i + 3}", ls="--" if i else "-", lw=1.4, label=f"{label}: {value:.2f}")
     for ax, what in ((ax_acc, f"{split} accuracy (%)"), (ax_loss, f"{split} loss (cross-entropy)")):
         ax.set_xlabel("alpha: weight of model B  (0 = model A, 1 = model B)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def methods_figure(panels: list[tuple[str, dict[str, float], dict[str, float]]], title: str):
+    """One bar chart per panel (title, {method: accuracy}, {reference: accuracy}): the methods as horizontal bars, the last
+    drawn strongest, and the references (the parents' mean, the ensemble) as vertical lines."""
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.2 * len(panels), 3.9), dpi=120, squeeze=False)
+    for ax, (name, bars, lines) in zip(axes[0], panels):
+        labels = list(bars)
+        colours = ["tab:gray"] * (len(labels) - 1) + ["tab:blue"]
+        ax.barh(range(len(labels)), list(bars.values()), color=colours)
+        for i, value in enumerate(bars.values()):
+            inside = value > 15  # a short bar's figure goes beside it
+            ax.text(
+                value + (-1 if inside else 1),
+                i,
+                f"{value:.2f}",
+                va="center",
+                ha="right" if inside else "left",
+                color="white" if inside else "black",
+                fontsize=8,
+                weight="bold",
+            )
+        for j, (label, value) in enumerate(lines.items()):
+            ax.axvline(value, color=f"C{j + 1}", ls="--" if j else "-", lw=1.3, label=f"{label}: {value:.2f}")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
