@@ -41,6 +41,12 @@ class _PipeSafe:
         return getattr(self._stream, name)
 
 
+def _show(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, like an error: otfuse's own say what to do, others name where they come from."""
+    where = "" if "/otfuse/" in filename else f" ({filename.rpartition('/')[2]}:{lineno})"
+    print(f"otfuse: warning: {' '.join(str(message).split())}{where}", file=file or sys.stderr)
+
+
 def run_main(fn: Callable[[], int], verbose: bool = False) -> int:
     """Run a command; a bad input becomes one line on stderr and exit code 2, Ctrl-C exit code 130. A closed stdout
     (the reader of a pipe gone) drops the rest of the output, never the command's work. Other libraries' warnings
@@ -49,6 +55,7 @@ def run_main(fn: Callable[[], int], verbose: bool = False) -> int:
     sys.stdout = stdout if isinstance(stdout, _PipeSafe) else _PipeSafe(stdout)
     try:
         with warnings.catch_warnings():
+            warnings.showwarning = _show  # restored with the filters when the block ends
             if not verbose:
                 warnings.simplefilter("ignore")
                 warnings.filterwarnings("default", module="otfuse")

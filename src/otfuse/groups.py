@@ -71,6 +71,7 @@ class Observation:
     axis: int = 1  # the channel axis of that tensor: 1 (N, C, ...) or -1 (channels last: a Linear's input, a LayerNorm's output)
     through: tuple[str, str] = ("", "")  # a weight (and bias) applied to that tensor first: the channels are its rows
     foldable: bool = True  # REPAIR may rescale the channels here: not q and k, whose scale is the attention's sharpness
+    unordered: int = 0  # an axis whose order differs between models (the channels, at a token layer): sorted before comparing
 
 
 @dataclass
@@ -120,6 +121,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     _refuse_recurrent(model)
     attention = attention_layers(model)
     example_input = example_input.to(params[0].device)
+    maps = _channel_first_maps(model, example_input)
     # one forward pass serves both: Torch-Pruning's trace, and our forward order
     taps = [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
     try:
@@ -129,6 +131,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
             traced_as_leaves(model, attention),
             torch.enable_grad(),
             _lenient_concat_maps(),
+            _parameters_on_channels(maps),
             warnings.catch_warnings(),
         ):
             warnings.filterwarnings("ignore", module="torch_pruning")  # its shape inference's depth notices: not the user's concern
@@ -143,7 +146,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
         model.train(was_training)
     if not layers:
         raise OtfuseError("the model has no conv or linear layer; nothing to align")
-    ignored = layers[-1]  # the last layer run produces the logits
+    heads = _heads(graph) | {layers[-1]}  # the last layer run produces the logits; a model may have more outputs
     names = {m: n for n, m in model.named_modules()}
     params_by_id = {id(p): n for n, p in model.named_parameters()}
     unwrapped = {id(p): dim for p, dim in getattr(graph, "unwrapped_parameters", [])}
@@ -151,11 +154,14 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
         with _time_limited(time_limit), warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="torch_pruning")
             _repair_index_maps(graph, tokens=bool(attention))
+            last, mixing = _cut_token_mixing(graph)
             groups = [
                 g
-                for items in _coupled(graph, order, names, ignored)
+                for items in _coupled(graph, order, names, heads, last)
                 for g in _to_groups(items, names, order, params_by_id, unwrapped, attention)
             ]
+            for obs in (o for g in groups for o in g.observations + g.pre_observations if o.module in mixing):
+                obs.unordered = 1  # a token layer's (batch, channels, tokens) map: each model has its own channel order
     except _OutOfTime:
         raise OtfuseError(
             f"Torch-Pruning's DepGraph did not finish grouping {type(model).__name__}'s channels in {time_limit:.0f} s "
@@ -169,7 +175,22 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     groups += [g for spec in attention.values() for g in _head_groups(spec, order)]
     groups.sort(key=lambda g: (g.order, g.name))
     _link_blocks(model, groups)
+    _say_uncovered(model, groups, {names[m] for m in heads} | mixing)
     return groups
+
+
+def _say_uncovered(model: nn.Module, groups: list[ChannelGroup], exempt: set[str]) -> None:
+    """One warning naming the weights no group reaches, outside the heads and the token-mixing layers (whose features
+    no permutation moves): fusion averages them as they stand, wrong where their channels did move."""
+    covered = {f"{m.module}.{m.tensor}".lstrip(".") for g in groups for m in g.members}
+    missed = [n for n, p in model.named_parameters() if p.dim() >= 2 and n not in covered and n.rpartition(".")[0] not in exempt]
+    if missed:
+        warnings.warn(
+            f"{type(model).__name__}: {', '.join(missed[:4])}{' and more' if len(missed) > 4 else ''} belong to no channel "
+            "group, so fusion averages them unaligned; a layer called through torch.nn.functional with its own "
+            "parameters is invisible to the grouping: make it an nn.Conv2d or nn.Linear module",
+            stacklevel=3,
+        )
 
 
 def _refuse_old_weight_norm(model: nn.Module) -> None:
@@ -540,11 +561,161 @@ def _output_shape(fn, nr: int) -> torch.Size:
     return fn._input_metadata[nr].shape
 
 
-def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, ignored: nn.Module) -> Iterator[dict]:
+def _heads(graph: tp.DependencyGraph) -> set[nn.Module]:
+    """The layers whose outputs reach the model's outputs through no other layer (a classifier, each head of a model
+    with several outputs): their output features are the outputs, never permuted."""
+    layer = lambda node: isinstance(node.module, CONV + CONV_T + (nn.Linear,))
+    heads = set()
+    for node in (n for n in graph.module2node.values() if layer(n)):
+        seen, todo = set(), list(node.outputs)
+        while todo and not layer(todo[-1]):
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(n.outputs)
+        if not todo:
+            heads.add(node.module)
+    return heads
+
+
+def _channel_first_maps(model: nn.Module, x: torch.Tensor) -> set[int]:
+    """The ids of (1, C, H, W) parameters added to or multiplied with a conv's (N, C, H, W) output (a learned position
+    map): their channels are on dim 1, where Torch-Pruning 1.6 would take the last dim."""
+    candidates = {id(p) for p in model.parameters() if p.dim() == 4 and p.shape[0] == 1 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1}
+    if not candidates:
+        return set()
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            out = model.eval()(x)
+    except Exception:
+        return set()  # the trace that follows says what fails
+    finally:
+        model.train(was_training)
+    found, seen = set(), set()
+    todo = [t.grad_fn for t in (out if isinstance(out, tuple | list) else [out]) if isinstance(t, torch.Tensor)]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        inputs = [f for f, _ in fn.next_functions if f is not None]
+        held = [id(f.variable) for f in inputs if type(f).__name__ == "AccumulateGrad" and id(f.variable) in candidates]
+        if held and any(_from_conv(f) for f in inputs if type(f).__name__ != "AccumulateGrad"):
+            found.update(held)
+        todo.extend(inputs)
+    return found
+
+
+def _from_conv(fn, depth: int = 8) -> bool:
+    """Whether a tensor comes from a convolution through elementwise steps (no reshape, transpose or linear layer)."""
+    for _ in range(depth):
+        name = type(fn).__name__
+        if name.startswith(("Convolution", "CudnnConvolution", "MkldnnConvolution")):
+            return True
+        if any(k in name for k in ("View", "Reshape", "Transpose", "Permute", "Addmm", "Mm", "LayerNorm")) or not fn.next_functions:
+            return False
+        fn = fn.next_functions[0][0]
+        if fn is None:
+            return False
+    return False
+
+
+@contextmanager
+def _parameters_on_channels(maps: set[int]) -> Iterator[None]:
+    """Torch-Pruning 1.6 with the parameters in `maps` coupled to channels on dim 1."""
+    graph_class = tp.DependencyGraph
+    original = graph_class._detect_unwrapped_parameters
+
+    def detect(self, unwrapped_parameters):
+        names, found = original(self, unwrapped_parameters)
+        return names, [type(u)(parameters=u.parameters, pruning_dim=1 if id(u.parameters) in maps else u.pruning_dim) for u in found]
+
+    graph_class._detect_unwrapped_parameters = detect
+    try:
+        yield
+    finally:
+        graph_class._detect_unwrapped_parameters = original
+
+
+def _swaps_last_two(fn) -> bool:
+    """A transpose or permute of a (batch, a, b) tensor that swaps its last two dims."""
+    meta = getattr(fn, "_input_metadata", None) or ()
+    if len(meta) != 1 or len(meta[0].shape) != 3:
+        return False
+    if type(fn).__name__ == "TransposeBackward0":
+        dims = {(d - (1 << 64) if d >= 1 << 63 else d) % 3 for d in (fn._saved_dim0, fn._saved_dim1)}
+        return dims == {1, 2}
+    return type(fn).__name__ == "PermuteBackward0" and tuple(d % 3 for d in fn._saved_dims) == (0, 2, 1)
+
+
+def _cut_token_mixing(graph: tp.DependencyGraph) -> tuple[set, set[str]]:
+    """Take each token-mixing region out of the channels' graph; return the nodes that hand its output back and the
+    names of the modules inside. A region
+    (MLP-Mixer's token MLP, ResMLP's token layer, gMLP's spatial gate) starts at a swap of a (batch, tokens, channels)
+    tensor's last two dims and ends at the swaps back; inside, every layer acts along the tokens, the same way for
+    each channel. So a channel permutation passes through it unchanged: the swaps are joined directly (channel i in,
+    channel i out), the layers inside belong to no channel group (Torch-Pruning 1.6 couples their token features to
+    the channels), their hidden units form groups of their own, and the tokens stay where the patches put them."""
+    swaps = {n for n in graph.module2node.values() if n.grad_fn is not None and _swaps_last_two(n.grad_fn)}
+    last: set = set()
+    mixing: set[str] = set()
+    for entry in swaps:
+        region = _token_region(entry, swaps)
+        if region is None:
+            continue
+        inside, ends = region
+        mixing.update(n._name for n in inside if n._name and isinstance(n.module, nn.Linear | nn.LayerNorm))
+        _cut(entry, [n for n in entry.outputs if n in inside])
+        for end in ends:
+            before = [n for n in end.inputs if n in inside]
+            _cut(end, before)
+            last.update(before)
+            _join(graph, entry, end)
+    return last, mixing
+
+
+def _token_region(entry, swaps: set) -> tuple[set, set] | None:
+    """(the nodes between `entry` and the swaps back, those swaps) when every path from `entry` ends at a swap back,
+    no other data joins on the way and a linear layer acts along the tokens; else None."""
+    inside, ends, todo = set(), set(), list(entry.outputs)
+    while todo:
+        node = todo.pop()
+        if node in inside or node in ends:
+            continue
+        if node in swaps:
+            ends.add(node)
+            continue
+        if not node.outputs or node.type == tp_ops.OPTYPE.OUTPUT:
+            return None
+        inside.add(node)
+        todo.extend(node.outputs)
+    # a node without inputs of its own (the transpose of a layer's weight) carries no data from elsewhere
+    joined = any(i is not entry and i not in inside and i.inputs for n in inside | ends for i in n.inputs)
+    linear = any(isinstance(n.module, nn.Linear) for n in inside)
+    return None if joined or not linear or not ends else (inside, ends)
+
+
+def _join(graph: tp.DependencyGraph, a, b) -> None:
+    """Dependencies both ways between `a`'s output channels and `b`'s input channels, index for index."""
+    out, into = graph.get_pruner_of_module(a.module).prune_out_channels, graph.get_pruner_of_module(b.module).prune_in_channels
+    a.dependencies.append(tp.dependency.Dependency(trigger=out, handler=into, source=a, target=b))
+    b.dependencies.append(tp.dependency.Dependency(trigger=into, handler=out, source=b, target=a))
+
+
+def _cut(node, others: list) -> None:
+    """Remove the dependencies between `node` and each of `others`, both ways."""
+    node.dependencies = [d for d in node.dependencies if d.target not in others]
+    for other in others:
+        other.dependencies = [d for d in other.dependencies if d.target is not node]
+
+
+def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, heads: set, pinned: set) -> Iterator[dict]:
     """Per producer in forward order (a producer is always the root of its channels, so a depthwise conv after a
     torch.cat never merges two producers' channels), every (node, handler) its out-channels reach, with the
     (index, root index) pairs of every path. Torch-Pruning's get_pruning_group keeps one root index per index,
-    which loses couplings such as a GLU gate's (channel i multiplied by channel C + i)."""
+    which loses couplings such as a GLU gate's (channel i multiplied by channel C + i). Channels that reach a node
+    in `pinned` (the token axis, where a token-mixing region hands its output back) are no group."""
     roots = sorted(
         (m for m in graph.module2node if isinstance(m, CONV + CONV_T + (nn.Linear,))), key=lambda m: order.get(names.get(m), 1 << 30)
     )
@@ -552,7 +723,7 @@ def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, igno
     # no channel count exceeds all layers' widths together: an index past that is a loop that never closes
     bound = sum(max(p.shape) for p in graph.model.parameters() if p.dim())
     for m in roots:
-        if m is ignored or m in visited:
+        if m in heads or m in visited:
             continue
         pruner = graph.get_pruner_of_module(m)
         channels = pruner.get_out_channels(m) if pruner else None
@@ -564,7 +735,7 @@ def _coupled(graph: tp.DependencyGraph, order: dict[str, int], names: dict, igno
         reached = _reach(graph, graph.module2node[m], fn, channels, bound)
         outs = [node.module for (node, handler) in reached if graph.is_out_channel_pruning_fn(handler)]
         visited.update(outs)
-        if not any(o is ignored for o in outs):
+        if not any(o in heads or graph.module2node[o] in pinned for o in outs):
             yield reached
 
 

@@ -69,6 +69,8 @@ def observed_rows(model: nn.Module, obs: Observation) -> Callable[[torch.Tensor]
     """(C, samples) from the tensor an observation taps: its channels, or those of the weight it names applied to it
     (q, k and v of an attention layer whose projection is not a module of its own)."""
     weight, bias = obs.through
+    if obs.unordered:  # sorted along it, each model's values line up whatever its order there
+        return lambda x: channel_rows(x.sort(dim=obs.unordered).values, obs.index, obs.axis)
     if not weight:
         return lambda x: channel_rows(x, obs.index, obs.axis)
     w = model.get_parameter(weight)

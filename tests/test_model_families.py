@@ -1,0 +1,130 @@
+"""Constructs users bring beyond the zoo: learned position maps, several outputs, layers the grouping cannot see, and
+channel layouts refused in one line rather than fused wrongly."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from otfuse.errors import OtfuseError, run_main
+from otfuse.maps import channel_groups, permute, random_maps
+
+from conftest import METHODS, assert_returns_model, random_data
+
+
+class PositionMap(nn.Module):
+    """A learned (1, C, H, W) map added to a conv's output (H, W differ from C: the channels are on dim 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+        self.pos = nn.Parameter(torch.randn(1, 8, 6, 6))
+
+    def forward(self, x):
+        return self.fc(self.c2(F.relu(self.c1(x) + self.pos)).mean((2, 3)))
+
+
+class TwoHeads(nn.Module):
+    """Two outputs from one trunk: each head's features are an output, never permuted."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.h1, self.h2 = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 10), nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = F.relu(self.c1(x)).mean((2, 3))
+        return self.h1(f), self.h2(f)
+
+
+class Functional(nn.Module):
+    """Convolutions called through F.conv2d with the module's own tensors: no layer the grouping can see."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(F.conv2d(F.relu(F.conv2d(x, self.w1, padding=1)), self.w2, padding=1).mean((2, 3)))
+
+
+class Maxout(nn.Module):
+    """Channel pairs reduced by a max: units of two channels made by a view (refused: not followed yet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.fc(self.c2(y.view(y.shape[0], 8, 2, *y.shape[2:]).amax(2)).mean((2, 3)))
+
+
+class Einsum(nn.Module):
+    """Channels mixed by einsum with a bare parameter (refused: not followed yet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.w, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(8, 6)), nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.einsum("nchw,cd->nd", F.relu(self.c1(x)), self.w))
+
+
+def _exact(model: nn.Module, x: torch.Tensor) -> list:
+    groups = channel_groups(model, x[:1])
+    out = permute(model, groups, random_maps(groups, seed=3))
+    with torch.no_grad():
+        for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (model(x), out(x)))):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    return groups
+
+
+def test_a_learned_position_map_moves_with_the_channels_on_dim_1():
+    torch.manual_seed(0)
+    groups = _exact(PositionMap().eval(), torch.randn(2, 3, 6, 6))
+    assert any(m.tensor == "pos" and m.axis == 1 for g in groups for m in g.members)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_oracle_holds_with_a_position_map(method):
+    torch.manual_seed(0)
+    assert_returns_model(PositionMap().eval(), random_data((3, 6, 6)), method, n_images=32)
+
+
+def test_every_head_of_a_model_with_two_outputs_keeps_its_outputs():
+    torch.manual_seed(0)
+    groups = _exact(TwoHeads().eval(), torch.randn(2, 3, 6, 6))
+    outputs = {(m.module, m.tensor) for g in groups for m in g.members if m.role == "out"}
+    assert ("c1", "weight") in outputs and not {("h1", "weight"), ("h2", "weight")} & outputs
+
+
+def test_layers_no_group_covers_are_named_in_one_warning():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"Functional: w1, w2 belong to no channel group.*make it an nn.Conv2d"):
+        channel_groups(Functional().eval(), torch.randn(1, 3, 6, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model every layer of which is grouped says nothing
+        channel_groups(PositionMap().eval(), torch.randn(1, 3, 6, 6))
+
+
+def test_a_command_shows_that_warning_as_one_line(capsys):
+    def command() -> int:
+        channel_groups(Functional().eval(), torch.randn(1, 3, 6, 6))
+        return 0
+
+    assert run_main(command) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("otfuse: warning: Functional: w1, w2 belong to no channel group")
+
+
+@pytest.mark.parametrize("model", [Maxout, Einsum])
+def test_layouts_not_followed_are_refused_in_one_line(model):
+    torch.manual_seed(0)
+    with pytest.raises(OtfuseError, match=f"{model.__name__}: permuting channel group c1") as info:
+        channel_groups(model().eval(), torch.randn(1, 3, 6, 6))
+    assert "\n" not in str(info.value)
