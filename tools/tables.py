@@ -509,12 +509,12 @@ def zoo_torchvision() -> list[list[str]]:
     return out
 
 
-def zoo_by_family(name: str, header: str) -> list[list[str]]:
+def zoo_by_family(name: str, header: str, family: Callable[[dict], str] = lambda r: r["family"]) -> list[list[str]]:
     every = rows(name)
     out = [[header, "Result", "Largest relative error", "Seconds each"]]
-    for family in sorted({r["family"] for r in every}):
-        found = [r for r in every if r["family"] == family]
-        out.append(zoo_row(f"{family} ({len(found)})", found))
+    for label in sorted({family(r) for r in every}):
+        found = [r for r in every if family(r) == label]
+        out.append(zoo_row(f"{label} ({len(found)})", found))
     return out
 
 
@@ -526,6 +526,12 @@ def zoo_timm() -> list[list[str]]:
 @table
 def zoo_timm_transformers() -> list[list[str]]:
     return zoo_by_family("zoo-timm-transformers.csv", "timm transformer family (models)")
+
+
+@table
+def zoo_timm_mlp() -> list[list[str]]:
+    # one timm module (mlp_mixer) holds all four designs: named by the model's prefix
+    return zoo_by_family("zoo-timm-mlp.csv", "timm token-mixing MLP (models)", lambda r: r["model"].split("_")[0])
 
 
 # --- docs/speed.md ---------------------------------------------------------------------------------------------------
@@ -547,6 +553,81 @@ def speed_targets() -> list[list[str]]:
         ["", "before", "bf16 (`auto` here)", "fp32"],
         *[[r["what"], r["before"], r["bf16"], r["fp32"]] for r in rows("speed-targets-cpu2.csv")],
     ]
+
+
+# --- docs/splits.md: parents trained on different data ----------------------------------------------------------------
+
+SPLITS = {  # bench_split.py's setting -> (its CSV, the label tables give it)
+    "cifar100-50+50": ("split-cifar100-w32.csv", "CIFAR-100 50+50, width 32"),
+    "cifar10-5+5": ("split-cifar10-jpeg-w16.csv", "CIFAR-10 (JPEG copy) 5+5, width 16"),
+    "cifar10-biased": ("split-cifar10-jpeg-w16.csv", "CIFAR-10 (JPEG copy) biased 80/20, width 16"),
+    "cifar100-biased": ("split-cifar100-w16.csv", "CIFAR-100 biased 80/20, width 16"),
+}
+FUSION_DATA = {"union": "both parties' images", "model1": "party A's images only"}
+
+
+def split_rows(**where: str) -> list[tuple[str, dict[str, str]]]:
+    """(label, row) of every measured setting, in SPLITS' order: a setting not run yet has no CSV or no row."""
+    out = []
+    for setting, (csv_name, label) in SPLITS.items():
+        if (BENCH / csv_name).is_file():
+            with open(BENCH / csv_name, newline="") as f:
+                found = [r for r in csv.DictReader(f) if r["setting"] == setting and all(r.get(k) == v for k, v in where.items())]
+            out += [(label, r) for r in found]
+    return out
+
+
+@table
+def split() -> list[list[str]]:
+    out = [
+        [
+            "Setting (joint test accuracy)",
+            "Method, fusion data",
+            "Model A",
+            "Model B",
+            "Ensemble",
+            "Vanilla + BN",
+            "Vanilla + refit",
+            "Permute",
+            "+ REPAIR",
+            "**Fused**",
+            "fused / ensemble",
+            "fused per task (A / B)",
+        ]
+    ]
+    for label, r in split_rows():
+        cells = [r[c] for c in ("model1", "model2", "ensemble", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair")]
+        tail = [f"**{r['fused']}**", f"{r['fused_of_ensemble']}%", pair(r, "fused_task1", "fused_task2")]
+        out.append([label, f"{r['method']}, {FUSION_DATA[r['fusion_data']]}", *cells, *tail])
+    return out
+
+
+@table
+def split_summary() -> list[list[str]]:
+    out = [
+        [
+            "Parties trained on different classes (test, all classes)",
+            "Model A",
+            "Model B",
+            "Ensemble",
+            "Permute",
+            "**Fused**",
+            "fused / ensemble",
+        ]
+    ]
+    for label, r in split_rows(method="activation", fusion_data="union"):
+        out.append([label, r["model1"], r["model2"], r["ensemble"], r["fused_average"], f"**{r['fused']}**", f"{r['fused_of_ensemble']}%"])
+    return out
+
+
+@table
+def partial_cifar100() -> list[list[str]]:
+    out = [["Merged up to", "Parameters (x one model)", "FLOPs (x one model)", "Joint accuracy", "per task (A / B)"]]
+    with open(ROOT / "results" / "partial-cifar100.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            tasks = f"{float(r['accuracy_task1']):.2f} / {float(r['accuracy_task2']):.2f}"
+            out.append([r["cut"], f"{float(r['params_x']):.2f}", f"{float(r['flops_x']):.2f}", f"{float(r['accuracy']):.2f}", tasks])
+    return out
 
 
 # --- rendering -------------------------------------------------------------------------------------------------------
