@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Every classification architecture in torchvision, 100 timm CNNs and 36 timm transformers: group channels,
-permute at random, compare outputs.
+"""Every classification architecture in torchvision, 104 timm CNNs, 36 timm transformers and 12 timm token-mixing MLPs:
+group channels, permute at random, compare outputs.
 
     python bench/bench_zoo.py [--only resnext50_32x4d,convnext_tiny] [--size 224] [--time-limit 120]
     python bench/bench_zoo.py --source timm          # needs timm (pip install -e .[timm]); nothing is downloaded
     python bench/bench_zoo.py --source timm-transformers   # each at the image size it was made for
+    python bench/bench_zoo.py --source timm-mlp            # MLP-Mixer, ResMLP, gMLP: the same
 
 Each model is built with random weights, random BatchNorm statistics and random values for parameters
 initialised to a constant (a zero classifier, LayerNorm affines, class tokens; num_classes=10), grouped
@@ -58,7 +59,11 @@ vit_srelpos_small_patch16_224 crossvit_tiny_240 cait_xxs24_224 swin_tiny_patch4_
 swinv2_tiny_window8_256 swinv2_cr_tiny_224 xcit_nano_12_p16_224 levit_128s pit_ti_224 convit_tiny twins_svt_small
 pvt_v2_b0 eva02_tiny_patch14_224 vit_small_patch16_rope_224 maxvit_tiny_tf_224 coat_lite_tiny tnt_s_patch16_224
 sequencer2d_s""".split()
-SOURCES = {"torchvision": None, "timm": TIMM_CNNS, "timm-transformers": TIMM_TRANSFORMERS}
+# token-mixing MLPs (timm's mlp_mixer module: MLP-Mixer, gMixer, ResMLP, gMLP), up to base size
+TIMM_MLPS = """mixer_s32_224 mixer_s16_224 mixer_b32_224 mixer_b16_224 gmixer_12_224 gmixer_24_224 resmlp_12_224 resmlp_24_224
+resmlp_36_224 gmlp_ti16_224 gmlp_s16_224 gmlp_b16_224""".split()
+SOURCES = {"torchvision": None, "timm": TIMM_CNNS, "timm-transformers": TIMM_TRANSFORMERS, "timm-mlp": TIMM_MLPS}
+OWN_SIZE = ("timm-transformers", "timm-mlp")  # a position table or a token MLP fixes the image side
 
 
 def build(source: str, name: str) -> tuple[torch.nn.Module, str]:
@@ -131,14 +136,14 @@ def main() -> int:
     p.add_argument("--source", default="torchvision", choices=list(SOURCES))
     p.add_argument("--only", default="", help="comma-separated model names (default: every classification model of the source)")
     p.add_argument(
-        "--size", type=int, default=None, help="image side (default: 224, what every CNN accepts; timm-transformers: each model's own)"
+        "--size", type=int, default=None, help="image side (default: 224; timm-transformers and timm-mlp: each model's own)"
     )
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
     p.add_argument("--out", default="", help="default: bench/zoo-<source>.csv")
     args = p.parse_args()
     out = Path(args.out or Path(__file__).parent / f"zoo-{args.source}.csv")
     every = SOURCES[args.source] or torchvision.models.list_models(module=torchvision.models)
-    size = args.size or (None if args.source == "timm-transformers" else 224)
+    size = args.size or (None if args.source in OWN_SIZE else 224)
     names = [n for n in args.only.split(",") if n] or every
     fields = [
         "model",
