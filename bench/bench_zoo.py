@@ -135,9 +135,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", default="torchvision", choices=list(SOURCES))
     p.add_argument("--only", default="", help="comma-separated model names (default: every classification model of the source)")
-    p.add_argument(
-        "--size", type=int, default=None, help="image side (default: 224; timm-transformers and timm-mlp: each model's own)"
-    )
+    p.add_argument("--size", type=int, default=None, help="image side (default: 224; timm-transformers and timm-mlp: each model's own)")
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
     p.add_argument("--out", default="", help="default: bench/zoo-<source>.csv")
     args = p.parse_args()
