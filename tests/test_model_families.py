@@ -105,7 +105,9 @@ def test_every_head_of_a_model_with_two_outputs_keeps_its_outputs():
 
 def test_layers_no_group_covers_are_named_in_one_warning():
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"Functional: w1, w2 belong to no channel group.*make it an nn.Conv2d"):
+    with pytest.warns(
+        UserWarning, match=r"Functional: w1, w2 belong to no channel group, so fusion averages them as they stand.*nn.Conv2d"
+    ):
         channel_groups(Functional().eval(), torch.randn(1, 3, 6, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model every layer of which is grouped says nothing

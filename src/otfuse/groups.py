@@ -187,8 +187,8 @@ def _say_uncovered(model: nn.Module, groups: list[ChannelGroup], exempt: set[str
     if missed:
         warnings.warn(
             f"{type(model).__name__}: {', '.join(missed[:4])}{' and more' if len(missed) > 4 else ''} belong to no channel "
-            "group, so fusion averages them unaligned; a layer called through torch.nn.functional with its own "
-            "parameters is invisible to the grouping: make it an nn.Conv2d or nn.Linear module",
+            "group, so fusion averages them as they stand, unaligned; one cause is a layer called through "
+            "torch.nn.functional with its own tensors, which the grouping cannot see: make it an nn.Conv2d or nn.Linear module",
             stacklevel=3,
         )
 
