@@ -59,6 +59,14 @@ def drop(row: dict) -> str:
     return f"{float(row['fused']) - (float(row['model1']) + float(row['model2'])) / 2:.2f}"
 
 
+def one_pair_knobs(what: str, csv_name: str) -> list[list[str]]:
+    """bench_knobs.py's rows: each change from the defaults, its validation accuracy, agreement and seconds."""
+    return [
+        [f"Change from the defaults ({what})", "val", "agrees with A / B", "seconds"],
+        *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows(csv_name)],
+    ]
+
+
 def markdown(table_rows: list[list[str]]) -> list[str]:
     header, *body = table_rows
     line = lambda cells: "| " + " | ".join(cells) + " |"
@@ -149,10 +157,7 @@ def vit() -> list[list[str]]:
 
 @table
 def vit_knobs() -> list[list[str]]:
-    return [
-        ["Change from the defaults (ViT, Fashion-MNIST)", "val", "agrees with A / B", "seconds"],
-        *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows(f"knobs-{VIT}.csv")],
-    ]
+    return one_pair_knobs("ViT, Fashion-MNIST", f"knobs-{VIT}.csv")
 
 
 # --- docs/measurements.md --------------------------------------------------------------------------------------------
@@ -294,10 +299,7 @@ def cifar100_methods() -> list[list[str]]:
 
 @table
 def cifar100_knobs() -> list[list[str]]:
-    return [
-        ["Change from the defaults (CIFAR-100, width 32)", "val", "agrees with A / B", "seconds"],
-        *[[r["change"].replace(",", ", "), r["val_accuracy"], pair(r), r["seconds"]] for r in rows("knobs-cifar100-w32.csv")],
-    ]
+    return one_pair_knobs("CIFAR-100, width 32", "knobs-cifar100-w32.csv")
 
 
 @table
