@@ -579,46 +579,38 @@ def split_rows(**where: str) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+SPLIT_COLUMNS = {  # header -> the split CSV's column (or what a cell shows), in table order
+    "Model A": "model1",
+    "Model B": "model2",
+    "Ensemble": "ensemble",
+    "Vanilla + BN": "vanilla_bn",
+    "Vanilla + refit": "vanilla_refit",
+    "Permute": "fused_average",
+    "+ REPAIR": "fused_repair",
+    "**Fused**": lambda r: f"**{r['fused']}**",
+    "fused / ensemble": lambda r: f"{r['fused_of_ensemble']}%",
+    "fused per task (A / B)": lambda r: pair(r, "fused_task1", "fused_task2"),
+}
+
+
+def split_cells(r: dict[str, str], headers: list[str]) -> list[str]:
+    return [c(r) if callable(c := SPLIT_COLUMNS[h]) else r[c] for h in headers]
+
+
 @table
 def split() -> list[list[str]]:
-    out = [
-        [
-            "Setting (joint test accuracy)",
-            "Method, fusion data",
-            "Model A",
-            "Model B",
-            "Ensemble",
-            "Vanilla + BN",
-            "Vanilla + refit",
-            "Permute",
-            "+ REPAIR",
-            "**Fused**",
-            "fused / ensemble",
-            "fused per task (A / B)",
-        ]
-    ]
+    headers = list(SPLIT_COLUMNS)
+    out = [["Setting (joint test accuracy)", "Method, fusion data", *headers]]
     for label, r in split_rows():
-        cells = [r[c] for c in ("model1", "model2", "ensemble", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair")]
-        tail = [f"**{r['fused']}**", f"{r['fused_of_ensemble']}%", pair(r, "fused_task1", "fused_task2")]
-        out.append([label, f"{r['method']}, {FUSION_DATA[r['fusion_data']]}", *cells, *tail])
+        out.append([label, f"{r['method']}, {FUSION_DATA[r['fusion_data']]}", *split_cells(r, headers)])
     return out
 
 
 @table
 def split_summary() -> list[list[str]]:
-    out = [
-        [
-            "Parties trained on different classes (test, all classes)",
-            "Model A",
-            "Model B",
-            "Ensemble",
-            "Permute",
-            "**Fused**",
-            "fused / ensemble",
-        ]
-    ]
-    for label, r in split_rows(method="activation", fusion_data="union"):
-        out.append([label, r["model1"], r["model2"], r["ensemble"], r["fused_average"], f"**{r['fused']}**", f"{r['fused_of_ensemble']}%"])
+    headers = ["Model A", "Model B", "Ensemble", "Permute", "**Fused**", "fused / ensemble"]
+    out = [["Parties trained on different classes (test, all classes)", *headers]]
+    out += [[label, *split_cells(r, headers)] for label, r in split_rows(method="activation", fusion_data="union")]
     return out
 
 
