@@ -53,7 +53,7 @@ class Functional(nn.Module):
 
 
 class Maxout(nn.Module):
-    """Channel pairs reduced by a max: units of two channels made by a view (refused: not followed yet)."""
+    """Channel pairs reduced by a max: units of two channels made by a view; each unit moves as a whole."""
 
     def __init__(self):
         super().__init__()
@@ -62,6 +62,29 @@ class Maxout(nn.Module):
     def forward(self, x):
         y = self.c1(x)
         return self.fc(self.c2(y.view(y.shape[0], 8, 2, *y.shape[2:]).amax(2)).mean((2, 3)))
+
+
+class LinearMaxout(nn.Module):
+    """Maxout after a Linear: (N, 16) viewed as (N, 8, 2), the max over the last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 16), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.b(self.a(x.flatten(1)).view(-1, 8, 2).amax(-1))
+
+
+class NormedTriples(nn.Module):
+    """A BatchNorm before units of three channels reduced by torch.max (a reshape, not a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2, self.fc = nn.Conv2d(3, 18, 3, padding=1), nn.BatchNorm2d(18), nn.Conv2d(6, 8, 3), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.bn(self.c1(x))
+        return self.fc(self.c2(y.reshape(y.shape[0], 6, 3, *y.shape[2:]).max(2)[0]).mean((2, 3)))
 
 
 class Einsum(nn.Module):
@@ -124,7 +147,26 @@ def test_a_command_shows_that_warning_as_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("otfuse: warning: Functional: w1, w2 belong to no channel group")
 
 
-@pytest.mark.parametrize("model", [Maxout, Einsum])
+UNITS = [(Maxout, (3, 6, 6), 2), (LinearMaxout, (3, 2, 2), 2), (NormedTriples, (3, 6, 6), 3)]
+
+
+@pytest.mark.parametrize("model, shape, k", UNITS)
+def test_channel_units_of_a_view_and_reduce_move_as_blocks(model, shape, k):
+    torch.manual_seed(0)
+    groups = _exact(model().eval(), torch.randn(2, *shape))
+    first = groups[0]
+    assert first.size * k == next(m for m in first.members if m.role == "out").index.numel()
+    assert next(m for m in first.members if m.role == "out").index.shape[1] == k  # a unit's k channels are one group channel
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model, shape, k", UNITS[::2])
+def test_the_oracle_holds_with_channel_units(model, shape, k, method):
+    torch.manual_seed(0)
+    assert_returns_model(model().eval(), random_data(shape), method, n_images=32)
+
+
+@pytest.mark.parametrize("model", [Einsum])
 def test_layouts_not_followed_are_refused_in_one_line(model):
     torch.manual_seed(0)
     with pytest.raises(OtfuseError, match=f"{model.__name__}: permuting channel group c1") as info:

@@ -11,7 +11,8 @@ halves of a GLU gate that multiply each other).
 
 Channels that reach different consumers (a `split`, `chunk` or slice along the channel axis, a
 residual added to some channels only) form one group per part: a part's channels move among
-themselves. A GroupNorm's channels move within their norm group (or whole norm groups move), as
+themselves. Channels viewed as units of K and reduced over the unit (maxout: a view as (N, U, K, ...) and a
+max over dim 2) move as whole units: a group channel is a unit, K positions. A GroupNorm's channels move within their norm group (or whole norm groups move), as
 a grouped conv's do. Parametrised weights (`torch.nn.utils.parametrize`: weight_norm, spectral_norm,
 any parametrisation that commutes with permuting channels) are carried through the tensors the
 model stores; the old `torch.nn.utils.weight_norm` is refused by name. `otfuse.maps.channel_groups` checks the result
@@ -358,6 +359,8 @@ def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
         elif tokens:
             _map_merge_into_channels(node)
     for node in graph.module2node.values():
+        _map_channel_units(node)  # after the views it reads were mapped
+    for node in graph.module2node.values():
         for dep in node.dependencies:
             if node.type == tp_ops.OPTYPE.CONCAT and dep.target.type == tp_ops.OPTYPE.SPLIT and None not in dep.index_mapping:
                 # back from a concatenation into a split that feeds it: out of the concatenation first, then into the split
@@ -464,6 +467,47 @@ def _map_pixel_shuffle(node) -> None:
         for dep in node.dependencies:
             if dep.target is inp:
                 dep.index_mapping = [_ChannelBlocks(factor, widen=shuffle), None]
+
+
+UNIT_REDUCTIONS = ("AmaxBackward0", "AminBackward0", "MaxBackward0", "MinBackward0", "SumBackward1", "MeanBackward1")
+
+
+def _unit_size(fn) -> int:
+    """K when `fn` reduces dim 2 of a view of (N, U * K, ...) channels as (N, U, K, ...): channels made of units of K
+    (maxout); 0 for any other node."""
+    if type(fn).__name__ not in UNIT_REDUCTIONS:
+        return 0
+    dims = getattr(fn, "_saved_dim", None)
+    dims = tuple(dims) if isinstance(dims, tuple | list) else (dims,)
+    sizes = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ())) or tuple(getattr(getattr(fn, "_saved_self", None), "shape", ()))
+    if len(dims) != 1 or not isinstance(dims[0], int) or len(sizes) < 3:
+        return 0
+    dim = (dims[0] - (1 << 64) if dims[0] >= 1 << 63 else dims[0]) % len(sizes)
+    view = fn.next_functions[0][0]
+    if dim != 2 or view is None or not _sizes(view):
+        return 0
+    before = _sizes(view)
+    split = before[:1] + (sizes[1] * sizes[2],) + before[2:] == (sizes[0], sizes[1] * sizes[2]) + sizes[3:]
+    return sizes[2] if split and len(before) == len(sizes) - 1 else 0
+
+
+def _map_channel_units(node) -> None:
+    """A reduction over units of K channels viewed as (N, U, K, ...) (maxout, a mean over channel pairs): position
+    u * K + k of the view's input is unit u of the output, the index map of a pixel shuffle; the view itself keeps
+    the flattened channel order. Torch-Pruning 1.6 takes the reduction for an elementwise op."""
+    k = _unit_size(node.grad_fn) if node.grad_fn is not None else 0
+    if k <= 1:
+        return
+    for inp in node.inputs:
+        if inp.grad_fn is node.grad_fn.next_functions[0][0]:
+            _set_identity(inp)
+    for inp in node.inputs:
+        for dep in inp.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [_ChannelBlocks(k, widen=False), None]
+        for dep in node.dependencies:
+            if dep.target is inp:
+                dep.index_mapping = [_ChannelBlocks(k, widen=True), None]
 
 
 class _PathSum:
