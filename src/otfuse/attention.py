@@ -18,7 +18,12 @@ Recognised (add a kind with `@recognise`):
   BEiT's: a child Linear `qkv` (q, k, v stacked, each heads x head_dim), a child Linear `proj`, an int
   `num_heads`, optionally `q_bias`/`k_bias`/`v_bias`, `relative_position_bias_table` (entries, heads),
   `logit_scale` (heads, ...), `cpb_mlp` (a Sequential whose last Linear has one output per head);
-  torchvision MaxViT's `to_qkv`, `merge` and `n_heads` are the same layout.
+  torchvision MaxViT's `to_qkv`, `merge` and `n_heads` are the same layout, timm MaxViT's `head_first` packs
+  each head's q, k and v together;
+- q and k from one Linear `qk`, v from a Linear `v` (ConViT's gated positional self-attention);
+- q, k, v from three Linears (CaiT's class attention, CrossViT's).
+How q, k and v pair up inside (plain, XCiT's cross-covariance, rotary, heads pinned by a shared table) is found
+by the exactness check: `otfuse.groups.LAYOUTS`.
 A layer whose q/k normalisation has weights shared across heads is refused by name.
 """
 
@@ -34,6 +39,7 @@ from torch import nn
 from otfuse.errors import OtfuseError
 
 Slot = tuple[str, str, int]  # (module, tensor, axis)
+Offset = int | torch.Tensor  # channel c sits at c + offset (a tensor: one offset per channel)
 
 
 @dataclass
@@ -46,16 +52,19 @@ class Attention:
     head_dim: int
     inputs: list[Slot]  # the residual stream's channels read by q/k/v (input axis)
     outputs: list[Slot]  # the residual stream's channels written by the output projection (output axis and bias)
-    q: list[tuple[Slot, int]] = field(default_factory=list)  # (slot, offset)
-    k: list[tuple[Slot, int]] = field(default_factory=list)
-    v: list[tuple[Slot, int]] = field(default_factory=list)
+    q: list[tuple[Slot, Offset]] = field(default_factory=list)  # (slot, offset)
+    k: list[tuple[Slot, Offset]] = field(default_factory=list)
+    v: list[tuple[Slot, Offset]] = field(default_factory=list)
     mixed: list[Slot] = field(default_factory=list)  # the output projection's inputs: v's channels, consumed
     per_head: list[Slot] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)  # child Linears called in the forward pass (hooks see them)
+    # channels inside the layer that are no head's: a spatial reduction of the keys' and values' input (conv, norm,
+    # the kv Linear's input): (size, [(slot, role, kind)], where they can be read: (module, "input", axis))
+    inner: list[tuple[int, list[tuple[Slot, str, str]], tuple[str, str, int]]] = field(default_factory=list)
     # where q/k and v activations can be read: (module, "input"/"output", offsets, through): channel c at offset + c
     # of that tensor, or of `through` (a weight, and its bias or "") applied to it
-    seen_qk: list[tuple[str, str, tuple[int, ...], tuple[str, str]]] = field(default_factory=list)
-    seen_v: list[tuple[str, str, tuple[int, ...], tuple[str, str]]] = field(default_factory=list)
+    seen_qk: list[tuple[str, str, tuple[Offset, ...], tuple[str, str]]] = field(default_factory=list)
+    seen_v: list[tuple[str, str, tuple[Offset, ...], tuple[str, str]]] = field(default_factory=list)
 
     @property
     def width(self) -> int:
@@ -142,15 +151,45 @@ def qkv_attention(name: str, m: nn.Module) -> Attention | None:
     q, pn = _join(name, names[0]), _join(name, names[1])
     spec = _around(name, heads, e, [(q, "weight", 1)], pn, proj.bias is not None, [q, pn])
     buffers = dict(m.named_buffers(recurse=False))
+    at = _qkv_offsets(e, heads, getattr(m, "head_first", False) is True)
     for part, k in (("q", 0), ("k", 1), ("v", 2)):
-        getattr(spec, part).append(((q, "weight", 0), k * e))
+        getattr(spec, part).append(((q, "weight", 0), at[k]))
         if qkv.bias is not None:
-            getattr(spec, part).append(((q, "bias", 0), k * e))
+            getattr(spec, part).append(((q, "bias", 0), at[k]))
         if isinstance(getattr(m, f"{part}_bias", None), nn.Parameter) or f"{part}_bias" in buffers:
             getattr(spec, part).append(((name, f"{part}_bias", 0), 0))
     spec.per_head = per_head_slots(name, m, heads, skip=set(names[:2]))
+    spec.seen_qk = [(q, "output", (at[0], at[1]), ("", ""))]
+    spec.seen_v = [(q, "output", (at[2],), ("", "")), (pn, "input", (0,), ("", ""))]
+    return spec
+
+
+def _qkv_offsets(e: int, heads: int, head_first: bool) -> list:
+    """Where q, k and v channel c sit in a qkv Linear's output, as offsets from c: q, k, v stacked ([q | k | v]), or
+    with `head_first` (timm's MaxViT) each head's q, k, v together ([q0 k0 v0 | q1 k1 v1 | ...])."""
+    if not head_first:
+        return [0, e, 2 * e]
+    d = e // heads
+    head = torch.arange(e) // d
+    return [2 * d * head + k * d for k in range(3)]
+
+
+@recognise
+def packed_qk_attention(name: str, m: nn.Module) -> Attention | None:
+    """q and k from one Linear `qk` ([q | k]), v from another `v` (ConViT's gated positional self-attention)."""
+    qk, v, proj, heads = (getattr(m, a, None) for a in ("qk", "v", "proj", "num_heads"))
+    if not (all(isinstance(t, nn.Linear) for t in (qk, v, proj)) and isinstance(heads, int) and heads > 0):
+        return None
+    e = v.out_features
+    if qk.out_features != 2 * e or proj.in_features != e or e % heads:
+        return None
+    q, vn, pn = _join(name, "qk"), _join(name, "v"), _join(name, "proj")
+    spec = _around(name, heads, e, [(q, "weight", 1), (vn, "weight", 1)], pn, proj.bias is not None, [q, vn, pn])
+    for part, layer, off, mod in (("q", q, 0, qk), ("k", q, e, qk), ("v", vn, 0, v)):
+        getattr(spec, part).extend([((layer, "weight", 0), off)] + ([((layer, "bias", 0), off)] if mod.bias is not None else []))
+    spec.per_head = per_head_slots(name, m, heads, skip={"qk", "v", "proj"})
     spec.seen_qk = [(q, "output", (0, e), ("", ""))]
-    spec.seen_v = [(q, "output", (2 * e,), ("", "")), (pn, "input", (0,), ("", ""))]
+    spec.seen_v = [(vn, "output", (0,), ("", "")), (pn, "input", (0,), ("", ""))]
     return spec
 
 
@@ -171,6 +210,34 @@ def separate_qkv_attention(name: str, m: nn.Module) -> Attention | None:
     spec.per_head = per_head_slots(name, m, heads, skip=set(names) | {"proj"})
     spec.seen_qk = [(q, "output", (0,), ("", "")), (k, "output", (0,), ("", ""))]
     spec.seen_v = [(v, "output", (0,), ("", "")), (pn, "input", (0,), ("", ""))]
+    return spec
+
+
+@recognise
+def q_kv_attention(name: str, m: nn.Module) -> Attention | None:
+    """q from a Linear `q`, k and v from one Linear `kv` ([k | v]) that may read a spatially reduced copy of the input
+    (a strided conv `sr` and a LayerNorm `norm`: PVT v2's and Twins' sub-sampled attention)."""
+    q, kv, proj, heads = (getattr(m, a, None) for a in ("q", "kv", "proj", "num_heads"))
+    if not (all(isinstance(t, nn.Linear) for t in (q, kv, proj)) and isinstance(heads, int) and heads > 0):
+        return None
+    e = q.out_features
+    sr, norm = getattr(m, "sr", None), getattr(m, "norm", None)
+    if kv.out_features != 2 * e or proj.in_features != e or e % heads or (sr is not None and not isinstance(sr, nn.Conv2d)):
+        return None
+    qn, kvn, pn, srn, nn_ = (_join(name, x) for x in ("q", "kv", "proj", "sr", "norm"))
+    reads = [(qn, "weight", 1), (srn if sr is not None else kvn, "weight", 1)]
+    spec = _around(name, heads, e, reads, pn, proj.bias is not None, [qn, kvn, pn] + ([srn] if sr is not None else []))
+    for part, layer, off, mod in (("q", qn, 0, q), ("k", kvn, 0, kv), ("v", kvn, e, kv)):
+        getattr(spec, part).extend([((layer, "weight", 0), off)] + ([((layer, "bias", 0), off)] if mod.bias is not None else []))
+    if sr is not None:
+        if sr.groups != 1 or not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != (sr.out_channels,):
+            return None
+        slots = [((srn, "weight", 0), "out", "layer")] + ([((srn, "bias", 0), "out", "layer")] if sr.bias is not None else [])
+        slots += [((nn_, t, 0), "out", "norm") for t in ("weight", "bias") if getattr(norm, t, None) is not None]
+        spec.inner.append((sr.out_channels, slots + [((kvn, "weight", 1), "in", "layer")], (kvn, "input", -1)))
+    spec.per_head = per_head_slots(name, m, heads, skip={"q", "kv", "proj", "sr", "norm"})
+    spec.seen_qk = [(qn, "output", (0,), ("", "")), (kvn, "output", (0,), ("", ""))]
+    spec.seen_v = [(kvn, "output", (e,), ("", "")), (pn, "input", (0,), ("", ""))]
     return spec
 
 
@@ -227,9 +294,9 @@ def traced_as_leaves(model: nn.Module, layers: dict[str, Attention]) -> Iterator
 
 
 def per_head_slots(name: str, m: nn.Module, heads: int, skip: set[str]) -> list[Slot]:
-    """The tensors inside an attention layer with one entry per head: a relative position bias table (entries, heads),
-    a per-head scale (Swin V2's logit_scale, XCiT's temperature), and the heads' axes of every other Linear (the last
-    layer of a position bias MLP, talking heads' mixing of the attention maps)."""
+    """The tensors inside an attention layer with one entry per head: a relative position bias table (entries, heads)
+    or (heads, ...), a per-head scale (Swin V2's logit_scale, XCiT's temperature, ConViT's gate), and the heads'
+    axes of every other Linear (the last layer of a position bias MLP, talking heads' mixing of the attention maps)."""
     out = []
     for child, mod in m.named_modules():
         if not child or child.split(".")[0] in skip:
@@ -245,7 +312,9 @@ def per_head_slots(name: str, m: nn.Module, heads: int, skip: set[str]) -> list[
             continue
         if leaf == "relative_position_bias_table" and t.ndim == 2 and t.shape[1] == heads:
             out.append((_join(name, owner), leaf, 1))
-        elif leaf in ("logit_scale", "temperature") and t.ndim >= 1 and t.shape[0] == heads:
+        elif leaf == "relative_position_bias_table" and t.ndim == 3 and t.shape[0] == heads:  # (heads, 2h - 1, 2w - 1): MaxViT's
+            out.append((_join(name, owner), leaf, 0))
+        elif leaf in ("logit_scale", "temperature", "gating_param") and t.ndim >= 1 and t.shape[0] == heads:
             out.append((_join(name, owner), leaf, 0))
     return out
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup, Member, channel_rearrangement, check_same_groups, example_input, find_groups
+from otfuse.groups import LAYOUTS, ChannelGroup, Member, channel_rearrangement, check_same_groups, example_input, find_groups, relaid
 
 
 @dataclass(frozen=True, eq=False)
@@ -380,13 +380,13 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: fl
     computes on `example_input`. A grouping that fails is one OtfuseError naming the first group that
     breaks it, never a silently wrong model. Random weights, because a model's own (a branch
     initialised to zero) could hide a wrong group that another model's weights would show."""
-    groups = find_groups(model, example_input, time_limit)
-    check_exact(model, groups, example_input)
-    return groups
+    return check_exact(model, find_groups(model, example_input, time_limit), example_input)
 
 
-def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -> None:
-    """Raise one OtfuseError unless permuting every group of `groups` keeps `model`'s function (random weights, input `x`)."""
+def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -> list[ChannelGroup]:
+    """`groups`, after checking that permuting every one keeps `model`'s function (random weights, input `x`); an
+    attention layer whose q/k/v channels do not pair up as in plain attention is given the first of `LAYOUTS` that
+    keeps it. Anything else that fails is one OtfuseError."""
     try:
         # float64: a deep random network's outputs can reach 1e8, where float32's rounding alone is 1e-4 relative,
         # while a wrong group changes them by a fraction of their size even where the signal has decayed
@@ -402,7 +402,10 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
         ) from None
     with torch.no_grad():
         if _breaks(probe, groups, probe_x, want) is None:
-            return
+            return groups
+        groups = _exact_layouts(probe, groups, probe_x, want)
+        if _breaks(probe, groups, probe_x, want) is None:
+            return groups
         # the first group whose permutation alone (with its family: blocks that move alike) fails or changes the function
         family = lambda g: [h for h in groups if h.family == g.family] if g.family else [g]
         culprit, why = next(((g, w) for g in groups for w in [_breaks(probe, family(g), probe_x, want)] if w is not None), (groups[0], ""))
@@ -427,6 +430,29 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
         "changes what the model computes, so the layout between these layers (a channel split, shuffle or "
         "reshape otfuse does not follow) cannot be permuted exactly; otfuse refuses it rather than fuse it wrongly"
     )
+
+
+def _exact_layouts(probe: nn.Module, groups: list[ChannelGroup], x: torch.Tensor, want: torch.Tensor) -> list[ChannelGroup]:
+    """`groups` with every attention layer whose own groups break the function relaid in the first layout that keeps
+    it (the last one that worked is tried first: a model's layers are alike); layers no layout fixes stay as they are."""
+    family = lambda gs, g: [h for h in gs if h.family == g.family]
+    tried = list(LAYOUTS)
+    for name in dict.fromkeys(g.attention.name for g in groups if g.attention is not None):
+        own = next(g for g in groups if g.attention is not None and g.attention.name == name)
+        if _breaks(probe, family(groups, own), x, want) is None:
+            continue
+        for layout in [t for t in tried if t != own.layout]:
+            trial = relaid(groups, {name: layout})
+            mine = next(g for g in trial if g.attention is not None and g.attention.name == name)
+            if _breaks(probe, family(trial, mine), x, want) is None:
+                groups, tried = trial, [layout] + [t for t in tried if t != layout]
+                break
+    return groups
+
+
+def layouts_of(groups: list[ChannelGroup]) -> dict[str, str]:
+    """The layout of every attention layer in `groups` that is not plain attention's: for `relaid` on another model's groups."""
+    return {g.attention.name: g.layout for g in groups if g.attention is not None and g.layout not in ("", "dot")}
 
 
 def _breaks(probe: nn.Module, groups: list[ChannelGroup], x: torch.Tensor, want: torch.Tensor) -> str | None:
@@ -479,8 +505,8 @@ def groups_of(models: list[nn.Module], images: torch.Tensor, norm: tuple, same_w
     per_model = [find_groups(m, example_input(images, norm, m)) for m in models]
     for g in per_model[1:]:
         check_same_groups(per_model[0], g, sizes=same_width)
-    check_exact(models[0], per_model[0], example_input(images, norm, models[0]))  # one structure: one check
-    return per_model
+    first = check_exact(models[0], per_model[0], example_input(images, norm, models[0]))  # one structure: one check
+    return [first] + [relaid(g, layouts_of(first)) for g in per_model[1:]]
 
 
 def channel_rows(x: torch.Tensor, index: torch.Tensor, axis: int = 1) -> torch.Tensor:
