@@ -1,5 +1,5 @@
-"""Constructs users bring beyond the zoo: learned position maps, several outputs, layers the grouping cannot see, and
-channel layouts refused in one line rather than fused wrongly."""
+"""Constructs users bring beyond the zoo: learned position maps, several outputs, layers the grouping cannot see,
+maxout units, einsum with a parameter, and channel layouts refused in one line rather than fused wrongly."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class NormedTriples(nn.Module):
 
 
 class Einsum(nn.Module):
-    """Channels mixed by einsum with a bare parameter (refused: not followed yet)."""
+    """Channels mixed by einsum with a bare parameter: pooled, then a Linear written as einsum."""
 
     def __init__(self):
         super().__init__()
@@ -96,6 +96,53 @@ class Einsum(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.einsum("nchw,cd->nd", F.relu(self.c1(x)), self.w))
+
+
+class EinsumOnMaps(nn.Module):
+    """A 1 x 1 conv written as einsum, its parameter stored (out, in), between two BatchNormed convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.w = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Parameter(torch.randn(5, 8))
+        self.c2, self.fc = nn.Conv2d(5, 4, 1), nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = torch.einsum("nchw,dc->ndhw", F.relu(self.bn(self.c(x))), self.w)
+        return self.fc(self.c2(F.relu(y)).mean((2, 3)))
+
+
+class EinsumOnTokens(nn.Module):
+    """Tokens (batch, tokens, channels) through an einsum Linear and a LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.w, self.n, self.fc = nn.Linear(3, 8), nn.Parameter(torch.randn(8, 12)), nn.LayerNorm(12), nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = F.gelu(self.e(x.flatten(2).transpose(1, 2)))
+        return self.fc(self.n(torch.einsum("ntc,cd->ntd", h, self.w)).mean(1))
+
+
+class EinsumHead(nn.Module):
+    """The classifier itself an einsum: its outputs are the logits, never permuted."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.w = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(8, 10))
+
+    def forward(self, x):
+        return torch.einsum("nc,cd->nd", F.relu(self.c(x)).mean((2, 3)), self.w)
+
+
+class EinsumOverSpace(nn.Module):
+    """An einsum whose parameter contracts a spatial axis: no Linear over channels (refused by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.w, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(6, 6)), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.einsum("nchw,wd->ncd", self.c1(x), self.w).mean(2))
 
 
 def _exact(model: nn.Module, x: torch.Tensor) -> list:
@@ -166,9 +213,28 @@ def test_the_oracle_holds_with_channel_units(model, shape, k, method):
     assert_returns_model(model().eval(), random_data(shape), method, n_images=32)
 
 
-@pytest.mark.parametrize("model", [Einsum])
-def test_layouts_not_followed_are_refused_in_one_line(model):
+EINSUMS = [Einsum, EinsumOnMaps, EinsumOnTokens, EinsumHead]
+
+
+@pytest.mark.parametrize("model", EINSUMS)
+def test_an_einsum_with_a_parameter_moves_the_parameter_as_a_linear(model):
     torch.manual_seed(0)
-    with pytest.raises(OtfuseError, match=f"{model.__name__}: permuting channel group c1") as info:
-        channel_groups(model().eval(), torch.randn(1, 3, 6, 6))
+    net = model().eval()
+    groups = _exact(net, torch.randn(2, 3, 6, 6))
+    axes = {m.axis for g in groups for m in g.members if m.tensor == "w"}
+    assert axes == ({0} if model is EinsumHead else {0, 1})  # the head's outputs stay: only its input axis moves
+    assert not any("_otfuse_" in n for n, _ in net.named_modules()) and torch.einsum.__module__ == "torch.functional"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model", [Einsum, EinsumOnMaps])
+def test_the_oracle_holds_with_an_einsum(model, method):
+    torch.manual_seed(0)
+    assert_returns_model(model().eval(), random_data((3, 6, 6)), method, n_images=32)
+
+
+def test_an_einsum_that_is_no_linear_over_channels_is_refused_in_one_line():
+    torch.manual_seed(0)
+    with pytest.raises(OtfuseError, match=r"parameter w: torch.einsum\('nchw,wd->ncd'\) mixes channels") as info:
+        channel_groups(EinsumOverSpace().eval(), torch.randn(1, 3, 6, 6))
     assert "\n" not in str(info.value)

@@ -37,6 +37,7 @@ from torch_pruning._helpers import _HybridIndex
 
 from otfuse.attention import Attention, attention_layers, leaf_pruners, traced_as_leaves
 from otfuse.data import normalize
+from otfuse.einsum import EinsumSite, einsum_sites, traced_as_linears, translated
 from otfuse.errors import OtfuseError
 from otfuse.hooks import tapping
 
@@ -125,12 +126,14 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     attention = attention_layers(model)
     example_input = example_input.to(params[0].device)
     maps = _channel_first_maps(model, example_input)
-    # one forward pass serves both: Torch-Pruning's trace, and our forward order
-    taps = [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
+    sites = einsum_sites(model, example_input, tuple(attention))
+    # one forward pass serves both: Torch-Pruning's trace, and our forward order (einsums' stand-ins included)
+    taps = lambda: [(n, "output", seen(n, m)) for n, m in model.named_modules() if n]
     try:
         model.eval()
         with (
-            tapping(model, taps),
+            traced_as_linears(model, sites) as stand_ins,
+            tapping(model, taps()),
             traced_as_leaves(model, attention),
             torch.enable_grad(),
             _lenient_concat_maps(),
@@ -150,7 +153,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     if not layers:
         raise OtfuseError("the model has no conv or linear layer; nothing to align")
     heads = _heads(graph) | {layers[-1]}  # the last layer run produces the logits; a model may have more outputs
-    names = {m: n for n, m in model.named_modules()}
+    names = {m: n for n, m in model.named_modules()} | stand_ins
     params_by_id = {id(p): n for n, p in model.named_parameters()}
     unwrapped = {id(p): dim for p, dim in getattr(graph, "unwrapped_parameters", [])}
     try:
@@ -161,7 +164,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
             groups = [
                 g
                 for items in _coupled(graph, order, names, heads, last)
-                for g in _to_groups(items, names, order, params_by_id, unwrapped, attention)
+                for g in _to_groups(items, names, order, params_by_id, unwrapped, attention, sites)
             ]
             for obs in (o for g in groups for o in g.observations + g.pre_observations if o.module in mixing):
                 obs.unordered = 1  # a token layer's (batch, channels, tokens) map: each model has its own channel order
@@ -857,7 +860,13 @@ def _kind(module: nn.Module) -> str:
 
 
 def _to_groups(
-    reached: dict, names: dict, order: dict[str, int], params: dict[int, str], unwrapped: dict[int, int], attention: dict[str, Attention]
+    reached: dict,
+    names: dict,
+    order: dict[str, int],
+    params: dict[int, str],
+    unwrapped: dict[int, int],
+    attention: dict[str, Attention],
+    sites: list[EinsumSite],
 ) -> list[ChannelGroup]:
     """The channel groups of one producer's reach: its channels coupled into group channels (every root index
     that reaches one index of one tensor belongs to one group channel), then split into parts by where they go
@@ -890,6 +899,9 @@ def _to_groups(
                 sl for sl in _role_and_slots(module, name, getattr(handler, "__name__", "")) if getattr(module, sl[1], None) is not None
             ]
             found = [(sl, 1) for sl in found] + _stored_slots(module, name, found)
+            if any(name == site.stand_in for site in sites):  # an einsum's stand-in Linear: its weight is the parameter
+                found = [((*translated(sites, sl[:3]), sl[3]), k) for sl, k in found]
+                name = ".".join(found[0][0][:2]).lstrip(".")  # the parameter's name: the group's, when it produces
             kinds[name] = _kind(module)
             if _channels_last(module):
                 last.add(name)
