@@ -145,6 +145,26 @@ class EinsumOverSpace(nn.Module):
         return self.fc(torch.einsum("nchw,wd->ncd", self.c1(x), self.w).mean(2))
 
 
+class ConvAttention(nn.Module):
+    """SAGAN's self-attention: q, k and v from 1 x 1 convs, softmax(q^T k) over positions, a residual (refused by name:
+    the trace ties the block's channels into one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.q, self.k, self.v, self.fc = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 4, 1),
+            nn.Conv2d(16, 4, 1),
+            nn.Conv2d(16, 16, 1),
+            nn.Linear(16, 10),
+        )
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        attn = torch.bmm(self.q(x).flatten(2).transpose(1, 2), self.k(x).flatten(2)).softmax(-1)
+        return self.fc((torch.bmm(self.v(x).flatten(2), attn.transpose(1, 2)).view(x.shape) + x).mean((2, 3)))
+
+
 def _exact(model: nn.Module, x: torch.Tensor) -> list:
     groups = channel_groups(model, x[:1])
     out = permute(model, groups, random_maps(groups, seed=3))
@@ -237,4 +257,11 @@ def test_an_einsum_that_is_no_linear_over_channels_is_refused_in_one_line():
     torch.manual_seed(0)
     with pytest.raises(OtfuseError, match=r"parameter w: torch.einsum\('nchw,wd->ncd'\) mixes channels") as info:
         channel_groups(EinsumOverSpace().eval(), torch.randn(1, 3, 6, 6))
+    assert "\n" not in str(info.value)
+
+
+def test_channels_tied_into_one_are_refused_not_left_unaligned():
+    torch.manual_seed(0)
+    with pytest.raises(OtfuseError, match="ConvAttention: the 16 output channels of c are tied into one") as info:
+        channel_groups(ConvAttention().eval(), torch.randn(1, 3, 6, 6))
     assert "\n" not in str(info.value)

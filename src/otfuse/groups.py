@@ -181,8 +181,22 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     groups += [g for spec in attention.values() for g in _head_groups(spec, order)]
     groups.sort(key=lambda g: (g.order, g.name))
     _link_blocks(model, groups)
+    _refuse_tied(model, groups)
     _say_uncovered(model, groups, {names[m] for m in heads} | mixing)
     return groups
+
+
+def _refuse_tied(model: nn.Module, groups: list[ChannelGroup]) -> None:
+    """One error for a layer whose output channels the trace tied into a single group channel: nothing would align
+    them, silently (Torch-Pruning 1.6 ties every channel of two tensors multiplied over their channel axis)."""
+    for g in groups:
+        tied = [m for m in g.members if m.role == "out" and m.kind == "layer" and m.tensor == "weight" and m.index.shape[1] > 1]
+        if g.size == 1 and tied:
+            raise OtfuseError(
+                f"{type(model).__name__}: the {tied[0].index.shape[1]} output channels of {tied[0].module} are tied into one "
+                "by an operation otfuse does not follow (two tensors multiplied over their channels, such as "
+                "softmax(q k^T) built from two convolutions); otfuse refuses it rather than leave them unaligned"
+            )
 
 
 def _say_uncovered(model: nn.Module, groups: list[ChannelGroup], exempt: set[str]) -> None:
