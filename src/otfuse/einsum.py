@@ -97,13 +97,16 @@ def einsum_sites(model: nn.Module, x: torch.Tensor, inside: tuple[str, ...] = ()
             found.setdefault(f"{site.owner}.{site.tensor}", site)
         return original(equation, *operands)
 
+    was_training = model.training
     try:
         with _einsum_as(record), torch.no_grad():
-            model(x)
+            model.eval()(x)  # eval: a look must not move BatchNorm statistics
     except OtfuseError:
         raise
     except Exception:
         return []  # the trace that follows says what fails
+    finally:
+        model.train(was_training)
     return list(found.values())
 
 
