@@ -91,6 +91,18 @@ def assert_returns_model(model, data, method, n_images=64, **options):
         assert torch.allclose(v.float(), ref[k].float(), atol=1e-5, rtol=0), f"{method}: {k} differs"
 
 
+def assert_default_fusion_returns_model(model, data):
+    """The whole default pipeline (alignment, averaging, BatchNorm, refit) on `model` and a randomly permuted copy:
+    the fused model computes what `model` does on the test images."""
+    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
+    twin = permute(model, groups, random_maps(groups, seed=5))
+    fused = fuse([model, twin], data.train_x, data.norm, config(n_images=32, refit_n_images=32)).fused
+    x = normalize(data.test_x, data.norm)
+    with torch.no_grad():
+        a, b = model(x), fused(x)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
 def bench_module(name: str):
     """A script of bench/ imported as a module (registered, so its dataclasses resolve their annotations)."""
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")

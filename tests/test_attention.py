@@ -9,13 +9,11 @@ import torchvision
 from torch import nn
 
 from otfuse.attention import attention_layers
-from otfuse.data import normalize
 from otfuse.errors import OtfuseError
-from otfuse.fusion import fuse
 from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 
-from conftest import METHODS, assert_returns_model, config, random_data
+from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
 
 
 class Encoder(nn.Module):
@@ -176,14 +174,7 @@ def test_q_and_k_are_read_after_their_projection_at_every_observation_point(poin
 def test_the_default_fusion_with_refit_returns_the_model(arch):
     """The whole default pipeline (alignment, averaging, refit of every Linear that runs as a module) on a model and
     a permuted copy: the model comes back, whether its attention is timm-style or nn.MultiheadAttention."""
-    model, data = _randomised(TRANSFORMERS[arch]()), random_data((3, 32, 32))
-    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
-    twin = permute(model, groups, random_maps(groups, seed=5))
-    fused = fuse([model, twin], data.train_x, data.norm, config(n_images=32, refit_n_images=32)).fused
-    x = normalize(data.test_x, data.norm)
-    with torch.no_grad():
-        a, b = model(x), fused(x)
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert_default_fusion_returns_model(_randomised(TRANSFORMERS[arch]()), random_data((3, 32, 32)))
 
 
 def test_the_oracle_holds_for_timm_swin():

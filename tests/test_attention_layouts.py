@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otfuse.data import normalize
-from otfuse.fusion import fuse
 from otfuse.maps import channel_groups, permute, random_maps
 
-from conftest import METHODS, assert_returns_model, config, random_data
+from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
 
 # the shared table belongs to no group and is averaged as it stands (one warning says so): right, its heads stay put
 pytestmark = pytest.mark.filterwarnings("ignore:Transformer. bias belong to no channel group")
@@ -191,11 +189,4 @@ def test_the_oracle_holds_for_attention_layouts(attention, method):
 
 @pytest.mark.parametrize("attention", [CrossCovariance, Rotary, SubSampled], ids=lambda a: a.__name__)
 def test_the_default_fusion_with_refit_returns_the_model(attention):
-    model, data = _model(attention), random_data((3, 2 * SIDE, 2 * SIDE))
-    groups = channel_groups(model, normalize(data.train_x[:1], data.norm))
-    twin = permute(model, groups, random_maps(groups, seed=5))
-    fused = fuse([model, twin], data.train_x, data.norm, config(n_images=32, refit_n_images=32)).fused
-    x = normalize(data.test_x, data.norm)
-    with torch.no_grad():
-        a, b = model(x), fused(x)
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    assert_default_fusion_returns_model(_model(attention), random_data((3, 2 * SIDE, 2 * SIDE)))

@@ -71,6 +71,11 @@ def _site(equation: str, operands: tuple, params: dict[int, str]) -> EinsumSite 
     return EinsumSite(owner, tensor, equation, par.index(c), par.index(d))
 
 
+def _operands(operands: tuple) -> tuple:
+    """einsum's operands, given one by one or as one list."""
+    return tuple(operands[0]) if len(operands) == 1 and isinstance(operands[0], list | tuple) else operands
+
+
 @contextmanager
 def _einsum_as(fn) -> Iterator[None]:
     original = torch.einsum
@@ -91,7 +96,7 @@ def einsum_sites(model: nn.Module, x: torch.Tensor, inside: tuple[str, ...] = ()
     original = torch.einsum
 
     def record(equation, *operands):
-        ops = tuple(operands[0]) if len(operands) == 1 and isinstance(operands[0], list | tuple) else operands
+        ops = _operands(operands)
         site = _site(equation, ops, params) if isinstance(equation, str) else None
         if site is not None:
             found.setdefault(f"{site.owner}.{site.tensor}", site)
@@ -145,7 +150,7 @@ def traced_as_linears(model: nn.Module, sites: list[EinsumSite]) -> Iterator[dic
     original = torch.einsum
 
     def run(equation, *operands):
-        ops = tuple(operands[0]) if len(operands) == 1 and isinstance(operands[0], list | tuple) else operands
+        ops = _operands(operands)
         held = [t for t in ops if id(t) in by_param]
         if len(ops) == 2 and len(held) == 1:
             site, layer = by_param[id(held[0])]
