@@ -102,9 +102,17 @@ def forward_precisions(monkeypatch):
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             seen.append((stage[0], bf16))
+            flags.append((stage[0], bf16, tuple(b.fp32_precision for b in P.fp32_backends())))
 
+    flags: list[tuple[str, bool, tuple[str, ...]]] = []
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    yield seen
+    # what a GPU process starts with: cuDNN convolutions in TF32 (and here matmuls too, as a user may set them)
+    saved = [b.fp32_precision for b in P.fp32_backends()]
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"
+    yield seen, flags
+    assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "tf32", "settings not restored"
+    for b, s in zip(P.fp32_backends(), saved):
+        b.fp32_precision = s
     handle.remove()
 
 
@@ -134,9 +142,46 @@ def test_every_forward_pass_runs_in_the_resolved_precision(trained, tmp_path, fo
         ),
         progress=False,
     )
+    forward_precisions, flags = forward_precisions
     stages = {s for s, _ in forward_precisions}
     assert {"recompute_bn", "refit", "repair", "align", "accuracy", "logits", "other"} <= stages
     probes = ("align", "to_target_maps", "groups_of", "refit_sets_every_batchnorm", "units")
     wrong = {s for s, bf16 in forward_precisions if bf16 != want and s not in probes}
     assert not wrong, f"forward passes in the wrong precision in {wrong}"
     assert not any(bf16 for s, bf16 in forward_precisions if s in probes)
+    # float32 means float32: every pass outside bf16 autocast (the alignment and exactness check under either
+    # precision, evaluation and training under fp32) runs with TF32 off, though the process turned it on
+    float32 = [(s, f) for s, bf16, f in flags if not bf16]
+    assert float32 and {"align", "groups_of"} <= {s for s, _ in float32}
+    tf32 = {s for s, f in float32 if set(f) != {"ieee"}}
+    assert not tf32, f"float32 forward passes with TF32 or bf16 allowed in {tf32}"
+
+
+def test_full_float32_restores_the_settings_when_the_block_fails():
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError), P.full_float32():
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        raise RuntimeError("a stage failed")
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def test_full_float32_blocks_in_threads_leave_the_settings_as_they_found_them():
+    """The refit runs forward passes in several threads at once: however their blocks interleave, none ends another's
+    float32, and the process's own settings come back once the last one ends."""
+    import threading
+
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    inside, go = [], threading.Barrier(4)
+
+    def worker():
+        with P.full_float32():
+            go.wait()
+            inside.append(torch.backends.cudnn.conv.fp32_precision)
+            go.wait()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert inside == ["ieee"] * 4 and torch.backends.cudnn.conv.fp32_precision == "tf32"

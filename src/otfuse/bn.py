@@ -18,7 +18,7 @@ from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Observation
 from otfuse.hooks import tapping
 from otfuse.maps import channel_rows
-from otfuse.precision import Precision, autocast, channels_last
+from otfuse.precision import Precision, autocast, channels_last, full_float32
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -128,6 +128,7 @@ def channel_moments(
 
 
 @torch.no_grad()
+@full_float32()  # its channel statistics are float32
 def repair(
     fused: nn.Module,
     parents: list[nn.Module],

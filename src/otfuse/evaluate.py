@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from otfuse.data import image_batches
-from otfuse.precision import Precision, autocast, channels_last
+from otfuse.precision import Precision, autocast, channels_last, full_float32
 
 EVAL_BATCH = 250  # images per forward pass: fastest on CPUs of the size here (L2-resident), fine on a GPU
 
@@ -19,7 +19,7 @@ def logits(model: nn.Module, x: torch.Tensor, norm: tuple, precision: Precision,
     """Float32 logits of every image of `x`, on the model's device, the forward passes in `precision` (fp32 or bf16)."""
     model.eval()
     dev = next(model.parameters()).device
-    with autocast(precision, dev):
+    with full_float32(), autocast(precision, dev):  # whatever bf16 leaves in float32 is float32, not TF32
         out = [model(channels_last(xb.to(dev), precision)).float() for xb in image_batches(x, batch_size, norm)]
     return torch.cat(out)
 

@@ -32,7 +32,7 @@ from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup
 from otfuse.maps import ChannelMap, carry, groups_of, output_maps
-from otfuse.precision import Precision, resolve_precision
+from otfuse.precision import Precision, full_float32, resolve_precision
 from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 from otfuse.subsets import check_fusion_data
 
@@ -159,6 +159,7 @@ def average(models: list[nn.Module], weights: list[float]) -> nn.Module:
     return out
 
 
+@full_float32()  # what the pipeline computes in float32 (the alignment, the targets of the refit) is float32 on a GPU too
 def fuse(
     models: list[nn.Module],
     images: torch.Tensor,

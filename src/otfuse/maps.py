@@ -32,6 +32,7 @@ from torch import nn
 
 from otfuse.errors import OtfuseError
 from otfuse.groups import LAYOUTS, ChannelGroup, Member, channel_rearrangement, check_same_groups, example_input, find_groups, relaid
+from otfuse.precision import full_float32
 
 
 @dataclass(frozen=True, eq=False)
@@ -383,6 +384,7 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, time_limit: fl
     return check_exact(model, find_groups(model, example_input, time_limit), example_input)
 
 
+@full_float32()  # TF32 rounding on a GPU would pass for a broken group, or fail an exact one
 def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -> list[ChannelGroup]:
     """`groups`, after checking that permuting every one keeps `model`'s function (random weights, input `x`); an
     attention layer whose q/k/v channels do not pair up as in plain attention is given the first of `LAYOUTS` that

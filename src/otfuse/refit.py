@@ -46,7 +46,7 @@ from otfuse.data import augment_batch, fixed_sample, normalize
 from otfuse.errors import OtfuseError
 from otfuse.hooks import tapping
 from otfuse.maps import ChannelMap, carry_outputs
-from otfuse.precision import Precision, autocast, channels_last
+from otfuse.precision import Precision, autocast, channels_last, full_float32
 
 _BN = nn.modules.batchnorm._BatchNorm
 CHUNK_ELEMENTS = 1 << 25  # unfolded input entries per Gram product (128 MiB of float32): bounds the refit's peak memory
@@ -107,6 +107,7 @@ def units(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str | None
     return out
 
 
+@full_float32()
 def refit_sets_every_batchnorm(model: nn.Module, images: torch.Tensor, norm: tuple) -> bool:
     """Whether every BatchNorm of `model` follows a refit layer directly, so that the refit sets all their
     statistics (and recomputing them before it changes nothing). `images`: one or two uint8 examples."""
@@ -404,6 +405,7 @@ def _solve(
 
 
 @torch.no_grad()
+@full_float32()  # the targets, Gram matrices and solves are float32/float64: never TF32
 def refit(
     fused: nn.Module,
     parents: list[nn.Module],

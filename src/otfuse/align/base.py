@@ -17,6 +17,7 @@ from torch import nn
 from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup
 from otfuse.maps import ChannelMap, block_permutation, transport_map
+from otfuse.precision import full_float32
 
 DEAD = 1e-4  # a channel's standard deviation below this share of its group's RMS counts as constant
 TIE_BREAK = 1e-3  # weight-based share of the activation cost: only separates channels activations cannot
@@ -88,6 +89,7 @@ def register_method(name: str, title: str, needs_images: bool = True, mixed_widt
     return wrap
 
 
+@full_float32()  # the maps must not depend on the device: TF32 rounding flips near-tied channels
 def align(
     anchor: nn.Module,
     source: nn.Module,

@@ -15,6 +15,7 @@ from otfuse.errors import OtfuseError
 from otfuse.groups import ChannelGroup, Observation
 from otfuse.hooks import tapping
 from otfuse.maps import channel_rows
+from otfuse.precision import full_float32
 
 
 class _Stats:
@@ -80,6 +81,7 @@ def observed_rows(model: nn.Module, obs: Observation) -> Callable[[torch.Tensor]
     return lambda x: channel_rows(F.linear(x, w_rows, b_rows), index, -1)
 
 
+@full_float32()
 def activation_costs(
     anchor: nn.Module,
     source: nn.Module,
