@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the base models: every seed x dataset with the full recipe. Resumes interrupted runs.
 #   SEEDS="0 1" DATASETS="cifar10 cifar100" EPOCHS=100 WIDTH=64 NPROC=1 DATA_DIR=~/.cache/otfuse ./run_train_all.sh
+# DATA_DIR defaults to $OTFUSE_DATA_DIR (the data dir the container mounts and the fusion scripts read), else ~/.cache/otfuse.
 # Parties that each train on part of the data, per seed (the fusion scripts then fuse complementary parties):
 #   SPLIT=disjoint ./run_train_all.sh           # party A on the first half of the classes, party B on the second
 #   SPLIT=biased BIAS=0.8 ./run_train_all.sh    # A: 80% of the first half's images and 20% of the rest's; B the others
@@ -11,7 +12,7 @@ DATASETS="${DATASETS:-cifar10 cifar100}"
 EPOCHS="${EPOCHS:-100}"
 WIDTH="${WIDTH:-64}"
 NPROC="${NPROC:-1}"
-DATA_DIR="${DATA_DIR:-$HOME/.cache/otfuse}"
+DATA_DIR="${DATA_DIR:-${OTFUSE_DATA_DIR:-$HOME/.cache/otfuse}}"
 SPLIT="${SPLIT:-}"
 BIAS="${BIAS:-0.8}"
 for var in EPOCHS WIDTH NPROC; do

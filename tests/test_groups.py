@@ -169,3 +169,42 @@ class GroupedTransposeNet(nn.Module):
 def test_layers_that_cannot_be_permuted_exactly_give_one_clear_error(net, name):
     with pytest.raises(OtfuseError, match=name):
         channel_groups(net(), torch.randn(1, 3, 8, 8))
+
+
+@pytest.fixture
+def versions(monkeypatch):
+    """Installed versions as the test says (check_versions reads them once per process: cleared around the test)."""
+    import types
+
+    import otfuse.groups as G
+
+    def installed(tp_version: str) -> None:
+        monkeypatch.setattr(G, "metadata", types.SimpleNamespace(version=lambda name: tp_version))
+        G.check_versions.cache_clear()
+
+    yield installed
+    G.check_versions.cache_clear()
+
+
+def test_the_tested_versions_are_named_and_others_refused_in_one_line(versions, monkeypatch):
+    from otfuse.groups import check_versions, untested_versions
+
+    assert untested_versions("2.11.0+cu130", "1.6.1") == ""  # the GPU machine's torch
+    assert untested_versions("2.14.1+cu130", "1.6.1") == ""  # this project's pin
+    assert untested_versions("2.10.2", "1.6.1") == "torch 2.10.2"
+    assert untested_versions("2.15.0", "1.6.0") == "torch-pruning 1.6.0 and torch 2.15.0"
+    versions("1.6.0")
+    monkeypatch.delenv("OTFUSE_UNTESTED_VERSIONS", raising=False)
+    with pytest.raises(OtfuseError, match=r"tested with torch-pruning 1.6.1 with torch 2.11 to 2.14, not torch-pruning 1.6.0: install"):
+        check_versions()
+    versions("1.6.0")
+    monkeypatch.setenv("OTFUSE_UNTESTED_VERSIONS", "1")
+    with pytest.warns(UserWarning, match="not tested with"):
+        check_versions()
+
+
+def test_an_untested_torch_pruning_stops_the_grouping_before_any_trace(versions, monkeypatch):
+    monkeypatch.delenv("OTFUSE_UNTESTED_VERSIONS", raising=False)
+    versions("1.7.0")
+    with pytest.raises(OtfuseError, match="not torch-pruning 1.7.0"):
+        channel_groups(build_model("resnet18", 4, 3, 10, 8), torch.zeros(2, 3, 8, 8))

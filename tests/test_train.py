@@ -224,3 +224,61 @@ def test_run_train_all_refuses_a_count_that_is_not_a_number(tmp_path):
     env = {**os.environ, "NPROC": "abc", "DATASETS": "digits"}
     run = subprocess.run([str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and run.stderr.strip() == "run_train_all.sh: NPROC=abc is not a whole number; e.g. NPROC=1"
+
+
+def _train_all_arguments(tmp_path, **env) -> list[str]:
+    """The arguments run_train_all.sh passes to otfuse (a stand-in on PATH records them; nothing trains); an
+    environment variable given as None is unset."""
+    from pathlib import Path
+
+    stub = tmp_path / "bin" / "otfuse"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "args"}\n')
+    stub.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "run_train_all.sh"
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}", "SEEDS": "0", "DATASETS": "digits", **env}
+    subprocess.run([str(script)], env={k: v for k, v in env.items() if v is not None}, check=True, capture_output=True, cwd=tmp_path)
+    return (tmp_path / "args").read_text().split("\n")
+
+
+def test_run_train_all_uses_the_data_dir_the_container_mounts(tmp_path):
+    """In the container OTFUSE_DATA_DIR names the mounted data dir that the fusion scripts read: training must use it
+    too (it used ~/.cache/otfuse, thrown away with the container); DATA_DIR still overrides it."""
+    args = _train_all_arguments(tmp_path, OTFUSE_DATA_DIR="/data", DATA_DIR=None)
+    assert args[args.index("--data-dir") + 1] == "/data"
+    args = _train_all_arguments(tmp_path, OTFUSE_DATA_DIR="/data", DATA_DIR=str(tmp_path / "mine"))
+    assert args[args.index("--data-dir") + 1] == str(tmp_path / "mine")
+
+
+def _rank_loads(rank: int, init: str, data_dir: str, log: str) -> None:
+    """One process of a two-process gloo group: counts (in `log`) how often digits is decoded, slowly enough that two
+    ranks decoding at once would both show."""
+    import time
+
+    import otfuse.data as D
+
+    decode = D._decode_digits
+
+    def counted():
+        with open(log, "a") as f:
+            f.write(f"{rank}\n")
+        time.sleep(1.0)
+        return decode()
+
+    D._decode_digits = counted
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        data = T.load_dataset_on_ranks("digits", data_dir, None, rank, 2)
+        assert data.num_classes == 10
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_rank_0_decodes_the_data_and_the_others_read_its_cache(tmp_path):
+    """torchrun starts every rank at once on one data dir: only rank 0 may decode or download into it."""
+    import torch.multiprocessing as mp
+
+    log = tmp_path / "decoded"
+    init = f"file://{tmp_path / 'store'}"
+    mp.start_processes(_rank_loads, args=(init, str(tmp_path / "data"), str(log)), nprocs=2, start_method="spawn", join=True)
+    assert log.read_text().split() == ["0"]

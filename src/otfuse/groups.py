@@ -21,12 +21,16 @@ name. `otfuse.maps.channel_groups` checks the result numerically: a grouping tha
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 import signal
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 
 import torch
 import torch_pruning as tp
@@ -47,6 +51,38 @@ BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 CHANNEL_SHUFFLES = {"ChannelShuffleBackward0": "channel_shuffle"}
+# what the grouping is tested with: it reads Torch-Pruning's internals and torch's autograd graph, which other
+# releases change; OTFUSE_UNTESTED_VERSIONS=1 runs it anyway (to try an upgrade), with one warning
+TORCH_PRUNING = "1.6.1"
+TORCH_RANGE = ((2, 11), (2, 14))  # first and last minor release tested, bounds included
+
+
+def untested_versions(torch_version: str, tp_version: str) -> str:
+    """What is outside the tested versions, in words; empty when both are tested."""
+    minor = re.match(r"(\d+)\.(\d+)", torch_version)
+    found = (int(minor[1]), int(minor[2])) if minor else (0, 0)
+    bad = [f"torch-pruning {tp_version}"] if tp_version != TORCH_PRUNING else []
+    bad += [f"torch {torch_version}"] if not TORCH_RANGE[0] <= found <= TORCH_RANGE[1] else []
+    return " and ".join(bad)
+
+
+@functools.lru_cache(maxsize=1)
+def check_versions() -> None:
+    """Refuse, in one line naming the tested versions, a torch or Torch-Pruning the grouping was not tested with
+    (`tp.__version__` misreports 1.6.1 as 1.6.0: the installed distribution's metadata is read instead)."""
+    bad = untested_versions(torch.__version__, metadata.version("torch-pruning"))
+    if not bad:
+        return
+    (lo, hi) = TORCH_RANGE
+    tested = f"torch-pruning {TORCH_PRUNING} with torch {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
+    if os.environ.get("OTFUSE_UNTESTED_VERSIONS") == "1":
+        warnings.warn(f"channel grouping with {bad}, which otfuse is not tested with ({tested})", stacklevel=2)
+        return
+    raise OtfuseError(
+        f"otfuse's channel grouping is tested with {tested}, not {bad}: install those "
+        f"(pip install 'torch-pruning=={TORCH_PRUNING}' 'torch>={lo[0]}.{lo[1]},<{hi[0]}.{hi[1] + 1}'), "
+        "or set OTFUSE_UNTESTED_VERSIONS=1 to try anyway"
+    )
 
 
 @dataclass
@@ -106,6 +142,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     moved to the model's device. Anything otfuse cannot permute exactly is one OtfuseError naming it,
     and so is a grouping that takes longer than `time_limit` seconds (0: no limit; the limit needs
     the main thread)."""
+    check_versions()
     was_training = model.training
     order: dict[str, int] = {}
     layers: list[nn.Module] = []

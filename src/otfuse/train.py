@@ -200,11 +200,32 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
     path = checkpoint_path(cfg)
     _check_paths(cfg, path)
     check_arch(cfg.arch)
+    device = pick_device(cfg.device)
+    if world > 1:  # before the data: rank 0 decodes (or downloads) it while the others wait for its cache
+        device = _init_distributed(device, rank)
     if data is None:  # before the lock, which makes the checkpoint's folder: a bad dataset must leave nothing behind
-        data = load_dataset(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size)
+        data = load_dataset_on_ranks(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size, rank, world)
     training_part(cfg, data)  # a bad --classes is refused before the lock too
     with output_lock(path, path.with_suffix(".csv")) if rank == 0 else nullcontext():
-        return _train(cfg, path, data, progress, rank, world)
+        return _train(cfg, path, data, progress, rank, world, device)
+
+
+def load_dataset_on_ranks(name: str, data_dir: str | Path, val_size: int | None, rank: int, world: int) -> ImageData:
+    """`load_dataset` in every process of a distributed run, decoded (or downloaded) once: rank 0 first, then the
+    others from its cache. Every rank writing the same cache and download folder at once would race; rank 0's
+    outcome is sent to the others, so a bad dataset is the same one-line error everywhere, never a rank left waiting."""
+    if world == 1:
+        return load_dataset(name, data_dir, val_size)
+    data, failure = None, [None]
+    if rank == 0:
+        try:
+            data = load_dataset(name, data_dir, val_size)
+        except OtfuseError as exc:
+            failure = [str(exc)]
+    torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise OtfuseError(failure[0])
+    return data if data is not None else load_dataset(name, data_dir, val_size)
 
 
 def _check_paths(cfg: TrainConfig, path: Path) -> None:
@@ -240,8 +261,7 @@ def is_log_of(log: Path, checkpoint: Path) -> bool:
     return bool(history) and rows in (want, want[:-1])
 
 
-def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: int, world: int) -> Path:
-    device = pick_device(cfg.device)
+def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: int, world: int, device: torch.device) -> Path:
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
@@ -255,8 +275,6 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
             "an epoch would take no step; use a smaller batch"
         )
     teachers = _teachers(cfg, data) if cfg.distill else []
-    if world > 1:
-        device = _init_distributed(device, rank)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes, data.image_size)
     opt = make_optimizer(model, cfg)
@@ -502,9 +520,10 @@ def _restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Op
 
 
 def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    # AdamW's step counter stays on the CPU, where torch keeps it (on a GPU it would cost a host sync per parameter per step)
     for state in opt.state.values():
         for k, v in state.items():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and k != "step":
                 state[k] = v.to(device)
 
 
@@ -513,7 +532,8 @@ def _init_distributed(device: torch.device, rank: int) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
     return device
 
 
