@@ -282,3 +282,19 @@ def test_under_ddp_rank_0_decodes_the_data_and_the_others_read_its_cache(tmp_pat
     init = f"file://{tmp_path / 'store'}"
     mp.start_processes(_rank_loads, args=(init, str(tmp_path / "data"), str(log)), nprocs=2, start_method="spawn", join=True)
     assert log.read_text().split() == ["0"]
+
+
+def test_training_a_model_with_a_narrow_strided_1x1_conv_runs_without_onednn_on_the_cpu():
+    """oneDNN's weight gradient of a strided 1x1 conv with fewer input channels than its block (8 on AVX2, 16 on
+    AVX-512) writes past its workspace and corrupts the heap (on AVX2 a width-4 ResNet18 aborted test processes at
+    random); training such a model turns oneDNN off, and only while it trains."""
+    from otfuse.models import build_model
+
+    cpu = torch.device("cpu")
+    narrow, wide = build_model("resnet18", 4, 3, 10, 32), build_model("resnet18", 16, 3, 10, 32)
+    assert torch.backends.mkldnn.enabled
+    with T.onednn_where_it_is_sound(narrow, cpu):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    with T.onednn_where_it_is_sound(wide, cpu):
+        assert torch.backends.mkldnn.enabled

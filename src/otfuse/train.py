@@ -14,7 +14,8 @@ import csv
 import math
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
-from otfuse.precision import Precision, autocast, channels_last, memory_format, resolve_precision
+from otfuse.precision import Precision, autocast, channels_last, cpu_flags, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
 from otfuse.subsets import Subset, check_bias, format_classes, parse_classes, restrict, subset_of
 
@@ -292,73 +293,74 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     total = steps_per_epoch * cfg.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     meta = {**_meta(cfg, data), "val_size": held_out, "precision": precision.value, **({"subset": part.to_meta()} if part else {})}
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        model.train()
-        bar = tqdm(
-            batches(
-                gpu_data.train_x,
-                gpu_data.train_y,
-                cfg.batch_size // world,
-                data.norm,
-                augment=data.augment and cfg.augment,
-                seed=cfg.seed,
-                epoch=epoch,
-                rank=rank,
-                world=world,
-                drop_last=True,
-            ),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=True if not progress or rank != 0 else None,
-            leave=False,
-        )
-        # running sums stay on the device: one host sync per epoch (and per progress update), not two per step
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        seen = 0
-        for i, (xb, yb) in enumerate(bar):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
-            xb = channels_last(xb, precision)
-            with autocast(precision, device):
-                out = net(xb)
-                loss = loss_fn(out.float(), yb) if not teachers or cfg.distill_weight < 1 else 0.0
-                if teachers:
-                    w = cfg.distill_weight
-                    loss = w * _distill_loss(out.float(), teachers, xb, cfg.temperature) + (1 - w) * loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(yb)
-            correct += (out.argmax(1) == yb).sum()
-            seen += len(yb)
-            if not bar.disable and i % PROGRESS_EVERY == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / max(seen, 1),
-            "train_acc": 100 * correct.item() / max(seen, 1),
-            "seconds": time.time() - t0,
-        }
-        if rank == 0:
-            row["val_acc"] = accuracy(model, gpu_data.val_x, gpu_data.val_y, data.norm, precision) if len(data.val_y) else float("nan")
-            if epoch + 1 == cfg.epochs:
-                z = logits(model, gpu_data.test_x, data.norm, precision=precision)
-                row["test_acc"] = accuracy_of_logits(z, gpu_data.test_y)
-                if part:  # a party's own task: its classes' test images, argmax within its classes
-                    meta["task_test_acc"] = task_accuracy_of_logits(z, gpu_data.test_y, part.classes)
-            history.append(row)
-            meta.update(epoch=epoch + 1, history=history, **{k: v for k, v in row.items() if k.endswith("acc")})
-            if epoch + 1 == cfg.epochs and cfg.init and cfg.keep_start and len(data.val_y):
-                meta.update(_keep_better_start(model, cfg, data, gpu_data, precision, row["val_acc"], progress))
-            save_checkpoint(path, model, meta, optimizer=opt.state_dict())
-            _write_log(path.with_suffix(".csv"), history)
-            if progress:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-                print(f"epoch {epoch + 1}/{cfg.epochs}: {shown}", flush=True)
-        if world > 1:
-            torch.distributed.barrier()
+    with onednn_where_it_is_sound(model, device):
+        for epoch in range(start, cfg.epochs):
+            t0 = time.time()
+            model.train()
+            bar = tqdm(
+                batches(
+                    gpu_data.train_x,
+                    gpu_data.train_y,
+                    cfg.batch_size // world,
+                    data.norm,
+                    augment=data.augment and cfg.augment,
+                    seed=cfg.seed,
+                    epoch=epoch,
+                    rank=rank,
+                    world=world,
+                    drop_last=True,
+                ),
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=True if not progress or rank != 0 else None,
+                leave=False,
+            )
+            # running sums stay on the device: one host sync per epoch (and per progress update), not two per step
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            seen = 0
+            for i, (xb, yb) in enumerate(bar):
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(epoch * steps_per_epoch + i, total, cfg)
+                xb = channels_last(xb, precision)
+                with autocast(precision, device):
+                    out = net(xb)
+                    loss = loss_fn(out.float(), yb) if not teachers or cfg.distill_weight < 1 else 0.0
+                    if teachers:
+                        w = cfg.distill_weight
+                        loss = w * _distill_loss(out.float(), teachers, xb, cfg.temperature) + (1 - w) * loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(yb)
+                correct += (out.argmax(1) == yb).sum()
+                seen += len(yb)
+                if not bar.disable and i % PROGRESS_EVERY == 0:
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}")
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum.item() / max(seen, 1),
+                "train_acc": 100 * correct.item() / max(seen, 1),
+                "seconds": time.time() - t0,
+            }
+            if rank == 0:
+                row["val_acc"] = accuracy(model, gpu_data.val_x, gpu_data.val_y, data.norm, precision) if len(data.val_y) else float("nan")
+                if epoch + 1 == cfg.epochs:
+                    z = logits(model, gpu_data.test_x, data.norm, precision=precision)
+                    row["test_acc"] = accuracy_of_logits(z, gpu_data.test_y)
+                    if part:  # a party's own task: its classes' test images, argmax within its classes
+                        meta["task_test_acc"] = task_accuracy_of_logits(z, gpu_data.test_y, part.classes)
+                history.append(row)
+                meta.update(epoch=epoch + 1, history=history, **{k: v for k, v in row.items() if k.endswith("acc")})
+                if epoch + 1 == cfg.epochs and cfg.init and cfg.keep_start and len(data.val_y):
+                    meta.update(_keep_better_start(model, cfg, data, gpu_data, precision, row["val_acc"], progress))
+                save_checkpoint(path, model, meta, optimizer=opt.state_dict())
+                _write_log(path.with_suffix(".csv"), history)
+                if progress:
+                    shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: {shown}", flush=True)
+            if world > 1:
+                torch.distributed.barrier()
     if world > 1:
         torch.distributed.destroy_process_group()
     return path
@@ -517,6 +519,28 @@ def _restore(path: Path, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Op
     model.load_state_dict(saved.state_dict())
     opt.load_state_dict(ckpt["optimizer"])
     return int(meta["epoch"]), list(meta.get("history", []))
+
+
+def onednn_where_it_is_sound(model: nn.Module, device: torch.device):
+    """A context for training `model` on `device`: oneDNN off on the CPU where the model has a strided 1x1 convolution
+    with fewer input channels than oneDNN's block (8 on AVX2, 16 on AVX-512), whose weight gradient then writes past
+    its workspace (oneDNN issue 6035). That corrupts the heap and aborts the
+    process later, elsewhere (a ResNet18 of width 4 or 8 has such a shortcut). PyTorch's own kernels run instead."""
+    block = 16 if "avx512f" in cpu_flags() else 8
+    risky = device.type == "cpu" and any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < block for m in model.modules()
+    )
+    return _onednn_off() if risky and torch.backends.mkldnn.is_available() else nullcontext()
+
+
+@contextmanager
+def _onednn_off() -> Iterator[None]:
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
