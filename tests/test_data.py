@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import tarfile
 import urllib.error
@@ -243,7 +244,7 @@ def test_a_planted_cifar_pickle_runs_no_code(name, tmp_path, tmp_data_dir):
     for f in files:
         with open(folder / f, "wb") as fh:
             pickle.dump({"data": _Planted(marker), "labels": [0], "fine_labels": [0]}, fh)
-    with pytest.raises(OtfuseError, match=r"asks to run (builtins|io)\.open, which CIFAR's files never do"):
+    with pytest.raises(OtfuseError, match=r"asks to run (builtins|_?io)\.open, which CIFAR's files never do"):
         D.load_dataset(name, tmp_data_dir)
     assert not marker.exists()
 
@@ -305,3 +306,25 @@ def test_a_deleted_working_directory_is_one_line(tmp_path):
     code += "sys.exit(main(['evaluate', 'x.pt']))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().startswith("otfuse: error: the current folder no longer exists")
+
+
+def test_a_fifo_or_an_unreadable_folder_inside_an_image_folder_is_one_clear_error(tmp_path, monkeypatch):
+    """HANG: a FIFO at train/b/zz.png blocked `otfuse train` forever (the walk opened every name it listed); SILENT: a
+    folder os.walk cannot read was skipped, and its class vanished from the data."""
+    root = tmp_path / "imgs"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / split / c / "0.png")
+    os.mkfifo(root / "train" / "b" / "zz.png")
+    with pytest.raises(OtfuseError, match=r"zz.png is not a regular file"):
+        D.load_dataset(f"imagefolder:{root}", tmp_path / "data")
+    (root / "train" / "b" / "zz.png").unlink()
+
+    def walk(top, onerror=None, **kw):  # as os.walk does with a folder it may not list (root reads every folder)
+        onerror(PermissionError(13, "Permission denied", str(root / "train" / "b")))
+        yield from ()
+
+    monkeypatch.setattr(os, "walk", walk)
+    with pytest.raises(OtfuseError, match=r"train/b cannot be read \(Permission denied\)"):
+        D.load_dataset(f"imagefolder:{root}", tmp_path / "data2")

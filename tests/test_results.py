@@ -111,3 +111,34 @@ def test_the_fusion_script_writes_repair_and_finetuned_columns(trained, tmp_path
     assert (tmp_path / "finetune-digits.png").read_bytes()[:4] == b"\x89PNG"
     summary = (tmp_path / "summary.md").read_text()
     assert "Activation + 1 ep fine-tuning" in summary and "Activation + 1 ep distillation" in summary
+
+
+def test_the_scripts_never_replace_a_summary_or_plot_they_did_not_write(trained, tmp_path, capsys):
+    """DAMAGE: results/summary.md and results/partial-<dataset>.png were replaced whatever they held; now a file
+    there that no fusion script wrote stops the run before any work, in one line, and is kept."""
+    from otfuse.plots import is_own_figure, pyplot, save_figure
+    from otfuse.results import is_own_summary
+
+    _, _, _, root = trained
+    summary = tmp_path / "summary.md"
+    summary.write_text("# My notes on the runs\n\nhand-written\n")
+    base = ["--checkpoint-dir", str(root / "ck"), "--results-dir", str(tmp_path), "--data-dir", str(root / "data"), "--device", "cpu"]
+    assert main(base, "activation") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the summary" in err and "move it away, or give another --results-dir" in err
+    assert summary.read_text() == "# My notes on the runs\n\nhand-written\n" and not list(tmp_path.glob("*.csv"))
+    summary.unlink()
+    fig, _ = pyplot().subplots()
+    save_figure(fig, tmp_path / "mine.png")  # otfuse's own figure: recognised
+    fig, _ = pyplot().subplots()
+    fig.savefig(tmp_path / "partial-digits.png")  # a user's plot at the name the partial merges write
+    pyplot().close(fig)
+    assert is_own_figure(tmp_path / "mine.png") and not is_own_figure(tmp_path / "partial-digits.png")
+    before = (tmp_path / "partial-digits.png").read_bytes()
+    assert main([*base, "--merge-until", "layer1"], "activation") == 2
+    assert "the plot partial-digits.png" in capsys.readouterr().err and (tmp_path / "partial-digits.png").read_bytes() == before
+    upsert_row(tmp_path / "digits_activation.csv", _row("0-1", "activation", "80.00"))
+    assert is_own_summary(write_summary(tmp_path))
+    old = "# Fusion results\n\nTest accuracy (%), mean over the fused pairs. A method's ...\n"  # written before the mark
+    (tmp_path / "old.md").write_text(old)
+    assert is_own_summary(tmp_path / "old.md") and not is_own_summary(tmp_path / "partial-digits.png")

@@ -36,8 +36,8 @@ def test_written_files_follow_the_umask(tmp_path):
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     import fcntl
 
-    stale = tmp_path / ".x.pt.12345-abc123.tmp"  # no process holds it: its writer was killed
-    live = tmp_path / f".y.pt.{os.getpid()}-abc123.tmp"  # held, as a writer holds its temporary file while it runs
+    stale = tmp_path / ".otfuse-tmp.x.pt.12345-abc123.tmp"  # no process holds it: its writer was killed
+    live = tmp_path / f".otfuse-tmp.y.pt.{os.getpid()}-abc123.tmp"  # held, as a writer holds its temporary file while it runs
     stale.write_bytes(b"half a checkpoint")
     live.write_bytes(b"being written")
     with open(live) as held:
@@ -119,7 +119,7 @@ def test_a_held_lock_is_refused_whatever_its_pid_says_and_a_live_writers_tempora
         with pytest.raises(OtfuseError, match="is being written by another otfuse process"):
             with output_lock(tmp_path / "x.csv"):
                 pass
-    tmp = tmp_path / ".y.csv.999999999-abc.tmp"
+    tmp = tmp_path / ".otfuse-tmp.y.csv.999999999-abc.tmp"
     tmp.write_text("a live writer's half")
     with open(tmp) as writing:
         fcntl.flock(writing.fileno(), fcntl.LOCK_EX)
@@ -143,3 +143,45 @@ def test_a_name_too_long_and_a_directory_at_the_lock_are_one_clear_error(tmp_pat
     with pytest.raises(OtfuseError, match="is a directory; remove it"):
         with output_lock(tmp_path / "d.pt"):
             pass
+
+
+def test_a_lock_name_that_points_at_a_users_file_is_refused_and_the_file_kept(tmp_path):
+    """DAMAGE: a symbolic or hard link planted at `.<name>.lock` used to be truncated and given a pid, and the
+    user's file behind it with it; now anything there that otfuse did not make is refused, the file untouched."""
+    from otfuse.errors import OtfuseError
+    from otfuse.storage import output_lock
+
+    victim = tmp_path / "victim" / "notes.txt"
+    victim.parent.mkdir()
+    victim.write_text("my notes\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".fused.pt.lock"
+    for plant, why in ((lambda: lock.symlink_to(victim), "symbolic link"), (lambda: os.link(victim, lock), "not a lock otfuse made")):
+        plant()
+        with pytest.raises(OtfuseError, match=why):
+            with output_lock(out / "fused.pt"):
+                pass
+        assert victim.read_text() == "my notes\n"
+        lock.unlink()
+    lock.write_text("a file of the user's that happens to bear this name")
+    with pytest.raises(OtfuseError, match="not a lock otfuse made"):
+        with output_lock(out / "fused.pt"):
+            pass
+    assert lock.read_text().startswith("a file of the user's")
+    os.mkfifo(out / ".x.csv.lock")
+    with pytest.raises(OtfuseError, match="not a lock otfuse made"):
+        with output_lock(out / "x.csv"):
+            pass
+
+
+def test_only_otfuses_own_temporary_files_are_ever_removed(tmp_path):
+    """DAMAGE: files that merely looked like a temporary (.<name>.<digits>-<x>.tmp) were deleted by any write to
+    their folder; otfuse's own carry a prefix no one else uses."""
+    theirs = [tmp_path / ".chapter3.md.2024-final.tmp", tmp_path / ".data.tar.1234-part.tmp"]
+    for p in theirs:
+        p.write_text("someone's work")
+    os.symlink(tmp_path / "elsewhere", tmp_path / ".otfuse-tmp.l.pt.1-x.tmp")
+    atomic_write_text(tmp_path / "z.txt", "x")
+    assert all(p.read_text() == "someone's work" for p in theirs)
+    assert (tmp_path / ".otfuse-tmp.l.pt.1-x.tmp").is_symlink()

@@ -506,6 +506,7 @@ def _may_be_image(parts: tuple[str, ...]) -> bool:
 
 
 def _read_image_file(p: Path) -> bytes:
+    regular_file(p, "imagefolder file")  # a FIFO would block the read forever, a device never end it
     if p.stat().st_size > MAX_FILE_BYTES:
         raise OtfuseError(
             f"imagefolder file {p} is {p.stat().st_size:,} bytes, more than any image otfuse reads ({MAX_FILE_BYTES >> 20} MiB); remove it"
@@ -515,7 +516,10 @@ def _read_image_file(p: Path) -> bytes:
 
 def _dir_entries(path: Path):
     """(relative parts, reader) of every file under `path`; a symbolic link is refused, never silently followed or dropped."""
-    for folder, dirs, files in os.walk(path):
+    def unreadable(exc: OSError):  # os.walk would skip the folder silently: a class would vanish from the data
+        raise OtfuseError(f"imagefolder {path}: {exc.filename} cannot be read ({exc.strerror}); fix its permissions or move it away")
+
+    for folder, dirs, files in os.walk(path, onerror=unreadable):
         dirs.sort()
         for name in sorted(dirs + files):
             p = Path(folder) / name

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from otfuse.storage import atomic_write_bytes
 
+SOFTWARE = "otfuse"  # the PNG's Software text: what tells otfuse's own figures, which a later run may replace, from anyone's
+
 CURVE_STYLE = {  # curve -> (colour, marker, legend label)
     "vanilla": ("tab:gray", "o", "vanilla average + BN reset"),
     "aligned": ("tab:blue", "s", "OT-aligned + BN reset"),
@@ -33,10 +35,21 @@ def pyplot():
 def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure as PNG atomically, then close it."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")  # legends placed outside the axes stay in the file
+    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Software": SOFTWARE})  # legends outside the axes stay in
     pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def is_own_figure(path: str | Path) -> bool:
+    """Whether the file at `path` is a PNG figure otfuse drew (its Software text), which a later run may replace."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.text.get("Software") == SOFTWARE
+    except (OSError, ValueError, SyntaxError):  # not an image, unreadable, or a damaged PNG
+        return False
 
 
 def interpolation_figure(rows: list[dict], title: str, split: str = "test"):

@@ -134,6 +134,21 @@ def _short(method: str) -> str:
     return _title(method).removesuffix(" Fusion").removesuffix("-base")
 
 
+SUMMARY_MARK = "<!-- otfuse: the fusion scripts write this file from the CSVs beside it, anew on every run -->"
+
+
+def is_own_summary(path: Path) -> bool:
+    """Whether `path` is a summary.md the fusion scripts wrote (marked; or, from before the mark, their title and
+    first sentence), which the next run replaces; a file of the user's at that name is not."""
+    try:
+        head = path.read_text(encoding="utf-8").splitlines()[:5]
+    except (OSError, UnicodeDecodeError):
+        return False
+    if head[:1] == [SUMMARY_MARK]:
+        return True
+    return head[:1] == ["# Fusion results"] and any(line.startswith("Test accuracy (%), mean over the fused pairs.") for line in head)
+
+
 def write_summary(results_dir: Path) -> Path:
     """results/summary.md: per dataset and model, mean accuracies over pairs for every method run."""
     by_model: dict[tuple, dict[str, list[dict]]] = {}
@@ -161,6 +176,7 @@ def write_summary(results_dir: Path) -> Path:
     head = ["Dataset", "Model", "Pairs", "Model1", "Model2"] + [c[0] for c in cols] + ["Ensemble", "Vanilla", "Vanilla + BN"]
     head += [h for h, _ in refit_col]
     lines = [
+        SUMMARY_MARK,
         "# Fusion results",
         "",
         "Test accuracy (%), mean over the fused pairs. A method's own column is the fusion with the options "

@@ -33,7 +33,8 @@ import torch
 from otfuse.errors import OtfuseError
 
 NAME_MAX = 255  # bytes in one file name, on every file system otfuse writes to
-_TMP = re.compile(r"^\..+\.(\d+)-[^.]+\.tmp$")  # .<name>.<pid>-<random>.tmp
+TMP_PREFIX = ".otfuse-tmp."  # a writer's temporary file: .otfuse-tmp.<name>.<pid>-<random>.tmp; no one else's is ever removed
+_TMP = re.compile(r"^\.otfuse-tmp\..+\.(\d+)-[^.]+\.tmp$")
 
 
 def writable_dir(path: str | Path) -> Path:
@@ -94,7 +95,11 @@ def writable_file(path: str | Path, what: str) -> Path:
 
 
 def check_outputs(
-    outputs: dict[str, str | Path], inputs: dict[str, str | Path], overwrite: bool = False, own: Callable[[Path], bool] = lambda _: False
+    outputs: dict[str, str | Path],
+    inputs: dict[str, str | Path],
+    overwrite: bool = False,
+    own: Callable[[Path], bool] = lambda _: False,
+    fix: str = "choose a new path, or add --overwrite to replace it",
 ) -> None:
     """Refuse, before any work, an output (`{what: path}`) that is an input (`{what: path}`: checkpoints, the
     config), another output of the same run, or an existing file that is neither this command's earlier
@@ -113,10 +118,7 @@ def check_outputs(
             raise OtfuseError(f"{what} {path} is also {seen[key]} of this run; choose paths that differ")
         seen[key] = what
         if p.exists() and not overwrite and not own(p):
-            raise OtfuseError(
-                f"{what} {path} already exists and is not this command's earlier result for these inputs; "
-                "choose a new path, or add --overwrite to replace it"
-            )
+            raise OtfuseError(f"{what} {path} already exists and is not this command's earlier result for these inputs; {fix}")
 
 
 @contextmanager
@@ -136,12 +138,7 @@ def _locked(path: Path) -> Iterator[None]:
     writable_dir(path.parent)
     lock = path.parent / short_name(f".{path.name}", ".lock")
     while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        except IsADirectoryError:
-            raise OtfuseError(f"{lock}, where otfuse keeps the lock of {path}, is a directory; remove it") from None
-        except OSError as exc:
-            raise OtfuseError(f"cannot take the lock {lock} for {path} ({exc.strerror}); choose a writable folder") from None
+        fd = _open_lock(lock, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -165,6 +162,31 @@ def _locked(path: Path) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _open_lock(lock: Path, path: Path) -> int:
+    """The lock file, opened without following a symbolic link, and only if it is one otfuse made: a regular file
+    with no other name, holding nothing or a process id. Anything else at that name (a link to a user's file, a
+    hard link, a FIFO, a file with other content) is refused, never truncated or written."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except IsADirectoryError:
+        raise OtfuseError(f"{lock}, where otfuse keeps the lock of {path}, is a directory; remove it") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OtfuseError(
+                f"{lock}, where otfuse keeps the lock of {path}, is a symbolic link, which otfuse never writes through; remove it"
+            ) from None
+        raise OtfuseError(f"cannot take the lock {lock} for {path} ({exc.strerror}); choose a writable folder") from None
+    info = os.fstat(fd)
+    held = os.pread(fd, 64, 0) if stat.S_ISREG(info.st_mode) else b""
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or not re.fullmatch(rb"\d*", held):
+        os.close(fd)
+        raise OtfuseError(
+            f"{lock}, where otfuse keeps the lock of {path}, is not a lock otfuse made (another kind of file, a second "
+            "name of another file, or other content); move it away"
+        )
+    return fd
 
 
 def short_name(stem: str, suffix: str, limit: int = NAME_MAX) -> str:
@@ -218,12 +240,15 @@ def remove_stale_temporaries(folder: Path) -> int:
     """Delete the temporary files of killed writers in `folder`; returns how many went. A writer holds a lock on its
     temporary file (flock) as long as it lives, so only a dead one's is taken, whatever its process id says."""
     gone = 0
-    for p in folder.glob(".*.tmp"):
+    for p in folder.glob(f"{TMP_PREFIX}*.tmp"):
         if not _TMP.match(p.name):
             continue
         try:
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -246,7 +271,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
     remove_stale_temporaries(path.parent)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=short_name(f".{path.name}", f".{os.getpid()}-", NAME_MAX - 14), suffix=".tmp")
+        prefix = short_name(f"{TMP_PREFIX}{path.name}", f".{os.getpid()}-", NAME_MAX - 14)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # held while this process lives: its temporary file is never taken for stale
             write(f)

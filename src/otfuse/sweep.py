@@ -27,9 +27,9 @@ from otfuse.inputs import FusionInputs, check_request, fusion_inputs
 from otfuse.models import arch_folder
 from otfuse.options import Parser, add_options, flatten
 from otfuse.partial import MERGE_UNTIL_HELP, chosen_cuts, partial_rows
-from otfuse.plots import finetune_figure, partial_figure, save_figure
+from otfuse.plots import finetune_figure, is_own_figure, partial_figure, save_figure
 from otfuse.report import fusion_table
-from otfuse.results import KEY, SPLIT_KEY, fusion_row, split_row, upsert_row, upsert_rows, write_summary
+from otfuse.results import KEY, SPLIT_KEY, fusion_row, is_own_summary, split_row, upsert_row, upsert_rows, write_summary
 from otfuse.storage import check_outputs, load_torch, output_lock, writable_dir
 from otfuse.subsets import complement, subset_of
 from otfuse.train import finetune, is_log_of
@@ -218,6 +218,15 @@ def sweep(args: argparse.Namespace, default_method: str) -> int:
     pick_device(args.device)
     results = writable_dir(args.results_dir)  # before any work: an unwritable folder must not cost a fusion
     jobs = pairs_to_fuse(Path(args.checkpoint_dir), args.dataset, parse_widths(args.widths), parse_pairs(args.pairs))
+    datasets = sorted({ds for ds, _ in jobs})
+    figures = [f"finetune-{d}.png" for d in datasets if args.finetune_epochs] + [f"partial-{d}.png" for d in datasets if args.merge_until]
+    # the summary and plots follow every output's rule: an existing file is replaced only when a fusion script wrote it
+    check_outputs(
+        {"the summary": results / "summary.md", **{f"the plot {n}": results / n for n in figures}},
+        {},
+        own=lambda p: is_own_summary(p) if p.suffix == ".md" else is_own_figure(p),
+        fix="move it away, or give another --results-dir",
+    )
     with output_lock(results / "summary.md"):  # one sweep at a time writes a results folder: rows are read, then replaced
         return _sweep(args, jobs, results)
 
