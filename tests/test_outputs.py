@@ -57,7 +57,44 @@ def test_fusing_again_replaces_only_its_own_earlier_result(trained, tmp_path, ca
     assert _fuse(b, a, out, root / "data") == 2  # other inputs (order matters: A is the reference)
     assert "is not this command's earlier result" in capsys.readouterr().err and out.read_bytes() == before
     assert _fuse(b, a, out, root / "data", "--overwrite") == 0
-    assert load_checkpoint(out)[1]["parents"] == [str(b), str(a)]
+    assert load_checkpoint(out)[1]["parents"] == [str(b.resolve()), str(a.resolve())]
+
+
+def test_a_fusion_run_from_another_folder_never_takes_an_output_for_its_own(trained, tmp_path, capsys, monkeypatch):
+    """DAMAGE: parents were recorded as typed (relative) and resolved against the current folder, so the same
+    command from another project, whose checkpoints bear the same relative names, replaced this one's model. Now
+    they are recorded absolute with their weights' checksums; a parent changed since the fusion does not match
+    either; a fine-tune records its start and its teachers the same way."""
+    _, _, (a, b), root = trained
+    for project, (x, y) in (("projA", (a, b)), ("projB", (b, a))):
+        (tmp_path / project / "p").mkdir(parents=True)
+        shutil.copy(x, tmp_path / project / "p" / "s0.pt")
+        shutil.copy(y, tmp_path / project / "p" / "s1.pt")
+    out = tmp_path / "out" / "fused.pt"
+    out.parent.mkdir()
+    monkeypatch.chdir(tmp_path / "projA")
+    assert _fuse("p/s0.pt", "p/s1.pt", "../out/fused.pt", root / "data") == 0
+    meta = load_checkpoint(out)[1]
+    assert meta["parents"] == [str(tmp_path / "projA" / "p" / f"s{i}.pt") for i in (0, 1)]
+    assert meta["parent_digests"] == [load_checkpoint(p)[1]["weights_digest"] for p in (a, b)]
+    before = out.read_bytes()
+    monkeypatch.chdir(tmp_path / "projB")
+    capsys.readouterr()
+    assert _fuse("p/s0.pt", "p/s1.pt", "../out/fused.pt", root / "data") == 2
+    assert "is not this command's earlier result" in capsys.readouterr().err and out.read_bytes() == before
+    monkeypatch.chdir(tmp_path / "projA")
+    shutil.copy(a, "p/s1.pt")  # projA's second parent retrained (here: replaced): the fusion is not of these parents any more
+    assert _fuse("p/s0.pt", "p/s1.pt", "../out/fused.pt", root / "data") == 2 and out.read_bytes() == before
+    shutil.copy(a, "p/s1.pt")
+    shutil.copy(b, "p/s0.pt")
+    capsys.readouterr()
+    ft = ["finetune", "../out/fused.pt", "--epochs", "1", "--distill", "--data-dir", str(root / "data"), "--device", "cpu"]
+    assert main([*ft, "--out", "../out/ft.pt"]) == 2  # its teachers are not the parents it was fused from any more
+    assert "have changed since the fusion; give --teachers" in capsys.readouterr().err
+    assert main([*ft, "--out", "../out/ft.pt", "--teachers", "p/s0.pt,p/s1.pt"]) == 0
+    tuned = load_checkpoint(tmp_path / "out" / "ft.pt")[1]
+    assert tuned["init"] == str(out) and tuned["init_digest"] == load_checkpoint(out)[1]["weights_digest"]
+    assert tuned["teachers"] == [str(tmp_path / "projA" / "p" / f"s{i}.pt") for i in (0, 1)] and len(tuned["teachers_digests"]) == 2
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ case "$DATASET" in
 esac
 PYTHON="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 die() { echo "prepare.sh: $*" >&2; exit 2; }
+"$PYTHON" -c "import packaging, pip" 2>/dev/null || die "$PYTHON lacks pip or packaging: run ./run_tests.sh once (it makes .venv), or set PYTHON"
 
 exclude="$(git rev-parse --git-path info/exclude)"
 mkdir -p "$(dirname "$exclude")"

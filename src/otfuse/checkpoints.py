@@ -304,7 +304,9 @@ def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict,
         parent_widths=[m["width"] for m in metas],
         method=options.get("method"),
         options=options,
-        parents=[str(p) for p in parents],
+        # absolute, with the weights' checksums: a path typed relative would name other files from another folder
+        parents=[str(Path(p).expanduser().resolve()) for p in parents],
+        parent_digests=[m.get("weights_digest") for m in metas],
         val_size=val_size,
         test_acc=test_acc,
         parent_train_acc=[m.get("train_acc") for m in metas],
@@ -315,27 +317,39 @@ def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict,
     return meta
 
 
-def fused_from(path: str | Path, parents: list[str | Path]) -> bool:
-    """Whether `path` is an earlier fusion of exactly these parents, in this order: the one existing file a fusion
-    may replace without --overwrite."""
+def recorded_meta(path: str | Path) -> dict:
+    """The metadata of the otfuse checkpoint at `path`, or {} for anything else (a decision that reads it then says no)."""
     try:
         ckpt = load_torch(path)
-        meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-        made_from = [Path(p).resolve() for p in meta.get("parents", [])]
-    except (OtfuseError, AttributeError, TypeError):
+    except OtfuseError:
+        return {}
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def same_files(recorded: object, digests: object, paths: list[str | Path]) -> bool:
+    """Whether checkpoints recorded as absolute paths with their weights' checksums are `paths`, unchanged since. A
+    relative path (recorded before paths were absolute) names no file for certain, so it matches nothing."""
+    if not isinstance(recorded, list) or not isinstance(digests, list) or len(recorded) != len(paths) or len(digests) != len(paths):
         return False
-    return meta.get("kind") == "fused" and made_from == [Path(p).resolve() for p in parents]
+    given = [Path(p).expanduser().resolve() for p in paths]
+    if any(not Path(str(r)).is_absolute() or Path(str(r)) != g for r, g in zip(recorded, given)):
+        return False
+    return all(d is not None and recorded_meta(g).get("weights_digest") == d for d, g in zip(digests, given))
+
+
+def fused_from(path: str | Path, parents: list[str | Path]) -> bool:
+    """Whether `path` is an earlier fusion of exactly these parents, in this order, as they are now: the one existing
+    file a fusion may replace without --overwrite."""
+    meta = recorded_meta(path)
+    return meta.get("kind") == "fused" and same_files(meta.get("parents"), meta.get("parent_digests"), parents)
 
 
 def finetuned_from(path: str | Path, init: str | Path) -> bool:
-    """Whether `path` is an earlier fine-tune of checkpoint `init` (its metadata says so): the one existing file a
-    fine-tune of `init` may replace without --overwrite."""
-    try:
-        ckpt = load_torch(path)
-        meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-        return meta.get("kind") == "finetuned" and Path(str(meta.get("init"))).resolve() == Path(init).resolve()
-    except (OtfuseError, AttributeError, TypeError):
-        return False
+    """Whether `path` is an earlier fine-tune of checkpoint `init`, as it is now (its metadata says so): the one
+    existing file a fine-tune of `init` may replace without --overwrite."""
+    meta = recorded_meta(path)
+    return meta.get("kind") == "finetuned" and same_files([meta.get("init")], [meta.get("init_digest")], [init])
 
 
 def load_parents(

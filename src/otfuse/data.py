@@ -516,6 +516,7 @@ def _read_image_file(p: Path) -> bytes:
 
 def _dir_entries(path: Path):
     """(relative parts, reader) of every file under `path`; a symbolic link is refused, never silently followed or dropped."""
+
     def unreadable(exc: OSError):  # os.walk would skip the folder silently: a class would vanish from the data
         raise OtfuseError(f"imagefolder {path}: {exc.filename} cannot be read ({exc.strerror}); fix its permissions or move it away")
 

@@ -30,6 +30,8 @@ from otfuse.checkpoints import (
     load_checkpoint,
     optimizer_of,
     pick_device,
+    recorded_meta,
+    same_files,
     save_checkpoint,
     val_size_of,
 )
@@ -275,7 +277,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
             f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
             "an epoch would take no step; use a smaller batch"
         )
-    teachers = _teachers(cfg, data) if cfg.distill else []
+    teachers, teacher_paths = _teachers(cfg, data) if cfg.distill else ([], [])
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes, data.image_size)
     opt = make_optimizer(model, cfg)
@@ -292,7 +294,13 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     steps_per_epoch = (len(data.train_y) // world) // (cfg.batch_size // world)
     total = steps_per_epoch * cfg.epochs
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    meta = {**_meta(cfg, data), "val_size": held_out, "precision": precision.value, **({"subset": part.to_meta()} if part else {})}
+    meta = {
+        **_meta(cfg, data),
+        **(_recorded("teachers", teacher_paths) if teacher_paths else {}),
+        "val_size": held_out,
+        "precision": precision.value,
+        **({"subset": part.to_meta()} if part else {}),
+    }
     with onednn_where_it_is_sound(model, device):
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
@@ -424,15 +432,28 @@ def _meta(cfg: TrainConfig, data: ImageData) -> dict:
         "seed": cfg.seed,
         "classes": list(data.classes),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
-        **({"kind": "finetuned", "init": cfg.init} if cfg.init else {}),
+        **({"kind": "finetuned", **_recorded("init", [cfg.init])} if cfg.init else {}),
     }
 
 
-def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
+def _recorded(key: str, paths: list[str]) -> dict:
+    """Checkpoints this run read, for its metadata: absolute paths and their weights' checksums (`<key>_digest`)."""
+    absolute = [str(Path(p).expanduser().resolve()) for p in paths]
+    digests = [recorded_meta(p).get("weights_digest") for p in absolute]
+    return {key: absolute[0], f"{key}_digest": digests[0]} if key == "init" else {key: absolute, f"{key}_digests": digests}
+
+
+def _teachers(cfg: TrainConfig, data: ImageData) -> tuple[list[nn.Module], list[str]]:
     """The teacher models of --distill: --teachers, or the parents the --init checkpoint was fused from."""
     paths = [p for p in cfg.teachers.split(",") if p]
     if not paths and cfg.init:
-        paths = list(load_checkpoint(cfg.init)[1].get("parents") or [])
+        init = load_checkpoint(cfg.init)[1]
+        paths = list(init.get("parents") or [])
+        if paths and all(Path(p).is_file() for p in paths) and not same_files(paths, init.get("parent_digests"), paths):
+            raise OtfuseError(
+                f"--distill learns from the parents {cfg.init} was fused from, but they are recorded as relative paths "
+                "(an older fusion) or have changed since the fusion; give --teachers A.pt,B.pt"
+            )
     if not paths:
         raise OtfuseError("--distill needs teachers: fine-tune a fused checkpoint (its parents teach) or give --teachers A.pt,B.pt")
     out = []
@@ -456,7 +477,7 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> list[nn.Module]:
                 + f", this run is on {cfg.dataset}; use teachers trained on the same data"
             )
         out.append(model.eval().requires_grad_(False))
-    return out
+    return out, paths
 
 
 def _distill_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor, temperature: float) -> torch.Tensor:
