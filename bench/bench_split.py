@@ -170,7 +170,7 @@ def partial(name: str, paths: list[Path], args: argparse.Namespace) -> None:
     )
     rows = partial_rows(
         fusion,
-        chosen_cuts(fusion.fused, "all"),
+        chosen_cuts(fusion.fused, args.cuts),
         inputs.data.train_x,
         *inputs.data.split("test"),
         inputs.data.norm,

@@ -101,3 +101,16 @@ def test_every_command_in_readme_parses_or_exists():
             assert (ROOT / words[1]).is_file(), words
         else:
             assert (ROOT / words[0]).is_file() and os.access(ROOT / words[0], os.X_OK), words
+
+
+def test_setup_venv_can_be_sourced_without_changing_the_shell_s_options():
+    """README says `source tools/setup_venv.sh`: it must put .venv/bin on PATH and leave the user's shell as it was
+    (its `set -euo pipefail` used to stay, so a later failing command closed the user's terminal)."""
+    import subprocess
+
+    script = 'set +euo pipefail; source tools/setup_venv.sh; echo "opts=$-"; set -o | grep pipefail; command -v python'
+    run = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    opts, pipefail, python = run.stdout.split("\n")[:3]
+    assert "e" not in opts.removeprefix("opts=") and "u" not in opts.removeprefix("opts=") and pipefail.split() == ["pipefail", "off"]
+    assert python == str(ROOT / ".venv" / "bin" / "python")

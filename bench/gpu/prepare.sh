@@ -55,6 +55,7 @@ if [ "$DATASET" = cifar10 ]; then
 else
   src="$SHARED/data/cifar100-png.tar.xz"
   [ -f "$src" ] || die "$src is missing; set SHARED to the folder holding data/cifar100-png.tar.xz"
+  "$PYTHON" -c "import torch, PIL, sklearn" 2>/dev/null || die "making the CIFAR-100 copy needs otfuse's packages: run ./run_tests.sh once (it makes .venv), or set PYTHON"
   made=".gpu-data/.cifar100-source"
   want="$(stat -c '%s %Y' "$src")"
   if [ ! -f "$archive" ] || [ "$(cat "$made" 2>/dev/null)" != "$want" ]; then
