@@ -42,6 +42,9 @@ def world(trained, tmp_path_factory):
     (w / "cut.pt").write_bytes(a.read_bytes()[:2000])
     (w / "noise.pt").write_bytes(np.random.default_rng(0).bytes(5000))
     (w / "wrongtype.json").write_text(json.dumps({"bn_batches": "many"}))
+    (w / "digits401.json").write_text('{"refit_ridge": ' + "1" * 401 + "}")  # a float option no float can hold
+    (w / "deep.json").write_text('{"_note": ' + "[" * 200_000 + "]" * 200_000 + "}")  # under an ignored note, too
+    (w / "twice.json").write_text('{"refit_ridge": 0.1, "refit_ridge": 0.2}')
     (w / "afile").write_text("not a directory")
     (w / "outdir").mkdir()
     for name, extra in (("corrupt", b"\xff\xd8\xff\xe0 truncated"), ("text", b"hello, not an image")):
@@ -225,6 +228,13 @@ CASES = [
     ("fuse {w}/a.pt {w}/b.pt --bn-batches ten", "argument --bn-batches: 'ten' is not an integer"),
     ("fuse {w}/a.pt {w}/b.pt --reg nan", "'nan' is not a finite number"),
     ("fuse {w}/a.pt {w}/b.pt --config {w}/wrongtype.json", "bn_batches must be an integer"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/digits401.json", "has 401 digits, more than any option takes"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/deep.json", "nested too deeply to be a file of options"),
+    ("fuse {w}/a.pt {w}/b.pt --config {w}/twice.json", "the key 'refit_ridge' is given twice"),
+    ("fuse {w}/a.pt {w}/b.pt --fusion-data 12345678901234567890123-per-class", "give union"),
+    ("fuse {w}/a.pt {w}/b.pt --width 9999", "--width 9999 must be from 1 to 512"),
+    ("train --dataset digits --width 100000 --out {w}/new.pt", "--width 100000 must be from 1 to 512"),
+    ("train --dataset digits --width 4 --batch-size 1 --out {w}/new.pt", "--batch-size 1 must be at least 2 (BatchNorm needs two"),
     ("fuse {w}/a.pt {w}/b.pt --config {w}/missing.json", "missing.json does not exist"),
     ("fuse {w}/a.pt {w}/b.pt --config {w}/fifo", "is not a regular file"),
     ("fuse {w}/a.pt {w}/b.pt --config /dev/zero", "is not a regular file"),
@@ -249,8 +259,8 @@ CASES = [
     ("train --dataset digits --width 4 --weight-decay 1e308 --out {w}/new.pt", "--weight-decay 1e+308 must be from 0 to 10"),
     ("finetune {w}/a.pt --distill --temperature 1e308 --out {w}/new.pt", "--temperature 1e+308 must be a positive number"),
     ("fuse {w}/a.pt {w}/b.pt --refit-ridge 1e308", "--refit-ridge 1e+308 must be from 0 to 1e6"),
-    ("train --dataset digits --width 4 --batch-size 0 --out {w}/new.pt", "--batch-size 0 must be at least 1"),
-    ("train --dataset digits --width 4 --batch-size -5 --out {w}/new.pt", "--batch-size -5 must be at least 1"),
+    ("train --dataset digits --width 4 --batch-size 0 --out {w}/new.pt", "--batch-size 0 must be at least 2"),
+    ("train --dataset digits --width 4 --batch-size -5 --out {w}/new.pt", "--batch-size -5 must be at least 2"),
     ("train --dataset digits --width 4 --batch-size 100000 --out {w}/new.pt", "exceeds the"),
     ("train --dataset digits --width 4 --warmup 2 --out {w}/new.pt", "--warmup 2.0 must be between 0 and 1"),
     ("train --dataset digits --width 8 --epochs 8 --out {w}/a.pt", "already exists (epoch 8 of 8); add --resume"),

@@ -19,7 +19,7 @@ from otfuse.checkpoints import load_parents, recipe_options
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
-from otfuse.models import model_from_meta
+from otfuse.models import MAX_WIDTH, model_from_meta
 from otfuse.options import resolve
 from otfuse.subsets import Subset, fusion_mask, subset_of
 
@@ -48,8 +48,8 @@ def check_request(
 ) -> None:
     """The request alone, before anything is loaded: the options given and in `config` (their ranges), the
     number of checkpoints and the fused `width` (0: the first parent's). One clear error for each."""
-    if width < 0:
-        raise OtfuseError(f"--width {width} must be at least 1 (or 0: the first parent's width)")
+    if not 0 <= width <= MAX_WIDTH:
+        raise OtfuseError(f"--width {width} must be from 1 to {MAX_WIDTH} (or 0: the first parent's width)")
     if n_checkpoints < 2 and not (one_allowed and width):
         more = ", or one and --width W to compress or widen it" if one_allowed else ""
         raise OtfuseError(f"give two or more checkpoints{more}; got {n_checkpoints}")

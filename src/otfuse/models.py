@@ -35,6 +35,7 @@ def register(name: str):
 
 
 TIMM = "timm:"
+MAX_WIDTH = 512  # base channels: parameters grow with its square (a ResNet18 of width 512 has 0.7 billion, 2.8 GB)
 
 
 def check_arch(arch: str) -> None:

@@ -190,13 +190,35 @@ def flatten(cfg) -> dict[str, Any]:
     return out
 
 
+def _bounded_int(text: str) -> int:
+    """A JSON integer of at most 18 digits: longer ones are no option's value, and convert to no float."""
+    if len(text.lstrip("-")) > 18:
+        raise ValueError(f"the number {text[:12]}... has {len(text.lstrip('-'))} digits, more than any option takes")
+    return int(text)
+
+
+def _unique_keys(path: str | Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A JSON object hook that refuses a key given twice (json keeps the last one silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise ValueError(f"the key {twice!r} is given twice; keep one")
+        return dict(pairs)
+
+    return hook
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """Flat options from a JSON object (keys starting with '_' are notes); one clear error otherwise."""
     p = regular_file(path, "--config")
     if p.stat().st_size > CONFIG_LIMIT:
         raise OtfuseError(f"--config {path} is {p.stat().st_size} bytes, not a file of options; give a JSON file (otfuse tune writes one)")
     try:
-        obj = json.loads(p.read_text())
+        obj = json.loads(p.read_text(), parse_int=_bounded_int, object_pairs_hook=_unique_keys(path))
+    except RecursionError:
+        raise OtfuseError(f"--config {path}: nested too deeply to be a file of options; give a flat JSON object") from None
     except (OSError, ValueError) as exc:
         raise OtfuseError(f"--config {path}: not a readable JSON file ({str(exc)[:100]}); write one with otfuse tune") from None
     if not isinstance(obj, dict):

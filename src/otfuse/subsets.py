@@ -133,7 +133,7 @@ def check_bias(bias: float) -> None:
         raise OtfuseError(f"--bias {bias} must be above 0 and at most 1 (the listed classes' share of their images; 1: those classes only)")
 
 
-FUSION_DATA = re.compile(r"^(?:union|model(?P<k>[1-9]\d*)|(?P<n>[1-9]\d*)-per-class)$")
+FUSION_DATA = re.compile(r"^(?:union|model(?P<k>[1-9]\d{0,5})|(?P<n>[1-9]\d{0,8})-per-class)$")  # counts below 10^9
 
 
 def check_fusion_data(spec: str, n_models: int | None = None) -> None:

@@ -38,7 +38,7 @@ from otfuse.checkpoints import (
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset, resolved_name
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
-from otfuse.models import TIMM, arch_folder, arch_width, build_model, check_arch
+from otfuse.models import MAX_WIDTH, TIMM, arch_folder, arch_width, build_model, check_arch
 from otfuse.precision import Precision, autocast, channels_last, cpu_flags, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
 from otfuse.subsets import Subset, check_bias, format_classes, parse_classes, restrict, subset_of
@@ -81,7 +81,7 @@ class TrainConfig:
         """Ranges of every hyperparameter, before any work."""
         bad = [
             (self.epochs >= 1, "--epochs", "at least 1"),
-            (self.batch_size >= 1, "--batch-size", "at least 1"),
+            (self.batch_size >= 2, "--batch-size", "at least 2 (BatchNorm needs two images a batch)"),
             (0 < self.lr <= 100, "--lr", "a positive number, at most 100"),
             (0 <= self.warmup <= 1, "--warmup", "between 0 and 1 (a fraction of the steps)"),
             (self.optimizer in OPTIMIZERS, "--optimizer", " or ".join(OPTIMIZERS)),
@@ -89,7 +89,7 @@ class TrainConfig:
             (0 <= self.weight_decay <= 10, "--weight-decay", "from 0 to 10"),
             (0 <= self.label_smoothing < 1, "--label-smoothing", "between 0 and 1 (excluded)"),
             (self.val_size >= -1, "--val-size", "-1 (the default split) or 0 or more"),
-            (self.width >= 1 or self.arch.startswith(TIMM), "--width", "at least 1"),
+            (1 <= self.width <= MAX_WIDTH or self.arch.startswith(TIMM), "--width", f"from 1 to {MAX_WIDTH}"),
             (0 < self.temperature <= 1000, "--temperature", "a positive number, at most 1000"),
             (0 <= self.distill_weight <= 1, "--distill-weight", "between 0 and 1"),
         ]
