@@ -132,7 +132,7 @@ def test_cli_fuses_mixed_widths_and_compresses_one_model(trained, tmp_path, caps
     capsys.readouterr()
     assert main(["evaluate", str(small), "--data-dir", str(root / "data")]) == 0  # loads like any other checkpoint
     assert main(["fuse", str(paths[0]), "--width", "-2", "--out", str(tmp_path / "x.pt"), *base]) == 2
-    assert "--width -2 must be at least 1" in capsys.readouterr().err
+    assert "--width -2 must be from 1 to 512" in capsys.readouterr().err
     assert main(["fuse", str(paths[0]), str(narrow), "--method", "weight", "--out", str(tmp_path / "x.pt"), *base]) == 2
     assert "one width only" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
 
