@@ -31,7 +31,6 @@ from otfuse.checkpoints import (
     optimizer_of,
     pick_device,
     recorded_meta,
-    same_files,
     save_checkpoint,
     val_size_of,
 )
@@ -277,7 +276,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
             f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
             "an epoch would take no step; use a smaller batch"
         )
-    teachers, teacher_paths = _teachers(cfg, data) if cfg.distill else ([], [])
+    teachers, teacher_record = _teachers(cfg, data) if cfg.distill else ([], {})
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes, data.image_size)
     opt = make_optimizer(model, cfg)
@@ -296,7 +295,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     meta = {
         **_meta(cfg, data),
-        **(_recorded("teachers", teacher_paths) if teacher_paths else {}),
+        **teacher_record,
         "val_size": held_out,
         "precision": precision.value,
         **({"subset": part.to_meta()} if part else {}),
@@ -432,38 +431,43 @@ def _meta(cfg: TrainConfig, data: ImageData) -> dict:
         "seed": cfg.seed,
         "classes": list(data.classes),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")},
-        **({"kind": "finetuned", **_recorded("init", [cfg.init])} if cfg.init else {}),
+        # the start as an absolute path with its weights' checksum: a relative one would name another file elsewhere
+        **(
+            {"kind": "finetuned", "init": _absolute(cfg.init), "init_digest": recorded_meta(cfg.init).get("weights_digest")}
+            if cfg.init
+            else {}
+        ),
     }
 
 
-def _recorded(key: str, paths: list[str]) -> dict:
-    """Checkpoints this run read, for its metadata: absolute paths and their weights' checksums (`<key>_digest`)."""
-    absolute = [str(Path(p).expanduser().resolve()) for p in paths]
-    digests = [recorded_meta(p).get("weights_digest") for p in absolute]
-    return {key: absolute[0], f"{key}_digest": digests[0]} if key == "init" else {key: absolute, f"{key}_digests": digests}
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
-def _teachers(cfg: TrainConfig, data: ImageData) -> tuple[list[nn.Module], list[str]]:
-    """The teacher models of --distill: --teachers, or the parents the --init checkpoint was fused from."""
+def _teachers(cfg: TrainConfig, data: ImageData) -> tuple[list[nn.Module], dict]:
+    """The teacher models of --distill (--teachers, or the parents the --init checkpoint was fused from, which must be
+    the files it recorded, unchanged), and their record for the metadata: absolute paths and weights' checksums."""
     paths = [p for p in cfg.teachers.split(",") if p]
+    recorded: list = []  # the checksums the --init checkpoint recorded for its parents; none for --teachers
     if not paths and cfg.init:
         init = load_checkpoint(cfg.init)[1]
         paths = list(init.get("parents") or [])
-        if paths and all(Path(p).is_file() for p in paths) and not same_files(paths, init.get("parent_digests"), paths):
-            raise OtfuseError(
-                f"--distill learns from the parents {cfg.init} was fused from, but they are recorded as relative paths "
-                "(an older fusion) or have changed since the fusion; give --teachers A.pt,B.pt"
-            )
+        recorded = init.get("parent_digests") if isinstance(init.get("parent_digests"), list) else [None] * len(paths)
     if not paths:
         raise OtfuseError("--distill needs teachers: fine-tune a fused checkpoint (its parents teach) or give --teachers A.pt,B.pt")
-    out = []
-    for p in paths:
+    out, digests = [], []
+    for i, p in enumerate(paths):
         if not cfg.teachers and not Path(p).is_file():
             raise OtfuseError(
                 f"--distill learns from the parents {cfg.init} was fused from, but {p} does not exist (moved?); "
                 "give --teachers A.pt,B.pt, or --no-distill"
             )
         model, meta, _ = load_checkpoint(p)
+        if recorded and (not Path(p).is_absolute() or i >= len(recorded) or recorded[i] != meta.get("weights_digest")):
+            raise OtfuseError(
+                f"--distill learns from the parents {cfg.init} was fused from, but they are recorded as relative paths "
+                "(an older fusion) or have changed since the fusion; give --teachers A.pt,B.pt"
+            )
         if meta["num_classes"] != data.num_classes or meta["in_channels"] != data.in_channels:
             raise OtfuseError(
                 f"--teachers: {p} classifies {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
@@ -477,7 +481,8 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> tuple[list[nn.Module], list[
                 + f", this run is on {cfg.dataset}; use teachers trained on the same data"
             )
         out.append(model.eval().requires_grad_(False))
-    return out, paths
+        digests.append(meta.get("weights_digest"))
+    return out, {"teachers": [_absolute(p) for p in paths], "teachers_digests": digests}
 
 
 def _distill_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor, temperature: float) -> torch.Tensor:
