@@ -133,9 +133,7 @@ def _vanilla(inputs: FusionInputs, path: Path) -> Path:
     models, metas, data, cfg = inputs.models, inputs.metas, inputs.data, inputs.cfg
     precision = resolve_precision(cfg.precision, next(models[0].parameters()).device)
     model = vanilla_models(models, cfg.model_weights(len(models)), data.train_x, data.norm, cfg, precision)["vanilla_refit"]
-    save_checkpoint(
-        path, model, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), len(data.val_y), None), "method": "vanilla"}
-    )
+    save_checkpoint(path, model, {**fused_meta(metas, inputs.paths, inputs.width, flatten(cfg), None), "method": "vanilla"})
     return path
 
 
@@ -153,7 +151,7 @@ def _narrow(inputs: FusionInputs, path: Path, how: str, width: int = 32) -> Path
         target = pruned(models[0], target, ratio, data.train_x, data.norm, p=1)
     elif how == "fused-pruned":
         target = pruned(fuse(models, data.train_x, data.norm, cfg).fused, target, ratio, data.train_x, data.norm, p=1)
-    save_checkpoint(path, target, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": how})
+    save_checkpoint(path, target, {**fused_meta(metas, inputs.paths, width, flatten(cfg), None), "method": how})
     return path
 
 
@@ -174,7 +172,7 @@ def _transplant(inputs: FusionInputs, path: Path, width: int | None = None) -> P
         resolve_precision(cfg.precision, device),
         ratio=1 - width / (len(models) * inputs.width),
     )
-    save_checkpoint(path, start, {**fused_meta(metas, inputs.paths, width, flatten(cfg), len(data.val_y), None), "method": "transplant"})
+    save_checkpoint(path, start, {**fused_meta(metas, inputs.paths, width, flatten(cfg), None), "method": "transplant"})
     return path
 
 

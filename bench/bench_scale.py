@@ -115,7 +115,6 @@ def main(argv: list[str]) -> int:
                         args.checkpoints,
                         meta["width"],
                         flatten(cfg),
-                        len(data.val_y),
                         acc["fused"] if args.split == "test" else None,
                     ),
                 )

@@ -4,6 +4,7 @@ exactly between complementary parties, and fused on the union of what they saw (
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -226,3 +227,27 @@ def test_a_partial_merge_spans_the_ensemble_and_the_full_merge(parties):
         split_graph(fusion.fused, "layer2.0.bn1")
     with pytest.raises(OtfuseError, match="no module of that name"):
         split_graph(fusion.fused, "layer9")
+
+
+def test_a_model_of_parties_learns_only_from_their_union_through_fusion_finetuning_and_evaluation(tmp_path, capsys):
+    """A fused model of parties records the union of their parts: fusing it again, fine-tuning it and validating it
+    read only the images some party held (before, its metadata dropped the parts and it counted as trained on all)."""
+    a, b = _party(tmp_path, 0, "0-2", epochs=1), _party(tmp_path, 1, "3-5", epochs=1)
+    data_dir, fused = tmp_path / "data", tmp_path / "f.pt"
+    args = ["--precision", "fp32", "--data-dir", str(data_dir), "--device", "cpu", "--n-images", "100", "--refit-n-images", "100"]
+    assert main(["fuse", str(a), str(b), "--out", str(fused), *args]) == 0
+    meta = load_checkpoint(fused)[1]
+    assert meta["parts"] == [Subset((0, 1, 2), 1.0, 0).to_meta(), Subset((3, 4, 5), 1.0, 0).to_meta()] and "subset" not in meta
+    again = fusion_inputs([fused, a], {"precision": "fp32"}, data_dir=data_dir, device="cpu")
+    assert set(again.data.train_y.tolist()) == set(range(6)) == set(again.data.val_y.tolist())
+    assert again.tasks == [(0, 1, 2, 3, 4, 5), (0, 1, 2)]
+    cfg = finetune_config(meta, fused, tmp_path / "ft.pt", epochs=1, device="cpu", precision="fp32", data_dir=str(data_dir))
+    assert cfg.classes == "" and len(json.loads(cfg.parts)) == 2
+    ft = load_checkpoint(train(cfg, progress=False))[1]
+    assert ft["parts"] == meta["parts"] and 0 <= ft["task_test_acc"] <= 100
+    whole = load_dataset("digits", data_dir)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "ft.pt"), "--split", "val", "--data-dir", str(data_dir), "--device", "cpu"]) == 0
+    assert f", {int((whole.val_y < 6).sum())} images)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # never typed: only a checkpoint sets it
+        main(["train", "--dataset", "digits", "--parts", "[]"])

@@ -24,6 +24,7 @@ from otfuse.errors import OtfuseError
 from otfuse.models import model_from_meta
 from otfuse.refit import RefitConfig
 from otfuse.storage import load_torch, save_torch
+from otfuse.subsets import is_part_record, is_parts_record, parts_of, union_of
 from otfuse.version import __version__
 
 # metadata every otfuse checkpoint has, with its type
@@ -170,7 +171,12 @@ def _check_meta(path: str | Path, meta: dict) -> None:
             f"a list of {meta['num_classes']} class names",
         ),
         "train_acc": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"),
-        "subset": (lambda v: _is_subset(v, meta["num_classes"]), "a part of the data (classes, bias, seed)"),
+        "subset": (lambda v: is_part_record(v, meta["num_classes"]), "a part of the data (classes, bias, seed)"),
+        "parts": (lambda v: is_parts_record(v, meta["num_classes"]), "a list of parts of the data (classes, bias, seed)"),
+        "parent_subsets": (
+            lambda v: isinstance(v, list) and all(s is None or is_part_record(s, meta["num_classes"]) for s in v),
+            "a list of parts of the data or nulls",
+        ),
         "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         "data_digest": (lambda v: isinstance(v, str) and len(v) <= 64, "a digest of the training data"),
         "weights_digest": (lambda v: isinstance(v, str) and len(v) <= 64, "a checksum of the weights"),
@@ -178,25 +184,6 @@ def _check_meta(path: str | Path, meta: dict) -> None:
     for key, (ok, what) in optional.items():
         if key in meta:
             need(ok(meta[key]), key, what)
-
-
-def _is_subset(v, num_classes: int) -> bool:
-    """A `subset` record: listed classes (distinct label indices), a bias in (0, 1], an integer seed."""
-    if not isinstance(v, dict) or set(v) != {"classes", "bias", "seed"}:
-        return False
-    classes, bias, seed = v["classes"], v["bias"], v["seed"]
-    return (
-        isinstance(classes, list)
-        and 0 < len(classes) < num_classes
-        and len(set(classes)) == len(classes)
-        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes for c in classes)
-        and isinstance(bias, (int, float))
-        and not isinstance(bias, bool)
-        and math.isfinite(bias)
-        and 0 < bias <= 1
-        and isinstance(seed, int)
-        and not isinstance(seed, bool)
-    )
 
 
 def val_size_of(meta: dict) -> int | None:
@@ -290,13 +277,13 @@ def optimizer_of(meta: dict) -> str:
     return str(meta.get("parent_optimizer") or (meta.get("config") or {}).get("optimizer") or "sgd")
 
 
-def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, val_size: int, test_acc: float | None) -> dict:
+def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, test_acc: float | None) -> dict:
     """A fused checkpoint's metadata: the first parent's identity (dataset, normalisation, classes), the
     fused width and options, and what each parent was (path, width, training accuracy)."""
     meta = {
         k: v
         for k, v in metas[0].items()
-        if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc", "subset", "task_test_acc")
+        if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc", "subset", "task_test_acc", "parts", "parent_subsets")
     }
     meta.update(
         kind="fused",
@@ -307,13 +294,16 @@ def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict,
         # absolute, with the weights' checksums: a path typed relative would name other files from another folder
         parents=[str(Path(p).expanduser().resolve()) for p in parents],
         parent_digests=[m.get("weights_digest") for m in metas],
-        val_size=val_size,
         test_acc=test_acc,
         parent_train_acc=[m.get("train_acc") for m in metas],
         parent_optimizer=optimizer_of(metas[0]),
     )
-    if any(m.get("subset") for m in metas):  # parents trained on parts of the data: the fused model serves their union
-        meta["parent_subsets"] = [m.get("subset") for m in metas]
+    held_out = val_size_of(metas[0])  # the split every parent held out (a fusion refuses others); None: the default
+    if held_out is not None:
+        meta["val_size"] = held_out
+    union = union_of([parts_of(m) for m in metas])
+    if union is not None:  # parents trained on parts of the data: the fused model learnt from their union, no more
+        meta["parts"] = [p.to_meta() for p in union]
     return meta
 
 

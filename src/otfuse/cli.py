@@ -29,6 +29,7 @@ from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
 from otfuse.report import accuracies, table
 from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, output_lock, writable_dir
+from otfuse.subsets import parts_of, restrict
 from otfuse.train import FINETUNE, FINETUNE_FITTED, TrainConfig, checkpoint_path, finetune_config, finetune_defaults, train
 from otfuse.tune import TuneConfig, run_study
 
@@ -63,7 +64,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     model, meta, _ = load_checkpoint(args.checkpoint)
     device = pick_device(args.device)
-    data = data_of(meta, args.data_dir)
+    data = restrict(data_of(meta, args.data_dir), parts_of(meta))  # validation: only the images its parties held
     x, y = data.split(args.split)
     loss, acc = loss_and_accuracy(model.to(device), x.to(device), y, (meta["mean"], meta["std"]), resolve_precision(args.precision, device))
     print(f"{args.checkpoint}: {meta['dataset']} {args.split} accuracy {acc:.2f}% (loss {loss:.4f}, {len(y)} images)")
@@ -88,9 +89,7 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
     cfg, metas, data = inputs.cfg, inputs.metas, inputs.data
     fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True)
     made = sum(fusion.seconds.values())
-    meta = lambda acc: fused_meta(
-        metas, args.checkpoints, inputs.width, flatten(cfg), len(data.val_y), acc if args.split == "test" else None
-    )
+    meta = lambda acc: fused_meta(metas, args.checkpoints, inputs.width, flatten(cfg), acc if args.split == "test" else None)
     if args.out:  # the fused model first: the evaluation below is extra, never a reason to lose it
         save_checkpoint(args.out, fusion.fused, meta(None))
         print(f"saved {args.out} (fused in {made:.1f} s, {fusion.precision})", flush=True)
@@ -195,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbose.add_argument("--verbose", action="store_true", help="also show other libraries' warnings (PyTorch, POT, optuna)")
     sub.add_parser = functools.partial(sub.add_parser, parents=[verbose])  # every subcommand takes --verbose
     p = sub.add_parser("train", help="train one seeded model (resumable)")
-    add_options(p, TrainConfig)
+    add_options(p, TrainConfig, exclude=lambda name: name == "parts")  # set from a checkpoint, never typed
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("finetune", help="fine-tune a (fused) checkpoint with the training loop: otfuse finetune F.pt --epochs 1")
     p.add_argument("checkpoint")
-    add_options(p, TrainConfig, FINETUNE, only_given=True, exclude=lambda name: name == "init")  # the checkpoint is the start
+    add_options(p, TrainConfig, FINETUNE, only_given=True, exclude=lambda name: name in ("init", "parts"))  # the checkpoint is the start
     p.epilog = (
         "Defaults shown are those of most checkpoints; a fusion of parents that fit their training set (99% training "
         f"accuracy, augmented) defaults to {' '.join(f'{k}={v}' for k, v in FINETUNE_FITTED.items())}, its parents teaching."

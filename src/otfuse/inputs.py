@@ -21,7 +21,7 @@ from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
 from otfuse.models import MAX_WIDTH, model_from_meta
 from otfuse.options import resolve
-from otfuse.subsets import Subset, fusion_mask, subset_of
+from otfuse.subsets import Parts, classes_of, fusion_mask, parts_of, union_mask
 
 
 @dataclass
@@ -33,14 +33,14 @@ class FusionInputs:
     cfg: FuseConfig  # defaults, then what the parents' recipe implies, then --config, then the options given
     width: int  # the fused model's
     target: nn.Module  # a fresh model of the fused width, on the device: `fuse(..., target=inputs.target)`
-    parts: list[Subset | None]  # the part of the data each parent trained on (None: all of it)
+    parts: list[Parts | None]  # the parts of the data each parent learnt from (None: all of it)
 
     @property
     def tasks(self) -> list[tuple[int, ...]] | None:
         """Each parent's own classes, where parents trained on parts of the data (None where every parent saw it all)."""
         if all(p is None for p in self.parts):
             return None
-        return [p.classes if p else tuple(range(self.data.num_classes)) for p in self.parts]
+        return [classes_of(p, self.data.num_classes) for p in self.parts]
 
 
 def check_request(
@@ -77,10 +77,10 @@ def fusion_inputs(
     cfg.check(len(models))
     width = width or metas[0]["width"]
     target = target_model(metas[0], width, next(models[0].parameters()).device)
-    parts = [subset_of(m) for m in metas]
-    keep = fusion_mask(data.train_y, parts, cfg.fusion_data)
-    if not bool(keep.all()):
-        data = replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
+    parts = [parts_of(m) for m in metas]
+    keep, seen = fusion_mask(data.train_y, parts, cfg.fusion_data), union_mask(data.val_y, parts, 1)
+    if not bool(keep.all() and seen.all()):  # validation too: only what the parties held
+        data = replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep], val_x=data.val_x[seen], val_y=data.val_y[seen])
     return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target, parts)
 
 

@@ -9,7 +9,9 @@ Which images of a class a part draws is fixed by its `seed`: each class's images
 order drawn from the seed, the listed classes take the first `bias` share of their ranks and the other
 classes the last `1 - bias`. Two parties with complementary classes, one bias and one seed therefore split
 every split (train, validation) exactly: nothing shared, nothing left over. The model's head always covers
-every class of the dataset; a checkpoint records its part in its metadata (`subset`).
+every class of the dataset; a checkpoint records its part in its metadata (`subset`). A model made from parties
+(fused, or fine-tuned from a fused one) records the union of their parts (`parts`): whatever later reads data for it
+(a fusion, a fine-tune) reads only that union, never images no party held.
 """
 
 from __future__ import annotations
@@ -69,7 +71,39 @@ def format_classes(classes: tuple[int, ...] | list[int]) -> str:
 def subset_of(meta: dict) -> Subset | None:
     """The part of its data a checkpoint was trained on (None: all of it)."""
     s = meta.get("subset")
-    return None if not s else Subset(tuple(s["classes"]), float(s["bias"]), int(s["seed"]))
+    return None if not s else part_from_record(s)
+
+
+def part_from_record(s: dict) -> Subset:
+    return Subset(tuple(s["classes"]), float(s["bias"]), int(s["seed"]))
+
+
+Parts = tuple[Subset, ...]  # a union of parts: the images any of them draws
+
+
+def parts_of(meta: dict) -> Parts | None:
+    """The images a checkpoint's model may have learnt from, as a union of parts (None: all the data): a party's
+    own part, or the union its parties held for a model made from them (`parts`; `parent_subsets` before that)."""
+    if meta.get("subset"):
+        return (part_from_record(meta["subset"]),)
+    if isinstance(meta.get("parts"), list):
+        return tuple(part_from_record(s) for s in meta["parts"])
+    legacy = meta.get("parent_subsets")
+    if isinstance(legacy, list) and legacy and all(legacy):
+        return tuple(part_from_record(s) for s in legacy)
+    return None
+
+
+def union_of(parts: list[Parts | None]) -> Parts | None:
+    """The union of several models' parts (None as soon as one learnt from all the data), each part once."""
+    if any(p is None for p in parts):
+        return None
+    return tuple(dict.fromkeys(s for p in parts for s in p))
+
+
+def classes_of(parts: Parts | None, num_classes: int) -> tuple[int, ...]:
+    """The classes the parts list (every class for all the data)."""
+    return tuple(range(num_classes)) if parts is None else tuple(sorted({c for s in parts for c in s.classes}))
 
 
 def complement(part: Subset, num_classes: int) -> Subset:
@@ -100,25 +134,52 @@ def mask(y: torch.Tensor, part: Subset, salt: int) -> torch.Tensor:
     return take.to(y.device)
 
 
-def restrict(data: ImageData, part: Subset | None) -> ImageData:
-    """`data` with its train and validation splits restricted to what `part` draws (the test split stays whole: the
-    joint accuracy is over every class)."""
-    if part is None:
+def restrict(data: ImageData, parts: Subset | Parts | None) -> ImageData:
+    """`data` with its train and validation splits restricted to what `parts` (one part or a union) draw (the test
+    split stays whole: the joint accuracy is over every class)."""
+    if parts is None:
         return data
-    keep_train, keep_val = mask(data.train_y, part, 0), mask(data.val_y, part, 1)
+    parts = (parts,) if isinstance(parts, Subset) else parts
+    keep_train, keep_val = union_mask(data.train_y, [parts], 0), union_mask(data.val_y, [parts], 1)
     return replace(
         data, train_x=data.train_x[keep_train], train_y=data.train_y[keep_train], val_x=data.val_x[keep_val], val_y=data.val_y[keep_val]
     )
 
 
-def union_mask(y: torch.Tensor, parts: list[Subset | None], salt: int = 0) -> torch.Tensor:
-    """The images any of the parts drew (every image where a part is the whole dataset)."""
-    if any(p is None for p in parts):
+def union_mask(y: torch.Tensor, parts: list[Subset | Parts | None], salt: int = 0) -> torch.Tensor:
+    """The images any of the parts (each one part or a union) drew (every image where one is the whole dataset)."""
+    union = union_of([(p,) if isinstance(p, Subset) else p for p in parts])
+    if union is None:
         return torch.ones(len(y), dtype=torch.bool, device=y.device)
     out = torch.zeros(len(y), dtype=torch.bool, device=y.device)
-    for p in parts:
+    for p in union:
         out |= mask(y, p, salt)
     return out
+
+
+def is_part_record(v: object, num_classes: int) -> bool:
+    """A `subset` record: listed classes (distinct label indices), a bias in (0, 1], an integer seed."""
+    if not isinstance(v, dict) or set(v) != {"classes", "bias", "seed"}:
+        return False
+    classes, bias, seed = v["classes"], v["bias"], v["seed"]
+    return (
+        isinstance(classes, list)
+        and 0 < len(classes) < num_classes
+        and len(set(classes)) == len(classes)
+        and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes for c in classes)
+        and isinstance(bias, (int, float))
+        and not isinstance(bias, bool)
+        and math.isfinite(bias)
+        and 0 < bias <= 1
+        and isinstance(seed, int)
+        and not isinstance(seed, bool)
+        and 0 <= seed < 2**32
+    )
+
+
+def is_parts_record(v: object, num_classes: int) -> bool:
+    """A `parts` record: a non-empty list of part records."""
+    return isinstance(v, list) and 0 < len(v) <= 100_000 and all(is_part_record(s, num_classes) for s in v)
 
 
 def per_class(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -148,7 +209,7 @@ def check_fusion_data(spec: str, n_models: int | None = None) -> None:
         raise OtfuseError(f"--fusion-data {spec}: there are {n_models} parents; give model1 to model{n_models}")
 
 
-def fusion_mask(y: torch.Tensor, parts: list[Subset | None], spec: str = "union") -> torch.Tensor:
+def fusion_mask(y: torch.Tensor, parts: list[Subset | Parts | None], spec: str = "union") -> torch.Tensor:
     """The training images a fusion may read: the union of the parents' parts (`union`), the k-th parent's part
     (`model<k>`: a fuser holding only its own data), or N images of each class of the union (`<N>-per-class`)."""
     check_fusion_data(spec, len(parts))

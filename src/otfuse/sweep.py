@@ -262,7 +262,7 @@ def finetune_curves(
             save_checkpoint(
                 starts["vanilla"],
                 columns["vanilla_refit"],
-                {**fused_meta(inputs.metas, parents, inputs.width, flatten(inputs.cfg), len(y), None), "method": "vanilla"},
+                {**fused_meta(inputs.metas, parents, inputs.width, flatten(inputs.cfg), None), "method": "vanilla"},
             )
         for column, suffix, _ in finetunes:
             # the fused model's recipe as it ran (its defaults follow the checkpoint), given to every other start
@@ -355,7 +355,7 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
         fusion, acc = fusion_table(
             inputs.models, inputs.data, cfg, progress=True, target=inputs.target, with_baselines=args.baselines, tasks=inputs.tasks
         )
-        meta = fused_meta(inputs.metas, parents, width, flatten(cfg), len(inputs.data.val_y), acc["fused"])
+        meta = fused_meta(inputs.metas, parents, width, flatten(cfg), acc["fused"])
         save_checkpoint(fused_path, fusion.fused, meta)
         seconds = dict(fusion.seconds)
         tuned = {}

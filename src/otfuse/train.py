@@ -11,6 +11,7 @@ interruption gives the same weights as a run never interrupted (bit for bit on t
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -40,7 +41,18 @@ from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_
 from otfuse.models import MAX_WIDTH, TIMM, arch_folder, arch_width, build_model, check_arch
 from otfuse.precision import Precision, autocast, channels_last, cpu_flags, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
-from otfuse.subsets import Subset, check_bias, format_classes, parse_classes, restrict, subset_of
+from otfuse.subsets import (
+    Parts,
+    Subset,
+    check_bias,
+    classes_of,
+    format_classes,
+    is_parts_record,
+    parse_classes,
+    part_from_record,
+    parts_of,
+    restrict,
+)
 
 
 @dataclass
@@ -61,6 +73,7 @@ class TrainConfig:
     classes: str = ""  # train on these classes only, e.g. 0-49 or 0,3,5-9 (the head still covers every class); empty: all
     bias: float = 1.0  # with --classes: the listed classes' share of their images drawn, the others giving the rest (0.8: 80/20)
     split_seed: int = 0  # fixes which images --classes/--bias draw: parties with one split seed split the data exactly
+    parts: str = ""  # set by finetune from a model of parties: the JSON list of their parts, whose union it trains on
     val_size: int = -1  # images held out of train for validation; -1: min(5000, 10%)
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
     checkpoint_dir: str = "checkpoint"
@@ -123,6 +136,7 @@ RUN_OPTIONS = (
     "classes",
     "bias",
     "split_seed",
+    "parts",
     "val_size",
     "init",
     "distill",
@@ -167,9 +181,22 @@ def checkpoint_path(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / arch_folder(cfg.arch, cfg.width) / f"seed{cfg.seed}{part}.pt"
 
 
-def training_part(cfg: TrainConfig, data: ImageData) -> Subset | None:
-    """The part of `data` the run trains on (--classes, --bias, --split-seed), or None for all of it."""
-    return Subset(parse_classes(cfg.classes, data.num_classes), cfg.bias, cfg.split_seed) if cfg.classes else None
+def training_parts(cfg: TrainConfig, data: ImageData) -> Parts | None:
+    """The part of `data` the run trains on (--classes, --bias, --split-seed), or the union of parties' parts a
+    model made from them learnt from (`parts`), or None for all of it."""
+    if cfg.parts:
+        if cfg.classes:
+            raise OtfuseError(f"--classes {cfg.classes} and parts {cfg.parts[:60]}: give one")
+        try:
+            records = json.loads(cfg.parts)
+            return tuple(part_from_record(r) for r in records) if is_parts_record(records, data.num_classes) else _no_parts(cfg)
+        except ValueError:
+            return _no_parts(cfg)
+    return (Subset(parse_classes(cfg.classes, data.num_classes), cfg.bias, cfg.split_seed),) if cfg.classes else None
+
+
+def _no_parts(cfg: TrainConfig):
+    raise OtfuseError(f"parts {cfg.parts[:60]!r} is not a JSON list of parts (classes, bias, seed); leave it out")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -207,7 +234,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
         device = _init_distributed(device, rank)
     if data is None:  # before the lock, which makes the checkpoint's folder: a bad dataset must leave nothing behind
         data = load_dataset_on_ranks(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size, rank, world)
-    training_part(cfg, data)  # a bad --classes is refused before the lock too
+    training_parts(cfg, data)  # a bad --classes is refused before the lock too
     with output_lock(path, path.with_suffix(".csv")) if rank == 0 else nullcontext():
         return _train(cfg, path, data, progress, rank, world, device)
 
@@ -268,9 +295,10 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
     _check_existing(path, cfg, precision)
-    part = training_part(cfg, data)
+    parts = training_parts(cfg, data)
+    task = classes_of(parts, data.num_classes)  # a party's own task: its classes
     held_out = len(data.val_y)  # the validation split as the dataset holds it out, before the part restricts it
-    data = restrict(data, part)  # train and validation splits follow the part; the test split stays whole (joint accuracy)
+    data = restrict(data, parts)  # train and validation splits follow the parts; the test split stays whole (joint accuracy)
     if len(data.train_y) // cfg.batch_size < 1:
         raise OtfuseError(
             f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
@@ -298,7 +326,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
         **teacher_record,
         "val_size": held_out,
         "precision": precision.value,
-        **({"subset": part.to_meta()} if part else {}),
+        **_parts_record(cfg, parts),
     }
     with onednn_where_it_is_sound(model, device):
         for epoch in range(start, cfg.epochs):
@@ -355,8 +383,8 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
                 if epoch + 1 == cfg.epochs:
                     z = logits(model, gpu_data.test_x, data.norm, precision=precision)
                     row["test_acc"] = accuracy_of_logits(z, gpu_data.test_y)
-                    if part:  # a party's own task: its classes' test images, argmax within its classes
-                        meta["task_test_acc"] = task_accuracy_of_logits(z, gpu_data.test_y, part.classes)
+                    if len(task) < data.num_classes:  # a party's own task: its classes' test images, argmax within them
+                        meta["task_test_acc"] = task_accuracy_of_logits(z, gpu_data.test_y, task)
                 history.append(row)
                 meta.update(epoch=epoch + 1, history=history, **{k: v for k, v in row.items() if k.endswith("acc")})
                 if epoch + 1 == cfg.epochs and cfg.init and cfg.keep_start and len(data.val_y):
@@ -409,10 +437,19 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
         "val_size": -1 if val_size_of(meta) is None else val_size_of(meta),
         "seed": int(meta.get("seed", 0)),
     }
-    part = subset_of(meta)  # a party goes on with its own part of the data
-    if part:
-        from_ckpt.update(classes=format_classes(part.classes), bias=part.bias, split_seed=part.seed)
+    parts = parts_of(meta)  # a party goes on with its own part of the data, a model of parties with their union
+    if parts and len(parts) == 1:
+        from_ckpt.update(classes=format_classes(parts[0].classes), bias=parts[0].bias, split_seed=parts[0].seed)
+    elif parts:
+        from_ckpt.update(parts=json.dumps([p.to_meta() for p in parts]))
     return TrainConfig(**{**from_ckpt, **finetune_defaults(meta), **changes, "init": str(init), "out": str(out)})
+
+
+def _parts_record(cfg: TrainConfig, parts: Parts | None) -> dict:
+    """The metadata of what the run learnt from: `subset` for a party's own part, `parts` for a union of parties'."""
+    if parts is None:
+        return {}
+    return {"parts": [p.to_meta() for p in parts]} if cfg.parts else {"subset": parts[0].to_meta()}
 
 
 def _meta(cfg: TrainConfig, data: ImageData) -> dict:
