@@ -404,3 +404,26 @@ def test_a_checkpoint_with_one_flipped_weight_byte_is_refused(world, capsys):
     assert main(["evaluate", str(flipped), "--data-dir", str(data)]) == 2
     assert "is damaged: its weights differ from the checksum" in capsys.readouterr().err
     flipped.unlink()
+
+
+def test_text_from_files_and_metadata_reaches_the_terminal_escaped(world, tmp_path, capsys):
+    """A file name or a forged metadata string with terminal escapes (erase the line, move the cursor up, reorder
+    text) cannot fake or hide what otfuse prints: each control character is shown as an escape."""
+    w, data = world
+    fake = "\x1b[2K\r\x1b[1Aaccuracy 99.99%\u202e"
+    named = tmp_path / f"m{fake}.pt"
+    shutil.copy(w / "a.pt", named)
+    raw = torch.load(w / "a.pt", weights_only=True)
+    forged = tmp_path / "forged.pt"
+    torch.save({**raw, "meta": {**raw["meta"], "dataset": f"digits{fake}"}}, forged)
+    relabelled = tmp_path / "relabelled.pt"
+    torch.save({**raw, "meta": {**raw["meta"], "classes": [f"{c}{fake}" for c in raw["meta"]["classes"]]}}, relabelled)
+    assert main(["evaluate", str(named), "--data-dir", str(data), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(forged), "--data-dir", str(data), "--device", "cpu"]) == 2
+    assert main(["evaluate", str(relabelled), "--data-dir", str(data), "--device", "cpu"]) == 2
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(named), "--split", fake])
+    out, err = capsys.readouterr()
+    for shown in (out, err):
+        assert not any(c in shown for c in "\x1b\r\u202e") and "\\x1b[2K" in shown and "\\u202e" in shown
+    assert len(out.splitlines()) == 1 and len(err.splitlines()) == 3

@@ -12,16 +12,29 @@ class OtfuseError(Exception):
     """A bad input: the message names the input and the fix."""
 
 
+# control characters a terminal acts on (C0 but tab and newline, DEL, C1) and bidirectional overrides that reorder
+# what is shown: text from a file or checkpoint metadata could move the cursor, erase a line or fake a result
+_CONTROLS = [c for c in range(0x20) if chr(c) not in "\t\n"] + list(range(0x7F, 0xA0)) + [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on written as an escape (`\\x1b`): safe to show."""
+    return text.translate(_ESCAPES)
+
+
 class _PipeSafe:
-    """stdout that outlives its reader: once the pipe it writes to closes (`otfuse fuse ... | head`), what follows is
-    dropped, and the command goes on to save its results instead of dying of a BrokenPipeError halfway."""
+    """stdout that outlives its reader and shows only text: once the pipe it writes to closes (`otfuse fuse ... |
+    head`), what follows is dropped, and the command goes on to save its results instead of dying of a BrokenPipeError
+    halfway; control characters (from a file name or checkpoint metadata) are written as escapes."""
 
     def __init__(self, stream):
         self._stream = stream
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            self._stream.write(printable(text))
+            return len(text)
         except BrokenPipeError:
             self._closed()
             return len(text)
@@ -44,7 +57,7 @@ class _PipeSafe:
 def _show(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as one line on stderr, like an error: otfuse's own say what to do, others name where they come from."""
     where = "" if "/otfuse/" in filename else f" ({filename.rpartition('/')[2]}:{lineno})"
-    print(f"otfuse: warning: {' '.join(str(message).split())}{where}", file=file or sys.stderr)
+    print(printable(f"otfuse: warning: {' '.join(str(message).split())}{where}"), file=file or sys.stderr)
 
 
 def run_main(fn: Callable[[], int], verbose: bool = False) -> int:
@@ -61,7 +74,7 @@ def run_main(fn: Callable[[], int], verbose: bool = False) -> int:
                 warnings.filterwarnings("default", module="otfuse")
             return fn()
     except OtfuseError as exc:
-        print(f"otfuse: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(printable(f"otfuse: error: {' '.join(str(exc).split())}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("otfuse: interrupted", file=sys.stderr)

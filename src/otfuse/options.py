@@ -24,7 +24,7 @@ from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from otfuse.errors import OtfuseError
+from otfuse.errors import OtfuseError, printable
 from otfuse.storage import regular_file
 
 CONFIG_LIMIT = 1 << 20  # bytes: a file of options is a few hundred
@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         prog = self.prog.split()[0] if self.prog else "otfuse"
-        self.exit(2, f"{prog}: error: {' '.join(message.split())}; see --help\n")
+        self.exit(2, printable(f"{prog}: error: {' '.join(message.split())}; see --help") + "\n")
 
 
 @dataclass(frozen=True)
