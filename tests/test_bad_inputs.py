@@ -99,6 +99,8 @@ def _damaged_checkpoints(w: Path, raw: dict, digest: str) -> None:
         "meanhuge": {**raw, "meta": {**meta, "mean": [1e308] * len(meta["mean"])}},
         "stdtiny": {**raw, "meta": {**meta, "std": [1e-300] * len(meta["std"])}},
         "epochneg": {**raw, "meta": {**meta, "epoch": -1}},
+        # a mean other than the dataset's: evaluate read the metadata's, fuse the dataset's (10% against 95%)
+        "othermean": {**raw, "meta": {**meta, "mean": [min(1.0, m + 0.3) for m in meta["mean"]]}},
         "flipped": {
             **raw,
             "meta": {**meta, "weights_digest": digest},
@@ -330,6 +332,9 @@ CASES = [
     ("evaluate {w}/bad-stdtiny.pt", "metadata std"),
     ("evaluate {w}/bad-epochneg.pt", "metadata epoch"),
     ("evaluate {w}/bad-flipped.pt", "is damaged: its weights differ from the checksum"),
+    ("evaluate {w}/bad-othermean.pt", "records its inputs normalised with mean"),
+    ("fuse {w}/bad-othermean.pt {w}/b.pt", "records its inputs normalised with mean"),
+    ("fuse {w}/a.pt {w}/bad-othermean.pt", "records its inputs normalised with mean"),
     ("fuse {w}/a.pt {w}/bad-otherclasses.pt", "trained on classes that differ"),
     ("fuse {w}/bad-otherclasses.pt {w}/a.pt", "trained on classes that differ"),
     ("finetune {w}/a.pt --distill --teachers {w}/bad-otherdata.pt,{w}/b.pt --out {w}/new.pt", "was trained on fashion-mnist"),

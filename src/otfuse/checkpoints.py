@@ -216,7 +216,20 @@ def data_of(meta: dict, data_dir: str | Path | None) -> ImageData:
             f"{', ...' if len(want) > 5 else ''}); give the data it was trained on"
         )
     check_data_digest(meta, data, f"the checkpoint trained on {meta['dataset']}")
+    check_normalisation(meta, data.norm, f"the checkpoint trained on {meta['dataset']}", f"dataset {meta['dataset']}")
     return data
+
+
+def check_normalisation(meta: dict, norm: tuple, what: str, other: str) -> None:
+    """One clear error where `meta` records another pixel mean/std than `norm`: every command normalises with the
+    dataset's own (`data.norm`), so a model trained under another would be evaluated, fused or tuned on wrong inputs."""
+    want = (tuple(meta["mean"]), tuple(meta["std"]))
+    if len(want[0]) != len(norm[0]) or any(abs(a - b) > 1e-5 for w, n in zip(want, norm) for a, b in zip(w, n)):
+        shown = lambda m, s: f"mean {', '.join(f'{v:.4f}' for v in m)}, std {', '.join(f'{v:.4f}' for v in s)}"
+        raise OtfuseError(
+            f"{what} records its inputs normalised with {shown(*want)}, but {other} has {shown(*norm)}: it was trained "
+            "on other data or its metadata was changed; give the data it was trained on"
+        )
 
 
 def check_data_digest(meta: dict, data: ImageData, what: str) -> None:
@@ -371,6 +384,7 @@ def load_parents(
                     f"{path} has {k}={meta.get(k)!r} but {paths[0]} has {meta0.get(k)!r}; "
                     f"fuse models of one architecture, {'width, ' if same_width else ''}class count and dataset"
                 )
+        check_normalisation(meta, (meta0["mean"], meta0["std"]), str(path), str(paths[0]))
         if val_size_of(meta) != val_size_of(meta0):
             raise OtfuseError(
                 f"{path} was trained without a validation split of {val_size_of(meta)} images but {paths[0]} "

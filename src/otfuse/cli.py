@@ -66,7 +66,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     data = restrict(data_of(meta, args.data_dir), parts_of(meta))  # validation: only the images its parties held
     x, y = data.split(args.split)
-    loss, acc = loss_and_accuracy(model.to(device), x.to(device), y, (meta["mean"], meta["std"]), resolve_precision(args.precision, device))
+    loss, acc = loss_and_accuracy(model.to(device), x.to(device), y, data.norm, resolve_precision(args.precision, device))
     print(f"{args.checkpoint}: {meta['dataset']} {args.split} accuracy {acc:.2f}% (loss {loss:.4f}, {len(y)} images)")
     return 0
 
