@@ -100,6 +100,9 @@ def _damaged_checkpoints(w: Path, raw: dict, digest: str) -> None:
         "stdtiny": {**raw, "meta": {**meta, "std": [1e-300] * len(meta["std"])}},
         "epochneg": {**raw, "meta": {**meta, "epoch": -1}},
         # a mean other than the dataset's: evaluate read the metadata's, fuse the dataset's (10% against 95%)
+        # metadata naming a model far larger than the file (43 GB from 400 KB): refused from shapes, before allocating
+        "hugewidth": {**raw, "meta": {**meta, "width": 2000}},
+        "widthfits": {**raw, "meta": {**meta, "width": 500}},
         "othermean": {**raw, "meta": {**meta, "mean": [min(1.0, m + 0.3) for m in meta["mean"]]}},
         "flipped": {
             **raw,
@@ -332,6 +335,8 @@ CASES = [
     ("evaluate {w}/bad-stdtiny.pt", "metadata std"),
     ("evaluate {w}/bad-epochneg.pt", "metadata epoch"),
     ("evaluate {w}/bad-flipped.pt", "is damaged: its weights differ from the checksum"),
+    ("evaluate {w}/bad-hugewidth.pt", "metadata width is 2000, not a width from 0 to 512"),
+    ("evaluate {w}/bad-widthfits.pt", "does not match its own metadata (conv1.weight: (500, 1, 3, 3) in the model, (8, 1, 3, 3)"),
     ("evaluate {w}/bad-othermean.pt", "records its inputs normalised with mean"),
     ("fuse {w}/bad-othermean.pt {w}/b.pt", "records its inputs normalised with mean"),
     ("fuse {w}/a.pt {w}/bad-othermean.pt", "records its inputs normalised with mean"),

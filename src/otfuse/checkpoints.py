@@ -21,7 +21,7 @@ from torch import nn
 
 from otfuse.data import ImageData, dataset_augments, load_dataset, resolved_name
 from otfuse.errors import OtfuseError
-from otfuse.models import model_from_meta
+from otfuse.models import MAX_WIDTH, model_from_meta
 from otfuse.refit import RefitConfig
 from otfuse.storage import load_torch, save_torch
 from otfuse.subsets import is_part_record, is_parts_record, parts_of, union_of
@@ -90,10 +90,11 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
     if not isinstance(meta, dict) or "state_dict" not in ckpt:
         raise OtfuseError(f"checkpoint {path} is not an otfuse checkpoint (no metadata); give one written by otfuse train or fuse")
     _check_meta(path, meta)
-    model = model_from_meta(meta)
     state = ckpt["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise OtfuseError(f"checkpoint {path}: its state_dict is not a mapping of names to tensors; re-create it")
+    _check_shapes(path, meta, state)
+    model = model_from_meta(meta)
     if "weights_digest" in meta and meta["weights_digest"] != weights_digest(state):  # checkpoints from before it carry none
         raise OtfuseError(
             f"checkpoint {path} is damaged: its weights differ from the checksum written when it was saved "
@@ -125,6 +126,25 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict, dict]:
     return model.eval(), meta, ckpt
 
 
+def _check_shapes(path: str | Path, meta: dict, state: dict) -> None:
+    """The tensors the metadata's model would hold against those in the file, the model built without memory
+    (the meta device): a small file whose metadata names a huge model is refused before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(t.shape) for k, t in model_from_meta(meta).state_dict().items()}
+    except (RuntimeError, NotImplementedError):  # a model that reads tensor values while it is built: load_state_dict checks
+        return
+    got = {k: tuple(t.shape) for k, t in state.items()}
+    if want != got:
+        names = sorted(set(want) ^ set(got))
+        first = (
+            f"{len(want)} tensors in the model, {len(got)} in the file, e.g. {names[0]}"
+            if names
+            else next(f"{k}: {want[k]} in the model, {got[k]} in the file" for k in want if want[k] != got[k])
+        )
+        raise OtfuseError(f"checkpoint {path} does not match its own metadata ({first[:160]}); re-create it")
+
+
 def _check_meta(path: str | Path, meta: dict) -> None:
     """Every metadata field otfuse reads, with its type and range (one error naming the field)."""
 
@@ -149,7 +169,7 @@ def _check_meta(path: str | Path, meta: dict) -> None:
             key,
             "an integer" if kind is int else "a " + kind.__name__,
         )
-    need(meta["width"] >= 0, "width", "a width of 0 or more")
+    need(0 <= meta["width"] <= MAX_WIDTH, "width", f"a width from 0 to {MAX_WIDTH}")
     need(1 <= meta["in_channels"] <= 64, "in_channels", "a channel count from 1 to 64")
     need(2 <= meta["num_classes"] <= 100_000, "num_classes", "a class count from 2 to 100000")
     # pixels are read as values in [0, 1]: their mean lies in it, and their std in [1e-3 (the floor data.py gives a
