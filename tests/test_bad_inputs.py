@@ -437,3 +437,30 @@ def test_text_from_files_and_metadata_reaches_the_terminal_escaped(world, tmp_pa
     for shown in (out, err):
         assert not any(c in shown for c in "\x1b\r\u202e") and "\\x1b[2K" in shown and "\\u202e" in shown
     assert len(out.splitlines()) == 1 and len(err.splitlines()) == 3
+
+
+def test_file_names_that_are_not_utf8_are_read_written_and_shown(world, tmp_path, capsys):
+    """A file name of bytes that are not UTF-8 (caf\\xe9.pt from a Latin-1 system) can be evaluated, fused and
+    written, and is shown with the byte escaped."""
+    w, data = world
+    latin = tmp_path / os.fsdecode(b"caf\xe9.pt")
+    shutil.copy(w / "a.pt", latin)
+    out = tmp_path / os.fsdecode(b"f\xff.pt")
+    args = ["--data-dir", str(data), "--device", "cpu"]
+    assert main(["evaluate", str(latin), *args]) == 0
+    assert main(["fuse", str(latin), str(w / "b.pt"), "--out", str(out), "--n-images", "100", "--refit-n-images", "100", *args]) == 0
+    assert out.is_file() and main(["evaluate", str(out), *args]) == 0
+    shown = capsys.readouterr().out
+    assert "caf\\xe9.pt: digits test accuracy" in shown and "f\\xff.pt: digits test accuracy" in shown
+
+
+def test_fusion_data_of_one_image_is_one_line(world):
+    """BatchNorm statistics from one image are undefined: the fusion says so instead of failing inside torch."""
+    from otfuse.errors import OtfuseError
+    from otfuse.fusion import fuse
+    from otfuse.inputs import fusion_inputs
+
+    w, data = world
+    inputs = fusion_inputs([w / "a.pt", w / "b.pt"], {"refit": False}, data_dir=data, device="cpu")
+    with pytest.raises(OtfuseError, match="fusion reads 1 image"):
+        fuse(inputs.models, inputs.data.train_x[:1], inputs.data.norm, inputs.cfg)

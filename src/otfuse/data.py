@@ -211,7 +211,7 @@ def _fingerprint(paths: list[Path]) -> str:
     h = hashlib.sha1()
     for p in sorted(paths):
         st = p.stat()
-        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(os.fsencode(f"{p}:{st.st_size}:{st.st_mtime_ns};"))
     return h.hexdigest()[:16]
 
 

@@ -16,6 +16,8 @@ class OtfuseError(Exception):
 # what is shown: text from a file or checkpoint metadata could move the cursor, erase a line or fake a result
 _CONTROLS = [c for c in range(0x20) if chr(c) not in "\t\n"] + list(range(0x7F, 0xA0)) + [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
 _ESCAPES = {c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS}
+# a file name's bytes that are not UTF-8 (Python holds them as lone surrogates, which no terminal encoding can write)
+_ESCAPES.update({0xDC80 + b: f"\\x{0x80 + b:02x}" for b in range(0x80)})
 
 
 def printable(text: str) -> str:

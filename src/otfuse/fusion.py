@@ -179,6 +179,11 @@ def fuse(
     if len(models) < 1 or (len(models) < 2 and target is None):
         raise OtfuseError(f"fusion needs at least two models (or one and a target width), got {len(models)}")
     cfg.check(len(models))
+    if len(images) < 2:
+        raise OtfuseError(
+            f"fusion reads {len(images)} image(s); BatchNorm statistics need at least two: give more (e.g. a larger "
+            "--fusion-data N-per-class, or union)"
+        )
     weights = cfg.model_weights(len(models))
     seconds: dict[str, float] = {}
     anchor = models[0]

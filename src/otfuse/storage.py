@@ -191,10 +191,10 @@ def _open_lock(lock: Path, path: Path) -> int:
 
 def short_name(stem: str, suffix: str, limit: int = NAME_MAX) -> str:
     """`stem + suffix`, with the stem cut and a hash of it added where the whole would pass the file system's name limit."""
-    if len((stem + suffix).encode()) <= limit:
+    if len(os.fsencode(stem + suffix)) <= limit:
         return stem + suffix
-    digest = hashlib.sha1(stem.encode()).hexdigest()[:12]
-    return stem.encode()[: limit - len(suffix.encode()) - 14].decode(errors="ignore") + "~" + digest + suffix
+    digest = hashlib.sha1(os.fsencode(stem)).hexdigest()[:12]
+    return os.fsencode(stem)[: limit - len(os.fsencode(suffix)) - 14].decode(errors="ignore") + "~" + digest + suffix
 
 
 def identity(path: str | Path) -> str:
@@ -210,7 +210,7 @@ def inputs_name(paths: list[str | Path]) -> str:
     """A results or study name for these input files: their stems, then a hash of their contents (in order), so
     a fused or fine-tuned checkpoint never shares a name with the parents whose seeds its metadata inherits."""
     joined = "-".join(identity(p) for p in paths)
-    return "-".join(Path(p).stem for p in paths) + "-" + hashlib.sha256(joined.encode()).hexdigest()[:8]
+    return "-".join(Path(p).stem for p in paths) + "-" + hashlib.sha256(os.fsencode(joined)).hexdigest()[:8]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -298,10 +298,10 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any]) -> None:
 
 def check_name(path: Path) -> None:
     """One clear error for a path with a name longer than the file system allows (before anything is written)."""
-    long = [part for part in path.parts if len(part.encode()) > NAME_MAX]
+    long = [part for part in path.parts if len(os.fsencode(part)) > NAME_MAX]
     if long:
         raise OtfuseError(
-            f"{path}: the name {long[0][:40]}... is {len(long[0].encode())} bytes, more than the {NAME_MAX} a file "
+            f"{path}: the name {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes, more than the {NAME_MAX} a file "
             "system allows; choose a shorter name"
         )
 
