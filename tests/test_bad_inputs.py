@@ -103,6 +103,7 @@ def _damaged_checkpoints(w: Path, raw: dict, digest: str) -> None:
         # metadata naming a model far larger than the file (43 GB from 400 KB): refused from shapes, before allocating
         "hugewidth": {**raw, "meta": {**meta, "width": 2000}},
         "widthfits": {**raw, "meta": {**meta, "width": 500}},
+        "var0": {**raw, "state_dict": {**sd, **{k: torch.zeros_like(t) for k, t in sd.items() if k.endswith("running_var")}}},
         "othermean": {**raw, "meta": {**meta, "mean": [min(1.0, m + 0.3) for m in meta["mean"]]}},
         "flipped": {
             **raw,
@@ -337,6 +338,9 @@ CASES = [
     ("evaluate {w}/bad-flipped.pt", "is damaged: its weights differ from the checksum"),
     ("evaluate {w}/bad-hugewidth.pt", "metadata width is 2000, not a width from 0 to 512"),
     ("evaluate {w}/bad-widthfits.pt", "does not match its own metadata (conv1.weight: (500, 1, 3, 3) in the model, (8, 1, 3, 3)"),
+    ("evaluate {w}/bad-var0.pt", "computes NaN or infinite outputs"),
+    ("train --dataset digits --width 4 --split-seed 3 --out {w}/new.pt", "--split-seed 3 fixes which images --classes draws"),
+    ("train --dataset digits --width 4 --classes 0-4 --bias 1e-13 --out {w}/new.pt", "draws no training image of class 0-4"),
     ("evaluate {w}/bad-othermean.pt", "records its inputs normalised with mean"),
     ("fuse {w}/bad-othermean.pt {w}/b.pt", "records its inputs normalised with mean"),
     ("fuse {w}/a.pt {w}/bad-othermean.pt", "records its inputs normalised with mean"),

@@ -7,6 +7,7 @@ import os
 import pickle
 import tarfile
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,69 @@ def test_a_fifo_or_an_unreadable_folder_inside_an_image_folder_is_one_clear_erro
     monkeypatch.setattr(os, "walk", walk)
     with pytest.raises(OtfuseError, match=r"train/b cannot be read \(Permission denied\)"):
         D.load_dataset(f"imagefolder:{root}", tmp_path / "data2")
+
+
+def _folder(root: Path, pixels: dict[str, np.ndarray] | None = None) -> Path:
+    """train/ and test/ with classes a and b, one 8 x 8 PNG each (or the given images, by relative path)."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 40 if c == "a" else 200, dtype=np.uint8)).save(root / split / c / "0.png")
+    for rel, x in (pixels or {}).items():
+        Image.fromarray(x).save(root / rel)
+    return root
+
+
+def test_an_image_replaced_by_one_of_the_same_size_and_time_is_read_again(tmp_path):
+    """The cache key held path, size and modification time: a same-size replacement with its time copied back kept
+    the old pixels. Its inode and change time (which no user sets back) are in the key now."""
+    root = _folder(tmp_path / "imgs")
+    img = root / "train" / "a" / "0.png"
+    before = D.load_dataset(f"imagefolder:{root}", tmp_path / "data").train_x.clone()
+    st = img.stat()
+    other = tmp_path / "other.png"
+    Image.fromarray(np.full((8, 8, 3), 41, dtype=np.uint8)).save(other)
+    assert other.stat().st_size == st.st_size
+    img.write_bytes(other.read_bytes())
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = D.load_dataset(f"imagefolder:{root}", tmp_path / "data").train_x
+    assert 40 in before.unique().tolist() and 41 in after.unique().tolist()
+
+
+def test_an_archive_with_two_members_of_one_name_is_refused(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    archive = tmp_path / "twice.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname="data")
+        tar.add(root / "train" / "a" / "0.png", arcname="data/train/a/0.png")  # appended: tar keeps both
+    with pytest.raises(OtfuseError, match="holds two members named data/train/a/0.png"):
+        D.load_dataset(f"imagefolder:{archive}", tmp_path / "data")
+
+
+def test_a_photo_is_read_as_its_exif_orientation_shows_it(tmp_path):
+    """A camera's JPEG stores its pixels as the sensor read them and says how to turn them (EXIF orientation 6: a
+    quarter turn); a viewer shows it turned, and so does otfuse."""
+    root = _folder(tmp_path / "imgs")
+    x = np.zeros((8, 8, 3), dtype=np.uint8)
+    x[0, :] = 255  # a bright top row, stored; shown turned a quarter clockwise it is the right column
+    exif = Image.Exif()
+    exif[D.EXIF_ORIENTATION] = 6
+    for split in ("train", "test"):
+        (root / split / "a" / "0.png").unlink()
+        Image.fromarray(x).save(root / split / "a" / "0.png", exif=exif.tobytes())
+    data = D.load_dataset(f"imagefolder:{root}", tmp_path / "data")
+    shown = data.train_x[data.train_y == 0][0].float().mean(0)
+    assert shown[:, -1].min() > 200 and shown[0, :-1].max() < 50
+
+
+def test_an_entry_that_cannot_be_looked_at_is_one_clear_error(tmp_path, monkeypatch):
+    """A folder readable but not searchable lists names whose stat fails (PermissionError): one line, not a
+    traceback (root may look at everything, so the error is raised as the file system would)."""
+    root = _folder(tmp_path / "imgs")
+
+    def fingerprint(paths):
+        raise PermissionError(13, "Permission denied", str(root / "train" / "a" / "0.png"))
+
+    monkeypatch.setattr(D, "_fingerprint", fingerprint)
+    with pytest.raises(OtfuseError, match=r"train/a/0.png cannot be read \(Permission denied\)"):
+        D.load_dataset(f"imagefolder:{root}", tmp_path / "data")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = restrict(data_of(meta, args.data_dir), parts_of(meta))  # validation: only the images its parties held
     x, y = data.split(args.split)
     loss, acc = loss_and_accuracy(model.to(device), x.to(device), y, data.norm, resolve_precision(args.precision, device))
+    if not math.isfinite(loss):
+        raise OtfuseError(
+            f"checkpoint {args.checkpoint} computes NaN or infinite outputs on {meta['dataset']}'s {args.split} split "
+            "(e.g. BatchNorm variances of zero): its weights are damaged; re-create it"
+        )
     print(f"{args.checkpoint}: {meta['dataset']} {args.split} accuracy {acc:.2f}% (loss {loss:.4f}, {len(y)} images)")
     return 0
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from otfuse.errors import OtfuseError
 from otfuse.storage import atomic_write_bytes, load_torch, regular_file, save_torch, writable_dir
@@ -46,6 +46,7 @@ CACHE_VERSION = 1
 MAX_FILE_BYTES = 64 << 20  # the largest file an image folder may hold: no image otfuse can train on is larger
 MAX_PIXELS = 4096 * 4096  # the largest image side a checkpoint may record is 4096
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a camera was held
 OFFLINE_CHOICES = (
     "offline choices: --dataset digits (bundled), fashion-mnist (apt-get install dataset-fashion-mnist), "
     "cifar100:PATH (a local copy, e.g. the lossless PNG archive), or imagefolder:PATH (e.g. the CIFAR-10 JPEG copy, a .tar.xz)"
@@ -208,10 +209,12 @@ def _source(name: str, data_dir: Path) -> _Source:
 
 
 def _fingerprint(paths: list[Path]) -> str:
+    """A cache key of the files' identity and state: a file replaced by another of the same size, its time of
+    modification copied over, still changes its inode or change time (which no user can set back)."""
     h = hashlib.sha1()
     for p in sorted(paths):
         st = p.stat()
-        h.update(os.fsencode(f"{p}:{st.st_size}:{st.st_mtime_ns};"))
+        h.update(os.fsencode(f"{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};"))
     return h.hexdigest()[:16]
 
 
@@ -405,8 +408,14 @@ def _imagefolder_source(arg: str, _data_dir: Path) -> _Source:
         raise OtfuseError(f"imagefolder path {path} does not exist; give a folder with train/ and test/ or a .tar.xz of one")
     if not path.is_dir():
         regular_file(path, "imagefolder archive")
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return _Source(f"imagefolder-{_fingerprint(files)}", lambda: _decode_imagefolder(path))
+    try:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        key = _fingerprint(files)
+    except OSError as exc:  # an entry that cannot even be looked at: the walk below would stop on it too
+        raise OtfuseError(
+            f"imagefolder {path}: {exc.filename} cannot be read ({exc.strerror}); fix its permissions or move it away"
+        ) from None
+    return _Source(f"imagefolder-{key}", lambda: _decode_imagefolder(path))
 
 
 def _decode_imagefolder(path: Path) -> dict:
@@ -457,7 +466,8 @@ def _decode_imagefolder(path: Path) -> dict:
                         f"imagefolder {path}: {name} holds {im.mode} pixels, not 8-bit ones (a 16-bit or float image "
                         "would read as white); convert it to 8-bit first"
                     )
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+                upright = ImageOps.exif_transpose(im) if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im  # as viewers show it
+                return np.asarray(upright.convert("RGB"), dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise OtfuseError(
                 f"imagefolder {path}: {name} is not a readable image ({' '.join(str(exc).split()[:8])}); remove or replace it"
@@ -481,8 +491,12 @@ def _decode_imagefolder(path: Path) -> dict:
 def _tar_entries(path: Path):
     try:
         with tarfile.open(path) as tar:
+            seen: set[str] = set()
             for m in tar:
                 parts = Path(m.name).parts
+                if m.isfile() and "/".join(parts) in seen:  # tar keeps both: an archive appended to, or built twice
+                    raise OtfuseError(f"imagefolder archive {path} holds two members named {m.name}; keep one (tar --delete)")
+                seen.add("/".join(parts))
                 if (m.issym() or m.islnk()) and not any(p.startswith(".") for p in parts):
                     raise OtfuseError(f"imagefolder archive {path}: {m.name} is a link; archive the files themselves")
                 if m.isfile() and _may_be_image(parts):  # a member that cannot be one is never read

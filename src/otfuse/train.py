@@ -111,6 +111,8 @@ class TrainConfig:
         check_bias(self.bias)
         if self.bias != 1.0 and not self.classes:
             raise OtfuseError(f"--bias {self.bias} weighs the classes --classes lists; give --classes too (e.g. --classes 0-4)")
+        if self.split_seed != 0 and not self.classes:
+            raise OtfuseError(f"--split-seed {self.split_seed} fixes which images --classes draws; give --classes too (e.g. --classes 0-4)")
         resolve_precision(self.precision, torch.device("cpu"))  # the name only; the device decides later
         if self.arch.startswith(TIMM) and self.width not in (0, TrainConfig.width):
             raise OtfuseError(f"--width {self.width}: timm models have no width knob; leave --width out for --arch {self.arch}")
@@ -299,6 +301,12 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     task = classes_of(parts, data.num_classes)  # a party's own task: its classes
     held_out = len(data.val_y)  # the validation split as the dataset holds it out, before the part restricts it
     data = restrict(data, parts)  # train and validation splits follow the parts; the test split stays whole (joint accuracy)
+    empty = sorted(set(task) - set(data.train_y.unique().tolist()))
+    if parts and empty:
+        raise OtfuseError(
+            f"--classes {cfg.classes or format_classes(task)} --bias {cfg.bias:g} draws no training image of class "
+            f"{format_classes(empty)} (too small a share); raise --bias"
+        )
     if len(data.train_y) // cfg.batch_size < 1:
         raise OtfuseError(
             f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} training images of {cfg.dataset}: "
