@@ -130,6 +130,10 @@ def _bad_image_folders(w: Path) -> None:
             Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / rel)
         return root
 
+    wide = w / "img-wide"  # 8 x 12 pictures: the vit is built for square ones
+    for rel in ("train/cat/0.png", "train/cat/1.png", "train/dog/0.png", "train/dog/1.png", "test/cat/0.png", "test/dog/0.png"):
+        (wide / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 12, 3), 9 * len(rel), np.uint8)).save(wide / rel)
     folder("deep", ["train/cat/kittens/k.png"])
     folder("loose", ["train/loose.png"])
     folder("nested", ["train/cat/test/dog/n.png"])
@@ -468,3 +472,15 @@ def test_fusion_data_of_one_image_is_one_line(world):
     inputs = fusion_inputs([w / "a.pt", w / "b.pt"], {"refit": False}, data_dir=data, device="cpu")
     with pytest.raises(OtfuseError, match="fusion reads 1 image"):
         fuse(inputs.models, inputs.data.train_x[:1], inputs.data.norm, inputs.cfg)
+
+
+def test_an_architecture_that_cannot_take_the_images_is_one_line_before_training(world, tmp_path, capsys):
+    """The vit is built for square images: 8 x 12 pictures failed in the first step with a shape error. (The valid
+    dataset's cache may be written: it is the data, decoded.)"""
+    w, _ = world
+    out = tmp_path / "v.pt"
+    argv = ["train", "--dataset", f"imagefolder:{w}/img-wide", "--arch", "vit", "--batch-size", "2", "--out", str(out)]
+    assert main([*argv, "--data-dir", str(tmp_path / "data"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--arch vit cannot take imagefolder" in err and "8 x 12 images" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

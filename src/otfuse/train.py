@@ -315,6 +315,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     teachers, teacher_record = _teachers(cfg, data) if cfg.distill else ([], {})
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes, data.image_size)
+    _check_takes(model, cfg.arch, data)
     opt = make_optimizer(model, cfg)
     start, history = 0, []
     if cfg.resume and path.is_file():
@@ -451,6 +452,23 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
     elif parts:
         from_ckpt.update(parts=json.dumps([p.to_meta() for p in parts]))
     return TrainConfig(**{**from_ckpt, **finetune_defaults(meta), **changes, "init": str(init), "out": str(out)})
+
+
+def _check_takes(model: nn.Module, arch: str, data: ImageData) -> None:
+    """One image through the fresh model: an architecture built for other images (a square-only vit on 16 x 24
+    pictures, a timm model of a fixed input size) is one line before any training, not a traceback in the first step."""
+    x = torch.zeros(2, *data.train_x.shape[1:])
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise OtfuseError(
+            f"--arch {arch} cannot take {data.name}'s {x.shape[-2]} x {x.shape[-1]} images ({first}); "
+            "choose another --arch (resnet18 takes any size)"
+        ) from None
+    finally:
+        model.train()
 
 
 def _parts_record(cfg: TrainConfig, parts: Parts | None) -> dict:
