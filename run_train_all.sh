@@ -27,7 +27,9 @@ esac
 for dataset in $DATASETS; do
   parts=("")
   if [ -n "$SPLIT" ]; then
-    n=$(python -c "import sys; from otfuse.data import load_dataset; print(load_dataset(sys.argv[1], sys.argv[2]).num_classes)" "$dataset" "$DATA_DIR")
+    # through otfuse's error handling: a bad dataset name or path is one line and exit code 2, not a traceback
+    n=$(python -c "import sys; from otfuse.errors import run_main; from otfuse.data import load_dataset
+sys.exit(run_main(lambda: print(load_dataset(sys.argv[1], sys.argv[2]).num_classes) or 0))" "$dataset" "$DATA_DIR")
     half=$((n / 2))
     bias=()
     [ "$SPLIT" = biased ] && bias=(--bias "$BIAS")

@@ -22,7 +22,6 @@ fusion go to results/partial-<dataset>.csv and .png.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from otfuse.inputs import fusion_inputs
 from otfuse.options import flatten
 from otfuse.partial import chosen_cuts, partial_rows
 from otfuse.report import fusion_table
+from otfuse.results import read_rows
 from otfuse.storage import atomic_write_csv
 from otfuse.sweep import write_partial
 from otfuse.train import TrainConfig, train
@@ -136,7 +136,7 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
     """One row of bench/split-<dataset>-w<width>.csv: the fusion of the setting's parties with `method` on `fusion_data`."""
     inputs = fusion_inputs(paths, {"method": method, "fusion_data": fusion_data}, data_dir=args.data_dir, device=args.device)
     out = Path(args.out_dir) / f"split-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv"
-    rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
+    rows = read_rows(out)
     if any((r["setting"], r["method"], r["fusion_data"]) == (name, method, fusion_data) for r in rows):
         return
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 import pytest
 
 from otfuse.checkpoints import load_checkpoint
+from otfuse.errors import OtfuseError
 from otfuse.results import read_rows, upsert_row, write_summary
 from otfuse.sweep import main
 
@@ -43,6 +44,20 @@ def test_summary_has_the_original_columns_plus_ensemble_and_vanilla(tmp_path):
         in text
     )
     assert "| digits | resnet18 w8 | 1 | 90.00 | 91.00 | 80.00 | 70.00 | 93.00 | 10.00 | 50.00 |" in text
+
+
+def test_the_summary_skips_csvs_of_someone_elses_with_a_warning(tmp_path):
+    """A Latin-1 CSV, or one of other columns, that matches the fusion scripts' names (`*_*.csv`, `split-*.csv`) broke
+    the summary after the work was done; each is skipped with a warning, and an own file of that kind is one line."""
+    upsert_row(tmp_path / "digits_activation.csv", _row("0-1", "activation", "80.00"))
+    (tmp_path / "notes_2024.csv").write_bytes("name,café\nJosé,1\n".encode("latin-1"))
+    (tmp_path / "my_runs.csv").write_text("fused,method\nyes,mine\n")  # other columns: not a fusion row
+    (tmp_path / "split-mine.csv").write_text("dataset,arch,width,parts,fusion_data,method,fused,ensemble\nd,a,1,p,u,m,x,y\n")
+    with pytest.warns(UserWarning, match="notes_2024.csv is not a CSV otfuse writes"):
+        text = write_summary(tmp_path).read_text()
+    assert "| digits | resnet18 w8 | 1 | 90.00 | 91.00 | 80.00 |" in text and "mine" not in text.split("## Parents")[0]
+    with pytest.raises(OtfuseError, match="notes_2024.csv is not a CSV otfuse writes"):
+        upsert_row(tmp_path / "notes_2024.csv", _row("0-1", "activation", "80.00"))
 
 
 def test_summary_gains_repair_and_finetuning_columns_when_runs_have_them(tmp_path):

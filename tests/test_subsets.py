@@ -251,3 +251,16 @@ def test_a_model_of_parties_learns_only_from_their_union_through_fusion_finetuni
     assert f", {int((whole.val_y < 6).sum())} images)" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # never typed: only a checkpoint sets it
         main(["train", "--dataset", "digits", "--parts", "[]"])
+
+
+def test_run_train_all_with_a_split_and_a_bad_dataset_is_one_line(tmp_path):
+    """The script counts the dataset's classes to split them: a bad name or a path that does not exist (a path with a
+    space, split by the shell) was a traceback; it is otfuse's one line and exit code 2."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SPLIT": "disjoint", "EPOCHS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    script = tmp_path / "run_train_all.sh"
+    script.write_text((root / "run_train_all.sh").read_text())
+    script.chmod(0o755)
+    for datasets, why in (("cifar11", "unknown dataset 'cifar11'"), (f"imagefolder:{tmp_path}/my data", "does not exist")):
+        run = subprocess.run([str(script)], cwd=tmp_path, env={**env, "DATASETS": datasets}, capture_output=True, text=True)
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and why in run.stderr, run.stderr

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import warnings
 from pathlib import Path
 
 from otfuse.align import METHODS
 from otfuse.data import ImageData
+from otfuse.errors import OtfuseError
 from otfuse.report import COLUMNS
 from otfuse.storage import atomic_write_csv, atomic_write_text
 
@@ -45,10 +48,36 @@ def bench_stem(meta: dict, data: ImageData) -> str:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The rows of the CSV at `path` ([] where there is none); one clear error for a file that is not a UTF-8 CSV."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error, OSError) as exc:
+        raise OtfuseError(f"{path} is not a CSV otfuse writes ({type(exc).__name__}); move it away or delete it") from None
+
+
+def _rows_with(paths: list[Path], columns: set[str]) -> list[dict]:
+    """The rows of the CSVs at `paths` that hold `columns`: a summary reads what the fusion scripts wrote and skips,
+    with a warning, a file of someone else's (another encoding, other columns) that shares the folder and the name."""
+    out = []
+    for path in paths:
+        try:
+            rows = read_rows(path)
+        except OtfuseError as exc:
+            warnings.warn(f"the summary skips {exc}", stacklevel=2)
+            continue
+        out += [r for r in rows if columns <= r.keys()]
+    return out
+
+
+def _number(v: object) -> float:
+    """A CSV cell as a number (NaN where it holds none)."""
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def upsert_row(path: Path, row: dict, key_columns: tuple[str, ...] = KEY) -> None:
@@ -88,7 +117,7 @@ def split_row(row: dict, parts: list[str], fusion_data: str, acc: dict[str, floa
 def split_summary(results_dir: Path) -> list[str]:
     """summary.md's table of parties' fusions: joint accuracy (every class) of each model, the fused model's per-task
     accuracies and its share of the ensemble's joint accuracy; means over the pairs fused."""
-    rows = [r for path in sorted(results_dir.glob("split-*.csv")) for r in read_rows(path)]
+    rows = _rows_with(sorted(results_dir.glob("split-*.csv")), {"dataset", "arch", "width", "parts", "fusion_data", "method"})
     if not rows:
         return []
     head = [
@@ -115,7 +144,7 @@ def split_summary(results_dir: Path) -> list[str]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["arch"], r["width"], r["parts"], r["fusion_data"], r["method"]), []).append(r)
-    mean = lambda rs, k: sum(float(r[k]) for r in rs) / len(rs) if all(r.get(k) for r in rs) else float("nan")
+    mean = lambda rs, k: sum(_number(r[k]) for r in rs) / len(rs) if all(r.get(k) for r in rs) else float("nan")
     for (dataset, arch, width, parts, data, method), rs in sorted(groups.items()):
         cells = [dataset, f"{arch} w{width}", parts, data, method, str(len(rs))]
         cells += [f"{mean(rs, k):.2f}" for k, _ in SPLIT_COLUMNS]
@@ -152,10 +181,9 @@ def is_own_summary(path: Path) -> bool:
 def write_summary(results_dir: Path) -> Path:
     """results/summary.md: per dataset and model, mean accuracies over pairs for every method run."""
     by_model: dict[tuple, dict[str, list[dict]]] = {}
-    for path in sorted(results_dir.glob("*_*.csv")):
-        for r in read_rows(path):
-            if "fused" in r and "method" in r and "parts" not in r:
-                by_model.setdefault((r["dataset"], r["arch"], r["width"], r.get("widths") or ""), {}).setdefault(r["method"], []).append(r)
+    for r in _rows_with(sorted(results_dir.glob("*_*.csv")), {"dataset", "arch", "width", "fused", "method"}):
+        if "parts" not in r:
+            by_model.setdefault((r["dataset"], r["arch"], r["width"], r.get("widths") or ""), {}).setdefault(r["method"], []).append(r)
     found = {m for v in by_model.values() for m in v}
     methods = [m for m in METHODS if m in found] + sorted(found - set(METHODS))
     rows_of = lambda m: [r for v in by_model.values() for r in v.get(m, [])]
@@ -187,7 +215,7 @@ def write_summary(results_dir: Path) -> Path:
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
     ]
-    mean = lambda rows, k: f"{sum(float(r[k]) for r in rows) / len(rows):.2f}" if rows and all(r.get(k) for r in rows) else "-"
+    mean = lambda rows, k: f"{sum(_number(r[k]) for r in rows) / len(rows):.2f}" if rows and all(r.get(k) for r in rows) else "-"
     for (dataset, arch, width, widths), runs in sorted(by_model.items()):
         any_rows = next(iter(runs.values()))
         parents = widths.split("-") if widths else [width]
