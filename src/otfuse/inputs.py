@@ -37,10 +37,9 @@ class FusionInputs:
 
     @property
     def tasks(self) -> list[tuple[int, ...]] | None:
-        """Each parent's own classes, where parents trained on parts of the data (None where every parent saw it all)."""
-        if all(p is None for p in self.parts):
-            return None
-        return [classes_of(p, self.data.num_classes) for p in self.parts]
+        """Each parent's own classes, where parents trained on class subsets (None where every parent may hold every class)."""
+        tasks = [classes_of(p, self.data.num_classes) for p in self.parts]
+        return None if all(len(t) == self.data.num_classes for t in tasks) else tasks  # iid and Dirichlet: every class
 
 
 def check_request(

@@ -121,7 +121,7 @@ def _parser_of(o: Option):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if o.kind is int and not -INT_LIMIT < value < INT_LIMIT:
             raise argparse.ArgumentTypeError(f"{text!r} is beyond a 64-bit integer")
-        if o.name.endswith("seed") and not 0 <= value < SEED_LIMIT:
+        if o.name.endswith("seed") and not (0 <= value < SEED_LIMIT or value == o.default == -1):  # -1: none given
             raise argparse.ArgumentTypeError(f"{text!r}: a seed is from 0 to {SEED_LIMIT - 1}")
         return value
 
@@ -150,7 +150,8 @@ def _typed(o: Option, value: Any, source: str) -> Any:
         value, ok = float(value), True
     if o.kind is float and ok and not math.isfinite(value):
         ok = False
-    if o.kind is int and ok and not (0 <= value < SEED_LIMIT if o.name.endswith("seed") else -INT_LIMIT < value < INT_LIMIT):
+    seed_ok = lambda v: 0 <= v < SEED_LIMIT or v == o.default == -1  # -1: none given (init_seed: the run's seed)
+    if o.kind is int and ok and not (seed_ok(value) if o.name.endswith("seed") else -INT_LIMIT < value < INT_LIMIT):
         raise OtfuseError(f"{source}: option {o.name} {value} is out of range (a seed: 0 to {SEED_LIMIT - 1}; other integers: 64-bit)")
     if not ok:
         want = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[o.kind]

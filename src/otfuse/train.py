@@ -42,6 +42,9 @@ from otfuse.models import MAX_WIDTH, TIMM, arch_folder, arch_width, build_model,
 from otfuse.precision import Precision, autocast, channels_last, cpu_flags, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
 from otfuse.subsets import (
+    MAX_PARTIES,
+    PARTITIONS,
+    Partition,
     Parts,
     Subset,
     check_bias,
@@ -73,6 +76,12 @@ class TrainConfig:
     classes: str = ""  # train on these classes only, e.g. 0-49 or 0,3,5-9 (the head still covers every class); empty: all
     bias: float = 1.0  # with --classes: the listed classes' share of their images drawn, the others giving the rest (0.8: 80/20)
     split_seed: int = 0  # fixes which images --classes/--bias draw: parties with one split seed split the data exactly
+    partition: str = ""  # iid | classes | dirichlet: train party --party of --parties under this split of every class
+    parties: int = 2  # with --partition: how many parties split the data
+    party: int = 1  # with --partition: which party this run trains (1 to --parties)
+    alpha: float = 0.5  # with --partition dirichlet: the concentration (0.1: strong label skew; 100: nearly iid)
+    min_size: int = 10  # with --partition dirichlet: training images every party holds at least (as Flower Datasets)
+    init_seed: int = -1  # the initial weights' seed; -1: --seed. One value for every party: the federated shared start
     parts: str = ""  # set by finetune from a model of parties: the JSON list of their parts, whose union it trains on
     val_size: int = -1  # images held out of train for validation; -1: min(5000, 10%)
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
@@ -111,13 +120,38 @@ class TrainConfig:
         check_bias(self.bias)
         if self.bias != 1.0 and not self.classes:
             raise OtfuseError(f"--bias {self.bias} weighs the classes --classes lists; give --classes too (e.g. --classes 0-4)")
-        if self.split_seed != 0 and not self.classes:
-            raise OtfuseError(f"--split-seed {self.split_seed} fixes which images --classes draws; give --classes too (e.g. --classes 0-4)")
+        if self.split_seed != 0 and not (self.classes or self.partition):
+            raise OtfuseError(
+                f"--split-seed {self.split_seed} fixes which images --classes or --partition draws; give one too (e.g. --classes 0-4)"
+            )
+        self._check_partition()
         resolve_precision(self.precision, torch.device("cpu"))  # the name only; the device decides later
         if self.arch.startswith(TIMM) and self.width not in (0, TrainConfig.width):
             raise OtfuseError(f"--width {self.width}: timm models have no width knob; leave --width out for --arch {self.arch}")
         if self.resume and self.overwrite:
             raise OtfuseError("--resume and --overwrite contradict each other; give one")
+
+    def _check_partition(self) -> None:
+        defaults = {f: getattr(TrainConfig, f) for f in ("parties", "party", "alpha", "min_size")}
+        if not self.partition:
+            changed = [f for f, v in defaults.items() if getattr(self, f) != v]
+            if changed:
+                flag = "--" + changed[0].replace("_", "-")
+                raise OtfuseError(
+                    f"{flag} {getattr(self, changed[0])} belongs to a partition; give --partition iid, classes or dirichlet too"
+                )
+            return
+        bad = [
+            (self.partition in PARTITIONS, "--partition", " or ".join(PARTITIONS)),
+            (not self.classes, "--partition", "given without --classes (a party's classes come from the partition)"),
+            (2 <= self.parties <= MAX_PARTIES, "--parties", f"from 2 to {MAX_PARTIES}"),
+            (1 <= self.party <= self.parties, "--party", f"from 1 to --parties ({self.parties})"),
+            (0 < self.alpha <= 1e6, "--alpha", "a positive number, at most 1e6"),
+            (0 <= self.min_size < 2**31, "--min-size", "0 or more"),
+        ]
+        for ok, flag, want in bad:
+            if not ok:
+                raise OtfuseError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))} must be {want}")
 
 
 # options that define a run: resuming with other values would make the checkpoint's metadata lie
@@ -138,6 +172,12 @@ RUN_OPTIONS = (
     "classes",
     "bias",
     "split_seed",
+    "partition",
+    "parties",
+    "party",
+    "alpha",
+    "min_size",
+    "init_seed",
     "parts",
     "val_size",
     "init",
@@ -180,6 +220,8 @@ def checkpoint_path(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
     part = f"-c{cfg.classes.replace(',', '_')}" + ("" if cfg.bias == 1.0 else f"-b{cfg.bias:g}") if cfg.classes else ""
+    if cfg.partition:
+        part = f"-{_partition(cfg).tag}" + ("" if cfg.init_seed < 0 else f"-i{cfg.init_seed}")
     return Path(cfg.checkpoint_dir) / dataset_slug(cfg.dataset) / arch_folder(cfg.arch, cfg.width) / f"seed{cfg.seed}{part}.pt"
 
 
@@ -194,7 +236,17 @@ def training_parts(cfg: TrainConfig, data: ImageData) -> Parts | None:
             return tuple(part_from_record(r) for r in records) if is_parts_record(records, data.num_classes) else _no_parts(cfg)
         except ValueError:
             return _no_parts(cfg)
+    if cfg.partition:
+        if cfg.partition == "classes" and cfg.parties > data.num_classes:
+            raise OtfuseError(f"--partition classes --parties {cfg.parties}: {cfg.dataset} has {data.num_classes} classes to share out")
+        part = _partition(cfg)
+        part.bounds(data.train_y, data.num_classes)  # a Dirichlet draw that cannot meet --min-size: refused here, before the lock
+        return (part,)
     return (Subset(parse_classes(cfg.classes, data.num_classes), cfg.bias, cfg.split_seed),) if cfg.classes else None
+
+
+def _partition(cfg: TrainConfig) -> Partition:
+    return Partition(cfg.partition, cfg.parties, cfg.party, cfg.alpha, cfg.min_size, cfg.split_seed)
 
 
 def _no_parts(cfg: TrainConfig):
@@ -302,7 +354,7 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
     held_out = len(data.val_y)  # the validation split as the dataset holds it out, before the part restricts it
     data = restrict(data, parts)  # train and validation splits follow the parts; the test split stays whole (joint accuracy)
     empty = sorted(set(task) - set(data.train_y.unique().tolist()))
-    if parts and empty:
+    if parts and empty and all(isinstance(p, Subset) for p in parts):  # a Dirichlet party may lack classes by design
         raise OtfuseError(
             f"--classes {cfg.classes or format_classes(task)} --bias {cfg.bias:g} draws no training image of class "
             f"{format_classes(empty)} (too small a share); raise --bias"
@@ -313,8 +365,10 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
             "an epoch would take no step; use a smaller batch"
         )
     teachers, teacher_record = _teachers(cfg, data) if cfg.distill else ([], {})
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if cfg.init_seed < 0 else cfg.init_seed)
     model = build_model(cfg.arch, arch_width(cfg.arch, cfg.width), data.in_channels, data.num_classes, data.image_size)
+    if cfg.init_seed >= 0:  # the shared start drawn; the run's own randomness from its seed, as every other run's
+        torch.manual_seed(cfg.seed)
     _check_takes(model, cfg.arch, data)
     opt = make_optimizer(model, cfg)
     start, history = 0, []
@@ -447,7 +501,10 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
         "seed": int(meta.get("seed", 0)),
     }
     parts = parts_of(meta)  # a party goes on with its own part of the data, a model of parties with their union
-    if parts and len(parts) == 1:
+    if parts and len(parts) == 1 and isinstance(parts[0], Partition):
+        p = parts[0]
+        from_ckpt.update(partition=p.kind, parties=p.parties, party=p.party, alpha=p.alpha, min_size=p.min_size, split_seed=p.seed)
+    elif parts and len(parts) == 1:
         from_ckpt.update(classes=format_classes(parts[0].classes), bias=parts[0].bias, split_seed=parts[0].seed)
     elif parts:
         from_ckpt.update(parts=json.dumps([p.to_meta() for p in parts]))
