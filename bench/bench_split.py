@@ -140,7 +140,9 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
     if any((r["setting"], r["method"], r["fusion_data"]) == (name, method, fusion_data) for r in rows):
         return
     t0 = time.perf_counter()
-    _, acc = fusion_table(inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks)
+    _, acc = fusion_table(
+        inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks, class_counts=inputs.class_counts
+    )
     row = {
         "setting": name,
         "split": s.split,

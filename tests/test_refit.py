@@ -136,3 +136,28 @@ def test_recomputing_batchnorm_before_the_refit_changes_nothing(trained, monkeyp
     a, b = skipped.fused.state_dict(), full.fused.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5) for k in a if a[k].is_floating_point())  # counters aside
     assert all(torch.equal(u, v) for u, v in zip(skipped.fused_average.state_dict().values(), full.fused_average.state_dict().values()))
+
+
+def test_the_classifier_weighted_by_class_counts(trained):
+    """--head counts: each class's logit is fit to the parents' logits weighted by their share of the class's training
+    images. Equal counts give the equal fusion exactly; counts held by one parent alone give each class that parent's
+    logit (up to what the fused features can express: nearer it than the equal mean is)."""
+    from otfuse.fusion import head_weights
+
+    models, data, _, _ = trained
+    cfg = config(bn_batches=4, n_images=300, refit_n_images=300)
+    counts = torch.tensor([[3, 0, 5, 1, 0, 0, 2, 2, 4, 7], [1, 0, 5, 0, 9, 0, 2, 6, 0, 1]])
+    cfg.head = "counts"
+    w = head_weights(cfg, counts, [0.5, 0.5])
+    assert torch.allclose(w[:, 0], torch.tensor([0.75, 0.25])) and torch.equal(w[:, 1], torch.tensor([0.5, 0.5]))  # none seen: equal
+    assert torch.allclose(w.sum(0), torch.ones(10)) and torch.equal(w[:, 4], torch.tensor([0.0, 1.0]))
+    equal = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=300, refit_n_images=300)).fused
+    same = fuse(models, data.train_x, data.norm, cfg, class_counts=torch.full((2, 10), 7)).fused
+    assert all(torch.equal(a, b) for a, b in zip(equal.state_dict().values(), same.state_dict().values()))
+    owner = torch.tensor([[1] * 5 + [0] * 5, [0] * 5 + [1] * 5])
+    split = fuse(models, data.train_x, data.norm, cfg, class_counts=owner).fused
+    x, _ = data.split("val")
+    z = [logits(m, x, data.norm, Precision.FP32) for m in models]
+    want = torch.cat([z[0][:, :5], z[1][:, 5:]], 1)
+    err = lambda m: (logits(m, x, data.norm, Precision.FP32) - want).pow(2).mean().item()
+    assert err(split) < err(equal)

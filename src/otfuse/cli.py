@@ -93,7 +93,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
     cfg, metas, data = inputs.cfg, inputs.metas, inputs.data
-    fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True)
+    fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True, class_counts=inputs.class_counts)
     made = sum(fusion.seconds.values())
     meta = lambda acc: fused_meta(metas, args.checkpoints, inputs.width, flatten(cfg), acc if args.split == "test" else None)
     if args.out:  # the fused model first: the evaluation below is extra, never a reason to lose it

@@ -36,6 +36,8 @@ from otfuse.precision import Precision, full_float32, resolve_precision
 from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 from otfuse.subsets import check_fusion_data
 
+HEADS = ("equal", "counts")
+
 
 @dataclass
 class FuseConfig:
@@ -47,6 +49,7 @@ class FuseConfig:
     repair: RepairConfig = field(default_factory=RepairConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)
     weights: str = ""  # comma-separated model weights for the average; empty: equal
+    head: str = "equal"  # the refit classifier's target per class: equal (--weights) | counts (each parent by its share of the class)
     fusion_data: str = "union"  # training images the stages read: union (of the parents' parts) | model<k> (its part) | <N>-per-class
     precision: str = "auto"  # forward passes: auto (bf16 autocast where the device has native bf16) | fp32 | bf16
 
@@ -54,6 +57,8 @@ class FuseConfig:
         for stage in self.STAGES:
             getattr(self, stage).check()
         resolve_precision(self.precision, torch.device("cpu"))
+        if self.head not in HEADS:
+            raise OtfuseError(f"--head {self.head!r}: choose {' or '.join(HEADS)}")
         check_fusion_data(self.fusion_data, n_models)
         if n_models is not None:
             self.model_weights(n_models)
@@ -168,6 +173,7 @@ def fuse(
     maps: list[dict[str, ChannelMap]] | None = None,
     target: nn.Module | None = None,
     progress: bool = False,
+    class_counts: torch.Tensor | None = None,
 ) -> Fusion:
     """Fuse `models` (one architecture) on unlabelled uint8 training `images` normalised by `norm`.
 
@@ -175,7 +181,9 @@ def fuse(
     and carried onto the channels of `target`, a model of the same architecture whose width may
     differ from the parents' (default: the first model). The carried models are averaged with
     `cfg.weights`, BatchNorm statistics are recomputed, then REPAIR and the layer-wise refit run
-    where `cfg` asks for them. One model and a narrower or wider `target` compresses or widens it."""
+    where `cfg` asks for them. One model and a narrower or wider `target` compresses or widens it. `class_counts`
+    ([models, classes]: the training images of each class each model saw) weigh the classifier's refit per class
+    with `cfg.head` counts."""
     if len(models) < 1 or (len(models) < 2 and target is None):
         raise OtfuseError(f"fusion needs at least two models (or one and a target width), got {len(models)}")
     cfg.check(len(models))
@@ -231,8 +239,22 @@ def fuse(
             # parents compute exactly those; where a map merges or splits channels, the originals' carried through it
             permutations = all(m.perm is not None for per_model_maps in maps for m in per_model_maps.values())
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
-            refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources)
+            head = head_weights(cfg, class_counts, weights)
+            refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head)
     return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
+
+
+def head_weights(cfg: FuseConfig, class_counts: torch.Tensor | None, weights: list[float]) -> torch.Tensor | None:
+    """[models, classes] weights of the classifier's refit target with `cfg.head` counts: each model's share of each
+    class's training images (a class no model saw: the model weights); None for equal."""
+    if cfg.head == "equal":
+        return None
+    if class_counts is None or class_counts.shape[0] != len(weights):
+        raise OtfuseError("--head counts weighs each parent by its training images per class; give class_counts (fusion_inputs has them)")
+    counts = class_counts.double()
+    total = counts.sum(0, keepdim=True)
+    equal = torch.tensor(weights, dtype=torch.float64)[:, None].expand_as(counts)
+    return torch.where(total > 0, counts / total.clamp_min(1), equal).float()
 
 
 def _realigned(

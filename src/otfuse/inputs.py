@@ -34,6 +34,7 @@ class FusionInputs:
     width: int  # the fused model's
     target: nn.Module  # a fresh model of the fused width, on the device: `fuse(..., target=inputs.target)`
     parts: list[Parts | None]  # the parts of the data each parent learnt from (None: all of it)
+    class_counts: torch.Tensor  # [parents, classes]: the training images of each class each parent learnt from
 
     @property
     def tasks(self) -> list[tuple[int, ...]] | None:
@@ -77,10 +78,11 @@ def fusion_inputs(
     width = width or metas[0]["width"]
     target = target_model(metas[0], width, next(models[0].parameters()).device)
     parts = [parts_of(m) for m in metas]
-    keep, seen = fusion_mask(data.train_y, parts, cfg.fusion_data), union_mask(data.val_y, parts, 1)
+    counts = torch.stack([torch.bincount(data.train_y[union_mask(data.train_y, [p])].cpu(), minlength=data.num_classes) for p in parts])
+    keep, seen = fusion_mask(data.train_y, parts, cfg.fusion_data), union_mask(data.val_y, parts, 1, data.train_y)
     if not bool(keep.all() and seen.all()):  # validation too: only what the parties held
         data = replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep], val_x=data.val_x[seen], val_y=data.val_y[seen])
-    return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target, parts)
+    return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target, parts, counts)
 
 
 def target_model(meta: dict, width: int, device: torch.device) -> nn.Module:

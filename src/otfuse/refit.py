@@ -368,10 +368,16 @@ def _accumulate(layer: nn.Module, x: torch.Tensor, t: torch.Tensor, idx: torch.T
         sums[1] = cross if sums[1] is None else sums[1] + cross
 
 
+def _per_output(w: float | torch.Tensor) -> float | torch.Tensor:
+    """A parent's weight as a factor of its unit's rows: a number, or one weight per output channel (the classifier
+    weighted per class)."""
+    return w[:, None].cpu() if isinstance(w, torch.Tensor) else w
+
+
 def _solve(
     fused: nn.Module,
     parents: list[nn.Module],
-    weights: list[float],
+    weights: list[float | torch.Tensor],
     layer: str,
     bn: str | None,
     gram: torch.Tensor,
@@ -382,7 +388,7 @@ def _solve(
     mod = fused.get_submodule(layer)
     g = _groups(mod)
     # the anchor: the parents' units averaged with BatchNorm folded in, exact for a permuted copy
-    anchor = sum(w * _unit_map(p, layer, bn) for w, p in zip(weights, parents)).reshape(g, -1, gram.shape[-1]).to(gram.device)
+    anchor = sum(_per_output(w) * _unit_map(p, layer, bn) for w, p in zip(weights, parents)).reshape(g, -1, gram.shape[-1]).to(gram.device)
     n = gram.shape[-1]
     k = n if bn is not None or mod.bias is not None else n - 1  # no bias to hold an intercept
     lam = ridge * gram.diagonal(dim1=1, dim2=2)[:, :k].mean(1)
@@ -417,6 +423,7 @@ def refit(
     progress: bool = False,
     sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
     layers: set[str] | None = None,
+    head: torch.Tensor | None = None,
 ) -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
@@ -426,7 +433,9 @@ def refit(
     permutations, and the exact features to merge where a map merges or splits channels. The ridge
     is relative to the mean diagonal of the inputs' second-moment matrix. Forward passes run in
     `precision`; the products, sums and solves in float32/float64. With `layers`, only those units are refit
-    (the others keep their weights). Returns `fused` in eval mode."""
+    (the others keep their weights). With `head` ([parents, classes]), the classifier (the last Linear unit with one
+    output per class) is fit to each class's logit weighted per parent by `head[:, class]` instead of `weights`.
+    Returns `fused` in eval mode."""
     dev = next(fused.parameters()).device
     fused.eval()
     teachers = sources or [(p, {}) for p in parents]
@@ -471,11 +480,14 @@ def refit(
         for ui, (layer, bn) in enumerate(tqdm(todo, desc="refit", disable=True if not progress else None, leave=False)):
             mod = fused.get_submodule(layer)
             sums: list = [None, None]
+            unit_weights = weights
+            if head is not None and ui == len(todo) - 1 and linear_out[layer] and mod.out_features == head.shape[1]:
+                unit_weights = list(head.to(dev, torch.float32))
             for bi in range(len(raw)):
-                t = sum(w * streams[bi].take(ui) for w, streams in zip(weights, targets))
+                t = sum(w * streams[bi].take(ui) for w, streams in zip(unit_weights, targets))
                 x = inputs[bi].take(ui)
                 _accumulate(mod, x, t, chosen.get((ui, bi)), sums)
-            _solve(fused, parents, weights, layer, bn, _symmetric(sums[0]), sums[1], cfg.ridge)
+            _solve(fused, parents, unit_weights, layer, bn, _symmetric(sums[0]), sums[1], cfg.ridge)
     finally:
         for s in [s for row in targets for s in row] + inputs:
             s.close()

@@ -46,9 +46,10 @@ def fusion_table(
     with_baselines: bool = True,
     target: nn.Module | None = None,
     tasks: list[tuple[int, ...]] | None = None,
+    class_counts: torch.Tensor | None = None,
 ) -> tuple[Fusion, dict[str, float]]:
     """(the fusion, its accuracies on `split`): `fuse`, then `table`."""
-    fusion = fuse(models, data.train_x, data.norm, cfg, target=target, progress=progress)
+    fusion = fuse(models, data.train_x, data.norm, cfg, target=target, progress=progress, class_counts=class_counts)
     return fusion, table(fusion, data, split, progress, with_baselines, tasks)
 
 

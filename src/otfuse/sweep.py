@@ -353,7 +353,14 @@ def _sweep(args: argparse.Namespace, jobs: list, results: Path) -> int:
         # before the fusion: a refusal must not cost one
         check_outputs({"the fused checkpoint": fused_path, **tuned_paths}, {f"parent {p}": str(p) for p in parents}, own=own)
         fusion, acc = fusion_table(
-            inputs.models, inputs.data, cfg, progress=True, target=inputs.target, with_baselines=args.baselines, tasks=inputs.tasks
+            inputs.models,
+            inputs.data,
+            cfg,
+            progress=True,
+            target=inputs.target,
+            with_baselines=args.baselines,
+            tasks=inputs.tasks,
+            class_counts=inputs.class_counts,
         )
         meta = fused_meta(inputs.metas, parents, width, flatten(cfg), acc["fused"])
         save_checkpoint(fused_path, fusion.fused, meta)
