@@ -161,3 +161,16 @@ def test_the_classifier_weighted_by_class_counts(trained):
     want = torch.cat([z[0][:, :5], z[1][:, 5:]], 1)
     err = lambda m: (logits(m, x, data.norm, Precision.FP32) - want).pow(2).mean().item()
     assert err(split) < err(equal)
+
+
+def test_the_classifier_fit_to_mean_probabilities_gives_back_a_model_fused_with_its_permuted_copy(trained):
+    """--head-probs: the target is the log of the parents' mean probabilities, centred per image. For one model it
+    is its logits less their mean, which its own classifier less its mean row computes: the same probabilities."""
+    models, data, _, _ = trained
+    model = models[0]
+    cfg = config(bn_batches=4, n_images=500, refit_n_images=500)
+    cfg.head_probs = True
+    fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, cfg).fused
+    x, _ = data.split("test")
+    p, p_ref = logits(fused, x, data.norm, Precision.FP32).softmax(1), logits(model, x, data.norm, Precision.FP32).softmax(1)
+    assert torch.allclose(p, p_ref, atol=2e-3) and torch.equal(p.argmax(1), p_ref.argmax(1))

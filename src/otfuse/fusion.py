@@ -50,6 +50,7 @@ class FuseConfig:
     refit: RefitConfig = field(default_factory=RefitConfig)
     weights: str = ""  # comma-separated model weights for the average; empty: equal
     head: str = "equal"  # the refit classifier's target per class: equal (--weights) | counts (each parent by its share of the class)
+    head_probs: bool = False  # the refit classifier's target: the log of the parents' mean probabilities (else their mean logits)
     fusion_data: str = "union"  # training images the stages read: union (of the parents' parts) | model<k> (its part) | <N>-per-class
     precision: str = "auto"  # forward passes: auto (bf16 autocast where the device has native bf16) | fp32 | bf16
 
@@ -240,7 +241,7 @@ def fuse(
             permutations = all(m.perm is not None for per_model_maps in maps for m in per_model_maps.values())
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             head = head_weights(cfg, class_counts, weights)
-            refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head)
+            refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head, head_probs=cfg.head_probs)
     return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
 
 

@@ -424,6 +424,7 @@ def refit(
     sources: list[tuple[nn.Module, dict[str, list[tuple[torch.Tensor, ChannelMap]]]]] | None = None,
     layers: set[str] | None = None,
     head: torch.Tensor | None = None,
+    head_probs: bool = False,
 ) -> nn.Module:
     """Refit every conv/linear unit of `fused` in place, in forward order (see the module docstring).
 
@@ -434,8 +435,9 @@ def refit(
     is relative to the mean diagonal of the inputs' second-moment matrix. Forward passes run in
     `precision`; the products, sums and solves in float32/float64. With `layers`, only those units are refit
     (the others keep their weights). With `head` ([parents, classes]), the classifier (the last Linear unit with one
-    output per class) is fit to each class's logit weighted per parent by `head[:, class]` instead of `weights`.
-    Returns `fused` in eval mode."""
+    output per class) is fit to each class's logit weighted per parent by `head[:, class]` instead of `weights`; with
+    `head_probs`, to the log of the parents' (so weighted) mean probabilities, centred per image: parents whose logits
+    differ in scale then count by what they predict, not by how loudly. Returns `fused` in eval mode."""
     dev = next(fused.parameters()).device
     fused.eval()
     teachers = sources or [(p, {}) for p in parents]
@@ -481,10 +483,16 @@ def refit(
             mod = fused.get_submodule(layer)
             sums: list = [None, None]
             unit_weights = weights
-            if head is not None and ui == len(todo) - 1 and linear_out[layer] and mod.out_features == head.shape[1]:
+            classifier = ui == len(todo) - 1 and linear_out[layer]
+            if head is not None and classifier and mod.out_features == head.shape[1]:
                 unit_weights = list(head.to(dev, torch.float32))
             for bi in range(len(raw)):
-                t = sum(w * streams[bi].take(ui) for w, streams in zip(unit_weights, targets))
+                if classifier and head_probs:
+                    mean = sum(w * streams[bi].take(ui).softmax(-1) for w, streams in zip(unit_weights, targets))
+                    t = mean.clamp_min(1e-12).log()
+                    t = t - t.mean(-1, keepdim=True)
+                else:
+                    t = sum(w * streams[bi].take(ui) for w, streams in zip(unit_weights, targets))
                 x = inputs[bi].take(ui)
                 _accumulate(mod, x, t, chosen.get((ui, bi)), sums)
             _solve(fused, parents, unit_weights, layer, bn, _symmetric(sums[0]), sums[1], cfg.ridge)

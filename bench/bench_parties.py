@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""K parties that never pool their data: each trains on its part of a partition, then the K models are fused into one.
+
+    python bench/bench_parties.py --settings cifar10-dir0.5-k4-shared         # one setting: trains its parties, fuses
+    python bench/bench_parties.py                                             # every default setting (hours on 2 cores)
+    nohup python bench/bench_parties.py > parties.log &                       # in the background, resumable
+
+A setting is a dataset, a width, a partition (`otfuse train --partition dirichlet --alpha A`, as Flower Datasets'
+DirichletPartitioner), K parties and their start: `shared` (every party from one initialisation, the federated norm)
+or `own` (each from its own). Each party trains `epochs` epochs over its own part with `otfuse train`'s recipe (K
+parties together cost about one model trained on all the data) into <checkpoint-dir>/<setting>/, and resumes.
+
+Then one row per (setting, variant) goes to bench/parties-<dataset>-w<width>.csv as it finishes (a row already there
+is skipped), on the split --split (validation to choose a default, test to report): every party's accuracy, the
+best party, their ensemble (mean probabilities), vanilla averaging with BatchNorm recomputed (FedAvg in one round)
+and refit, the aligned average with BatchNorm recomputed, and the fusion, with the fusion's share of the ensemble,
+the seconds and the options. A variant is a set of fusion options (`--variants`: the names in VARIANTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from otfuse.errors import OtfuseError, run_main
+from otfuse.inputs import fusion_inputs
+from otfuse.options import flatten
+from otfuse.report import fusion_table
+from otfuse.results import read_rows, upsert_rows
+from otfuse.train import TrainConfig, train
+
+CIFAR10 = "imagefolder:../shared/data/cifar10-jpeg.tar.xz"  # from the project root
+CIFAR100 = "imagefolder:../shared/data/cifar100-png.tar.xz"
+
+
+@dataclass(frozen=True)
+class Setting:
+    dataset: str
+    width: int
+    parties: int
+    alpha: float
+    init: str  # shared | own
+    epochs: int = 30  # over each party's own part
+    partition: str = "dirichlet"
+
+
+def _settings() -> dict[str, Setting]:
+    out = {
+        f"cifar10-dir{a:g}-k{k}-{init}": Setting(CIFAR10, 16, k, a, init)
+        for k in (2, 4, 8)
+        for a in (0.5, 0.1)
+        for init in ("shared", "own")
+    }
+    out.update({f"cifar100-dir0.5-k{k}-shared": Setting(CIFAR100, 32, k, 0.5, "shared") for k in (2, 4)})
+    out["digits-dir0.5-k3-shared"] = Setting("digits", 8, 3, 0.5, "shared", epochs=10)  # a quick guard, the test's
+    return out
+
+
+SETTINGS = _settings()
+DEFAULT = tuple(n for n in SETTINGS if not n.startswith("digits"))
+# (fusion options) per variant; the default fusion is "default"
+VARIANTS = {
+    "default": {},
+    "head-counts": {"head": "counts"},
+    "head-probs": {"head_probs": True},
+    "head-counts-probs": {"head": "counts", "head_probs": True},
+    "rounds2": {"rounds": 2},
+}
+KEY = ("setting", "variant", "split")
+
+
+def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, progress: bool) -> list[Path]:
+    """Train (or resume, or find finished) the setting's K parties: party i is --party i of the partition, seed 0."""
+    out = []
+    for i in range(1, s.parties + 1):
+        cfg = TrainConfig(
+            dataset=s.dataset,
+            width=s.width,
+            epochs=s.epochs,
+            seed=0,
+            partition=s.partition,
+            parties=s.parties,
+            party=i,
+            alpha=s.alpha,
+            init_seed=-1 if s.init == "shared" else 1000 + i,
+            resume=True,
+            out=str(checkpoint_dir / name / f"party{i}.pt"),
+            **({"data_dir": data_dir} if data_dir else {}),
+        )
+        t0 = time.perf_counter()
+        out.append(train(cfg, progress=progress))
+        if progress:
+            print(f"{name}: party {i} of {s.parties} ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argparse.Namespace) -> dict | None:
+    """One row: the setting's parties fused with the variant's options, every model measured on --split."""
+    inputs = fusion_inputs(paths, dict(VARIANTS[variant]), data_dir=args.data_dir, device=args.device)
+    out = Path(args.out_dir) / f"parties-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv"
+    if any((r["setting"], r["variant"], r["split"]) == (name, variant, args.split) for r in read_rows(out)):
+        return None
+    t0 = time.perf_counter()
+    fusion, acc = fusion_table(
+        inputs.models, inputs.data, inputs.cfg, args.split, progress=True, target=inputs.target, class_counts=inputs.class_counts
+    )
+    party_acc = [acc[f"model{i + 1}"] for i in range(s.parties)]
+    row = {
+        "setting": name,
+        "variant": variant,
+        "split": args.split,
+        "dataset": inputs.data.slug,
+        "width": s.width,
+        "parties": s.parties,
+        "alpha": s.alpha,
+        "init": s.init,
+        "epochs": s.epochs,
+        "best_party": f"{max(party_acc):.2f}",
+        **{k: f"{acc[k]:.2f}" for k in ("ensemble", "vanilla_bn", "vanilla_refit", "fused_average", "fused") if k in acc},
+        "fused_of_ensemble": f"{100 * acc['fused'] / acc['ensemble']:.1f}",
+        "fused_minus_best": f"{acc['fused'] - max(party_acc):.2f}",
+        **{f"party{i + 1}": f"{a:.2f}" for i, a in enumerate(party_acc)},
+        "seconds_fusion": f"{sum(v for k, v in fusion.seconds.items() if k not in ('baselines', 'evaluation')):.0f}",
+        "seconds": f"{time.perf_counter() - t0:.0f}",
+        "options": flatten(inputs.cfg),
+    }
+    upsert_rows(out, [row], KEY)
+    print(f"{name} {variant} ({args.split}): " + ", ".join(f"{k} {row[k]}" for k in ("best_party", "ensemble", "vanilla_bn", "fused")))
+    return row
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--settings", default=",".join(DEFAULT), help=f"comma-separated, of {', '.join(SETTINGS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--split", default="val", choices=("val", "test"), help="val: to choose the default; test: to report")
+    p.add_argument("--checkpoint-dir", default="checkpoint/parties")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        names = [n for n in args.settings.split(",") if n]
+        variants = [v for v in args.variants.split(",") if v]
+        for given, known, what in ((names, SETTINGS, "--settings"), (variants, VARIANTS, "--variants")):
+            unknown = [n for n in given if n not in known]
+            if unknown:
+                raise OtfuseError(f"{what}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        for name in names:
+            s = SETTINGS[name]
+            paths = parties(name, s, Path(args.checkpoint_dir), args.data_dir, progress=True)
+            for variant in variants:
+                measure(name, s, paths, variant, args)
+        return 0
+
+    return run_main(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
