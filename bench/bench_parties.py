@@ -104,8 +104,16 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
     if any((r["setting"], r["variant"], r["split"]) == (name, variant, args.split) for r in read_rows(out)):
         return None
     t0 = time.perf_counter()
+    baselines = variant == "default"  # vanilla averaging and its refit do not depend on the variant: measured once
     fusion, acc = fusion_table(
-        inputs.models, inputs.data, inputs.cfg, args.split, progress=True, target=inputs.target, class_counts=inputs.class_counts
+        inputs.models,
+        inputs.data,
+        inputs.cfg,
+        args.split,
+        progress=True,
+        with_baselines=baselines,
+        target=inputs.target,
+        class_counts=inputs.class_counts,
     )
     party_acc = [acc[f"model{i + 1}"] for i in range(s.parties)]
     row = {
@@ -128,7 +136,10 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         "options": flatten(inputs.cfg),
     }
     upsert_rows(out, [row], KEY)
-    print(f"{name} {variant} ({args.split}): " + ", ".join(f"{k} {row[k]}" for k in ("best_party", "ensemble", "vanilla_bn", "fused")))
+    print(
+        f"{name} {variant} ({args.split}): "
+        + ", ".join(f"{k} {row.get(k, '-')}" for k in ("best_party", "ensemble", "vanilla_bn", "fused"))
+    )
     return row
 
 
