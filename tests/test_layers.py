@@ -94,3 +94,15 @@ def test_no_module_imports_another_modules_underscored_names():
         if a.name.startswith("_") and a.name != "__version__"
     ]
     assert not private
+
+
+def test_training_and_checkpoints_load_no_grouping_or_transport_library():
+    """Training, evaluation and checkpoint loading need neither Torch-Pruning nor POT nor scipy (the refit's): a
+    constant of the refit once pulled them all into `otfuse.checkpoints`."""
+    import subprocess
+    import sys
+
+    code = "import sys, otfuse.train, otfuse.evaluate, otfuse.checkpoints; "
+    code += "print(sorted(m for m in ('torch_pruning', 'ot', 'scipy', 'otfuse.refit', 'otfuse.maps') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

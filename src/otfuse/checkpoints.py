@@ -22,7 +22,6 @@ from torch import nn
 from otfuse.data import ImageData, dataset_augments, load_dataset, resolved_name
 from otfuse.errors import OtfuseError
 from otfuse.models import MAX_WIDTH, model_from_meta
-from otfuse.refit import RefitConfig
 from otfuse.storage import load_torch, save_torch
 from otfuse.subsets import is_part_record, is_parts_record, parts_of, union_of
 from otfuse.version import __version__
@@ -34,7 +33,6 @@ MAX_ABS = (
     1e18  # its square overflows float32: no trained network holds it (a fusion of underfit parents can hold BatchNorm variances of 1e6)
 )
 OPTIMIZERS = ("sgd", "adamw")  # what otfuse train can use, so what a checkpoint may record
-REFIT_IMAGES_PER_CLASS = 40  # on CIFAR-100's validation split 4,000 refit images beat 1,000 and 2,000 (bench/knobs-cifar100-w32.csv)
 FITS = 99.0  # training accuracy (%) from which a parent counts as fitting its (augmented) training set
 
 
@@ -288,21 +286,6 @@ def fused_from_fitted_parents(meta: dict) -> bool:
         and dataset_augments(str(meta.get("dataset", "")))
         and all(isinstance(a, (int, float)) and a >= FITS for a in accs)
     )
-
-
-def recipe_options(metas: list[dict]) -> dict[str, object]:
-    """Fusion defaults that follow from how the parents were trained, each chosen on a validation split
-    (docs/measurements.md, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
-    50 epochs at width 64) saw only augmented images: their BatchNorm statistics are those of crops
-    and flips, so the averaged model's are recomputed on such images too; only where the dataset has
-    augmentation at all (digits never does, whatever the recipe said). Many classes need more images for the
-    refit to fit the head: REFIT_IMAGES_PER_CLASS images of each class, at least the default 1,000 (ten classes keep
-    1,000; CIFAR-100's parents get 4,000, docs/defaults.md). Explicit options win."""
-    out: dict[str, object] = {"bn_augment": True} if metas and all(fits_training_set(m) for m in metas) else {}
-    per_class = REFIT_IMAGES_PER_CLASS * max((int(m.get("num_classes", 0)) for m in metas), default=0)
-    if per_class > RefitConfig.n_images:
-        out["refit_n_images"] = per_class
-    return out
 
 
 def optimizer_of(meta: dict) -> str:

@@ -15,13 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from otfuse.checkpoints import load_parents, recipe_options
+from otfuse.checkpoints import fits_training_set, load_parents
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
 from otfuse.models import MAX_WIDTH, model_from_meta
 from otfuse.options import resolve
+from otfuse.refit import RefitConfig
 from otfuse.subsets import Parts, classes_of, fusion_mask, parts_of, union_mask
+
+REFIT_IMAGES_PER_CLASS = 40  # on CIFAR-100's validation split 4,000 refit images beat 1,000 and 2,000 (bench/knobs-cifar100-w32.csv)
 
 
 @dataclass
@@ -54,6 +57,21 @@ def check_request(
         more = ", or one and --width W to compress or widen it" if one_allowed else ""
         raise OtfuseError(f"give two or more checkpoints{more}; got {n_checkpoints}")
     resolve(FuseConfig, given or {}, config).check(n_checkpoints)
+
+
+def recipe_options(metas: list[dict]) -> dict[str, object]:
+    """Fusion defaults that follow from how the parents were trained, each chosen on a validation split
+    (docs/measurements.md, "Fusion at scale"). Parents that fit their augmented training set (long-trained, e.g.
+    50 epochs at width 64) saw only augmented images: their BatchNorm statistics are those of crops
+    and flips, so the averaged model's are recomputed on such images too; only where the dataset has
+    augmentation at all (digits never does, whatever the recipe said). Many classes need more images for the
+    refit to fit the head: REFIT_IMAGES_PER_CLASS images of each class, at least the default 1,000 (ten classes keep
+    1,000; CIFAR-100's parents get 4,000, docs/defaults.md). Explicit options win."""
+    out: dict[str, object] = {"bn_augment": True} if metas and all(fits_training_set(m) for m in metas) else {}
+    per_class = REFIT_IMAGES_PER_CLASS * max((int(m.get("num_classes", 0)) for m in metas), default=0)
+    if per_class > RefitConfig.n_images:
+        out["refit_n_images"] = per_class
+    return out
 
 
 def fusion_options(given: dict[str, Any], config: str = "", metas: list[dict] | None = None) -> FuseConfig:
