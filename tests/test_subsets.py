@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,3 +265,34 @@ def test_run_train_all_with_a_split_and_a_bad_dataset_is_one_line(tmp_path):
     for datasets, why in (("cifar11", "unknown dataset 'cifar11'"), (f"imagefolder:{tmp_path}/my data", "does not exist")):
         run = subprocess.run([str(script)], cwd=tmp_path, env={**env, "DATASETS": datasets}, capture_output=True, text=True)
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1 and why in run.stderr, run.stderr
+
+
+def test_parties_fuse_on_a_public_dataset_no_party_trained_on(parties, tmp_path, capsys):
+    """--fusion-data public:<dataset>: a fuser that holds none of the parties' images reads another dataset's (as
+    FedDF's server does), turned into the parties' channels and size; the parties' own dataset is refused."""
+    from PIL import Image
+
+    from otfuse.data import converted
+
+    root, (a, b, _, _) = parties
+    public = tmp_path / "public"
+    g = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("x", "y"):
+            (public / split / c).mkdir(parents=True)
+            for i in range(30):
+                Image.fromarray(g.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(public / split / c / f"{i}.png")
+    spec = f"public:imagefolder:{public}"
+    inputs = fusion_inputs([a, b], {"precision": "fp32", "fusion_data": spec}, data_dir=root / "data", device="cpu")
+    whole = load_dataset("digits", root / "data")
+    assert inputs.data.train_x.shape[1:] == whole.train_x.shape[1:] and len(inputs.data.train_x) == 54  # 60 less 10% held out
+    assert torch.equal(inputs.data.test_y, whole.test_y) and inputs.class_counts.sum() == len(whole.train_y)
+    args = ["--precision", "fp32", "--data-dir", str(root / "data"), "--device", "cpu", "--n-images", "50", "--refit-n-images", "50"]
+    assert main(["fuse", str(a), str(b), "--fusion-data", spec, *args]) == 0
+    assert "fused " in capsys.readouterr().out
+    with pytest.raises(OtfuseError, match="is the parents' own dataset; give --fusion-data union"):
+        fusion_inputs([a, b], {"fusion_data": "public:digits"}, data_dir=root / "data", device="cpu")
+    grey = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    assert torch.equal(converted(converted(grey, 3, (8, 8)), 1, (8, 8)), grey)  # grey to colour and back
+    flat = torch.full((2, 3, 12, 12), 77, dtype=torch.uint8)
+    assert torch.equal(converted(flat, 3, (8, 8)), torch.full((2, 3, 8, 8), 77, dtype=torch.uint8))

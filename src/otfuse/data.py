@@ -582,6 +582,28 @@ def _cached(source: _Source, data_dir: Path) -> dict:
     return raw
 
 
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's convert("L")
+
+
+def converted(x: torch.Tensor, channels: int, size: tuple[int, int], chunk: int = 4096) -> torch.Tensor:
+    """uint8 NCHW images `x` as `channels` channels (grey to colour by repetition, colour to grey by luminance) of
+    `size` pixels (antialiased bilinear), still uint8: another dataset's images fed to a model of these."""
+    have = x.shape[1]
+    if have not in (1, 3) or channels not in (1, 3):
+        raise OtfuseError(f"images of {have} channels cannot be turned into {channels}; give a dataset of 1 or 3 channels")
+    out = []
+    for xb in x.split(chunk):
+        xf = xb.float()
+        if have == 3 and channels == 1:
+            xf = (xf * torch.tensor(LUMINANCE, device=xf.device)[None, :, None, None]).sum(1, keepdim=True)
+        elif have == 1 and channels == 3:
+            xf = xf.expand(-1, 3, -1, -1)
+        if tuple(xf.shape[-2:]) != tuple(size):
+            xf = torch.nn.functional.interpolate(xf, size=size, mode="bilinear", antialias=True, align_corners=False)
+        out.append(xf.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
 def _check_decoded(raw, what) -> None:
     """A decoded dataset is usable: uint8 NCHW images with labels, two or more classes; else one clear error."""
     ok = isinstance(raw, dict) and all(isinstance(raw.get(k), torch.Tensor) for k in ("train_x", "train_y", "test_x", "test_y"))

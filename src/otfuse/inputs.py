@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from otfuse.checkpoints import fits_training_set, load_parents
-from otfuse.data import ImageData
+from otfuse.data import ImageData, converted, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.fusion import FuseConfig
 from otfuse.models import MAX_WIDTH, model_from_meta
 from otfuse.options import resolve
 from otfuse.refit import RefitConfig
-from otfuse.subsets import Parts, classes_of, fusion_mask, parts_of, union_mask
+from otfuse.subsets import Parts, classes_of, fusion_mask, parts_of, public_dataset, union_mask
 
 REFIT_IMAGES_PER_CLASS = 40  # on CIFAR-100's validation split 4,000 refit images beat 1,000 and 2,000 (bench/knobs-cifar100-w32.csv)
 
@@ -97,10 +97,24 @@ def fusion_inputs(
     target = target_model(metas[0], width, next(models[0].parameters()).device)
     parts = [parts_of(m) for m in metas]
     counts = torch.stack([torch.bincount(data.train_y[union_mask(data.train_y, [p])].cpu(), minlength=data.num_classes) for p in parts])
-    keep, seen = fusion_mask(data.train_y, parts, cfg.fusion_data), union_mask(data.val_y, parts, 1, data.train_y)
+    seen = union_mask(data.val_y, parts, 1, data.train_y)
+    public = public_dataset(cfg.fusion_data)
+    if public:  # images no party trained on, labels unknown (-1)
+        x = public_images(public, data, data_dir)
+        data = replace(data, train_x=x, train_y=torch.full((len(x),), -1, dtype=torch.int64, device=x.device))
+    keep = torch.ones_like(data.train_y, dtype=torch.bool) if public else fusion_mask(data.train_y, parts, cfg.fusion_data)
     if not bool(keep.all() and seen.all()):  # validation too: only what the parties held
         data = replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep], val_x=data.val_x[seen], val_y=data.val_y[seen])
     return FusionInputs(models, metas, [str(p) for p in paths], data, cfg, width, target, parts, counts)
+
+
+def public_images(name: str, like: ImageData, data_dir: str | Path | None) -> torch.Tensor:
+    """The training images of dataset `name`, as `like`'s channels and size, on its device: a public set for a fuser
+    that holds none of the parties' data. The parties' own dataset is refused: that is `union`."""
+    public = load_dataset(name, data_dir)
+    if public.digest and public.digest == like.digest:
+        raise OtfuseError(f"--fusion-data public:{name} is the parents' own dataset; give --fusion-data union for that")
+    return converted(public.train_x, like.in_channels, tuple(like.train_x.shape[-2:])).to(like.train_x.device)
 
 
 def target_model(meta: dict, width: int, device: torch.device) -> nn.Module:

@@ -332,7 +332,8 @@ def check_bias(bias: float) -> None:
         raise OtfuseError(f"--bias {bias} must be above 0 and at most 1 (the listed classes' share of their images; 1: those classes only)")
 
 
-FUSION_DATA = re.compile(r"^(?:union|model(?P<k>[1-9]\d{0,5})|(?P<n>[1-9]\d{0,8})-per-class)$")  # counts below 10^9
+# counts below 10^9; public:<dataset>: images of a dataset no party trained on (as FedDF's server holds)
+FUSION_DATA = re.compile(r"^(?:union|model(?P<k>[1-9]\d{0,5})|(?P<n>[1-9]\d{0,8})-per-class|public:(?P<public>.+))$")
 
 
 def check_fusion_data(spec: str, n_models: int | None = None) -> None:
@@ -341,10 +342,17 @@ def check_fusion_data(spec: str, n_models: int | None = None) -> None:
     if not m:
         raise OtfuseError(
             f"--fusion-data {spec!r}: give union (what the parents trained on together), model<k> (the k-th "
-            "parent's own images, e.g. model1) or <N>-per-class (e.g. 10-per-class)"
+            "parent's own images, e.g. model1), <N>-per-class (e.g. 10-per-class) or public:<dataset> (a dataset no "
+            "party trained on, e.g. public:cifar100)"
         )
     if m.group("k") and n_models is not None and int(m.group("k")) > n_models:
         raise OtfuseError(f"--fusion-data {spec}: there are {n_models} parents; give model1 to model{n_models}")
+
+
+def public_dataset(spec: str) -> str | None:
+    """The dataset of `--fusion-data public:<dataset>`, or None for the parents' own data."""
+    m = FUSION_DATA.match(spec)
+    return m.group("public") if m else None
 
 
 def fusion_mask(y: torch.Tensor, parts: list[AnyPart | Parts | None], spec: str = "union") -> torch.Tensor:
@@ -352,6 +360,8 @@ def fusion_mask(y: torch.Tensor, parts: list[AnyPart | Parts | None], spec: str 
     (`model<k>`: a fuser holding only its own data), or N images of each class of the union (`<N>-per-class`)."""
     check_fusion_data(spec, len(parts))
     m = FUSION_DATA.match(spec)
+    if m.group("public"):
+        raise OtfuseError(f"--fusion-data {spec}: a public dataset is not a part of the parents' data (fusion_inputs reads it)")
     if m.group("k"):
         part = parts[int(m.group("k")) - 1]
         return union_mask(y, [part])
