@@ -4,6 +4,7 @@ function imports another otfuse module except where docs/library.md says why."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import otfuse
@@ -106,3 +107,26 @@ def test_training_and_checkpoints_load_no_grouping_or_transport_library():
     code += "print(sorted(m for m in ('torch_pruning', 'ot', 'scipy', 'otfuse.refit', 'otfuse.maps') if m in sys.modules))"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def _top_imports() -> dict[str, set[str]]:
+    """top-level module or package (`align`) -> the top-level otfuse modules it imports at module level."""
+    out: dict[str, set[str]] = {}
+    for name, deps in _graph().items():
+        parts = name.split(".")
+        if len(parts) > 1:
+            out.setdefault(parts[1], set()).update(d.split(".")[1] for d in deps if d.count(".") >= 1 and d.split(".")[1] != parts[1])
+    return out
+
+
+def test_the_module_order_in_readme_and_library_md_is_the_import_order():
+    """README and docs/library.md list the modules top-down: none may import one listed below it (they drifted)."""
+    root = PACKAGE.parents[1]
+    imports = _top_imports()
+    table = "\n".join(line.split(" | ")[0] for line in (root / "docs" / "library.md").read_text().splitlines() if line.startswith("| `"))
+    readme = (root / "README.md").read_text().split("is one module per concept")[1].split("live in registries")[0]
+    for where, text in (("docs/library.md", table), ("README.md", readme)):
+        order = [m for m in re.findall(r"`(\w+)/?`", text) if m in imports]
+        pos = {m: i for i, m in enumerate(order)}
+        late = [f"{m} imports {d}" for m in order for d in sorted(imports[m]) if d in pos and pos[d] > pos[m]]
+        assert len(order) >= 25 and not late, f"{where} lists a module above one it imports: {late}"

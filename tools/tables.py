@@ -337,6 +337,44 @@ def many_parents() -> list[list[str]]:
 
 
 @table
+def parties() -> list[list[str]]:
+    """bench/bench_parties.py: K parties of a Dirichlet partition fused, every variant, on each split measured."""
+    out = [
+        [
+            "Setting",
+            "Split",
+            "Variant",
+            "Best party",
+            "Ensemble",
+            "Vanilla + BN (FedAvg)",
+            "Vanilla + refit",
+            "Aligned average + BN",
+            "**Fused**",
+            "Fused / ensemble",
+            "Fused - best party",
+        ]
+    ]
+    for path in sorted(BENCH.glob("parties-*.csv")):
+        for r in rows(path.name):
+            out.append(
+                [
+                    r["setting"],
+                    r["split"],
+                    r["variant"],
+                    r["best_party"],
+                    r["ensemble"],
+                    dash(r.get("vanilla_bn")),
+                    dash(r.get("vanilla_refit")),
+                    dash(r.get("fused_average")),
+                    f"**{r['fused']}**",
+                    f"{r['fused_of_ensemble']}%",
+                    r["fused_minus_best"],
+                ]
+            )
+    return out
+
+
+@table
 def finetune_c100() -> list[list[str]]:
     found = rows("finetune-cifar100-w32.csv")
     out = [["Start", "Epochs (lr 0.05, no augmentation)", "val at start", "val after each epoch", "test at the end", "minutes"]]
