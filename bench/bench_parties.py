@@ -68,6 +68,8 @@ VARIANTS = {
     "head-probs": {"head_probs": True},
     "head-counts-probs": {"head": "counts", "head_probs": True},
     "rounds2": {"rounds": 2},
+    "own-data": {"fusion_data": "model1"},  # a fuser holding only party 1's images
+    "public-cifar100": {"fusion_data": f"public:{CIFAR100}"},  # one holding none: CIFAR-100's training images
 }
 KEY = ("setting", "variant", "split")
 
