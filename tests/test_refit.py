@@ -145,13 +145,13 @@ def test_the_classifier_weighted_by_class_counts(trained):
     from otfuse.fusion import head_weights
 
     models, data, _, _ = trained
-    cfg = config(bn_batches=4, n_images=300, refit_n_images=300)
+    cfg = config(bn_batches=4, n_images=200, refit_n_images=200)
     counts = torch.tensor([[3, 0, 5, 1, 0, 0, 2, 2, 4, 7], [1, 0, 5, 0, 9, 0, 2, 6, 0, 1]])
     cfg.head = "counts"
     w = head_weights(cfg, counts, [0.5, 0.5])
     assert torch.allclose(w[:, 0], torch.tensor([0.75, 0.25])) and torch.equal(w[:, 1], torch.tensor([0.5, 0.5]))  # none seen: equal
     assert torch.allclose(w.sum(0), torch.ones(10)) and torch.equal(w[:, 4], torch.tensor([0.0, 1.0]))
-    equal = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=300, refit_n_images=300)).fused
+    equal = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=200, refit_n_images=200)).fused
     same = fuse(models, data.train_x, data.norm, cfg, class_counts=torch.full((2, 10), 7)).fused
     assert all(torch.equal(a, b) for a, b in zip(equal.state_dict().values(), same.state_dict().values()))
     owner = torch.tensor([[1] * 5 + [0] * 5, [0] * 5 + [1] * 5])
@@ -168,7 +168,7 @@ def test_the_classifier_fit_to_mean_probabilities_gives_back_a_model_fused_with_
     is its logits less their mean, which its own classifier less its mean row computes: the same probabilities."""
     models, data, _, _ = trained
     model = models[0]
-    cfg = config(bn_batches=4, n_images=500, refit_n_images=500)
+    cfg = config(bn_batches=4, n_images=300, refit_n_images=300)
     cfg.head_probs = True
     fused = fuse([model, _permuted_copy(model, data)], data.train_x, data.norm, cfg).fused
     x, _ = data.split("test")
