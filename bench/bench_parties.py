@@ -68,6 +68,9 @@ VARIANTS = {
     "head-probs": {"head_probs": True},
     "head-counts-probs": {"head": "counts", "head_probs": True},
     "rounds2": {"rounds": 2},
+    "head-counts-4000": {"head": "counts", "refit_n_images": 4000},
+    "head-counts-augment": {"head": "counts", "refit_augment": True},
+    "head-counts-ridge0.001": {"head": "counts", "refit_ridge": 0.001},
     "own-data": {"fusion_data": "model1"},  # a fuser holding only party 1's images
     "public-cifar100": {"fusion_data": f"public:{CIFAR100}"},  # one holding none: CIFAR-100's training images
 }
