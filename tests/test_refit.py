@@ -151,6 +151,9 @@ def test_the_classifier_weighted_by_class_counts(trained):
     w = head_weights(cfg, counts, [0.5, 0.5])
     assert torch.allclose(w[:, 0], torch.tensor([0.75, 0.25])) and torch.equal(w[:, 1], torch.tensor([0.5, 0.5]))  # none seen: equal
     assert torch.allclose(w.sum(0), torch.ones(10)) and torch.equal(w[:, 4], torch.tensor([0.0, 1.0]))
+    # parents of the same data keep the model weights (--weights 0.7,0.3: an interpolation stays one); unknown counts too
+    assert torch.allclose(head_weights(cfg, torch.full((2, 10), 7), [0.7, 0.3]), torch.tensor([[0.7], [0.3]]).expand(2, 10))
+    assert head_weights(cfg, None, [0.5, 0.5]) is None
     equal = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=200, refit_n_images=200)).fused
     same = fuse(models, data.train_x, data.norm, cfg, class_counts=torch.full((2, 10), 7)).fused
     assert all(torch.equal(a, b) for a, b in zip(equal.state_dict().values(), same.state_dict().values()))

@@ -246,16 +246,17 @@ def fuse(
 
 
 def head_weights(cfg: FuseConfig, class_counts: torch.Tensor | None, weights: list[float]) -> torch.Tensor | None:
-    """[models, classes] weights of the classifier's refit target with `cfg.head` counts: each model's share of each
-    class's training images (a class no model saw: the model weights); None for equal."""
-    if cfg.head == "equal":
+    """[models, classes] weights of the classifier's refit target with `cfg.head` counts: each model's weight times
+    its training images of the class, normalised per class (a class no model saw: the model weights). Parents that
+    saw the same data (equal counts), or whose counts are not known (None), get the model weights: the equal fusion."""
+    if cfg.head == "equal" or class_counts is None:
         return None
-    if class_counts is None or class_counts.shape[0] != len(weights):
-        raise OtfuseError("--head counts weighs each parent by its training images per class; give class_counts (fusion_inputs has them)")
-    counts = class_counts.double()
+    if class_counts.shape[0] != len(weights):
+        raise OtfuseError(f"--head counts: {class_counts.shape[0]} rows of class counts for {len(weights)} models; give one per model")
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    counts = w * class_counts.double()
     total = counts.sum(0, keepdim=True)
-    equal = torch.tensor(weights, dtype=torch.float64)[:, None].expand_as(counts)
-    return torch.where(total > 0, counts / total.clamp_min(1), equal).float()
+    return torch.where(total > 0, counts / total.where(total > 0, torch.ones_like(total)), w.expand_as(counts)).float()
 
 
 def _realigned(
