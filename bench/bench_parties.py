@@ -20,6 +20,7 @@ the seconds and the options. A variant is a set of fusion options (`--variants`:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         **{f"party{i + 1}": f"{a:.2f}" for i, a in enumerate(party_acc)},
         "seconds_fusion": f"{sum(v for k, v in fusion.seconds.items() if k not in ('baselines', 'evaluation')):.0f}",
         "seconds": f"{time.perf_counter() - t0:.0f}",
-        "options": flatten(inputs.cfg),
+        "options": json.dumps(flatten(inputs.cfg), sort_keys=True),
     }
     upsert_rows(out, [row], KEY)
     print(
