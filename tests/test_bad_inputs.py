@@ -343,7 +343,10 @@ CASES = [
     ("evaluate {w}/bad-hugewidth.pt", "metadata width is 2000, not a width from 0 to 512"),
     ("evaluate {w}/bad-widthfits.pt", "does not match its own metadata (conv1.weight: (500, 1, 3, 3) in the model, (8, 1, 3, 3)"),
     ("evaluate {w}/bad-var0.pt", "computes NaN or infinite outputs"),
-    ("train --dataset digits --width 4 --split-seed 3 --out {w}/new.pt", "--split-seed 3 fixes which images --classes draws"),
+    (
+        "train --dataset digits --width 4 --split-seed 3 --out {w}/new.pt",
+        "--split-seed 3 fixes which images --classes or --partition draws",
+    ),
     ("train --dataset digits --width 4 --classes 0-4 --bias 1e-13 --out {w}/new.pt", "draws no training image of class 0-4"),
     ("evaluate {w}/bad-othermean.pt", "records its inputs normalised with mean"),
     ("fuse {w}/bad-othermean.pt {w}/b.pt", "records its inputs normalised with mean"),

@@ -48,7 +48,8 @@ def test_options_a_command_overrides_are_not_offered():
     offered = {c: {a.dest for a in p._actions} for c, p in _subparsers().items()}
     assert not {"weights", "refit", "repair", "refit_ridge"} & offered["interpolate"]  # its curves set them
     assert "init" not in offered["finetune"]  # the checkpoint is the start
-    assert {f.name for f in fields(TrainConfig)} - {"init"} <= offered["finetune"] | {"init"}
+    assert "parts" not in offered["train"] | offered["finetune"]  # only a checkpoint sets it
+    assert {f.name for f in fields(TrainConfig)} - {"init", "parts"} <= offered["finetune"]
 
 
 @pytest.mark.parametrize("command", ["train", "fuse"])

@@ -95,6 +95,7 @@ def forward_precisions(monkeypatch):
         (otfuse.fusion, "groups_of"),
         (otfuse.fusion, "refit_sets_every_batchnorm"),
         (otfuse.refit, "units"),
+        (otfuse.train, "_check_takes"),
     ):
         wrap(module, name)
 
@@ -145,7 +146,7 @@ def test_every_forward_pass_runs_in_the_resolved_precision(trained, tmp_path, fo
     forward_precisions, flags = forward_precisions
     stages = {s for s, _ in forward_precisions}
     assert {"recompute_bn", "refit", "repair", "align", "accuracy", "logits", "other"} <= stages
-    probes = ("align", "to_target_maps", "groups_of", "refit_sets_every_batchnorm", "units")
+    probes = ("align", "to_target_maps", "groups_of", "refit_sets_every_batchnorm", "units", "_check_takes")
     wrong = {s for s, bf16 in forward_precisions if bf16 != want and s not in probes}
     assert not wrong, f"forward passes in the wrong precision in {wrong}"
     assert not any(bf16 for s, bf16 in forward_precisions if s in probes)

@@ -39,7 +39,7 @@ from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import MAX_WIDTH, TIMM, arch_folder, arch_width, build_model, check_arch
-from otfuse.precision import Precision, autocast, channels_last, cpu_flags, memory_format, resolve_precision
+from otfuse.precision import Precision, autocast, channels_last, cpu_flags, full_float32, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
 from otfuse.subsets import (
     MAX_PARTIES,
@@ -511,6 +511,7 @@ def finetune_config(meta: dict, init: str | Path, out: str | Path, **changes) ->
     return TrainConfig(**{**from_ckpt, **finetune_defaults(meta), **changes, "init": str(init), "out": str(out)})
 
 
+@full_float32()  # a structure probe: float32 means float32 on a GPU too
 def _check_takes(model: nn.Module, arch: str, data: ImageData) -> None:
     """One image through the fresh model: an architecture built for other images (a square-only vit on 16 x 24
     pictures, a timm model of a fixed input size) is one line before any training, not a traceback in the first step."""
