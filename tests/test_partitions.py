@@ -172,7 +172,7 @@ def test_run_train_all_trains_every_party_of_a_dirichlet_split(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
-        **{"SPLIT": "dirichlet", "PARTIES": "3", "ALPHA": "0.5", "INIT": "own", "DATASETS": "digits", "SEEDS": "0"},
+        **{"SPLIT": "dirichlet", "PARTIES": "2", "ALPHA": "0.5", "INIT": "own", "DATASETS": "digits", "SEEDS": "0"},
         **{"EPOCHS": "1", "WIDTH": "4", "DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
@@ -182,4 +182,4 @@ def test_run_train_all_trains_every_party_of_a_dirichlet_split(tmp_path):
     for _ in range(2):  # the second run resumes: every party is complete, nothing is trained again
         subprocess.run([str(script)], cwd=tmp_path, env=env, check=True, capture_output=True, text=True)
     folder = tmp_path / "checkpoint" / "digits" / "resnet18-w4"
-    assert sorted(p.name for p in folder.glob("*.pt")) == [f"seed0-dirichlet3-a0.5-p{i}-i{i}.pt" for i in (1, 2, 3)]
+    assert sorted(p.name for p in folder.glob("*.pt")) == [f"seed0-dirichlet2-a0.5-p{i}-i{i}.pt" for i in (1, 2)]
