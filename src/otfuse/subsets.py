@@ -50,6 +50,18 @@ class Subset:
         """A file-name-safe name: `c0-49`, `c0-4-b0.8`."""
         return f"c{format_classes(self.classes)}" + ("" if self.bias == 1.0 else f"-b{self.bias:g}")
 
+    def classes_of(self, num_classes: int) -> tuple[int, ...]:
+        """The classes it lists (a part's task)."""
+        return self.classes
+
+    def mask(self, y: torch.Tensor, salt: int, train_y: torch.Tensor | None = None) -> torch.Tensor:
+        """Which images with labels `y` (a split: `salt` 0 train, 1 validation) it draws; `train_y` is not needed."""
+        listed = torch.zeros(int(y.max()) + 1 if len(y) else 1, dtype=torch.bool)
+        listed[[c for c in self.classes if c < len(listed)]] = True
+        rank = _ranks(y, self.seed, salt)
+        take = torch.where(listed[y.cpu()], rank < self.bias - 1e-12, rank >= self.bias - 1e-12)
+        return take.to(y.device)
+
 
 def parse_classes(text: str, num_classes: int) -> tuple[int, ...]:
     """'0-49' or '0,3,5-9' -> sorted label indices, each below `num_classes`; one clear error otherwise."""
@@ -204,7 +216,7 @@ def classes_of(parts: Parts | None, num_classes: int) -> tuple[int, ...]:
     """The classes the parts list (every class for all the data, or for an iid or Dirichlet party)."""
     if parts is None:
         return tuple(range(num_classes))
-    return tuple(sorted({c for s in parts for c in (s.classes if isinstance(s, Subset) else s.classes_of(num_classes))}))
+    return tuple(sorted({c for s in parts for c in s.classes_of(num_classes)}))
 
 
 def complement(part: Subset, num_classes: int) -> Subset:
@@ -235,13 +247,7 @@ def _ranks(y: torch.Tensor, seed: int, salt: int) -> torch.Tensor:
 def mask(y: torch.Tensor, part: AnyPart, salt: int, train_y: torch.Tensor | None = None) -> torch.Tensor:
     """Which of the images with labels `y` the part draws (`salt` tells the splits apart: 0 train, 1 validation; a
     partition cuts its shares from the train split's labels `train_y`, default `y`)."""
-    if isinstance(part, Partition):
-        return part.mask(y, salt, train_y)
-    listed = torch.zeros(int(y.max()) + 1 if len(y) else 1, dtype=torch.bool)
-    listed[[c for c in part.classes if c < len(listed)]] = True
-    rank = _ranks(y, part.seed, salt)
-    take = torch.where(listed[y.cpu()], rank < part.bias - 1e-12, rank >= part.bias - 1e-12)
-    return take.to(y.device)
+    return part.mask(y, salt, train_y)
 
 
 def restrict(data: ImageData, parts: Subset | Parts | None) -> ImageData:
