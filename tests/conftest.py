@@ -18,8 +18,11 @@ from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.options import build
 from otfuse.train import TrainConfig, train
 
-# run_tests.sh runs two pytest-xdist workers on the 2 cores: one thread each, not two threads fighting for one core
+# run_tests.sh runs two pytest-xdist workers on the 2 cores: one thread each, not two threads fighting for one core;
+# the commands and scripts a test starts inherit one thread too (PyTorch's idle threads spin)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -5,6 +5,8 @@
     otfuse fuse A.pt B.pt --method activation --out fused.pt
 
 A bad input prints one line, `otfuse: error: ...`, and exits with code 2, having written nothing.
+The fusion commands import their libraries (Torch-Pruning, timm, POT, optuna, matplotlib) when they run, so
+that `otfuse train` and `otfuse evaluate` start in the time PyTorch takes: run_train_all.sh starts one per model.
 """
 
 from __future__ import annotations
@@ -14,25 +16,24 @@ import functools
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from otfuse.align import METHODS
 from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint, pick_device, save_checkpoint
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import logits, loss_and_accuracy
-from otfuse.fusion import FuseConfig, fuse, timed
-from otfuse.inputs import FusionInputs, check_request, fusion_inputs
-from otfuse.interpolate import interpolation, options_note
 from otfuse.models import arch_folder
 from otfuse.options import Parser, add_options, flatten, read_config, resolve
-from otfuse.partial import MERGE_UNTIL_HELP, chosen_cuts, partial_rows
-from otfuse.plots import interpolation_figure, save_figure
 from otfuse.precision import resolve_precision
-from otfuse.report import accuracies, table
 from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, output_lock, writable_dir
 from otfuse.subsets import parts_of, restrict
 from otfuse.train import FINETUNE, FINETUNE_FITTED, TrainConfig, checkpoint_path, finetune_config, finetune_defaults, train
-from otfuse.tune import TuneConfig, run_study
+
+if TYPE_CHECKING:
+    from otfuse.inputs import FusionInputs
+
+# the subcommands whose options or work need the fusion libraries
+FUSION_COMMANDS = ("fuse", "tune", "interpolate")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,6 +84,8 @@ def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    from otfuse.inputs import check_request, fusion_inputs
+
     check_request(len(args.checkpoints), args.width, vars(args), args.config)
     if args.merge_until and len(args.checkpoints) < 2:
         raise OtfuseError("--merge-until keeps each parent's later layers as a branch: give two or more checkpoints")
@@ -92,6 +95,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
+    from otfuse.fusion import fuse, timed
+    from otfuse.partial import chosen_cuts, partial_rows
+    from otfuse.report import accuracies, table
+
     cfg, metas, data = inputs.cfg, inputs.metas, inputs.data
     fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True, class_counts=inputs.class_counts)
     made = sum(fusion.seconds.values())
@@ -129,6 +136,9 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from otfuse.inputs import check_request, fusion_inputs
+    from otfuse.tune import TuneConfig, run_study
+
     tcfg = resolve(TuneConfig, vars(args))
     tcfg.check()
     if len(args.checkpoints) != 2:
@@ -161,6 +171,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
+    from otfuse.inputs import check_request, fusion_inputs
+    from otfuse.interpolate import interpolation, options_note
+    from otfuse.plots import interpolation_figure, save_figure
+
     given = {**vars(args), "weights": ""}  # the curves' weights are (1 - alpha, alpha), set along the line
     if not 2 <= args.points <= 1001:
         raise OtfuseError(f"--points {args.points}: give 2 (the two parents) to 1001")
@@ -187,13 +201,18 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 def _fusion_options(p: argparse.ArgumentParser, exclude=lambda _: False) -> None:
     """The fusion options (FuseConfig) but those `exclude` names, --config, --device and --data-dir."""
+    from otfuse.align import METHODS
+    from otfuse.fusion import FuseConfig
+
     add_options(p, FuseConfig, only_given=True, helps={"method": " | ".join(METHODS)}, exclude=exclude)
     p.add_argument("--config", default="", help="JSON of fusion options (e.g. otfuse tune's best); options given here override it")
     p.add_argument("--device", default="auto", help="auto: cuda when available")
     p.add_argument("--data-dir", default=None, help=f"dataset cache (default: {default_data_dir()})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The otfuse parser; given the subcommand about to run, only its options are built (the fusion options import
+    the fusion libraries)."""
     parser = Parser(prog="otfuse", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     verbose = argparse.ArgumentParser(add_help=False)
@@ -217,7 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help=f"dataset cache (default: {default_data_dir()})")
     p.add_argument("--precision", default="auto", help="auto (bf16 autocast where the device has native bf16) | fp32 | bf16")
     p.set_defaults(run=cmd_evaluate)
-    p = sub.add_parser("fuse", help="fuse two or more checkpoints (widths may differ) and print the accuracy table")
+    fusion = {
+        "fuse": sub.add_parser("fuse", help="fuse two or more checkpoints (widths may differ) and print the accuracy table"),
+        "tune": sub.add_parser("tune", help="optuna study over the fusion options on the validation split (resumable, shareable)"),
+        "interpolate": sub.add_parser("interpolate", help="accuracy and loss between two models, vanilla and aligned: CSV and PNG"),
+    }
+    for name, p in fusion.items():
+        if command in (None, name):
+            FUSION_OPTIONS[name](p)
+    return parser
+
+
+def _fuse_options(p: argparse.ArgumentParser) -> None:
+    from otfuse.partial import MERGE_UNTIL_HELP
+
     p.add_argument("checkpoints", nargs="*")
     p.add_argument(
         "--width",
@@ -243,13 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-until", default="", help=MERGE_UNTIL_HELP)
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)
-    p = sub.add_parser("tune", help="optuna study over the fusion options on the validation split (resumable, shareable)")
+
+
+def _tune_options(p: argparse.ArgumentParser) -> None:
+    from otfuse.tune import TuneConfig
+
     p.add_argument("checkpoints", nargs="*")
     p.add_argument("--width", type=int, default=0, help="width of the fused model (default 0: the first parent's)")
     add_options(p, TuneConfig, only_given=True)
     _fusion_options(p)
     p.set_defaults(run=cmd_tune)
-    p = sub.add_parser("interpolate", help="accuracy and loss between two models, vanilla and aligned: CSV and PNG")
+
+
+def _interpolate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="*")
     p.add_argument("--points", type=int, default=11, help="alphas from 0 to 1 (default: 11)")
     p.add_argument("--split", default="test", choices=["val", "test"], help="the images to score (default: test; choose options on val)")
@@ -257,11 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     # the curves are the plain and the REPAIRed aligned average, with weights (1 - alpha, alpha): those options are set here
     _fusion_options(p, exclude=lambda name: name in ("weights", "refit", "repair") or name.startswith("refit_"))
     p.set_defaults(run=cmd_interpolate)
-    return parser
+
+
+FUSION_OPTIONS = {"fuse": _fuse_options, "tune": _tune_options, "interpolate": _interpolate_options}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
     return run_main(lambda: args.run(args), verbose=args.verbose)
 
 

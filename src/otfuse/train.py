@@ -96,6 +96,7 @@ class TrainConfig:
     temperature: float = 1.0  # softmax temperature of distillation (the loss is scaled by its square)
     distill_weight: float = 1.0  # with --distill: the teachers' share of the loss (1: label-free; the rest is the label loss)
     keep_start: bool = True  # with --init (fine-tuning): keep the starting weights if the run ends below them on the validation split
+    proximal_mu: float = 0.0  # FedProx's proximal term: mu/2 times the squared distance of the weights from their start
     out: str = ""  # checkpoint path; empty: <checkpoint_dir>/<dataset>/<arch>-w<width>/seed<seed>.pt
 
     def check(self) -> None:
@@ -113,6 +114,7 @@ class TrainConfig:
             (1 <= self.width <= MAX_WIDTH or self.arch.startswith(TIMM), "--width", f"from 1 to {MAX_WIDTH}"),
             (0 < self.temperature <= 1000, "--temperature", "a positive number, at most 1000"),
             (0 <= self.distill_weight <= 1, "--distill-weight", "between 0 and 1"),
+            (0 <= self.proximal_mu <= 100, "--proximal-mu", "from 0 to 100"),
         ]
         for ok, flag, want in bad:
             if not ok:
@@ -130,6 +132,10 @@ class TrainConfig:
             raise OtfuseError(f"--width {self.width}: timm models have no width knob; leave --width out for --arch {self.arch}")
         if self.resume and self.overwrite:
             raise OtfuseError("--resume and --overwrite contradict each other; give one")
+        if self.resume and self.proximal_mu:
+            raise OtfuseError(
+                f"--proximal-mu {self.proximal_mu} anchors the weights at the run's start, which a resumed run lacks; train again"
+            )
 
     def _check_partition(self) -> None:
         defaults = {f: getattr(TrainConfig, f) for f in ("parties", "party", "alpha", "min_size")}
@@ -275,8 +281,9 @@ def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True) -> Path:
-    """Train (or resume) the model `cfg` describes; returns the checkpoint path."""
+def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True, start: dict[str, torch.Tensor] | None = None) -> Path:
+    """Train (or resume) the model `cfg` describes; returns the checkpoint path. `start`: the weights to begin from
+    (a federated round's global model) instead of a fresh initialisation."""
     cfg.check()
     cfg = replace(cfg, dataset=resolved_name(cfg.dataset))  # a relative path recorded as given would mean other data elsewhere
     rank, world = _dist()
@@ -290,7 +297,7 @@ def train(cfg: TrainConfig, data: ImageData | None = None, progress: bool = True
         data = load_dataset_on_ranks(cfg.dataset, cfg.data_dir, None if cfg.val_size < 0 else cfg.val_size, rank, world)
     training_parts(cfg, data)  # a bad --classes is refused before the lock too
     with output_lock(path, path.with_suffix(".csv")) if rank == 0 else nullcontext():
-        return _train(cfg, path, data, progress, rank, world, device)
+        return _train(cfg, path, data, progress, rank, world, device, start)
 
 
 def load_dataset_on_ranks(name: str, data_dir: str | Path, val_size: int | None, rank: int, world: int) -> ImageData:
@@ -344,7 +351,9 @@ def is_log_of(log: Path, checkpoint: Path) -> bool:
     return bool(history) and rows in (want, want[:-1])
 
 
-def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: int, world: int, device: torch.device) -> Path:
+def _train(
+    cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: int, world: int, device: torch.device, weights: dict | None = None
+) -> Path:
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size % world:
         raise OtfuseError(f"--batch-size {cfg.batch_size} must be divisible by the {world} processes")
@@ -376,7 +385,10 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
         start, history = _restore(path, cfg, model, opt, data)
     elif cfg.init:
         model.load_state_dict(_compatible(cfg.init, "--init", cfg, data)[0].state_dict())
+    elif weights is not None:
+        model.load_state_dict(weights)
     model.to(device, memory_format=memory_format(precision))
+    anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu else []
     _optimizer_to(opt, device)
     gpu_data = data.to(device)
     teachers = [t.to(device, memory_format=memory_format(precision)) for t in teachers]
@@ -427,6 +439,8 @@ def _train(cfg: TrainConfig, path: Path, data: ImageData, progress: bool, rank: 
                     if teachers:
                         w = cfg.distill_weight
                         loss = w * _distill_loss(out.float(), teachers, xb, cfg.temperature) + (1 - w) * loss
+                    if anchor:
+                        loss = loss + cfg.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
