@@ -1,0 +1,1 @@
+"""otfuse's Flower App: the ServerApp and ClientApp of otfuse.federated, read from the run config."""

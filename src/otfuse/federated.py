@@ -1,0 +1,450 @@
+"""Fusion where the parties are: a Flower strategy whose aggregation is `fuse()`, and the clients' local training.
+
+    pip install -e '.[flower]'
+    flwr run flower/                 # the example App: digits, 3 parties, 2 rounds (docs/federated.md)
+
+    from otfuse.federated import OTFusion
+    strategy = OTFusion(reference, images, norm, FuseConfig(head="counts"), min_train_nodes=3)
+    result = strategy.start(grid, ArrayRecord(reference.state_dict()), num_rounds=10)
+
+Each client trains its partition (`iid`, `classes`, `dirichlet`: otfuse's own, as `otfuse train --partition`)
+with otfuse's training loop and sends its weights with its image and class counts; the server fuses them on
+images no client trained on (`fusion-data`) and sends the fused model back. Every reply is checked before it is
+fused: a client that failed, or sent another architecture or class count, wrong shapes, non-finite or
+out-of-range values or counts, is left out of that round with one log line naming its node; fewer valid models
+than `min_train_nodes` end the run with one line. Flower decodes arrays with numpy's `allow_pickle=False`, and
+this module reads nothing else a client sends: nothing is unpickled. Flower's FedAvg and FedProx run the same
+clients (`strategy = "fedavg" | "fedprox"`).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg, FedProx
+except ImportError:  # one line where it is used: otfuse federate, the App, an import
+    raise ImportError("otfuse.federated needs Flower: pip install -e '.[flower]' (Python 3.11 or newer)") from None
+
+from otfuse.checkpoints import pick_device
+from otfuse.data import ImageData, load_dataset
+from otfuse.errors import OtfuseError
+from otfuse.evaluate import accuracy
+from otfuse.fusion import FuseConfig, fuse
+from otfuse.inputs import public_images
+from otfuse.models import arch_width, build_model
+from otfuse.options import build
+from otfuse.precision import resolve_precision
+from otfuse.subsets import PARTITIONS, union_mask
+from otfuse.train import TrainConfig, train, training_parts
+
+STRATEGIES = ("otfusion", "fedavg", "fedprox")
+FUSION_DATA = "held-out | union | public:<dataset>"
+# a trained network's weights and BatchNorm statistics are far below this; larger values are a broken or hostile model
+MAX_WEIGHT = 1e6
+CLIENT_ACCS = ("worst", "mean", "best")
+LOG = logging.getLogger("flwr")  # Flower's own log: its console handler shows these lines beside its own
+
+
+@dataclass
+class Settings:
+    """A federated run: the App's run config (`flwr run flower/ --run-config "rounds=10 alpha=0.1"`)."""
+
+    dataset: str = "digits"
+    arch: str = "resnet18"
+    width: int = 8
+    partition: str = "dirichlet"  # iid | classes | dirichlet: client i trains part i (its node's partition-id + 1)
+    alpha: float = 0.5  # the Dirichlet concentration
+    min_size: int = 10  # training images every Dirichlet part holds at least
+    split_seed: int = 0
+    seed: int = 0  # the shared start's seed; the clients' local randomness derives from it
+    init: str = "shared"  # shared (one start sent to all, the federated norm) | own (round 1: each client its own start)
+    rounds: int = 2
+    local_epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    strategy: str = "otfusion"  # otfusion | fedavg | fedprox (Flower's)
+    proximal_mu: float = 0.01  # fedprox's
+    fusion_data: str = "held-out"  # the server's images: the validation split no client trains on | union (the oracle) | public:<dataset>
+    weighted: bool = True  # clients weighted by their image counts in the average, as FedAvg weighs them
+    head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal
+    min_clients: int = 2  # fewer valid models in a round end the run
+    device: str = "auto"
+    data_dir: str = ""
+    out: str = ""  # a CSV of the server's test accuracy after each round (appended); empty: none
+    timeout: float = 3600.0  # seconds a round waits for its clients
+
+    def check(self) -> None:
+        if self.partition not in PARTITIONS:
+            raise OtfuseError(f"partition {self.partition!r}: use {' | '.join(PARTITIONS)}")
+        if self.strategy not in STRATEGIES:
+            raise OtfuseError(f"strategy {self.strategy!r}: use {' | '.join(STRATEGIES)}")
+        if self.init not in ("shared", "own"):
+            raise OtfuseError(f"init {self.init!r}: use shared or own")
+        if not (self.fusion_data in ("held-out", "union") or self.fusion_data.startswith("public:")):
+            raise OtfuseError(f"fusion-data {self.fusion_data!r}: use {FUSION_DATA}")
+        for name, ok in (("rounds", self.rounds >= 1), ("local-epochs", self.local_epochs >= 1), ("min-clients", self.min_clients >= 1)):
+            if not ok:
+                raise OtfuseError(f"{name} {getattr(self, name.replace('-', '_'))} must be at least 1")
+        if not 0 < self.timeout <= 7 * 86400:
+            raise OtfuseError(f"timeout {self.timeout} must be a positive number of seconds, at most a week")
+        FuseConfig(head=self.head).check(2)
+
+
+def settings_of(run_config: dict[str, Any]) -> Settings:
+    """Settings from a Flower run config (keys as in the App's pyproject.toml: `local-epochs`, `fusion-data`); keys
+    `fuse-<option>` are fusion options (`fuse-refit = false`), checked by `fuse_config`."""
+    known = {f.name.replace("_", "-"): f for f in fields(Settings)}
+    given = {k: v for k, v in run_config.items() if not k.startswith("fuse-")}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise OtfuseError(f"run config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}, fuse-<option>")
+    values = {}
+    for key, value in given.items():
+        want = type(getattr(Settings, known[key].name))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not want:
+            raise OtfuseError(f"run config {key} = {value!r}: give a {want.__name__}")
+        values[known[key].name] = value
+    settings = Settings(**values)
+    settings.check()
+    return settings
+
+
+def fuse_config(settings: Settings, run_config: dict[str, Any]) -> FuseConfig:
+    """The fusion options: the head from `settings`, then every `fuse-<option>` of the run config."""
+    given = {k[len("fuse-") :].replace("-", "_"): v for k, v in run_config.items() if k.startswith("fuse-")}
+    return build(FuseConfig, {"head": settings.head, **given}, "run config fuse-<option>")
+
+
+_DATA: dict[tuple[str, str], ImageData] = {}  # one decode per process: a simulation's client runs every round
+
+
+def dataset(settings: Settings) -> ImageData:
+    key = (settings.dataset, settings.data_dir)
+    if key not in _DATA:
+        _DATA[key] = load_dataset(settings.dataset, settings.data_dir or None)
+    return _DATA[key]
+
+
+def reference_model(settings: Settings, data: ImageData, seed: int | None = None) -> nn.Module:
+    """The run's model, initialised from `seed` (default: the shared start's)."""
+    torch.manual_seed(settings.seed if seed is None else seed)
+    return build_model(settings.arch, arch_width(settings.arch, settings.width), data.in_channels, data.num_classes, data.image_size)
+
+
+def party_config(settings: Settings, party: int, parties: int, server_round: int, out: Path, proximal_mu: float = 0.0) -> TrainConfig:
+    """Client `party` (1-based) of `parties`: its local epochs of round `server_round` on its partition."""
+    return TrainConfig(
+        dataset=settings.dataset,
+        arch=settings.arch,
+        width=settings.width,
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        seed=settings.seed + 1000 * server_round + party,  # each client and round its own shuffles and crops
+        partition=settings.partition,
+        parties=parties,
+        party=party,
+        alpha=settings.alpha,
+        min_size=settings.min_size,
+        split_seed=settings.split_seed,
+        init_seed=settings.seed if settings.init == "shared" else settings.seed + party,
+        data_dir=settings.data_dir or TrainConfig().data_dir,
+        device=settings.device,
+        keep_start=False,
+        proximal_mu=proximal_mu,
+        out=str(out),
+    )
+
+
+def local_update(
+    settings: Settings, party: int, parties: int, server_round: int, start: dict[str, torch.Tensor] | None, proximal_mu: float = 0.0
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train client `party` (1-based) of `parties` from the global weights `start` (None: its own start) for the
+    round's local epochs; its new weights and what the server weighs them by."""
+    data = dataset(settings)
+    with tempfile.TemporaryDirectory(prefix="otfuse-client-") as tmp:
+        cfg = party_config(settings, party, parties, server_round, Path(tmp) / "party.pt", proximal_mu)
+        path = train(cfg, data, progress=False, start=start)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    counts = torch.bincount(data.train_y[union_mask(data.train_y, [training_parts(cfg, data)])].cpu(), minlength=data.num_classes)
+    metrics = {
+        "num-examples": int(counts.sum()),
+        "class-counts": [int(c) for c in counts],
+        "train-acc": float(ckpt["meta"].get("train_acc", math.nan)),
+        "test-acc": float(ckpt["meta"].get("test_acc", math.nan)),  # the local model on the test split, for the log
+    }
+    return ckpt["state_dict"], metrics
+
+
+class ClientRejected(Exception):
+    """A client's reply that cannot be fused; the message names why."""
+
+
+class FederationError(OtfuseError):
+    """A run that cannot go on (too few valid clients)."""
+
+
+def client_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """A round's client metrics: the images trained on, and the worst, mean and best local test accuracy the clients
+    report (for the log and the bench only: nothing is decided by what a client says of itself)."""
+    metrics = [r.metric_records.get("metrics") for r in records]
+    accs = [float(m["test-acc"]) for m in metrics if m and isinstance(m.get("test-acc"), float) and math.isfinite(m["test-acc"])]
+    sizes = [m[weighted_by_key] for m in metrics if m and isinstance(m.get(weighted_by_key), int)]
+    out = {"num-examples": sum(sizes), "clients": len(records)}
+    if accs:
+        out.update({"worst-client-acc": min(accs), "mean-client-acc": sum(accs) / len(accs), "best-client-acc": max(accs)})
+    return MetricRecord(out)
+
+
+def checked_state(arrays: Any, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A client's weights as a state dict, after checking they fit `reference` (names, shapes, dtypes) and are
+    finite and in range; `ClientRejected` naming the first fault otherwise."""
+    try:
+        state = arrays.to_torch_state_dict()
+    except Exception as e:  # numpy refuses pickled (object) arrays, malformed bytes fail to parse
+        raise ClientRejected(f"its weights cannot be decoded ({type(e).__name__}: {str(e)[:80]})") from None
+    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or extra:
+        first = (missing + extra)[0]
+        raise ClientRejected(f"another architecture or class count: {len(missing)} tensors missing, {len(extra)} unknown ({first})")
+    for name, want in reference.items():
+        got = state[name]
+        if got.shape != want.shape:
+            raise ClientRejected(f"{name} has shape {tuple(got.shape)}, the model's is {tuple(want.shape)}: another architecture or width")
+        if got.dtype != want.dtype:
+            raise ClientRejected(f"{name} is {got.dtype}, the model's {want.dtype}")
+        if got.is_floating_point():
+            if not bool(torch.isfinite(got).all()):
+                raise ClientRejected(f"{name} holds NaN or infinite values")
+            if got.numel() and float(got.abs().max()) > MAX_WEIGHT:
+                raise ClientRejected(f"{name} holds values beyond {MAX_WEIGHT:g}")
+            if name.endswith("running_var") and bool((got < 0).any()):
+                raise ClientRejected(f"{name} holds negative variances")
+    return state
+
+
+def checked_counts(metrics: Any, num_classes: int, most: int) -> tuple[int, torch.Tensor]:
+    """A client's image count and class counts, after checking they are whole, non-negative, consistent and at
+    most the dataset's `most` training images."""
+    try:
+        n, counts = metrics["num-examples"], metrics["class-counts"]
+    except (KeyError, TypeError):
+        raise ClientRejected("its metrics lack num-examples or class-counts") from None
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= most:
+        raise ClientRejected(f"num-examples {n!r} is not a count from 1 to {most}")
+    if not (isinstance(counts, list) and len(counts) == num_classes and all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise ClientRejected(f"class-counts is not {num_classes} non-negative whole numbers")
+    if sum(counts) != n:
+        raise ClientRejected(f"class-counts sum to {sum(counts)}, not num-examples {n}")
+    return n, torch.tensor(counts)
+
+
+class OTFusion(FedAvg):
+    """FedAvg's sampling and messages; the aggregation is otfuse's fusion of the valid replies, on the server's
+    `images` (uint8, normalised by `norm`), clients weighted by their image counts where `weighted`."""
+
+    def __init__(
+        self, reference: nn.Module, images: torch.Tensor, norm: tuple, cfg: FuseConfig, weighted: bool = True, most: int = 10**9, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.reference = copy.deepcopy(reference).cpu().eval()
+        self.state = {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
+        self.num_classes = _classes_of(self.reference)
+        self.images, self.norm, self.cfg, self.weighted, self.most = images, norm, cfg, weighted, most
+        self.left_out: dict[int, list[str]] = {}  # round -> the lines of the clients left out
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        models, sizes, counts = [], [], []
+        for msg in replies:
+            try:
+                model, n, c = self._client(msg)
+            except ClientRejected as e:
+                line = f"round {server_round}: node {msg.metadata.src_node_id} left out: {e}"
+                LOG.warning(line)
+                self.left_out.setdefault(server_round, []).append(line)
+                continue
+            models.append(model)
+            sizes.append(n)
+            counts.append(c)
+        if len(models) < max(self.min_train_nodes, 1):
+            raise FederationError(
+                f"round {server_round}: {len(models)} valid client model(s) of the {self.min_train_nodes} required "
+                f"({len(replies)} replied); the run ends"
+            )
+        order = sorted(range(len(models)), key=lambda i: -sizes[i])  # the largest client is the one the others align to
+        cfg = replace(self.cfg, weights=",".join(str(sizes[i]) for i in order) if self.weighted else self.cfg.weights)
+        device = self.images.device
+        t0 = time.time()
+        ordered = [models[i].to(device) for i in order]
+        fusion = fuse(ordered, self.images, self.norm, cfg, class_counts=torch.stack([counts[i] for i in order]))
+        state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
+        summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
+        metrics = {**summary, "clients": len(models), "left-out": len(replies) - len(models), "fusion-seconds": time.time() - t0}
+        return ArrayRecord(state), MetricRecord(metrics)
+
+    def _client(self, msg: Message) -> tuple[nn.Module, int, torch.Tensor]:
+        if msg.has_error():
+            raise ClientRejected(f"its ClientApp failed ({str(msg.error.reason)[:120]})")
+        content = msg.content
+        if self.arrayrecord_key not in content.array_records or "metrics" not in content.metric_records:
+            raise ClientRejected("its reply holds no weights or no metrics")
+        state = checked_state(content.array_records[self.arrayrecord_key], self.state)
+        n, counts = checked_counts(content.metric_records["metrics"], self.num_classes, self.most)
+        model = copy.deepcopy(self.reference)
+        model.load_state_dict(state)
+        return model, n, counts
+
+
+def _classes_of(model: nn.Module) -> int:
+    """The class count: the out-features of the last Linear layer."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def server_images(settings: Settings, data: ImageData) -> torch.Tensor:
+    """The images the server fuses on: `held-out` (the validation split, which no client trains on), `union` (every
+    training image: the oracle) or `public:<dataset>` (another dataset's, as the clients' channels and size)."""
+    if settings.fusion_data == "held-out":
+        if len(data.val_x) < 2:
+            raise OtfuseError(
+                f"fusion-data held-out: {settings.dataset} holds out {len(data.val_x)} validation images; use public:<dataset>"
+            )
+        return data.val_x
+    if settings.fusion_data == "union":
+        return data.train_x
+    return public_images(settings.fusion_data[len("public:") :], data, settings.data_dir or None)
+
+
+def strategy_for(settings: Settings, run_config: dict[str, Any], data: ImageData, reference: nn.Module, device: torch.device):
+    """The Flower strategy `settings.strategy` names, sampling every connected client each round."""
+    common = {
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": settings.min_clients,
+        "min_available_nodes": settings.min_clients,
+        "train_metrics_aggr_fn": client_summary,
+    }
+    if settings.strategy == "fedavg":
+        return FedAvg(**common)
+    if settings.strategy == "fedprox":
+        return FedProx(proximal_mu=settings.proximal_mu, **common)
+    images = server_images(settings, data).to(device)
+    cfg = fuse_config(settings, run_config)
+    return OTFusion(reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), **common)
+
+
+def round_rows(result: Any, settings: Settings, seconds: dict[int, float], sent: dict[int, int]) -> list[dict]:
+    """One row per round: the server's test accuracy, the clients' local ones, seconds and bytes sent both ways."""
+    rows = []
+    for r, metrics in sorted(result.evaluate_metrics_serverapp.items()):
+        clients = result.train_metrics_clientapp.get(r, {})
+        rows.append(
+            {
+                "strategy": settings.strategy,
+                "round": r,
+                "test_acc": round(float(metrics["test-acc"]), 2),
+                **{f"{k}_client_acc": _rounded(clients.get(f"{k}-client-acc")) for k in CLIENT_ACCS},
+                "seconds": round(seconds.get(r, 0.0), 1),
+                "bytes": sent.get(r, 0),
+            }
+        )
+    return rows
+
+
+def _rounded(value: Any) -> float | str:
+    return "" if value is None else round(float(value), 2)
+
+
+def serve(grid: Any, context: Any, settings: Settings | None = None) -> Any:
+    """The ServerApp's main: the run's strategy from the shared start for `rounds` rounds, the server's test
+    accuracy logged after each; a run that cannot go on ends with one line (logged, and raised as OtfuseError)."""
+    run_config = dict(context.run_config)
+    settings = settings or settings_of(run_config)
+    data = dataset(settings)
+    device = pick_device(settings.device)
+    precision = resolve_precision("auto", device)
+    reference = reference_model(settings, data).to(device)
+    strategy = strategy_for(settings, run_config, data, reference, device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    seconds: dict[int, float] = {}
+    sent: dict[int, int] = {}
+    clock = [time.time()]
+    model_bytes = ArrayRecord(reference.state_dict()).count_bytes()
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        reference.load_state_dict(arrays.to_torch_state_dict())
+        acc = accuracy(reference.eval(), test_x, test_y, data.norm, precision)
+        seconds[server_round] = time.time() - clock[0]
+        sent[server_round] = 0 if server_round == 0 else 2 * len(list(grid.get_node_ids())) * model_bytes
+        clock[0] = time.time()
+        LOG.info("otfuse: round %d, %s: test accuracy %.2f%% (%.1f s)", server_round, settings.strategy, acc, seconds[server_round])
+        return MetricRecord({"test-acc": acc})
+
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(reference.state_dict()),
+            num_rounds=settings.rounds,
+            timeout=settings.timeout,
+            train_config=_train_config(settings),
+            evaluate_fn=evaluate,
+        )
+    except FederationError as e:
+        LOG.error("otfuse: %s", e)
+        raise
+    if settings.out:
+        _append_rows(Path(settings.out), round_rows(result, settings, seconds, sent))
+    return result
+
+
+def _train_config(settings: Settings) -> ConfigRecord:
+    return ConfigRecord({"init": settings.init})
+
+
+def _append_rows(path: Path, rows: list[dict]) -> None:
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["strategy"])
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def client_train(msg: Any, context: Any, settings: Settings | None = None) -> Any:
+    """The ClientApp's train: this node's partition (`partition-id`, `num-partitions` of its node config) trained
+    from the global weights (round 1 of `init = own`: from its own start), sent back with its counts."""
+    settings = settings or settings_of(dict(context.run_config))
+    node = context.node_config
+    party, parties = int(node["partition-id"]) + 1, int(node["num-partitions"])
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 1))
+    own_start = config.get("init", "shared") == "own" and server_round == 1
+    start = None if own_start else msg.content["arrays"].to_torch_state_dict()
+    state, metrics = local_update(settings, party, parties, server_round, start, float(config.get("proximal-mu", 0.0)))
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def apps(settings: Settings | None = None) -> tuple[Any, Any]:
+    """A ServerApp and a ClientApp running `settings` (None: each reads the run config): `flwr.simulation.run_simulation`
+    takes them as they are; the App in flower/ exposes them to `flwr run`."""
+    server, client = ServerApp(), ClientApp()
+    server.main()(lambda grid, context: serve(grid, context, settings))
+    client.train()(lambda msg, context: client_train(msg, context, settings))
+    return server, client
