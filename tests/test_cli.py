@@ -24,6 +24,12 @@ COMMANDS = {
     "tune": ([FuseConfig, TuneConfig], {"checkpoints", "width", "config", "device", "data_dir"}),
     "interpolate": ([FuseConfig], {"checkpoints", "points", "split", "results_dir", "config", "device", "data_dir"}),
 }
+try:  # the flower extra
+    from otfuse.federated import Settings
+
+    COMMANDS["federate"] = ([Settings], {"clients"})
+except ImportError:
+    COMMANDS["federate"] = ([], set())
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

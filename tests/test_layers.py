@@ -16,6 +16,7 @@ ALLOWED_INNER = {("otfuse.entry", "otfuse.cli")} | {
     ("otfuse.cli", m)
     for m in (
         "otfuse.align",
+        "otfuse.federated",
         "otfuse.fusion",
         "otfuse.inputs",
         "otfuse.interpolate",

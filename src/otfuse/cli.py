@@ -32,9 +32,6 @@ from otfuse.train import FINETUNE, FINETUNE_FITTED, TrainConfig, checkpoint_path
 if TYPE_CHECKING:
     from otfuse.inputs import FusionInputs
 
-# the subcommands whose options or work need the fusion libraries
-FUSION_COMMANDS = ("fuse", "tune", "interpolate")
-
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve(TrainConfig, vars(args))
@@ -240,6 +237,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "fuse": sub.add_parser("fuse", help="fuse two or more checkpoints (widths may differ) and print the accuracy table"),
         "tune": sub.add_parser("tune", help="optuna study over the fusion options on the validation split (resumable, shareable)"),
         "interpolate": sub.add_parser("interpolate", help="accuracy and loss between two models, vanilla and aligned: CSV and PNG"),
+        "federate": sub.add_parser("federate", help="K parties federated on Flower's simulation engine: OT fusion, FedAvg, FedProx"),
     }
     for name, p in fusion.items():
         if command in (None, name):
@@ -297,12 +295,43 @@ def _interpolate_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=cmd_interpolate)
 
 
-FUSION_OPTIONS = {"fuse": _fuse_options, "tune": _tune_options, "interpolate": _interpolate_options}
+def _federate_options(p: argparse.ArgumentParser) -> None:
+    try:
+        from otfuse.federated import Settings
+    except ImportError as e:  # Flower is an optional extra: the command says how to install it, whatever it was given
+        missing = str(e)
+        p.set_defaults(run=lambda _args: _missing(missing), takes_anything=True)
+        return
+    p.add_argument("--clients", type=int, default=3, help="SuperNodes, one party each (default: 3)")
+    add_options(p, Settings)
+    p.set_defaults(run=cmd_federate)
+
+
+def _missing(message: str) -> int:
+    raise OtfuseError(message)
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    """Run the federation on Flower's simulation engine in this process: one SuperNode per client."""
+    from otfuse.federated import Settings, simulate
+
+    settings = resolve(Settings, vars(args))
+    rows = simulate(settings, args.clients)
+    for r in rows:
+        clients = f"{r['worst_client_acc']}-{r['best_client_acc']}" if r["round"] else "-"
+        print(f"  round {r['round']:>3} {r['strategy']:<9} test accuracy {r['test_acc']:6.2f}  clients' own {clients}")
+    return 0
+
+
+FUSION_OPTIONS = {"fuse": _fuse_options, "tune": _tune_options, "interpolate": _interpolate_options, "federate": _federate_options}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(next((a for a in argv if not a.startswith("-")), "")).parse_args(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_anything", False):  # argparse's own check, but for a command that is missing
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return run_main(lambda: args.run(args), verbose=args.verbose)
 
 

@@ -23,6 +23,7 @@ import copy
 import csv
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, fields, replace
@@ -204,9 +205,9 @@ class FederationError(OtfuseError):
 def client_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """A round's client metrics: the images trained on, and the worst, mean and best local test accuracy the clients
     report (for the log and the bench only: nothing is decided by what a client says of itself)."""
-    metrics = [r.metric_records.get("metrics") for r in records]
-    accs = [float(m["test-acc"]) for m in metrics if m and isinstance(m.get("test-acc"), float) and math.isfinite(m["test-acc"])]
-    sizes = [m[weighted_by_key] for m in metrics if m and isinstance(m.get(weighted_by_key), int)]
+    metrics = [dict(r.metric_records["metrics"]) if "metrics" in r.metric_records else {} for r in records]
+    accs = [m["test-acc"] for m in metrics if isinstance(m.get("test-acc"), float) and math.isfinite(m["test-acc"])]
+    sizes = [m[weighted_by_key] for m in metrics if isinstance(m.get(weighted_by_key), int)]
     out = {"num-examples": sum(sizes), "clients": len(records)}
     if accs:
         out.update({"worst-client-acc": min(accs), "mean-client-acc": sum(accs) / len(accs), "best-client-acc": max(accs)})
@@ -263,7 +264,7 @@ class OTFusion(FedAvg):
     def __init__(
         self, reference: nn.Module, images: torch.Tensor, norm: tuple, cfg: FuseConfig, weighted: bool = True, most: int = 10**9, **kwargs
     ):
-        super().__init__(**kwargs)
+        super().__init__(**{"train_metrics_aggr_fn": client_summary, **kwargs})  # Flower's own trusts every reply's metrics
         self.reference = copy.deepcopy(reference).cpu().eval()
         self.state = {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
         self.num_classes = _classes_of(self.reference)
@@ -371,7 +372,7 @@ def _rounded(value: Any) -> float | str:
     return "" if value is None else round(float(value), 2)
 
 
-def serve(grid: Any, context: Any, settings: Settings | None = None) -> Any:
+def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list | None = None) -> Any:
     """The ServerApp's main: the run's strategy from the shared start for `rounds` rounds, the server's test
     accuracy logged after each; a run that cannot go on ends with one line (logged, and raised as OtfuseError)."""
     run_config = dict(context.run_config)
@@ -408,8 +409,11 @@ def serve(grid: Any, context: Any, settings: Settings | None = None) -> Any:
     except FederationError as e:
         LOG.error("otfuse: %s", e)
         raise
+    rows = round_rows(result, settings, seconds, sent)
     if settings.out:
-        _append_rows(Path(settings.out), round_rows(result, settings, seconds, sent))
+        _append_rows(Path(settings.out), rows)
+    if sink is not None:
+        sink.extend(rows)
     return result
 
 
@@ -441,10 +445,29 @@ def client_train(msg: Any, context: Any, settings: Settings | None = None) -> An
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def apps(settings: Settings | None = None) -> tuple[Any, Any]:
-    """A ServerApp and a ClientApp running `settings` (None: each reads the run config): `flwr.simulation.run_simulation`
-    takes them as they are; the App in flower/ exposes them to `flwr run`."""
+def apps(settings: Settings | None = None, sink: list | None = None) -> tuple[ServerApp, ClientApp]:
+    """A ServerApp and a ClientApp running `settings` (None: each reads the run config), the server's round rows
+    appended to `sink`: `flwr.simulation.run_simulation` takes them as they are; the App in flower/ exposes them to
+    `flwr run`."""
     server, client = ServerApp(), ClientApp()
-    server.main()(lambda grid, context: serve(grid, context, settings))
+    server.main()(lambda grid, context: serve(grid, context, settings, sink))
     client.train()(lambda msg, context: client_train(msg, context, settings))
     return server, client
+
+
+def simulate(settings: Settings, clients: int) -> list[dict]:
+    """The federation on Flower's simulation engine in this process, one SuperNode per client, each client on one
+    core; the server's rows, one per round (round 0: the start)."""
+    from flwr.simulation import run_simulation
+
+    settings.check()
+    if not settings.min_clients <= clients <= 1000:
+        raise OtfuseError(f"--clients {clients}: give from --min-clients ({settings.min_clients}) to 1000")
+    dataset(settings)  # a bad dataset is one line here, before any SuperNode starts
+    rows: list[dict] = []
+    server, client = apps(settings, rows)
+    cores = max(1, len(os.sched_getaffinity(0)))
+    run_simulation(server, client, clients, backend_config={"init_args": {"num_cpus": cores}, "client_resources": {"num_cpus": 1}})
+    if len(rows) != settings.rounds + 1:
+        raise OtfuseError(f"the federation ended after {max(len(rows) - 1, 0)} of {settings.rounds} rounds: see the log above")
+    return rows
