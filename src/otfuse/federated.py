@@ -50,6 +50,7 @@ from otfuse.inputs import public_images
 from otfuse.models import arch_width, build_model
 from otfuse.options import build
 from otfuse.precision import resolve_precision
+from otfuse.storage import load_torch, save_torch
 from otfuse.subsets import PARTITIONS, union_mask
 from otfuse.train import TrainConfig, train, training_parts
 
@@ -87,6 +88,7 @@ class Settings:
     device: str = "auto"
     data_dir: str = ""
     out: str = ""  # a CSV of the server's test accuracy after each round (appended); empty: none
+    state: str = ""  # a file of the rounds done and their global model: a run started again goes on from its last round
     timeout: float = 3600.0  # seconds a round waits for its clients
 
     def check(self) -> None:
@@ -333,13 +335,16 @@ def server_images(settings: Settings, data: ImageData) -> torch.Tensor:
     return public_images(settings.fusion_data[len("public:") :], data, settings.data_dir or None)
 
 
-def strategy_for(settings: Settings, run_config: dict[str, Any], data: ImageData, reference: nn.Module, device: torch.device):
-    """The Flower strategy `settings.strategy` names, sampling every connected client each round."""
+def strategy_for(
+    settings: Settings, run_config: dict[str, Any], data: ImageData, reference: nn.Module, device: torch.device, summary=client_summary
+) -> FedAvg:
+    """The Flower strategy `settings.strategy` names, sampling every connected client each round, the clients'
+    metrics summarised by `summary`."""
     common = {
         "fraction_evaluate": 0.0,
         "min_train_nodes": settings.min_clients,
         "min_available_nodes": settings.min_clients,
-        "train_metrics_aggr_fn": client_summary,
+        "train_metrics_aggr_fn": summary,
     }
     if settings.strategy == "fedavg":
         return FedAvg(**common)
@@ -350,75 +355,82 @@ def strategy_for(settings: Settings, run_config: dict[str, Any], data: ImageData
     return OTFusion(reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), **common)
 
 
-def round_rows(result: Any, settings: Settings, seconds: dict[int, float], sent: dict[int, int]) -> list[dict]:
-    """One row per round: the server's test accuracy, the clients' local ones, seconds and bytes sent both ways."""
-    rows = []
-    for r, metrics in sorted(result.evaluate_metrics_serverapp.items()):
-        clients = result.train_metrics_clientapp.get(r, {})
-        rows.append(
-            {
-                "strategy": settings.strategy,
-                "round": r,
-                "test_acc": round(float(metrics["test-acc"]), 2),
-                **{f"{k}_client_acc": _rounded(clients.get(f"{k}-client-acc")) for k in CLIENT_ACCS},
-                "seconds": round(seconds.get(r, 0.0), 1),
-                "bytes": sent.get(r, 0),
-            }
-        )
-    return rows
-
-
 def _rounded(value: Any) -> float | str:
     return "" if value is None else round(float(value), 2)
 
 
-def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list | None = None) -> Any:
-    """The ServerApp's main: the run's strategy from the shared start for `rounds` rounds, the server's test
-    accuracy logged after each; a run that cannot go on ends with one line (logged, and raised as OtfuseError)."""
+def resumed(state: str) -> tuple[int, dict[str, torch.Tensor] | None, list[dict]]:
+    """The rounds done, the global weights after them and their rows, from the run's `state` file (none: 0, None, [])."""
+    if not state or not Path(state).is_file():
+        return 0, None, []
+    saved = load_torch(state, "federated run state")
+    return int(saved["round"]), saved["weights"], list(saved["rows"])
+
+
+def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list | None = None) -> list[dict]:
+    """The ServerApp's main: the run's strategy from the shared start for `rounds` rounds (from the state file's
+    last round where `state` names one), one row per round: the server's test accuracy, the clients' own, seconds and
+    bytes sent both ways, logged and appended to `out` and `sink`. A run that cannot go on ends with one line."""
     run_config = dict(context.run_config)
     settings = settings or settings_of(run_config)
     data = dataset(settings)
     device = pick_device(settings.device)
     precision = resolve_precision("auto", device)
     reference = reference_model(settings, data).to(device)
-    strategy = strategy_for(settings, run_config, data, reference, device)
+    done, weights, rows = resumed(settings.state)
+    latest: dict[str, Any] = {}  # the clients' summary of the round being aggregated
+
+    def summary(records: list[RecordDict], key: str) -> MetricRecord:
+        latest.clear()
+        latest.update(client_summary(records, key))
+        return MetricRecord(dict(latest))
+
+    strategy = strategy_for(settings, run_config, data, reference, device, summary)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    seconds: dict[int, float] = {}
-    sent: dict[int, int] = {}
-    clock = [time.time()]
     model_bytes = ArrayRecord(reference.state_dict()).count_bytes()
+    clock = [time.time()]
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        reference.load_state_dict(arrays.to_torch_state_dict())
+        r = server_round + done
+        state = arrays.to_torch_state_dict()
+        reference.load_state_dict(state)
         acc = accuracy(reference.eval(), test_x, test_y, data.norm, precision)
-        seconds[server_round] = time.time() - clock[0]
-        sent[server_round] = 0 if server_round == 0 else 2 * len(list(grid.get_node_ids())) * model_bytes
+        row = {
+            "strategy": settings.strategy,
+            "round": r,
+            "test_acc": round(acc, 2),
+            **{f"{k}_client_acc": _rounded(latest.get(f"{k}-client-acc")) for k in CLIENT_ACCS},
+            "seconds": round(time.time() - clock[0], 1),
+            "bytes": 0 if server_round == 0 else 2 * int(latest.get("clients", 0)) * model_bytes,
+        }
+        latest.clear()
         clock[0] = time.time()
-        LOG.info("otfuse: round %d, %s: test accuracy %.2f%% (%.1f s)", server_round, settings.strategy, acc, seconds[server_round])
+        if server_round or not done:  # a resumed run's start is the round already recorded
+            LOG.info("otfuse: round %d, %s: test accuracy %.2f%% (%.1f s)", r, settings.strategy, acc, row["seconds"])
+            rows.append(row)
+            if settings.out:
+                _append_rows(Path(settings.out), [row])
+            if settings.state:
+                save_torch(settings.state, {"round": r, "weights": state, "rows": rows})
         return MetricRecord({"test-acc": acc})
 
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(reference.state_dict()),
-            num_rounds=settings.rounds,
-            timeout=settings.timeout,
-            train_config=_train_config(settings),
-            evaluate_fn=evaluate,
-        )
-    except FederationError as e:
-        LOG.error("otfuse: %s", e)
-        raise
-    rows = round_rows(result, settings, seconds, sent)
-    if settings.out:
-        _append_rows(Path(settings.out), rows)
+    if done < settings.rounds:
+        start = weights if weights is not None else reference.state_dict()
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(start),
+                num_rounds=settings.rounds - done,
+                timeout=settings.timeout,
+                train_config=ConfigRecord({"init": settings.init, "round-offset": done}),
+                evaluate_fn=evaluate,
+            )
+        except FederationError as e:
+            LOG.error("otfuse: %s", e)
+            raise
     if sink is not None:
         sink.extend(rows)
-    return result
-
-
-def _train_config(settings: Settings) -> ConfigRecord:
-    return ConfigRecord({"init": settings.init})
+    return rows
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:
@@ -438,7 +450,7 @@ def client_train(msg: Any, context: Any, settings: Settings | None = None) -> An
     node = context.node_config
     party, parties = int(node["partition-id"]) + 1, int(node["num-partitions"])
     config = msg.content["config"]
-    server_round = int(config.get("server-round", 1))
+    server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
     own_start = config.get("init", "shared") == "own" and server_round == 1
     start = None if own_start else msg.content["arrays"].to_torch_state_dict()
     state, metrics = local_update(settings, party, parties, server_round, start, float(config.get("proximal-mu", 0.0)))

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Federated rounds on Flower's simulation engine: otfuse's fusion against Flower's FedAvg and FedProx.
+
+    python bench/bench_federated.py --runs dir0.5-otfusion,dir0.5-fedavg     # some runs
+    python bench/bench_federated.py                                           # every run (hours on 2 cores)
+    nohup python bench/bench_federated.py > federated.log &                   # in the background, resumable
+
+A run is K = 4 CIFAR-10 (JPEG copy) parties of a Dirichlet(alpha) split, width 16, all from one shared start, and a
+strategy: `otfusion` (the server fuses the clients' models on CIFAR-100's training images, a public set no client
+holds, as FedDF does), Flower's `fedavg` or `fedprox` (mu 0.01), for 10 rounds of 3 local epochs; `oneshot-*` runs
+one round of 30 local epochs (each client's whole training budget, sent once). After every round the server's test
+accuracy, the clients' own (worst, mean, best), seconds and bytes sent both ways go to
+bench/federated-cifar10-jpeg-w16.csv (one row per run and round, replaced when measured again). A run keeps its
+state in <state-dir>/<run>.pt after every round: started again, it goes on from its last round; a finished run is
+skipped. `--quick` runs the digits guard instead (3 parties, 2 rounds; what the test runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from otfuse.errors import OtfuseError, run_main
+from otfuse.federated import Settings, simulate
+from otfuse.results import read_rows, upsert_rows
+
+CIFAR10 = "imagefolder:../shared/data/cifar10-jpeg.tar.xz"  # from the project root
+CIFAR100 = "imagefolder:../shared/data/cifar100-png.tar.xz"
+CLIENTS = 4
+BASE = Settings(
+    dataset=CIFAR10,
+    width=16,
+    rounds=10,
+    local_epochs=3,
+    batch_size=256,  # otfuse train's recipe for the parties of bench/bench_parties.py
+    lr=0.2,
+    fusion_data=f"public:{CIFAR100}",
+    min_clients=CLIENTS,
+)
+RUNS = {
+    f"dir{alpha:g}-{strategy}": replace(BASE, alpha=alpha, strategy=strategy)
+    for alpha in (0.5, 0.1)
+    for strategy in ("otfusion", "fedavg", "fedprox")
+}
+RUNS.update(
+    {
+        f"dir{alpha:g}-oneshot-{s}": replace(BASE, alpha=alpha, strategy=s, rounds=1, local_epochs=30)
+        for alpha in (0.5, 0.1)
+        for s in ("otfusion", "fedavg")
+    }
+)
+QUICK = {"digits-otfusion": Settings(width=8, rounds=2, local_epochs=3, min_clients=3)}
+KEY = ("run", "round")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
+    p.add_argument("--quick", action="store_true", help="the digits guard (3 parties, 2 rounds) instead")
+    p.add_argument("--state-dir", default="checkpoint/federated", help="each run's rounds done, to resume")
+    p.add_argument("--data-dir", default="", help="dataset cache (default: otfuse's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="", help="the CSV (default: bench/federated-<dataset>-w<width>.csv)")
+    args = p.parse_args(argv)
+    runs = QUICK if args.quick else {name: RUNS[name] for name in _names(args.runs)}
+    clients = 3 if args.quick else CLIENTS
+    for name, settings in runs.items():
+        out = Path(args.out or Path(__file__).parent / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv"))
+        if sum(r["run"] == name for r in read_rows(out)) == settings.rounds + 1:
+            print(f"{name}: done (rows in {out})")
+            continue
+        state = Path(args.state_dir) / f"{name}.pt"
+        state.parent.mkdir(parents=True, exist_ok=True)
+        run = replace(settings, state=str(state), data_dir=args.data_dir, device=args.device)
+        rows = simulate(run, clients)
+        upsert_rows(out, [{"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows], KEY)
+        print(f"{name}: " + ", ".join(f"round {r['round']} {r['test_acc']}" for r in rows), flush=True)
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise OtfuseError(f"--runs {', '.join(unknown)}: use some of {', '.join(RUNS)}")
+    return names
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(lambda: main(sys.argv[1:])))
