@@ -12,7 +12,7 @@ one round of 30 local epochs (each client's whole training budget, sent once). A
 accuracy, the clients' own (worst, mean, best), seconds and bytes sent both ways go to
 bench/federated-cifar10-jpeg-w16.csv (one row per run and round, replaced when measured again). A run keeps its
 state in <state-dir>/<run>.pt after every round: started again, it goes on from its last round; a finished run is
-skipped. `--quick` runs the digits guard instead (3 parties, 2 rounds; what the test runs).
+skipped. `--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's defaults).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ RUNS.update(
         for s in ("otfusion", "fedavg")
     }
 )
-QUICK = {"digits-otfusion": Settings(width=8, rounds=2, local_epochs=3, min_clients=3)}
+QUICK = {f"digits-{s}": Settings(width=8, rounds=2, local_epochs=3, min_clients=3, strategy=s) for s in ("otfusion", "fedavg", "fedprox")}
 KEY = ("run", "round")
 
 

@@ -375,6 +375,29 @@ def parties() -> list[list[str]]:
 
 
 @table
+def federated() -> list[list[str]]:
+    """bench/bench_federated.py: the server's test accuracy after each round, one row per run (every CSV)."""
+    found = [r for path in sorted(BENCH.glob("federated-*.csv")) for r in rows(path.name)]
+    width = max(int(r["round"]) for r in found)
+    out = [["Run", "Clients", "alpha", *(f"round {i}" for i in range(1, width + 1)), "clients' own (last round)", "seconds", "MB a round"]]
+    for run in dict.fromkeys(r["run"] for r in found):
+        mine = sorted((r for r in found if r["run"] == run), key=lambda r: int(r["round"]))
+        last = mine[-1]
+        out.append(
+            [
+                run,
+                last["clients"],
+                last["alpha"],
+                *(next((r["test_acc"] for r in mine if int(r["round"]) == i), "") for i in range(1, width + 1)),
+                f"{last['worst_client_acc']} - {last['best_client_acc']}",
+                f"{sum(float(r['seconds']) for r in mine):.0f}",
+                f"{int(last['bytes']) / 1e6:.1f}",
+            ]
+        )
+    return out
+
+
+@table
 def finetune_c100() -> list[list[str]]:
     found = rows("finetune-cifar100-w32.csv")
     out = [["Start", "Epochs (lr 0.05, no augmentation)", "val at start", "val after each epoch", "test at the end", "minutes"]]
