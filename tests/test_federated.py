@@ -154,8 +154,14 @@ def test_a_pickled_array_is_refused_unread(parties, tmp_path):
     assert not marker.exists()
 
 
-def test_fewer_valid_clients_than_the_minimum_end_the_run_in_one_line(parties):
-    """A silent client sends nothing: with two of the three required replies valid, the run ends."""
+def test_a_silent_client_is_left_out_and_fewer_than_the_minimum_end_the_run_in_one_line(parties):
+    """Node 13 was asked and never replied: one line names it; the round goes on with the two others, as without it."""
+    alone, _ = _fused(_strategy(parties), _good(parties))
+    strategy = _strategy(parties)
+    strategy.sampled[1] = [11, 12, 13]  # as configure_train records the nodes it asks
+    fused, _ = _fused(strategy, _good(parties))
+    assert all(torch.equal(alone[k], fused[k]) for k in alone)
+    assert strategy.left_out[1] == ["round 1: node 13 left out: no reply within the round's timeout"]
     strategy = _strategy(parties, minimum=3)
     with pytest.raises(FederationError) as e:
         strategy.aggregate_train(4, _good(parties))

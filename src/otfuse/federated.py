@@ -272,17 +272,30 @@ class OTFusion(FedAvg):
         self.num_classes = _classes_of(self.reference)
         self.images, self.norm, self.cfg, self.weighted, self.most = images, norm, cfg, weighted, most
         self.left_out: dict[int, list[str]] = {}  # round -> the lines of the clients left out
+        self.sampled: dict[int, list[int]] = {}  # round -> the nodes asked to train
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> list[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def _leave_out(self, server_round: int, node: int, why: str) -> None:
+        line = f"round {server_round}: node {node} left out: {why}"
+        LOG.warning(line)
+        self.left_out.setdefault(server_round, []).append(line)
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in self.sampled.get(server_round, []):
+            if node not in answered:  # Flower stops waiting at the round's timeout
+                self._leave_out(server_round, node, "no reply within the round's timeout")
         models, sizes, counts = [], [], []
         for msg in replies:
             try:
                 model, n, c = self._client(msg)
             except ClientRejected as e:
-                line = f"round {server_round}: node {msg.metadata.src_node_id} left out: {e}"
-                LOG.warning(line)
-                self.left_out.setdefault(server_round, []).append(line)
+                self._leave_out(server_round, msg.metadata.src_node_id, str(e))
                 continue
             models.append(model)
             sizes.append(n)
