@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from otfuse.errors import OtfuseError
 
@@ -76,14 +77,26 @@ def _operands(operands: tuple) -> tuple:
     return tuple(operands[0]) if len(operands) == 1 and isinstance(operands[0], list | tuple) else operands
 
 
+class _EinsumAs(TorchFunctionMode):
+    """`torch.einsum` calls made by this thread in the block go to `fn`: a torch function mode lives on the calling
+    thread's mode stack, so a fusion in another thread (a notebook, a server, the federated strategy) keeps the real
+    einsum, and nothing is left replaced if the block ends abnormally. Inside `fn` the mode is off: its
+    `torch.einsum` is the real one."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.einsum:
+            return self.fn(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def _einsum_as(fn) -> Iterator[None]:
-    original = torch.einsum
-    torch.einsum = fn
-    try:
+    with _EinsumAs(fn):
         yield
-    finally:
-        torch.einsum = original
 
 
 def einsum_sites(model: nn.Module, x: torch.Tensor, inside: tuple[str, ...] = ()) -> list[EinsumSite]:
@@ -93,14 +106,13 @@ def einsum_sites(model: nn.Module, x: torch.Tensor, inside: tuple[str, ...] = ()
     if not params:
         return []
     found: dict[str, EinsumSite] = {}
-    original = torch.einsum
 
     def record(equation, *operands):
         ops = _operands(operands)
         site = _site(equation, ops, params) if isinstance(equation, str) else None
         if site is not None:
             found.setdefault(f"{site.owner}.{site.tensor}", site)
-        return original(equation, *operands)
+        return torch.einsum(equation, *operands)
 
     was_training = model.training
     try:
@@ -147,7 +159,6 @@ def traced_as_linears(model: nn.Module, sites: list[EinsumSite]) -> Iterator[dic
         owner.add_module(f"{STAND_IN}{site.tensor}", layer)
         added.append((owner, f"{STAND_IN}{site.tensor}"))
         by_param[id(getattr(owner, site.tensor))] = (site, layer)
-    original = torch.einsum
 
     def run(equation, *operands):
         ops = _operands(operands)
@@ -155,7 +166,7 @@ def traced_as_linears(model: nn.Module, sites: list[EinsumSite]) -> Iterator[dic
         if len(ops) == 2 and len(held) == 1:
             site, layer = by_param[id(held[0])]
             return _linear(site, next(t for t in ops if t is not held[0]), equation, layer)
-        return original(equation, *operands)
+        return torch.einsum(equation, *operands)
 
     try:
         with _einsum_as(run):

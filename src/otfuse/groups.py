@@ -53,6 +53,10 @@ NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 CHANNEL_SHUFFLES = {"ChannelShuffleBackward0": "channel_shuffle"}
 # what the grouping is tested with: it reads Torch-Pruning's internals and torch's autograd graph, which other
 # releases change; OTFUSE_UNTESTED_VERSIONS=1 runs it anyway (to try an upgrade), with one warning
+# Torch-Pruning's index-map builder and DependencyGraph._detect_unwrapped_parameters are patched while a graph is
+# built (they are module and class attributes: every thread sees them); one build at a time keeps another thread's
+# build on the originals, and the originals put back whatever order the threads finish in
+_TP_PATCH = threading.RLock()
 TORCH_PRUNING = "1.6.1"
 TORCH_RANGE = ((2, 11), (2, 14))  # first and last minor release tested, bounds included
 
@@ -194,7 +198,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     params_by_id = {id(p): n for n, p in model.named_parameters()}
     unwrapped = {id(p): dim for p, dim in getattr(graph, "unwrapped_parameters", [])}
     try:
-        with _time_limited(time_limit), warnings.catch_warnings():
+        with _TP_PATCH, _time_limited(time_limit), warnings.catch_warnings():  # the lock: warning filters are process-wide too
             warnings.filterwarnings("ignore", module="torch_pruning")
             _repair_index_maps(graph, tokens=bool(attention))
             last, mixing = _cut_token_mixing(graph)
@@ -363,7 +367,6 @@ def _lenient_concat_maps() -> Iterator[None]:
     """Let Torch-Pruning 1.6 finish building a graph with a concatenation it cannot size (DPN, CSP-Darknet: its
     own TypeError, summing a None); `_repair_index_maps` then sizes it from the autograd graph."""
     maps = tp.dependency.index_mapping
-    original = maps.update_concat_index_mapping
 
     def lenient(graph, node):
         try:
@@ -371,11 +374,13 @@ def _lenient_concat_maps() -> Iterator[None]:
         except TypeError:
             pass
 
-    maps.update_concat_index_mapping = lenient
-    try:
-        yield
-    finally:
-        maps.update_concat_index_mapping = original
+    with _TP_PATCH:  # the original read under the lock: never another thread's patch
+        original = maps.update_concat_index_mapping
+        maps.update_concat_index_mapping = lenient
+        try:
+            yield
+        finally:
+            maps.update_concat_index_mapping = original
 
 
 def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
@@ -725,17 +730,18 @@ def _from_conv(fn, depth: int = 8) -> bool:
 def _parameters_on_channels(maps: set[int]) -> Iterator[None]:
     """Torch-Pruning 1.6 with the parameters in `maps` coupled to channels on dim 1."""
     graph_class = tp.DependencyGraph
-    original = graph_class._detect_unwrapped_parameters
 
     def detect(self, unwrapped_parameters):
         names, found = original(self, unwrapped_parameters)
         return names, [type(u)(parameters=u.parameters, pruning_dim=1 if id(u.parameters) in maps else u.pruning_dim) for u in found]
 
-    graph_class._detect_unwrapped_parameters = detect
-    try:
-        yield
-    finally:
-        graph_class._detect_unwrapped_parameters = original
+    with _TP_PATCH:  # the original read under the lock: never another thread's patch
+        original = graph_class._detect_unwrapped_parameters
+        graph_class._detect_unwrapped_parameters = detect
+        try:
+            yield
+        finally:
+            graph_class._detect_unwrapped_parameters = original
 
 
 def _swaps_last_two(fn) -> bool:
