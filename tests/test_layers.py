@@ -12,7 +12,7 @@ import otfuse
 PACKAGE = Path(otfuse.__file__).parent
 COMMAND_LINE = {"otfuse.cli", "otfuse.entry", "otfuse.__main__"}
 # (module, imported module): function-level imports docs/library.md explains (the entry point's Ctrl-C guard)
-ALLOWED_INNER = {("otfuse.entry", "otfuse.cli")} | {
+ALLOWED_INNER = {("otfuse.entry", "otfuse.cli"), ("otfuse.federated", "otfuse.fusion"), ("otfuse.federated", "otfuse.inputs")} | {
     ("otfuse.cli", m)
     for m in (
         "otfuse.align",

@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,14 +45,15 @@ from otfuse.checkpoints import pick_device
 from otfuse.data import ImageData, load_dataset
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy
-from otfuse.fusion import FuseConfig, fuse
-from otfuse.inputs import public_images
 from otfuse.models import arch_width, build_model
 from otfuse.options import build
 from otfuse.precision import resolve_precision
 from otfuse.storage import load_torch, save_torch
 from otfuse.subsets import PARTITIONS, union_mask
 from otfuse.train import TrainConfig, train, training_parts
+
+if TYPE_CHECKING:
+    from otfuse.fusion import FuseConfig
 
 STRATEGIES = ("otfusion", "fedavg", "fedprox")
 FUSION_DATA = "held-out | union | public:<dataset>"
@@ -83,7 +84,7 @@ class Settings:
     proximal_mu: float = 0.01  # fedprox's
     fusion_data: str = "held-out"  # the server's images: the validation split no client trains on | union (the oracle) | public:<dataset>
     weighted: bool = True  # clients weighted by their image counts in the average, as FedAvg weighs them
-    head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal
+    head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
     data_dir: str = ""
@@ -105,7 +106,6 @@ class Settings:
                 raise OtfuseError(f"{name} {getattr(self, name.replace('-', '_'))} must be at least 1")
         if not 0 < self.timeout <= 7 * 86400:
             raise OtfuseError(f"timeout {self.timeout} must be a positive number of seconds, at most a week")
-        FuseConfig(head=self.head).check(2)
 
 
 def settings_of(run_config: dict[str, Any]) -> Settings:
@@ -130,9 +130,13 @@ def settings_of(run_config: dict[str, Any]) -> Settings:
 
 
 def fuse_config(settings: Settings, run_config: dict[str, Any]) -> FuseConfig:
-    """The fusion options: the head from `settings`, then every `fuse-<option>` of the run config."""
+    """The fusion options: the head from `settings`, then every `fuse-<option>` of the run config, checked."""
+    from otfuse.fusion import FuseConfig  # the server's: a client's process never loads the fusion stack
+
     given = {k[len("fuse-") :].replace("-", "_"): v for k, v in run_config.items() if k.startswith("fuse-")}
-    return build(FuseConfig, {"head": settings.head, **given}, "run config fuse-<option>")
+    cfg = build(FuseConfig, {"head": settings.head, **given}, "run config fuse-<option>")
+    cfg.check(2)
+    return cfg
 
 
 _DATA: dict[tuple[str, str], ImageData] = {}  # one decode per process: a simulation's client runs every round
@@ -309,6 +313,8 @@ class OTFusion(FedAvg):
         cfg = replace(self.cfg, weights=",".join(str(sizes[i]) for i in order) if self.weighted else self.cfg.weights)
         device = self.images.device
         t0 = time.time()
+        from otfuse.fusion import fuse
+
         ordered = [models[i].to(device) for i in order]
         fusion = fuse(ordered, self.images, self.norm, cfg, class_counts=torch.stack([counts[i] for i in order]))
         state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
@@ -345,6 +351,8 @@ def server_images(settings: Settings, data: ImageData) -> torch.Tensor:
         return data.val_x
     if settings.fusion_data == "union":
         return data.train_x
+    from otfuse.inputs import public_images
+
     return public_images(settings.fusion_data[len("public:") :], data, settings.data_dir or None)
 
 
@@ -486,6 +494,7 @@ def simulate(settings: Settings, clients: int) -> list[dict]:
     from flwr.simulation import run_simulation
 
     settings.check()
+    fuse_config(settings, {})  # a bad fusion option is one line here, before any SuperNode starts
     if not settings.min_clients <= clients <= 1000:
         raise OtfuseError(f"--clients {clients}: give from --min-clients ({settings.min_clients}) to 1000")
     dataset(settings)  # a bad dataset is one line here, before any SuperNode starts
