@@ -72,7 +72,12 @@ def test_config_errors_are_one_line(trained, tmp_path, capsys):
 
 
 def _worker(paths, root, url, n, results):
-    cmd = [
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(_command(paths, root, url, n, results), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _command(paths, root, url, n, results) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "otfuse",
@@ -96,12 +101,10 @@ def _worker(paths, root, url, n, results):
         "--n-images",
         "250",
     ]  # pinned (not searched): cheap trials
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, tmp_path):
+def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, tmp_path, capsys):
     _, _, paths, root = trained
     url = f"sqlite:///{tmp_path / 'study.db'}"
     workers = [_worker(paths, root, url, 2, tmp_path) for _ in range(2)]
@@ -121,11 +124,10 @@ def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, 
     before = len(_completed(url, "shared"))
     assert before >= 5
 
-    again = _worker(paths, root, url, 1, tmp_path)
-    out = again.communicate(timeout=600)[0]
-    assert again.returncode == 0, out
+    again = _command(paths, root, url, 1, tmp_path)[3:]  # in this process: the same command, without a start-up
+    assert main(again) == 0
     assert len(_completed(url, "shared")) == before + 1
-    assert "test accuracy of the best options" in out
+    assert "test accuracy of the best options" in capsys.readouterr().out
 
 
 def test_options_given_on_the_command_line_are_fixed_in_every_trial(trained, tmp_path, capsys):
