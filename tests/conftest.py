@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from otfuse.checkpoints import load_checkpoint
@@ -69,6 +70,19 @@ class CatNet(nn.Module):
         x = torch.relu(self.bn(self.dw(x)))
         x = torch.relu(self.c(x))
         return self.fc(torch.flatten(x, 1))
+
+
+class EinsumOnMaps(nn.Module):
+    """A 1 x 1 conv written as einsum, its parameter stored (out, in), between two BatchNormed convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.w = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Parameter(torch.randn(5, 8))
+        self.c2, self.fc = nn.Conv2d(5, 4, 1), nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = torch.einsum("nchw,dc->ndhw", F.relu(self.bn(self.c(x))), self.w)
+        return self.fc(self.c2(F.relu(y)).mean((2, 3)))
 
 
 METHODS = ["activation", "weight", "weight-matching"]

@@ -13,7 +13,7 @@ from torch import nn
 from otfuse.errors import OtfuseError, run_main
 from otfuse.maps import channel_groups, permute, random_maps
 
-from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
+from conftest import METHODS, EinsumOnMaps, assert_default_fusion_returns_model, assert_returns_model, random_data
 
 
 class PositionMap(nn.Module):
@@ -96,19 +96,6 @@ class Einsum(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.einsum("nchw,cd->nd", F.relu(self.c1(x)), self.w))
-
-
-class EinsumOnMaps(nn.Module):
-    """A 1 x 1 conv written as einsum, its parameter stored (out, in), between two BatchNormed convs."""
-
-    def __init__(self):
-        super().__init__()
-        self.c, self.bn, self.w = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Parameter(torch.randn(5, 8))
-        self.c2, self.fc = nn.Conv2d(5, 4, 1), nn.Linear(4, 10)
-
-    def forward(self, x):
-        y = torch.einsum("nchw,dc->ndhw", F.relu(self.bn(self.c(x))), self.w)
-        return self.fc(self.c2(F.relu(y)).mean((2, 3)))
 
 
 class EinsumOnTokens(nn.Module):

@@ -7,27 +7,13 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from otfuse.fusion import FuseConfig, fuse
 from otfuse.maps import channel_groups
 
-from conftest import CatNet, randomize_bn
-
-
-class EinsumNet(nn.Module):
-    """A 1 x 1 conv written as einsum with a bare parameter: its grouping intercepts torch.einsum."""
-
-    def __init__(self):
-        super().__init__()
-        self.c, self.bn, self.w = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Parameter(torch.randn(6, 8))
-        self.c2, self.fc = nn.Conv2d(6, 4, 1), nn.Linear(4, 5)
-
-    def forward(self, x):
-        y = torch.einsum("nchw,dc->ndhw", F.relu(self.bn(self.c(x))), self.w)
-        return self.fc(self.c2(F.relu(y)).mean((2, 3)))
+from conftest import CatNet, EinsumOnMaps, randomize_bn
 
 
 def _pair(cls, seed: int) -> list[nn.Module]:
@@ -45,7 +31,7 @@ def _work(models: list[nn.Module], seed: int) -> tuple[list, dict]:
 
 
 def test_two_fusions_in_two_threads_equal_the_two_run_one_after_the_other():
-    pairs = {cls.__name__: _pair(cls, 3) for cls in (EinsumNet, CatNet)}  # made here: the global generator is shared
+    pairs = {cls.__name__: _pair(cls, 3) for cls in (EinsumOnMaps, CatNet)}  # made here: the global generator is shared
     alone = {name: _work(models, 3) for name, models in pairs.items()}
     einsum, detect = torch.einsum, tp.DependencyGraph._detect_unwrapped_parameters
     concat = tp.dependency.index_mapping.update_concat_index_mapping

@@ -27,7 +27,7 @@ import re
 import signal
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -363,24 +363,32 @@ def _is_shuffle(transpose, consumer: dict) -> bool:
 
 
 @contextmanager
-def _lenient_concat_maps() -> Iterator[None]:
-    """Let Torch-Pruning 1.6 finish building a graph with a concatenation it cannot size (DPN, CSP-Darknet: its
-    own TypeError, summing a None); `_repair_index_maps` then sizes it from the autograd graph."""
-    maps = tp.dependency.index_mapping
-
-    def lenient(graph, node):
-        try:
-            original(graph, node)
-        except TypeError:
-            pass
-
-    with _TP_PATCH:  # the original read under the lock: never another thread's patch
-        original = maps.update_concat_index_mapping
-        maps.update_concat_index_mapping = lenient
+def _patched(owner: object, attr: str, make: Callable) -> Iterator[None]:
+    """`owner.attr` replaced by `make(original)` in the block, under the one lock for Torch-Pruning's patches: the
+    original is read under it too, so it is never another thread's patch, and it is always put back."""
+    with _TP_PATCH:
+        original = getattr(owner, attr)
+        setattr(owner, attr, make(original))
         try:
             yield
         finally:
-            maps.update_concat_index_mapping = original
+            setattr(owner, attr, original)
+
+
+def _lenient_concat_maps():
+    """Let Torch-Pruning 1.6 finish building a graph with a concatenation it cannot size (DPN, CSP-Darknet: its
+    own TypeError, summing a None); `_repair_index_maps` then sizes it from the autograd graph."""
+
+    def lenient(original: Callable) -> Callable:
+        def update(graph, node):
+            try:
+                original(graph, node)
+            except TypeError:
+                pass
+
+        return update
+
+    return _patched(tp.dependency.index_mapping, "update_concat_index_mapping", lenient)
 
 
 def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
@@ -726,22 +734,17 @@ def _from_conv(fn, depth: int = 8) -> bool:
     return False
 
 
-@contextmanager
-def _parameters_on_channels(maps: set[int]) -> Iterator[None]:
+def _parameters_on_channels(maps: set[int]):
     """Torch-Pruning 1.6 with the parameters in `maps` coupled to channels on dim 1."""
-    graph_class = tp.DependencyGraph
 
-    def detect(self, unwrapped_parameters):
-        names, found = original(self, unwrapped_parameters)
-        return names, [type(u)(parameters=u.parameters, pruning_dim=1 if id(u.parameters) in maps else u.pruning_dim) for u in found]
+    def coupled(original: Callable) -> Callable:
+        def detect(self, unwrapped_parameters):
+            names, found = original(self, unwrapped_parameters)
+            return names, [type(u)(parameters=u.parameters, pruning_dim=1 if id(u.parameters) in maps else u.pruning_dim) for u in found]
 
-    with _TP_PATCH:  # the original read under the lock: never another thread's patch
-        original = graph_class._detect_unwrapped_parameters
-        graph_class._detect_unwrapped_parameters = detect
-        try:
-            yield
-        finally:
-            graph_class._detect_unwrapped_parameters = original
+        return detect
+
+    return _patched(tp.DependencyGraph, "_detect_unwrapped_parameters", coupled)
 
 
 def _swaps_last_two(fn) -> bool:
