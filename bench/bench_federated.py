@@ -12,7 +12,8 @@ one round of 30 local epochs (each client's whole training budget, sent once). A
 accuracy, the clients' own (worst, mean, best), seconds and bytes sent both ways go to
 bench/federated-cifar10-jpeg-w16.csv (one row per run and round, replaced when measured again). A run keeps its
 state in <state-dir>/<run>.pt after every round: started again, it goes on from its last round; a finished run is
-skipped. `--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's defaults).
+skipped; `--collect` puts the rounds measured so far in the CSV without running anything. `--quick` runs the digits
+guard instead (3 parties, 2 rounds, each strategy; the App's defaults).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from otfuse.errors import OtfuseError, run_main
-from otfuse.federated import Settings, simulate
+from otfuse.federated import Settings, resumed, simulate
 from otfuse.results import read_rows, upsert_rows
 
 CIFAR10 = "imagefolder:../shared/data/cifar10-jpeg.tar.xz"  # from the project root
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data-dir", default="", help="dataset cache (default: otfuse's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="", help="the CSV (default: bench/federated-<dataset>-w<width>.csv)")
+    p.add_argument("--collect", action="store_true", help="run nothing: put the rounds each run's state holds so far in the CSV")
     args = p.parse_args(argv)
     runs = QUICK if args.quick else {name: RUNS[name] for name in _names(args.runs)}
     clients = 3 if args.quick else CLIENTS
@@ -72,6 +74,11 @@ def main(argv: list[str]) -> int:
             print(f"{name}: done (rows in {out})")
             continue
         state = Path(args.state_dir) / f"{name}.pt"
+        if args.collect:
+            done, _, rows = resumed(str(state))
+            upsert_rows(out, [{"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows], KEY)
+            print(f"{name}: {done} of {settings.rounds} rounds so far")
+            continue
         state.parent.mkdir(parents=True, exist_ok=True)
         run = replace(settings, state=str(state), data_dir=args.data_dir, device=args.device)
         rows = simulate(run, clients)
