@@ -304,3 +304,33 @@ def test_without_flower_the_command_says_how_to_install_it(tmp_path):
     run = subprocess.run([sys.executable, "-m", "otfuse", "federate", "--rounds", "2"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "pip install -e '.[flower]'" in run.stderr, run.stderr
+
+
+def test_clients_are_weighted_by_their_image_counts_as_fedavg_weighs_them(parties):
+    """The strategy's fusion is `fuse()` of the replies, the largest client first, weighted by image counts, the
+    classifier refit by class counts."""
+    from otfuse.fusion import fuse
+
+    settings, data, reference, trained = parties
+    (s1, m1), (s2, m2) = trained
+    fused, _ = _fused(_strategy(parties), _good(parties))
+    order = [(s1, m1), (s2, m2)] if m1["num-examples"] >= m2["num-examples"] else [(s2, m2), (s1, m1)]
+    models = []
+    for state, _ in order:
+        m = reference_model(settings, data)
+        m.load_state_dict(state)
+        models.append(m)
+    cfg = FuseConfig(head="counts", weights=",".join(str(m["num-examples"]) for _, m in order))
+    counts = torch.tensor([m["class-counts"] for _, m in order])
+    direct = fuse(models, data.val_x, data.norm, cfg, class_counts=counts).fused.state_dict()
+    assert all(torch.equal(direct[k], fused[k]) for k in direct)
+
+
+def test_a_shared_start_is_one_model_and_own_starts_differ():
+    """`init = shared`: every client's round-1 start is the server's model; `own`: each its own seed's."""
+    from otfuse.federated import party_config
+
+    shared = [party_config(Settings(init="shared"), p, 3, 1, Path("x.pt")).init_seed for p in (1, 2, 3)]
+    own = [party_config(Settings(init="own"), p, 3, 1, Path("x.pt")).init_seed for p in (1, 2, 3)]
+    assert len(set(shared)) == 1 and shared[0] == Settings().seed and len(set(own)) == 3
+    assert len({party_config(Settings(), p, 3, r, Path("x.pt")).seed for p in (1, 2) for r in (1, 2)}) == 4  # fresh batches each round
