@@ -375,6 +375,33 @@ def parties() -> list[list[str]]:
 
 
 @table
+def fuse_defaults() -> list[list[str]]:
+    """Every fusion option with its default and meaning, from FuseConfig itself (the code, never a copy)."""
+    from otfuse.fusion import FuseConfig
+    from otfuse.options import options_of
+
+    out = [["Option", "Default", "Meaning"]]
+    for o in options_of(FuseConfig):
+        default = f"`{o.default}`" if o.default != "" else "(empty)"
+        out.append([f"`--{o.name.replace('_', '-')}`", default, o.help.replace("|", "/").replace("<", "&lt;") or "-"])
+    return out
+
+
+@table
+def tune_space() -> list[list[str]]:
+    """otfuse tune's search space, from tune.py's CHOICES and RANGES."""
+    from otfuse import tune
+
+    out = [["Option", "Searched over"]]
+    out.append(["`method`", "`--methods` (default: every registered method)"])
+    for name, choices in tune.CHOICES.items():
+        out.append([f"`{name}`", ", ".join(str(c) for c in choices)])
+    for name, (low, high, log) in tune.RANGES.items():
+        out.append([f"`{name}`", f"{low:g} to {high:g}{', log scale' if log else ''}"])
+    return out
+
+
+@table
 def federated() -> list[list[str]]:
     """bench/bench_federated.py: the server's test accuracy after each round, one row per run (every CSV)."""
     found = [r for path in sorted(BENCH.glob("federated-*.csv")) for r in rows(path.name)]

@@ -49,6 +49,20 @@ BN_BATCHES = (25, 50, 100, 200)  # BatchNorm recomputation batches the study may
 REG = (5e-3, 5e-2)  # below 5e-3 Sinkhorn need not converge in its iterations (transport_map refuses such a plan)
 MAX_REFUSED = 5  # refused trials in a row after which the options pinned, not the draws, are what is wrong
 MIX = (0.0, 0.5)  # share of the weight cost mixed into the activation cost
+# the study's choices per option (the method's: --methods); docs/interpolation-and-tuning.md renders them with the ranges
+CHOICES: dict[str, tuple] = {
+    "cost": ("corr", "euclidean"),
+    "point": ("post", "pre", "both"),
+    "n_images": N_IMAGES,
+    "marginals": ("uniform", "importance"),
+    "solver": ("emd", "sinkhorn"),
+    "repair": (False, True),
+    "refit": (False, True),
+    "refit_n_images": N_IMAGES,
+    "bn_batches": BN_BATCHES,
+    "bn_augment": (False, True),
+}
+RANGES: dict[str, tuple[float, float, bool]] = {"mix": (*MIX, False), "reg": (*REG, True), "refit_ridge": (*RIDGE, True)}  # low, high, log
 
 
 @dataclass
@@ -93,25 +107,27 @@ def suggest(
     pick = lambda name, draw: flat[name] if name in fixed else draw(name)
     categorical = lambda choices: lambda name: trial.suggest_categorical(name, choices)
     uniform = lambda low, high, log=False: lambda name: trial.suggest_float(name, low, high, log=log)
+    choose = lambda name: pick(name, categorical(list(CHOICES[name])))
+    draw = lambda name: pick(name, uniform(*RANGES[name][:2], log=RANGES[name][2]))
     method = pick("method", categorical(methods))
     align = replace(base.align, method=method)
     if method == "activation":
-        align.cost = pick("cost", categorical(["corr", "euclidean"]))
-        align.point = pick("point", categorical(["post", "pre", "both"]))
-        align.mix = 0.0 if mixed_widths else pick("mix", uniform(*MIX))
+        align.cost = choose("cost")
+        align.point = choose("point")
+        align.mix = 0.0 if mixed_widths else draw("mix")
     if METHODS[method].needs_images:
-        align.n_images = pick("n_images", categorical(list(N_IMAGES)))
+        align.n_images = choose("n_images")
     if method != "weight-matching":  # weight matching is a hard assignment: masses do not enter it
-        align.marginals = pick("marginals", categorical(["uniform", "importance"]))
-    align.solver = pick("solver", categorical(["emd", "sinkhorn"]))
+        align.marginals = choose("marginals")
+    align.solver = choose("solver")
     if align.solver == "sinkhorn":
-        align.reg = pick("reg", uniform(*REG, log=True))
-    repair = replace(base.repair, enabled=False if other_width else pick("repair", categorical([False, True])))
-    refit = replace(base.refit, enabled=pick("refit", categorical([False, True])))
+        align.reg = draw("reg")
+    repair = replace(base.repair, enabled=False if other_width else choose("repair"))
+    refit = replace(base.refit, enabled=choose("refit"))
     if refit.enabled:
-        refit.ridge = pick("refit_ridge", uniform(*RIDGE, log=True))
-        refit.n_images = pick("refit_n_images", categorical(list(N_IMAGES)))
-    bn = replace(base.bn, batches=pick("bn_batches", categorical(list(BN_BATCHES))), augment=pick("bn_augment", categorical([False, True])))
+        refit.ridge = draw("refit_ridge")
+        refit.n_images = choose("refit_n_images")
+    bn = replace(base.bn, batches=choose("bn_batches"), augment=choose("bn_augment"))
     return replace(base, align=align, bn=bn, repair=repair, refit=refit)
 
 
