@@ -23,12 +23,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from harness import CIFAR10, CIFAR100, HERE, Table, common_options
+
 from otfuse.errors import OtfuseError, run_main
 from otfuse.federated import Settings, resumed, simulate
-from otfuse.results import read_rows, upsert_rows
 
-CIFAR10 = "imagefolder:../shared/data/cifar10-jpeg.tar.xz"  # from the project root
-CIFAR100 = "imagefolder:../shared/data/cifar100-png.tar.xz"
 CLIENTS = 4
 BASE = Settings(
     dataset=CIFAR10,
@@ -61,28 +60,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--quick", action="store_true", help="the digits guard (3 parties, 2 rounds) instead")
     p.add_argument("--state-dir", default="checkpoint/federated", help="each run's rounds done, to resume")
-    p.add_argument("--data-dir", default="", help="dataset cache (default: otfuse's)")
-    p.add_argument("--device", default="auto")
+    common_options(p, out_dir=False)
     p.add_argument("--out", default="", help="the CSV (default: bench/federated-<dataset>-w<width>.csv)")
     p.add_argument("--collect", action="store_true", help="run nothing: put the rounds each run's state holds so far in the CSV")
     args = p.parse_args(argv)
     runs = QUICK if args.quick else {name: RUNS[name] for name in _names(args.runs)}
     clients = 3 if args.quick else CLIENTS
     for name, settings in runs.items():
-        out = Path(args.out or Path(__file__).parent / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv"))
-        if sum(r["run"] == name for r in read_rows(out)) == settings.rounds + 1:
-            print(f"{name}: done (rows in {out})")
+        table = Table(Path(args.out or HERE / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv")), KEY)
+        if sum(r["run"] == name for r in table.rows) == settings.rounds + 1:
+            print(f"{name}: done (rows in {table.path})")
             continue
         state = Path(args.state_dir) / f"{name}.pt"
         if args.collect:
             done, _, rows = resumed(str(state))
-            upsert_rows(out, [{"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows], KEY)
+            table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
             print(f"{name}: {done} of {settings.rounds} rounds so far")
             continue
         state.parent.mkdir(parents=True, exist_ok=True)
-        run = replace(settings, state=str(state), data_dir=args.data_dir, device=args.device)
+        run = replace(settings, state=str(state), data_dir=args.data_dir or "", device=args.device)
         rows = simulate(run, clients)
-        upsert_rows(out, [{"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows], KEY)
+        table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
         print(f"{name}: " + ", ".join(f"round {r['round']} {r['test_acc']}" for r in rows), flush=True)
     return 0
 

@@ -22,11 +22,12 @@ whose rows are there is skipped, so a stopped sweep resumes. Choose recipes on `
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import Table, common_options
 
 from otfuse.checkpoints import fused_meta, load_checkpoint, save_checkpoint
 from otfuse.errors import OtfuseError, run_main
@@ -35,7 +36,6 @@ from otfuse.inputs import FusionInputs, fusion_inputs, target_model
 from otfuse.options import flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.results import bench_stem
-from otfuse.storage import atomic_write_csv
 from otfuse.train import FINETUNE, TrainConfig, finetune
 from otfuse.transplant import pruned, transplant
 
@@ -60,9 +60,7 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--run", action="append", default=[], help='"starts: options", e.g. "fused,seed0: epochs=2 lr=0.02" (repeatable; default: the grid)'
     )
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    common_options(p)
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -76,15 +74,13 @@ def main(argv: list[str]) -> int:
             )
         runs = [parse_run(r) for r in args.run] or [parse_run(f"{s}: {o}") for s, o in GRID]
         meta = metas[0]
-        out = Path(args.out_dir) / f"finetune-{bench_stem(meta, data)}.csv"
-        rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
-        done = {(r["start"], r["options"]) for r in rows}
+        table = Table(Path(args.out_dir) / f"finetune-{bench_stem(meta, data)}.csv", ("start", "options", "epoch", "split"), FIELDS)
         with tempfile.TemporaryDirectory() as tmp:
             paths = {"fused": fused, f"seed{metas[0]['seed']}": a, f"seed{metas[1]['seed']}": b}
             for starts, options in runs:
                 opts = " ".join(f"{k}={v}" for k, v in sorted(options.items()))
                 for start in starts:
-                    if (start, opts) in done:
+                    if table.has(start=start, options=opts):
                         continue
                     if start not in paths:
                         made = made_start(start, inputs, Path(tmp) / f"{start}.pt")
@@ -115,14 +111,15 @@ def main(argv: list[str]) -> int:
                     }
                     # epoch 0: the start itself, measured by the run's keep-start check
                     before = [{"epoch": 0, "val_acc": ck_meta["start_val_acc"]}] if "start_val_acc" in ck_meta else []
-                    rows += [{**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in before + history]
-                    rows.append({**common, "epoch": history[-1]["epoch"], "split": "test", "acc": f"{history[-1]['test_acc']:.2f}"})
-                    atomic_write_csv(out, rows, FIELDS)
+                    table.put(
+                        *({**common, "epoch": h["epoch"], "split": "val", "acc": f"{h['val_acc']:.2f}"} for h in before + history),
+                        {**common, "epoch": history[-1]["epoch"], "split": "test", "acc": f"{history[-1]['test_acc']:.2f}"},
+                    )
                     print(
                         f"{start:<8} {opts:<70} val {history[-1]['val_acc']:.2f} test {history[-1]['test_acc']:.2f} ({seconds:.0f} s)",
                         flush=True,
                     )
-        print(f"wrote {out}")
+        print(f"wrote {table.path}")
         return 0
 
     return run_main(run)

@@ -15,18 +15,18 @@ The defaults of `FuseConfig` were chosen from these tables (docs/defaults.md).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from pathlib import Path
+
+from harness import Table, common_options
 
 from otfuse.errors import run_main
 from otfuse.fusion import FuseConfig
 from otfuse.inputs import fusion_inputs
 from otfuse.options import build, flatten, parse_assignments
 from otfuse.results import bench_stem
-from otfuse.storage import atomic_write_csv
 from otfuse.tune import val_accuracy
 
 # one change from the defaults per row
@@ -62,12 +62,10 @@ CHANGES = [
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs=2)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
+    common_options(p)
     p.add_argument("--only", action="append", default=[], help="measure only these changes (repeatable)")
     p.add_argument("--base", default="", help="changes applied to every row, e.g. refit=False")
     p.add_argument("--name", default="", help="suffix of the table's file name")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -81,12 +79,10 @@ def main(argv: list[str]) -> int:
         seeds = "-".join(str(m.get("seed")) for m in metas)
         defaults = json.dumps(flatten(build(FuseConfig, base)), sort_keys=True)
         name = f"-{args.name}" if args.name else ""
-        out = Path(args.out_dir) / f"knobs-{bench_stem(meta, data)}{name}.csv"
-        rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
-        done = {(r["change"], r.get("seeds"), r.get("defaults")) for r in rows}
+        table = Table(Path(args.out_dir) / f"knobs-{bench_stem(meta, data)}{name}.csv", ("change", "seeds", "defaults"))
         for change in changes:
             label = ",".join(f"{k}={v}" for k, v in change.items()) or "defaults"
-            if (label, seeds, defaults) in done:
+            if table.has(change=label, seeds=seeds, defaults=defaults):
                 continue
             cfg = build(FuseConfig, {**base, **change})
             t0 = time.perf_counter()
@@ -102,14 +98,13 @@ def main(argv: list[str]) -> int:
                 "seconds": f"{time.perf_counter() - t0:.1f}",
                 "defaults": defaults,
             }
-            rows.append(r)
-            atomic_write_csv(out, rows, list(r))
+            table.put(r)
             print(
                 f"{r['change']:<36} val {r['val_accuracy']:>6}%  agrees with A/B {r['agree_model1']}/{r['agree_model2']}%"
                 f"  {r['seconds']:>6} s",
                 flush=True,
             )
-        print(f"wrote {out}")
+        print(f"wrote {table.path}")
         return 0
 
     return run_main(run)

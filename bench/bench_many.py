@@ -14,10 +14,11 @@ phase. The plot, results/many-<dataset>[-<arch>]-w<width>.png, shows accuracy ag
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
+
+from harness import Table, common_options
 
 from otfuse.errors import OtfuseError, run_main
 from otfuse.inputs import fusion_inputs
@@ -25,7 +26,6 @@ from otfuse.options import flatten
 from otfuse.plots import many_figure, save_figure
 from otfuse.report import fusion_table
 from otfuse.results import bench_stem
-from otfuse.storage import atomic_write_csv
 
 FIELDS = [
     "k",
@@ -51,9 +51,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--split", default="test", choices=["val", "test"])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    common_options(p)
     p.add_argument("--results-dir", default="results")
     args = p.parse_args(argv)
 
@@ -63,11 +61,10 @@ def main(argv: list[str]) -> int:
         inputs = fusion_inputs(args.checkpoints, data_dir=args.data_dir, device=args.device, same_width=True)
         suffix = "" if args.split == "test" else f"-{args.split}"
         stem = f"many-{bench_stem(inputs.metas[0], inputs.data)}{suffix}"
-        out = Path(args.out_dir) / f"{stem}.csv"
-        rows = list(csv.DictReader(out.open(newline=""))) if out.is_file() else []
+        table = Table(Path(args.out_dir) / f"{stem}.csv", ("seeds", "split"), FIELDS)
         for k in range(2, len(args.checkpoints) + 1):
             seeds = "-".join(str(m.get("seed")) for m in inputs.metas[:k])
-            if any(r["seeds"] == seeds and r["split"] == args.split for r in rows):
+            if table.has(seeds=seeds, split=args.split):
                 continue
             t0 = time.perf_counter()
             fusion, acc = fusion_table(inputs.models[:k], inputs.data, inputs.cfg, args.split, progress=True)
@@ -88,12 +85,11 @@ def main(argv: list[str]) -> int:
                 "dataset": inputs.data.slug,
                 "options": flatten(inputs.cfg),
             }
-            rows.append(row)
-            atomic_write_csv(out, rows, FIELDS)
+            table.put(row)
             print(f"k={k} ({time.perf_counter() - t0:.0f} s): " + ", ".join(f"{c} {row[c]}" for c in FIELDS[3:11]), flush=True)
         title = f"{inputs.data.slug}, {inputs.metas[0]['arch']} w{inputs.metas[0]['width']}: k models fused into one ({args.split})"
-        save_figure(many_figure([r for r in rows if r["split"] == args.split], title), Path(args.results_dir) / f"{stem}.png")
-        print(f"wrote {out}")
+        save_figure(many_figure([r for r in table.rows if r["split"] == args.split], title), Path(args.results_dir) / f"{stem}.png")
+        print(f"wrote {table.path}")
         return 0
 
     return run_main(run)

@@ -26,15 +26,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import CIFAR10, CIFAR100, Table, common_options, trained
+
 from otfuse.errors import OtfuseError, run_main
 from otfuse.inputs import fusion_inputs
 from otfuse.options import flatten
 from otfuse.report import fusion_table
-from otfuse.results import read_rows, upsert_rows
-from otfuse.train import TrainConfig, train
-
-CIFAR10 = "imagefolder:../shared/data/cifar10-jpeg.tar.xz"  # from the project root
-CIFAR100 = "imagefolder:../shared/data/cifar100-png.tar.xz"
 
 
 @dataclass(frozen=True)
@@ -80,9 +77,10 @@ KEY = ("setting", "variant", "split")
 
 def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, progress: bool) -> list[Path]:
     """Train (or resume, or find finished) the setting's K parties: party i is --party i of the partition, seed 0."""
-    out = []
-    for i in range(1, s.parties + 1):
-        cfg = TrainConfig(
+    return [
+        trained(
+            f"{name}: party {i} of {s.parties}",
+            progress,
             dataset=s.dataset,
             width=s.width,
             epochs=s.epochs,
@@ -92,22 +90,18 @@ def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, p
             party=i,
             alpha=s.alpha,
             init_seed=-1 if s.init == "shared" else 1000 + i,
-            resume=True,
             out=str(checkpoint_dir / name / f"party{i}.pt"),
-            **({"data_dir": data_dir} if data_dir else {}),
+            data_dir=data_dir,
         )
-        t0 = time.perf_counter()
-        out.append(train(cfg, progress=progress))
-        if progress:
-            print(f"{name}: party {i} of {s.parties} ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return out
+        for i in range(1, s.parties + 1)
+    ]
 
 
 def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argparse.Namespace) -> dict | None:
     """One row: the setting's parties fused with the variant's options, every model measured on --split."""
     inputs = fusion_inputs(paths, dict(VARIANTS[variant]), data_dir=args.data_dir, device=args.device)
-    out = Path(args.out_dir) / f"parties-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv"
-    if any((r["setting"], r["variant"], r["split"]) == (name, variant, args.split) for r in read_rows(out)):
+    table = Table(Path(args.out_dir) / f"parties-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv", KEY)
+    if table.has(setting=name, variant=variant, split=args.split):
         return None
     t0 = time.perf_counter()
     baselines = variant == "default"  # vanilla averaging and its refit do not depend on the variant: measured once
@@ -141,7 +135,7 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         "seconds": f"{time.perf_counter() - t0:.0f}",
         "options": json.dumps(flatten(inputs.cfg), sort_keys=True),
     }
-    upsert_rows(out, [row], KEY)
+    table.put(row)
     print(
         f"{name} {variant} ({args.split}): "
         + ", ".join(f"{k} {row.get(k, '-')}" for k in ("best_party", "ensemble", "vanilla_bn", "fused"))
@@ -155,9 +149,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--split", default="val", choices=("val", "test"), help="val: to choose the default; test: to report")
     p.add_argument("--checkpoint-dir", default="checkpoint/parties")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    common_options(p)
     args = p.parse_args(argv)
 
     def run() -> int:

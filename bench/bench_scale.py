@@ -17,10 +17,11 @@ Rows go to bench/scale-<dataset>[-<arch>]-w<width>[-<split>].csv (no arch for re
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
+
+from harness import Table, common_options
 
 from otfuse.align import METHODS
 from otfuse.checkpoints import fused_meta, save_checkpoint
@@ -32,7 +33,7 @@ from otfuse.options import build, flatten, parse_assignments
 from otfuse.precision import resolve_precision
 from otfuse.report import fusion_table
 from otfuse.results import bench_stem
-from otfuse.storage import atomic_write_csv, writable_file
+from otfuse.storage import writable_file
 
 PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation")
 FIELDS = [
@@ -64,9 +65,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--methods", default=",".join(METHODS), help="methods with a row of their own (the first is the default row's)")
     p.add_argument("--base", default="", help="options for every row, e.g. refit_n_images=2000 (default: the defaults)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    common_options(p)
     p.add_argument("--save", default="", help="also save the default fusion as a checkpoint (for otfuse finetune)")
     args = p.parse_args(argv)
 
@@ -80,24 +79,22 @@ def main(argv: list[str]) -> int:
         precision = resolve_precision(inputs.cfg.precision, next(models[0].parameters()).device)
         meta = metas[0]
         suffix = "" if args.split == "test" else f"-{args.split}"
-        out = Path(args.out_dir) / f"scale-{bench_stem(meta, data)}{suffix}.csv"
         # rows of earlier runs stay; a row already there for this precision is skipped (a stopped run resumes)
-        rows = [r for r in (csv.DictReader(out.open()) if out.is_file() else []) if r.get("precision")]
-        done = {(r["row"], r["precision"]) for r in rows}
+        table = Table(Path(args.out_dir) / f"scale-{bench_stem(meta, data)}{suffix}.csv", ("row", "precision"), FIELDS)
+        done = lambda row: table.has(row=row, precision=precision)
         options = flatten(build(FuseConfig, base))
         x, y = data.split(args.split)
 
         def record(row: dict) -> None:
-            rows.append({**row, "precision": precision, "split": args.split, "dataset": data.slug, "options": options})
-            atomic_write_csv(out, rows, FIELDS)
+            table.put({**row, "precision": precision, "split": args.split, "dataset": data.slug, "options": options})
             print(_line(row), flush=True)
 
         if args.save:
             writable_file(Path(args.save), "--save")
-        if ("default", precision) not in done or args.save:
+        if not done("default") or args.save:
             cfg = build(FuseConfig, {**base, "method": methods[0]})
             fusion, acc = fusion_table(models, data, cfg, args.split, progress=True)
-            if ("default", precision) not in done:
+            if not done("default"):
                 record(
                     {
                         "row": "default",
@@ -120,7 +117,7 @@ def main(argv: list[str]) -> int:
                 )
         parent = None  # the parents' logits, for the other rows' agreement: computed once, when a row needs them
         for method in methods[1:]:
-            if (method, precision) in done:
+            if done(method):
                 continue
             cfg = build(FuseConfig, {**base, "method": method})
             result = fuse(models, data.train_x, data.norm, cfg, progress=True)
@@ -137,7 +134,7 @@ def main(argv: list[str]) -> int:
             result.seconds["evaluation"] = time.perf_counter() - t1
             row.update({f"s_{k}": f"{result.seconds.get(k, 0.0):.1f}" for k in PHASES})
             record(row)
-        print(f"wrote {out} ({time.perf_counter() - t0:.0f} s in all)")
+        print(f"wrote {table.path} ({time.perf_counter() - t0:.0f} s in all)")
         return 0
 
     return run_main(run)

@@ -16,7 +16,6 @@ after a warm-up, so other work on the machine lowers it less.
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from harness import Table, common_options
 from torch import nn
 
 from otfuse.checkpoints import pick_device
@@ -33,7 +33,6 @@ from otfuse.fusion import fuse
 from otfuse.inputs import fusion_inputs
 from otfuse.models import build_model
 from otfuse.precision import autocast, channels_last, cpu_flags, memory_format, resolve_precision
-from otfuse.storage import atomic_write_csv
 
 FIELDS = ["what", "width", "precision", "value", "unit", "machine", "torch", "threads"]
 INFER_BATCH, TRAIN_BATCH = 250, 128  # images
@@ -93,21 +92,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--widths", default="16,64")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    common_options(p)
     args = p.parse_args(argv)
 
     def run() -> int:
         device = pick_device(args.device)
         machine = machine_name(device)
-        out = Path(args.out_dir) / f"speed-{machine}.csv"
-        rows = list(csv.DictReader(out.open())) if out.is_file() else []
-        done = {(r["what"], r["width"], r["precision"]) for r in rows}
+        table = Table(Path(args.out_dir) / f"speed-{machine}.csv", ("what", "width", "precision"), FIELDS)
         precisions = [resolve_precision(q, device) for q in args.precisions.split(",") if q]
 
         def record(what: str, width: int, precision: str, value: float, unit: str) -> None:
-            rows.append(
+            table.put(
                 {
                     "what": what,
                     "width": width,
@@ -119,11 +114,10 @@ def main(argv: list[str]) -> int:
                     "threads": torch.get_num_threads(),
                 }
             )
-            atomic_write_csv(out, rows, FIELDS)
             print(f"{what:<20} w{width:<3} {precision:<5} {value:9.1f} {unit}", flush=True)
 
         def todo(what: str, width: int, precision: str) -> bool:
-            return (what, str(width), precision) not in done
+            return not table.has(what=what, width=width, precision=precision)
 
         for width in (int(w) for w in args.widths.split(",") if w):
             for precision in precisions:
@@ -161,7 +155,7 @@ def main(argv: list[str]) -> int:
                         check=True,
                     )
                     record("table", width, precision, time.perf_counter() - t0, "s")
-        print(f"wrote {out}")
+        print(f"wrote {table.path}")
         return 0
 
     return run_main(run)

@@ -27,19 +27,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import CIFAR10, CIFAR100, Table, common_options, trained
+
 from otfuse.data import load_dataset
 from otfuse.errors import OtfuseError, run_main
 from otfuse.inputs import fusion_inputs
 from otfuse.options import flatten
 from otfuse.partial import chosen_cuts, partial_rows
 from otfuse.report import fusion_table
-from otfuse.results import read_rows
-from otfuse.storage import atomic_write_csv
 from otfuse.sweep import write_partial
-from otfuse.train import TrainConfig, train
-
-CIFAR10 = "imagefolder:../shared/data/cifar10-jpeg.tar.xz"  # from the project root
-CIFAR100 = "imagefolder:../shared/data/cifar100-png.tar.xz"
 
 
 @dataclass(frozen=True)
@@ -59,6 +55,7 @@ SETTINGS = {
     "digits-5+5": Setting("digits", 8, 10, "disjoint"),  # a quick guard (and the test's), not in the default list
 }
 CUTS = "input,bn1,layer1.1,layer2.1,layer3.0,layer3.1,layer4.0,layer4.1,fc"  # ResNet18's stage ends, and block by block late
+KEY = ("setting", "method", "fusion_data")
 DEFAULT = ("cifar10-5+5", "cifar10-biased", "cifar100-50+50", "cifar100-biased")
 RUNS = [("activation", "union"), ("activation", "model1"), ("weight", "union")]  # (method, fusion data) per setting
 COLUMNS = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair", "fused")
@@ -83,24 +80,21 @@ def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, p
     """Train (or resume, or find finished) party A (seed 0, the first half of the classes) and party B (seed 1)."""
     n = load_dataset(s.dataset, data_dir).num_classes
     halves = [f"0-{n // 2 - 1}", f"{n // 2}-{n - 1}"]
-    out = []
-    for seed, classes in enumerate(halves):
-        cfg = TrainConfig(
+    return [
+        trained(
+            f"{name}: party {'AB'[seed]} ({classes})",
+            progress,
             dataset=s.dataset,
             width=s.width,
             epochs=s.epochs,
             seed=seed,
             classes=classes,
             bias=1.0 if s.split == "disjoint" else s.bias,
-            resume=True,
             out=str(checkpoint_dir / name / f"seed{seed}-c{classes}.pt"),
-            **({"data_dir": data_dir} if data_dir else {}),
+            data_dir=data_dir,
         )
-        t0 = time.perf_counter()
-        out.append(train(cfg, progress=progress))
-        if progress:
-            print(f"{name}: party {'AB'[seed]} ({classes}) ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return out
+        for seed, classes in enumerate(halves)
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -110,9 +104,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cuts", default=CUTS, help="the partial merges' cuts: modules, comma-separated, or all (every cut of the model)")
     p.add_argument("--checkpoint-dir", default="checkpoint/split")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", default=str(Path(__file__).parent))
+    common_options(p)
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -135,9 +127,8 @@ def main(argv: list[str]) -> int:
 def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: str, args: argparse.Namespace) -> None:
     """One row of bench/split-<dataset>-w<width>.csv: the fusion of the setting's parties with `method` on `fusion_data`."""
     inputs = fusion_inputs(paths, {"method": method, "fusion_data": fusion_data}, data_dir=args.data_dir, device=args.device)
-    out = Path(args.out_dir) / f"split-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv"
-    rows = read_rows(out)
-    if any((r["setting"], r["method"], r["fusion_data"]) == (name, method, fusion_data) for r in rows):
+    table = Table(Path(args.out_dir) / f"split-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv", KEY, FIELDS)
+    if table.has(setting=name, method=method, fusion_data=fusion_data):
         return
     t0 = time.perf_counter()
     _, acc = fusion_table(
@@ -156,7 +147,7 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
         "dataset": inputs.data.slug,
         "options": flatten(inputs.cfg),
     }
-    atomic_write_csv(out, rows + [row], FIELDS)
+    table.put(row)
     print(
         f"{name} {method} on {fusion_data}: "
         + ", ".join(f"{k} {row[k]}" for k in ("model1", "model2", "ensemble", "vanilla_refit", "fused_average", "fused_repair", "fused")),

@@ -19,17 +19,16 @@ models' rows are replaced and the others kept. timm rows name the model's family
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torchvision
+from harness import HERE, Table
 
 from otfuse.errors import OtfuseError
 from otfuse.maps import channel_groups, permute, random_maps
-from otfuse.storage import atomic_write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize_bn, randomize_constants  # noqa: E402  (the tests' own randomisers: one way to do it)
@@ -139,7 +138,6 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds channel_groups may take per model (default: 120)")
     p.add_argument("--out", default="", help="default: bench/zoo-<source>.csv")
     args = p.parse_args()
-    out = Path(args.out or Path(__file__).parent / f"zoo-{args.source}.csv")
     every = SOURCES[args.source] or torchvision.models.list_models(module=torchvision.models)
     size = args.size or (None if args.source in OWN_SIZE else 224)
     names = [n for n in args.only.split(",") if n] or every
@@ -158,16 +156,14 @@ def main() -> int:
         "message",
     ]
     # rows of models not rerun are kept: a stopped run, or one with --only, leaves the others as they were
-    kept = [r for r in csv.DictReader(out.open(newline="")) if r["model"] in every] if out.is_file() else []
-    rows = []
+    table = Table(Path(args.out or HERE / f"zoo-{args.source}.csv"), ("model",), fields)
     for name in names:
-        rows.append(check(args.source, name, size, args.time_limit))
-        r = rows[-1]
+        r = check(args.source, name, size, args.time_limit)
+        table.put(r)
         print(f"{name:<22} {r['result']:<8} {r.get('rel_error', ''):>8} {r['total_s']:>6} s  {r['message'][:110]}", flush=True)
-        fresh = {r2["model"] for r2 in rows}
-        atomic_write_csv(out, sorted([r2 for r2 in kept if r2["model"] not in fresh] + rows, key=lambda r2: r2["model"]), fields)
-    rows = list(csv.DictReader(out.open(newline="")))
-    print(f"wrote {out}: " + ", ".join(f"{k} {sum(r['result'] == k for r in rows)}" for k in ("exact", "refused", "crash", "WRONG")))
+    table.rewrite(sorted((r for r in table.rows if r["model"] in every), key=lambda r: r["model"]))
+    rows = table.rows
+    print(f"wrote {table.path}: " + ", ".join(f"{k} {sum(r['result'] == k for r in rows)}" for k in ("exact", "refused", "crash", "WRONG")))
     return 0 if not any(r["result"] in ("crash", "WRONG") for r in rows) else 1
 
 

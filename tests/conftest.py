@@ -121,7 +121,11 @@ def assert_default_fusion_returns_model(model, data):
 
 
 def bench_module(name: str):
-    """A script of bench/ imported as a module (registered, so its dataclasses resolve their annotations)."""
+    """A script of bench/ imported as a module (registered, so its dataclasses resolve their annotations), with
+    bench/ on the import path as when it runs (its shared `harness`)."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
