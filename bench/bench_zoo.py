@@ -161,7 +161,7 @@ def main() -> int:
         r = check(args.source, name, size, args.time_limit)
         table.put(r)
         print(f"{name:<22} {r['result']:<8} {r.get('rel_error', ''):>8} {r['total_s']:>6} s  {r['message'][:110]}", flush=True)
-    table.rewrite(sorted((r for r in table.rows if r["model"] in every), key=lambda r: r["model"]))
+    table.rewrite(sorted((r for r in table.rows if r["model"] in every or r["model"] in names), key=lambda r: r["model"]))
     rows = table.rows
     print(f"wrote {table.path}: " + ", ".join(f"{k} {sum(r['result'] == k for r in rows)}" for k in ("exact", "refused", "crash", "WRONG")))
     return 0 if not any(r["result"] in ("crash", "WRONG") for r in rows) else 1
