@@ -7,13 +7,14 @@
 
 A run is K = 4 CIFAR-10 (JPEG copy) parties of a Dirichlet(alpha) split, width 16, all from one shared start, and a
 strategy: `otfusion` (the server fuses the clients' models on CIFAR-100's training images, a public set no client
-holds, as FedDF does), Flower's `fedavg` or `fedprox` (mu 0.01), for 10 rounds of 3 local epochs; `oneshot-*` runs
-one round of 30 local epochs (each client's whole training budget, sent once). After every round the server's test
-accuracy, the clients' own (worst, mean, best), seconds and bytes sent both ways go to
-bench/federated-cifar10-jpeg-w16.csv (one row per run and round, replaced when measured again). A run keeps its
-state in <state-dir>/<run>.pt after every round: started again, it goes on from its last round; a finished run is
-skipped; `--collect` puts the rounds measured so far in the CSV without running anything. `--quick` runs the digits
-guard instead (3 parties, 2 rounds, each strategy; the App's defaults).
+holds, as FedDF does; `-global`: each aligned onto the round's start, not the largest client), Flower's `fedavg` or
+`fedprox` (mu 0.01), for 10 rounds of 3 local epochs; `oneshot-*` runs one round of 30 local epochs (each client's
+whole training budget, sent once). After every round the server's test accuracy, the clients' own (worst, mean,
+best), seconds and bytes sent both ways go to bench/federated-cifar10-jpeg-w16.csv (one row per run and round,
+replaced when measured again). A run keeps its state in <state-dir>/<run>.pt after every round: started again, it
+goes on from its last round; a finished run is skipped; `--collect` puts the rounds measured so far in the CSV
+without running anything. `--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's
+defaults).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ RUNS = {
     for alpha in (0.5, 0.1)
     for strategy in ("otfusion", "fedavg", "fedprox")
 }
+RUNS.update({f"dir{alpha:g}-otfusion-global": replace(BASE, alpha=alpha, anchor="global") for alpha in (0.5, 0.1)})
 RUNS.update(
     {
         f"dir{alpha:g}-oneshot-{s}": replace(BASE, alpha=alpha, strategy=s, rounds=1, local_epochs=30)
@@ -52,6 +54,7 @@ RUNS.update(
     }
 )
 QUICK = {f"digits-{s}": Settings(width=8, rounds=2, local_epochs=3, min_clients=3, strategy=s) for s in ("otfusion", "fedavg", "fedprox")}
+QUICK["digits-otfusion-global"] = Settings(width=8, rounds=2, local_epochs=3, min_clients=3, anchor="global")
 KEY = ("run", "round")
 
 

@@ -334,3 +334,31 @@ def test_a_shared_start_is_one_model_and_own_starts_differ():
     own = [party_config(Settings(init="own"), p, 3, 1, Path("x.pt")).init_seed for p in (1, 2, 3)]
     assert len(set(shared)) == 1 and shared[0] == Settings().seed and len(set(own)) == 3
     assert len({party_config(Settings(), p, 3, r, Path("x.pt")).seed for p in (1, 2) for r in (1, 2)}) == 4  # fresh batches each round
+
+
+def test_anchor_global_aligns_every_client_onto_the_rounds_start(parties):
+    """A client sending the round's start with its channels permuted, and one sending the start as it is: aligned onto
+    the start (`anchor = global`, weight 0) both are the start, so the fusion is the start; aligned onto the largest
+    client (the permuted one), the fusion is the permuted start: the same function, channels in the client's order."""
+    from otfuse.maps import channel_groups, permute, random_maps
+    from otfuse.options import build
+
+    settings, data, reference, trained = parties
+    start = reference_model(settings, data)
+    start.load_state_dict(trained[0][0])
+    x = torch.zeros(1, *data.train_x.shape[1:])
+    permuted = permute(start, (groups := channel_groups(start, x)), random_maps(groups, seed=5)).state_dict()
+    metrics = trained[0][1]
+    more = [c + (i == 0) for i, c in enumerate(metrics["class-counts"])]
+    bigger = {**metrics, "num-examples": metrics["num-examples"] + 1, "class-counts": more}
+    cfg = build(FuseConfig, {"refit": False, "bn_batches": 0})
+    results = {}
+    for anchor in ("global", "largest"):
+        strategy = OTFusion(reference, data.val_x, data.norm, cfg, min_train_nodes=2, most=len(data.train_y), anchor=anchor)
+        strategy.round_start = {k: v.clone() for k, v in start.state_dict().items()}  # as configure_train records it
+        results[anchor], _ = _fused(strategy, [_reply(permuted, bigger, 11), _reply(start.state_dict(), metrics, 12)])
+    own = start.state_dict()
+    floats = [k for k, v in own.items() if v.is_floating_point()]
+    assert all(torch.allclose(results["global"][k], own[k], atol=1e-6) for k in floats)
+    assert all(torch.allclose(results["largest"][k], permuted[k], atol=1e-6) for k in floats)
+    assert not all(torch.allclose(permuted[k], own[k]) for k in floats)

@@ -60,6 +60,7 @@ FUSION_DATA = "held-out | union | public:<dataset>"
 # a trained network's weights and BatchNorm statistics are far below this; larger values are a broken or hostile model
 MAX_WEIGHT = 1e6
 CLIENT_ACCS = ("worst", "mean", "best")
+ANCHORS = ("largest", "global")
 LOG = logging.getLogger("flwr")  # Flower's own log: its console handler shows these lines beside its own
 
 
@@ -84,6 +85,7 @@ class Settings:
     proximal_mu: float = 0.01  # fedprox's
     fusion_data: str = "held-out"  # the server's images: the validation split no client trains on | union (the oracle) | public:<dataset>
     weighted: bool = True  # clients weighted by their image counts in the average, as FedAvg weighs them
+    anchor: str = "largest"  # the model the clients are aligned onto: the largest client's | global (the round's start, weight 0)
     head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
@@ -99,6 +101,8 @@ class Settings:
             raise OtfuseError(f"strategy {self.strategy!r}: use {' | '.join(STRATEGIES)}")
         if self.init not in ("shared", "own"):
             raise OtfuseError(f"init {self.init!r}: use shared or own")
+        if self.anchor not in ANCHORS:
+            raise OtfuseError(f"anchor {self.anchor!r}: use {' or '.join(ANCHORS)}")
         if not (self.fusion_data in ("held-out", "union") or self.fusion_data.startswith("public:")):
             raise OtfuseError(f"fusion-data {self.fusion_data!r}: use {FUSION_DATA}")
         for name, ok in (("rounds", self.rounds >= 1), ("local-epochs", self.local_epochs >= 1), ("min-clients", self.min_clients >= 1)):
@@ -268,19 +272,29 @@ class OTFusion(FedAvg):
     `images` (uint8, normalised by `norm`), clients weighted by their image counts where `weighted`."""
 
     def __init__(
-        self, reference: nn.Module, images: torch.Tensor, norm: tuple, cfg: FuseConfig, weighted: bool = True, most: int = 10**9, **kwargs
+        self,
+        reference: nn.Module,
+        images: torch.Tensor,
+        norm: tuple,
+        cfg: FuseConfig,
+        weighted: bool = True,
+        most: int = 10**9,
+        anchor: str = "largest",
+        **kwargs,
     ):
         super().__init__(**{"train_metrics_aggr_fn": client_summary, **kwargs})  # Flower's own trusts every reply's metrics
         self.reference = copy.deepcopy(reference).cpu().eval()
         self.state = {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
         self.num_classes = _classes_of(self.reference)
-        self.images, self.norm, self.cfg, self.weighted, self.most = images, norm, cfg, weighted, most
+        self.images, self.norm, self.cfg, self.weighted, self.most, self.anchor = images, norm, cfg, weighted, most, anchor
+        self.round_start: dict[str, torch.Tensor] | None = None  # the round's global model, as sent
         self.left_out: dict[int, list[str]] = {}  # round -> the lines of the clients left out
         self.sampled: dict[int, list[int]] = {}  # round -> the nodes asked to train
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> list[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        self.round_start = arrays.to_torch_state_dict()
         return messages
 
     def _leave_out(self, server_round: int, node: int, why: str) -> None:
@@ -310,13 +324,18 @@ class OTFusion(FedAvg):
                 f"({len(replies)} replied); the run ends"
             )
         order = sorted(range(len(models)), key=lambda i: -sizes[i])  # the largest client is the one the others align to
-        cfg = replace(self.cfg, weights=",".join(str(sizes[i]) for i in order) if self.weighted else self.cfg.weights)
+        ordered, counts = [models[i] for i in order], [counts[i] for i in order]
+        weights = [str(sizes[i]) if self.weighted else "1" for i in order]  # not weighted: equal
+        if self.anchor == "global" and self.round_start is not None:  # every client aligned onto the round's start, adding nothing
+            start = copy.deepcopy(self.reference)
+            start.load_state_dict(self.round_start)
+            ordered, weights, counts = [start, *ordered], ["0", *weights], [torch.zeros_like(counts[0]), *counts]
+        cfg = replace(self.cfg, weights=",".join(weights))
         device = self.images.device
         t0 = time.time()
         from otfuse.fusion import fuse
 
-        ordered = [models[i].to(device) for i in order]
-        fusion = fuse(ordered, self.images, self.norm, cfg, class_counts=torch.stack([counts[i] for i in order]))
+        fusion = fuse([m.to(device) for m in ordered], self.images, self.norm, cfg, class_counts=torch.stack(counts))
         state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
         summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
         metrics = {**summary, "clients": len(models), "left-out": len(replies) - len(models), "fusion-seconds": time.time() - t0}
@@ -373,7 +392,7 @@ def strategy_for(
         return FedProx(proximal_mu=settings.proximal_mu, **common)
     images = server_images(settings, data).to(device)
     cfg = fuse_config(settings, run_config)
-    return OTFusion(reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), **common)
+    return OTFusion(reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), settings.anchor, **common)
 
 
 def _rounded(value: Any) -> float | str:
