@@ -13,7 +13,7 @@ from torch import nn
 from otfuse.errors import OtfuseError, run_main
 from otfuse.maps import channel_groups, permute, random_maps
 
-from conftest import METHODS, EinsumOnMaps, assert_default_fusion_returns_model, assert_returns_model, random_data
+from conftest import METHODS, EinsumOnMaps, assert_default_fusion_returns_model, assert_returns_model, random_data, randomize_bn
 
 
 class PositionMap(nn.Module):
@@ -260,3 +260,38 @@ def test_the_default_fusion_with_refit_returns_the_model(model):
     torch.manual_seed(0)
     data = random_data((3, 6, 6) if model is not LinearMaxout else (3, 2, 2))
     assert_default_fusion_returns_model(model().eval(), data)
+
+
+class SeparableAttention(nn.Module):
+    """Separable self-attention (MobileViTv2's): one 1 x 1 conv makes one context-score channel and d keys and d
+    values; the scores, softmaxed over the tokens, are broadcast over the keys, summed into a context vector that
+    gates the values. Key i goes with value i; the score channel goes with no other."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.d = d
+        self.c, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.qkv, self.out = nn.Conv2d(8, 1 + 2 * d, 1), nn.Conv2d(d, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c(x)))
+        q, k, v = self.qkv(x).split([1, self.d, self.d], dim=1)  # rows as patches, columns as tokens: (B, C, P, N)
+        context = (k * q.softmax(-1)).sum(-1, keepdim=True)
+        y = self.out(F.relu(v) * context.expand_as(v))
+        return self.fc((x + y).mean((2, 3)))
+
+
+def test_separable_self_attention_groups_keys_with_values_and_the_score_channel_alone():
+    """A one-channel tensor broadcast over C channels shares no channel with them: the keys and values form one group
+    of d channels (two positions each in the conv that makes them), the score channel a group of its own."""
+    torch.manual_seed(0)
+    groups = _exact(randomize_bn(SeparableAttention()).eval(), torch.randn(2, 3, 6, 6))
+    qkv = {g.size: m.index.shape[1] for g in groups for m in g.members if (m.module, m.tensor, m.role) == ("qkv", "weight", "out")}
+    assert qkv == {6: 2, 1: 1}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_oracle_holds_with_separable_self_attention(method):
+    torch.manual_seed(0)
+    assert_returns_model(randomize_bn(SeparableAttention()).eval(), random_data((3, 6, 6)), method, n_images=32)

@@ -22,6 +22,7 @@ ZOO = [
     ("timm-transformers", "pvt_v2_b0", None),  # hierarchical, spatial-reduction attention
     ("timm", "poolformer_s12", 64),  # a MetaFormer
     ("timm", "mobilevit_xxs", 64),  # convolutions and attention mixed
+    ("timm", "mobilevitv2_050", 64),  # separable self-attention: one context-score channel broadcast over the keys
     ("timm-mlp", "mixer_s32_224", None),  # token mixing
 ]
 

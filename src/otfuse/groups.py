@@ -429,6 +429,7 @@ def _repair_index_maps(graph: tp.DependencyGraph, tokens: bool = False) -> None:
             _map_merge_into_channels(node)
     for node in graph.module2node.values():
         _map_channel_units(node)  # after the views it reads were mapped
+        _cut_broadcast(node)
     for node in graph.module2node.values():
         for dep in node.dependencies:
             if node.type == tp_ops.OPTYPE.CONCAT and dep.target.type == tp_ops.OPTYPE.SPLIT and None not in dep.index_mapping:
@@ -536,6 +537,27 @@ def _map_pixel_shuffle(node) -> None:
         for dep in node.dependencies:
             if dep.target is inp:
                 dep.index_mapping = [_ChannelBlocks(factor, widen=shuffle), None]
+
+
+BROADCASTS = ("MulBackward0", "AddBackward0", "SubBackward0", "DivBackward0")
+
+
+def _cut_broadcast(node) -> None:
+    """An elementwise op of a one-channel tensor with a tensor of C channels (a separable self-attention's context
+    scores times its keys, a spatial attention map times its features) broadcasts the one channel over all C: no
+    channel of one is a channel of the other. Torch-Pruning 1.6 couples them as if they were the same channels, which
+    ties the C channels into one; the one-channel side is cut off (a group of its own)."""
+    fn = node.grad_fn
+    if fn is None or type(fn).__name__ not in BROADCASTS or len(fn.next_functions) != 2 or None in (f for f, _ in fn.next_functions):
+        return
+    shapes = [_output_shape(f, i) for f, i in fn.next_functions]
+    if any(len(sh) < 3 for sh in shapes) or len({len(sh) for sh in shapes}) != 1:
+        return
+    channels = [int(sh[1]) for sh in shapes]
+    if sorted(channels)[0] != 1 or max(channels) == 1:
+        return
+    small = fn.next_functions[channels.index(1)][0]
+    _cut(node, [n for n in node.inputs if n.grad_fn is small])
 
 
 UNIT_REDUCTIONS = ("AmaxBackward0", "AminBackward0", "MaxBackward0", "MinBackward0", "SumBackward1", "MeanBackward1")
