@@ -4,7 +4,7 @@ import pytest
 
 from otfuse.checkpoints import load_checkpoint
 from otfuse.errors import OtfuseError
-from otfuse.results import read_rows, upsert_row, write_summary
+from otfuse.results import read_rows, upsert_row, upsert_rows, write_summary
 from otfuse.sweep import main
 
 
@@ -33,6 +33,14 @@ def test_rows_are_upserted_and_no_temporary_file_is_left(tmp_path):
     rows = read_rows(path)
     assert [(r["seeds"], r["fused"]) for r in rows] == [("0-2", "82.00"), ("0-1", "81.00")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_activation.csv"]
+
+
+def test_a_key_of_zero_is_a_key_not_a_blank(tmp_path):
+    """Round 0 of a federated run, written twice, is one row (0 once read as a missing key)."""
+    path = tmp_path / "rounds.csv"
+    upsert_rows(path, [{"run": "a", "round": 0, "acc": 10.0}, {"run": "a", "round": 1, "acc": 40.0}], ("run", "round"))
+    upsert_rows(path, [{"run": "a", "round": 0, "acc": 11.0}], ("run", "round"))
+    assert [(r["round"], r["acc"]) for r in read_rows(path)] == [("1", "40.0"), ("0", "11.0")]
 
 
 def test_summary_has_the_original_columns_plus_ensemble_and_vanilla(tmp_path):

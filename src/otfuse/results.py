@@ -88,7 +88,7 @@ def upsert_row(path: Path, row: dict, key_columns: tuple[str, ...] = KEY) -> Non
 def upsert_rows(path: Path, new: list[dict], key_columns: tuple[str, ...] = KEY, fields: list[str] | tuple = ()) -> None:
     """Replace the rows with the same `key_columns` as `new` ones (or append), in one atomic rewrite; the columns in
     the order of `fields`, then any others as they come."""
-    key = lambda r: tuple(str(r.get(k) or "") for k in key_columns)
+    key = lambda r: tuple("" if r.get(k) is None else str(r.get(k)) for k in key_columns)  # 0 is a key, not a blank
     replaced = {key(r) for r in new}
     rows = [r for r in read_rows(path) if key(r) not in replaced] + [{k: str(v) for k, v in r.items()} for r in new]
     atomic_write_csv(path, rows, list(dict.fromkeys([*fields, *(c for r in rows for c in r)])))
