@@ -13,7 +13,8 @@ whole training budget, sent once). After every round the server's test accuracy,
 best), seconds and bytes sent both ways go to bench/federated-cifar10-jpeg-w16.csv (one row per run and round,
 replaced when measured again). A run keeps its state in <state-dir>/<run>.pt after every round: started again, it
 goes on from its last round; a finished run is skipped; `--collect` puts the rounds measured so far in the CSV
-without running anything. `--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's
+without running anything; `--until 5` stops each listed run after its round 5 (run them all to round 5 first, then on
+to 10). `--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's
 defaults).
 """
 
@@ -66,12 +67,15 @@ def main(argv: list[str]) -> int:
     common_options(p, out_dir=False)
     p.add_argument("--out", default="", help="the CSV (default: bench/federated-<dataset>-w<width>.csv)")
     p.add_argument("--collect", action="store_true", help="run nothing: put the rounds each run's state holds so far in the CSV")
+    p.add_argument("--until", type=int, default=0, help="stop each run after this round (0: its last, 10)")
     args = p.parse_args(argv)
     runs = QUICK if args.quick else {name: RUNS[name] for name in _names(args.runs)}
     clients = 3 if args.quick else CLIENTS
     for name, settings in runs.items():
+        if args.until > 0:
+            settings = replace(settings, rounds=min(settings.rounds, args.until))
         table = Table(Path(args.out or HERE / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv")), KEY)
-        if sum(r["run"] == name for r in table.rows) == settings.rounds + 1:
+        if sum(r["run"] == name for r in table.rows) >= settings.rounds + 1:
             print(f"{name}: done (rows in {table.path})")
             continue
         state = Path(args.state_dir) / f"{name}.pt"
