@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from otfuse.maps import channel_groups, permute, random_maps
+from otfuse import channel_groups, permute, random_maps
 from otfuse.models import build_model
 
 

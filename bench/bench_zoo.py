@@ -27,8 +27,8 @@ import torch
 import torchvision
 from harness import HERE, Table
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError
-from otfuse.maps import channel_groups, permute, random_maps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import randomize_bn, randomize_constants  # noqa: E402  (the tests' own randomisers: one way to do it)

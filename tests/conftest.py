@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.checkpoints import load_checkpoint
 from otfuse.data import ImageData, load_dataset, normalize
 from otfuse.fusion import FuseConfig, fuse
-from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.options import build
 from otfuse.train import TrainConfig, train
 

@@ -11,10 +11,10 @@ from torch import nn
 from torchvision.models import convnext, regnet, shufflenetv2
 from torchvision.models.resnet import Bottleneck, ResNet
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.data import ImageData
 from otfuse.errors import OtfuseError
 from otfuse.fusion import fuse
-from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 
 from conftest import config, randomize_bn

@@ -8,9 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-from otfuse.attention import attention_layers
+from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError
-from otfuse.maps import channel_groups, permute, random_maps
+from otfuse.grouping.attention import attention_layers
 from otfuse.models import build_model
 
 from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data

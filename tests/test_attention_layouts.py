@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otfuse.maps import channel_groups, permute, random_maps
+from otfuse import channel_groups, permute, random_maps
 
 from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
 

@@ -340,7 +340,7 @@ def test_anchor_global_aligns_every_client_onto_the_rounds_start(parties):
     """A client sending the round's start with its channels permuted, and one sending the start as it is: aligned onto
     the start (`anchor = global`, weight 0) both are the start, so the fusion is the start; aligned onto the largest
     client (the permuted one), the fusion is the permuted start: the same function, channels in the client's order."""
-    from otfuse.maps import channel_groups, permute, random_maps
+    from otfuse import channel_groups, permute, random_maps
     from otfuse.options import build
 
     settings, data, reference, trained = parties

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torchvision
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.bn import BatchNormConfig, RepairConfig, channel_moments, recompute_bn, repair
 from otfuse.cli import main
 from otfuse.data import normalize
 from otfuse.evaluate import accuracy
 from otfuse.fusion import average, fuse
-from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.report import fusion_table

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError
-from otfuse.groups import check_same_groups
-from otfuse.maps import channel_groups, permute, random_maps
+from otfuse.grouping.group import check_same_groups
 from otfuse.models import build_model
 
 from conftest import CatNet, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
@@ -176,7 +176,7 @@ def versions(monkeypatch):
     """Installed versions as the test says (check_versions reads them once per process: cleared around the test)."""
     import types
 
-    import otfuse.groups as G
+    import otfuse.grouping.adapter as G
 
     def installed(tp_version: str) -> None:
         monkeypatch.setattr(G, "metadata", types.SimpleNamespace(version=lambda name: tp_version))
@@ -187,7 +187,7 @@ def versions(monkeypatch):
 
 
 def test_the_tested_versions_are_named_and_others_refused_in_one_line(versions, monkeypatch):
-    from otfuse.groups import check_versions, untested_versions
+    from otfuse.grouping.adapter import check_versions, untested_versions
 
     assert untested_versions("2.11.0+cu130", "1.6.1") == ""  # the GPU machine's torch
     assert untested_versions("2.14.1+cu130", "1.6.1") == ""  # this project's pin

@@ -147,3 +147,13 @@ def test_the_module_order_in_readme_and_library_md_is_the_import_order():
         pos = {m: i for i, m in enumerate(order)}
         late = [f"{m} imports {d}" for m in order for d in sorted(imports[m]) if d in pos and pos[d] > pos[m]]
         assert len(order) >= 25 and not late, f"{where} lists a module above one it imports: {late}"
+
+
+def test_torch_pruning_and_private_autograd_attributes_are_read_in_the_adapter_only():
+    """One module to diff against a new Torch-Pruning or torch release; no file of the grouping package over 500 lines."""
+    readers = sorted(
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if re.search(r"torch_pruning|_saved_|_input_metadata", p.read_text())
+    )
+    assert readers == ["grouping/adapter.py"], readers
+    long = {p.name: n for p in (PACKAGE / "grouping").glob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long

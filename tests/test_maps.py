@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from otfuse.errors import OtfuseError
-from otfuse.maps import ChannelMap, carry, channel_groups, permute, random_maps, transport_map
+from otfuse.grouping.exact import channel_groups
+from otfuse.maps import ChannelMap, carry, permute, random_maps, transport_map
 from otfuse.models import build_model
 
 from conftest import CatNet, randomize_bn

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError, run_main
-from otfuse.maps import channel_groups, permute, random_maps
 
 from conftest import METHODS, EinsumOnMaps, assert_default_fusion_returns_model, assert_returns_model, random_data, randomize_bn
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.evaluate import logits
 from otfuse.fusion import fuse
-from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.precision import Precision
 from otfuse.refit import units
 

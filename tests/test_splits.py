@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup, find_groups
-from otfuse.maps import channel_groups, check_exact, permute, random_maps
+from otfuse.grouping.exact import channel_groups, check_exact
+from otfuse.grouping.group import ChannelGroup
+from otfuse.grouping.trace import find_groups
+from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 
 from conftest import METHODS, PATTERNS, assert_returns_model, random_data, randomize_bn

@@ -10,8 +10,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from otfuse import channel_groups
 from otfuse.fusion import FuseConfig, fuse
-from otfuse.maps import channel_groups
 
 from conftest import CatNet, EinsumOnMaps, randomize_bn
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError
-from otfuse.maps import channel_groups, permute, random_maps
 
 from conftest import METHODS, assert_returns_model, random_data, randomize_constants
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from otfuse import channel_groups, permute, random_maps
 from otfuse.align import channel_importance, merge_plan, split_plan
 from otfuse.cli import main
 from otfuse.data import ImageData, normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
 from otfuse.fusion import fuse
-from otfuse.maps import channel_groups, permute, random_maps
 from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.train import TrainConfig, train

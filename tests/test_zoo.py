@@ -37,7 +37,7 @@ def test_the_registry_vit_permutes_exactly():
     """The project's own ViT (`--arch vit`), through the same check as the zoo's."""
     import torch
 
-    from otfuse.maps import channel_groups, permute, random_maps
+    from otfuse import channel_groups, permute, random_maps
     from otfuse.models import build_model
 
     from conftest import randomize_bn, randomize_constants

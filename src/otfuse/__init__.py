@@ -38,7 +38,7 @@ _EXPORTS = {
     "AlignConfig": "otfuse.align",
     "register_method": "otfuse.align",
     "METHODS": "otfuse.align",
-    "channel_groups": "otfuse.maps",
+    "channel_groups": "otfuse.grouping.exact",
     "ChannelMap": "otfuse.maps",
     "carry": "otfuse.maps",
     "permute": "otfuse.maps",

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from otfuse.data import fixed_sample, image_batches
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup, Observation
+from otfuse.grouping.group import ChannelGroup, Observation
 from otfuse.hooks import tapping
 from otfuse.maps import channel_rows
 from otfuse.precision import Precision, autocast, channels_last, full_float32

@@ -30,8 +30,9 @@ from torch import nn
 from otfuse.align import AlignConfig, align, to_target_maps
 from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup
-from otfuse.maps import ChannelMap, carry, groups_of, output_maps
+from otfuse.grouping.exact import groups_of
+from otfuse.grouping.group import ChannelGroup
+from otfuse.maps import ChannelMap, carry, output_maps
 from otfuse.precision import Precision, full_float32, resolve_precision
 from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 from otfuse.subsets import check_fusion_data

@@ -21,7 +21,8 @@ from otfuse.align import align
 from otfuse.data import ImageData
 from otfuse.evaluate import loss_and_accuracy
 from otfuse.fusion import FuseConfig, fuse
-from otfuse.maps import ChannelMap, groups_of
+from otfuse.grouping.exact import groups_of
+from otfuse.maps import ChannelMap
 from otfuse.precision import resolve_precision
 
 CURVES = ("vanilla", "aligned", "aligned+repair")

@@ -165,7 +165,7 @@ def resnext18(width: int, in_channels: int, num_classes: int, image_size: int = 
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with q, k and v from one Linear: the layout `otfuse.attention` recognises."""
+    """Multi-head self-attention with q, k and v from one Linear: the layout `otfuse.grouping.attention` recognises."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()

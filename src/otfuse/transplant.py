@@ -14,13 +14,13 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from otfuse.bn import BatchNormConfig, recompute_bn
 from otfuse.data import normalize
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import logits
+from otfuse.grouping.adapter import magnitude_pruned
 from otfuse.precision import Precision
 
 SIDE_BY_SIDE_RTOL = 1e-3  # largest logit error, relative to the logits' scale, of a wide model taken for the ensemble
@@ -69,15 +69,7 @@ def pruned(model: nn.Module, target: nn.Module, ratio: float, images: torch.Tens
     `images` (two suffice) trace the model."""
     model = copy.deepcopy(model).float().cpu()
     head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    with torch.enable_grad():
-        pruner = tp.pruner.MagnitudePruner(
-            model,
-            normalize(images[:2].cpu(), norm),
-            importance=tp.importance.MagnitudeImportance(p=p),
-            pruning_ratio=ratio,
-            ignored_layers=[head],
-        )
-        pruner.step()
+    magnitude_pruned(model, normalize(images[:2].cpu(), norm), ratio, p, ignored=[head])
     got, want = {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in target.state_dict().items()}
     if got != want:
         bad = next(k for k in want if got.get(k) != want[k])

@@ -9,7 +9,7 @@ from otfuse.align.base import TIE_BREAK, AlignConfig, family_betas, group_map, r
 from otfuse.align.statistics import activation_costs
 from otfuse.align.weights import channel_importance, invariant_cost, sequential_weight_maps
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup
+from otfuse.grouping.group import ChannelGroup
 from otfuse.maps import ChannelMap
 
 

@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup
+from otfuse.grouping.group import ChannelGroup
 from otfuse.maps import ChannelMap, block_permutation, transport_map
 from otfuse.precision import full_float32
 

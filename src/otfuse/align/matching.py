@@ -9,7 +9,7 @@ from torch import nn
 
 from otfuse.align.base import AlignConfig, register_method
 from otfuse.align.weights import AxisIndex, sequential_weight_maps
-from otfuse.groups import ChannelGroup, Member
+from otfuse.grouping.group import ChannelGroup, Member
 from otfuse.maps import ChannelMap, block_permutation, tensor_key, tensors_of
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from otfuse.align.base import AlignConfig, register_method
 from otfuse.align.weights import sequential_weight_maps
-from otfuse.groups import ChannelGroup
+from otfuse.grouping.group import ChannelGroup
 from otfuse.maps import ChannelMap
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from otfuse.align.base import QUANTILES, AlignConfig, family_betas, group_map
-from otfuse.groups import ChannelGroup, Member
+from otfuse.grouping.group import ChannelGroup, Member
 from otfuse.maps import ChannelMap, mix_positions, tensor_key, tensors_of
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from otfuse.align.base import AlignConfig
 from otfuse.align.statistics import activation_costs
 from otfuse.errors import OtfuseError
-from otfuse.groups import ChannelGroup
+from otfuse.grouping.group import ChannelGroup
 from otfuse.maps import ChannelMap, transport_map
 
 

@@ -23,7 +23,7 @@ Recognised (add a kind with `@recognise`):
 - q and k from one Linear `qk`, v from a Linear `v` (ConViT's gated positional self-attention);
 - q, k, v from three Linears (CaiT's class attention, CrossViT's).
 How q, k and v pair up inside (plain, XCiT's cross-covariance, rotary, heads pinned by a shared table) is found
-by the exactness check: `otfuse.groups.LAYOUTS`.
+by the exactness check: `otfuse.grouping.heads.LAYOUTS`.
 A layer whose q/k normalisation has weights shared across heads is refused by name.
 """
 
