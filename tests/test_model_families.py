@@ -295,3 +295,89 @@ def test_separable_self_attention_groups_keys_with_values_and_the_score_channel_
 def test_the_oracle_holds_with_separable_self_attention(method):
     torch.manual_seed(0)
     assert_returns_model(randomize_bn(SeparableAttention()).eval(), random_data((3, 6, 6)), method, n_images=32)
+
+
+class GlobalContext(nn.Module):
+    """A global-context block (GCNet's, timm's GlobalContext): a 1 x 1 conv makes one attention channel, softmaxed over
+    space; a batched product pools every channel with those weights into a context vector that gates the features."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.attn, self.fc1, self.fc2 = nn.Conv2d(c, 1, 1), nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c(x)))
+        b, c, h, w = x.shape
+        weights = self.attn(x).reshape(b, 1, h * w).softmax(-1).unsqueeze(3)  # (B, 1, HW, 1)
+        context = (x.reshape(b, c, h * w).unsqueeze(1) @ weights).view(b, c, 1, 1)
+        return self.head((x * torch.sigmoid(self.fc2(F.relu(self.fc1(context))))).mean((2, 3)))
+
+
+def test_a_global_context_block_pools_the_channels_it_gates_and_its_attention_channel_is_alone():
+    """The pooling weights' positions are no channels of the features they pool: the features, the context and the
+    gate are one group, the attention channel a group of its own (refused before as "a recurrent computation")."""
+    torch.manual_seed(0)
+    groups = _exact(randomize_bn(GlobalContext()).eval(), torch.randn(2, 3, 6, 6))
+    assert sorted((g.name, g.size) for g in groups) == [("attn", 1), ("c", 8), ("fc1", 4)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_oracle_holds_with_a_global_context_block(method):
+    torch.manual_seed(0)
+    assert_returns_model(randomize_bn(GlobalContext()).eval(), random_data((3, 6, 6)), method, n_images=32)
+
+
+class PixelAttention(nn.Module):
+    """Self-attention over a feature map's pixels (BoTNet's): q, k and v from one 1 x 1 conv, relative position logits
+    from q times a position table every head shares."""
+
+    def __init__(self, c: int = 8, side: int = 4, num_heads: int = 2):
+        super().__init__()
+        self.num_heads, self.dim_head = num_heads, c // num_heads
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.pos_rel = nn.Parameter(torch.randn(side * side, self.dim_head) * 0.1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b * self.num_heads, 3 * self.dim_head, h * w).split(self.dim_head, dim=1)
+        logits = q.transpose(1, 2) @ k + q.transpose(1, 2) @ self.pos_rel.t()
+        return (v @ logits.softmax(-1).transpose(1, 2)).reshape(b, c, h, w)
+
+
+class BoT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.attn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), PixelAttention(), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c(x)))
+        return self.head((x + self.attn(x)).mean((2, 3)))
+
+
+def test_attention_over_pixels_with_relative_positions_is_refused_by_its_name():
+    """Not as "a recurrent computation", as it once was: the refusal names the layer and what it is."""
+    with pytest.raises(OtfuseError, match=r"module attn \(PixelAttention\) is self-attention over a feature map's pixels.*pos_rel"):
+        channel_groups(BoT().eval(), torch.randn(1, 3, 4, 4))
+
+
+class ChannelConv(nn.Module):
+    """Efficient channel attention (ECA): the pooled channels viewed as a sequence and convolved, each channel weighed
+    with its neighbours, `k` the kernel's length."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.c, self.eca, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(1, 1, k, padding=k // 2), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c(x))
+        gate = torch.sigmoid(self.eca(x.mean((2, 3)).view(x.shape[0], 1, -1))).view(x.shape[0], -1, 1, 1)
+        return self.head((x * gate).mean((2, 3)))
+
+
+def test_a_convolution_along_the_channels_is_refused_by_name():
+    """Refused at once, not after the trace's time limit (timm's ECA ResNets ran past 120 s): a channel's neighbours
+    move under any permutation."""
+    with pytest.raises(OtfuseError, match=r"module eca convolves along the channel axis"):
+        channel_groups(ChannelConv(3).eval(), torch.randn(1, 3, 6, 6))

@@ -23,6 +23,7 @@ ZOO = [
     ("timm", "poolformer_s12", 64),  # a MetaFormer
     ("timm", "mobilevit_xxs", 64),  # convolutions and attention mixed
     ("timm", "mobilevitv2_050", 64),  # separable self-attention: one context-score channel broadcast over the keys
+    ("timm", "gcresnext26ts", 64),  # global-context blocks: every channel pooled by one softmaxed attention channel
     ("timm-mlp", "mixer_s32_224", None),  # token mixing
 ]
 

@@ -332,8 +332,8 @@ def _reach(graph: Any, root: Any, fn: Callable, n: int, bound: int) -> dict:
             fresh = {(int(i.idx), int(i.root_idx)) for i in new} - reached.get((dep.target, dep.handler), set())
             if any(i >= bound for i, _ in fresh):
                 raise OtfuseError(
-                    f"channel indices grow without end around a loop in the traced graph (at {dep.target.name}); "
-                    "a recurrent computation cannot be permuted exactly"
+                    f"channel indices grow without end in the traced graph (at {dep.target.name}): an op there mixes the "
+                    "channels with another axis (positions, heads) in a way otfuse does not follow, so it cannot permute them exactly"
                 )
             if fresh:
                 reached.setdefault((dep.target, dep.handler), set()).update(fresh)

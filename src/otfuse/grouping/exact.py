@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from otfuse.errors import OtfuseError
+from otfuse.grouping.attention import attention_layers
 from otfuse.grouping.group import ChannelGroup, check_same_groups, example_input
 from otfuse.grouping.heads import LAYOUTS, relaid
-from otfuse.grouping.shuffles import channel_rearrangement
+from otfuse.grouping.shuffles import channel_rearrangement, pixel_attention
 from otfuse.grouping.trace import find_groups
 from otfuse.maps import carry, random_maps, stored_tensors
 from otfuse.precision import full_float32
@@ -64,6 +65,7 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
     if why:
         raise OtfuseError(
             channel_rearrangement(model, x)
+            or pixel_attention(model, attention_layers(model))
             or f"{type(model).__name__}: permuting channel group {culprit.name} "
             f"({where}) fails ({why}): the layout between these layers is one otfuse does not follow; it "
             "cannot fuse this model"
@@ -77,6 +79,7 @@ def check_exact(model: nn.Module, groups: list[ChannelGroup], x: torch.Tensor) -
         )
     raise OtfuseError(
         channel_rearrangement(model, x)
+        or pixel_attention(model, attention_layers(model))
         or f"{type(model).__name__}: permuting channel group {culprit.name} ({where}) "
         "changes what the model computes, so the layout between these layers (a channel split, shuffle or "
         "reshape otfuse does not follow) cannot be permuted exactly; otfuse refuses it rather than fuse it wrongly"

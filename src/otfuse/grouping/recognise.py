@@ -54,6 +54,7 @@ def repair_index_maps(graph, tokens: bool = False) -> None:
     for node in graph.module2node.values():
         _map_channel_units(node)  # after the views it reads were mapped
         _cut_broadcast(node)
+        _cut_pooling_weights(node)
     adapter.concat_before_split(graph)
 
 
@@ -145,6 +146,20 @@ def _cut_broadcast(node) -> None:
     adapter.cut(node, [n for n in node.inputs if n.grad_fn is small])
 
 
+def _cut_pooling_weights(node) -> None:
+    """A batched product (B, C, K) @ (B, K, 1) pools each of C channels over K positions with one weight vector (a
+    global-context block's softmax over space, attention pooling): the weights' K positions are no channels of the C.
+    Torch-Pruning 1.6 takes the product for an elementwise op of the two, coupling the C channels to the K positions
+    (and, through the views before, to the one channel the weights came from); the weights' side is cut off."""
+    fn = node.grad_fn
+    if fn is None or type(fn).__name__ != "BmmBackward0" or None in (f for f, _ in fn.next_functions):
+        return
+    (a, i), (b, j) = fn.next_functions
+    rows, weights = output_shape(a, i), output_shape(b, j)
+    if len(rows) == len(weights) == 3 and weights[2] == 1 and rows[2] == weights[1] and rows[1] > 1:
+        adapter.cut(node, [n for n in node.inputs if n.grad_fn is b])
+
+
 UNIT_REDUCTIONS = ("AmaxBackward0", "AminBackward0", "MaxBackward0", "MinBackward0", "SumBackward1", "MeanBackward1")
 
 
@@ -207,13 +222,16 @@ def _map_paths(node) -> None:
 
 def _keeps_channel_order(fn) -> bool:
     """Whether a view/reshape only regroups the channel dims: it keeps 2 trailing spatial dims (N, K * C, H, W) <->
-    (N, K, C, H, W), or its channels carry no spatial extent (per sample as many values as the conv above has channels)."""
+    (N, K, C, H, W), only adds or drops dims of size one, or its channels carry no spatial extent (per sample as many
+    values as the conv above has channels)."""
     before = saved_sizes(fn)
     after = tuple(int(v) for v in input_shapes(fn)[0]) if input_shapes(fn) else ()
     if len(before) < 2 or len(after) < 2 or before[0] != after[0] or _prod(before[1:]) != _prod(after[1:]):
         return False
     if len(before) >= 4 and len(after) >= 4 and before[-2:] == after[-2:] and (len(before) == 5) != (len(after) == 5):
         return True
+    if len(before) != len(after) and [d for d in before[1:] if d != 1] == [d for d in after[1:] if d != 1]:
+        return True  # only dims of size one added or dropped (a pooled (N, 1, C, 1) viewed as (N, C, 1, 1))
     channels = _channels_above(fn)
     return channels is not None and channels == _prod(before[1:]) and max(len(before), len(after)) >= 4
 

@@ -25,7 +25,7 @@ from otfuse.grouping.group import CONV, CONV_T, ChannelGroup
 from otfuse.grouping.heads import head_groups
 from otfuse.grouping.members import to_groups
 from otfuse.grouping.recognise import channel_first_maps, cut_token_mixing, repair_index_maps
-from otfuse.grouping.shuffles import channel_rearrangement
+from otfuse.grouping.shuffles import channel_convolution, channel_rearrangement, pixel_attention
 from otfuse.hooks import tapping
 
 
@@ -57,6 +57,10 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     _refuse_recurrent(model)
     attention = attention_layers(model)
     example_input = example_input.to(params[0].device)
+    sliding = channel_convolution(model.eval(), example_input)
+    model.train(was_training)
+    if sliding:
+        raise OtfuseError(sliding)
     maps = channel_first_maps(model, example_input)
     sites = einsum_sites(model, example_input, tuple(attention))
     # one forward pass serves both: Torch-Pruning's trace, and our forward order (einsums' stand-ins included)
@@ -73,7 +77,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
     except OtfuseError:
         raise
     except Exception as exc:  # a forward pass that fails, or a trace Torch-Pruning cannot follow
-        raise OtfuseError(_trace_failure(model, example_input, exc)) from None
+        raise OtfuseError(_trace_failure(model, example_input, exc, attention)) from None
     finally:
         model.train(was_training)
     if not layers:
@@ -100,25 +104,26 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, time_limit: float
             "window partitions grow with the feature maps); give a smaller example input or a larger time_limit"
         ) from None
     except OtfuseError as exc:
-        raise OtfuseError(channel_rearrangement(model, example_input) or str(exc)) from None
+        raise OtfuseError(channel_rearrangement(model, example_input) or pixel_attention(model, attention) or str(exc)) from None
     except Exception as exc:  # Torch-Pruning's own failure on a layout it cannot index
-        raise OtfuseError(_trace_failure(model, example_input, exc)) from None
+        raise OtfuseError(_trace_failure(model, example_input, exc, attention)) from None
     groups += [g for spec in attention.values() for g in head_groups(spec, order)]
     groups.sort(key=lambda g: (g.order, g.name))
     link_blocks(model, groups)
-    _refuse_tied(model, groups)
+    _refuse_tied(model, groups, attention)
     _say_uncovered(model, groups, {names[m] for m in heads} | mixing)
     return groups
 
 
-def _refuse_tied(model: nn.Module, groups: list[ChannelGroup]) -> None:
+def _refuse_tied(model: nn.Module, groups: list[ChannelGroup], attention: dict) -> None:
     """One error for a layer whose output channels the trace tied into a single group channel: nothing would align
     them, silently (Torch-Pruning 1.6 ties every channel of two tensors multiplied over their channel axis)."""
     for g in groups:
         tied = [m for m in g.members if m.role == "out" and m.kind == "layer" and m.tensor == "weight" and m.index.shape[1] > 1]
         if g.size == 1 and tied:
             raise OtfuseError(
-                f"{type(model).__name__}: the {tied[0].index.shape[1]} output channels of {tied[0].module} are tied into one "
+                pixel_attention(model, attention)
+                or f"{type(model).__name__}: the {tied[0].index.shape[1]} output channels of {tied[0].module} are tied into one "
                 "by an operation otfuse does not follow (two tensors multiplied over their channels, such as "
                 "softmax(q k^T) built from two convolutions); otfuse refuses it rather than leave them unaligned"
             )
@@ -182,7 +187,7 @@ def _time_limited(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception) -> str:
+def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception, attention: dict) -> str:
     """One line for a model that cannot be traced: its forward pass fails, or DepGraph cannot follow it."""
     first = " ".join(str(exc).split()[:16]) or type(exc).__name__
     try:
@@ -191,9 +196,13 @@ def _trace_failure(model: nn.Module, x: torch.Tensor, exc: Exception) -> str:
     except Exception as forward:
         why = " ".join(str(forward).split()[:16]) or type(forward).__name__
         return f"the model cannot run on an example of shape {tuple(x.shape)} ({type(forward).__name__}: {why}); give an input it accepts"
-    return channel_rearrangement(model, x) or (
-        f"Torch-Pruning's DepGraph cannot trace {type(model).__name__}: {type(exc).__name__}: "
-        f"{first}; otfuse cannot find its channel groups"
+    return (
+        channel_rearrangement(model, x)
+        or pixel_attention(model, attention)
+        or (
+            f"Torch-Pruning's DepGraph cannot trace {type(model).__name__}: {type(exc).__name__}: "
+            f"{first}; otfuse cannot find its channel groups"
+        )
     )
 
 
