@@ -13,9 +13,9 @@ whole training budget, sent once). After every round the server's test accuracy,
 best), seconds and bytes sent both ways go to bench/federated-cifar10-jpeg-w16.csv (one row per run and round,
 replaced when measured again). A run keeps its state in <state-dir>/<run>.pt after every round: started again, it
 goes on from its last round; a finished run is skipped; `--collect` puts the rounds measured so far in the CSV
-without running anything; `--until 5` stops each listed run after its round 5 (run them all to round 5 first, then on
-to 10). `--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's
-defaults).
+without running anything; `--until 5` stops each listed run after its round 5 (run them all to round 5 first,
+then on to 10). After each run, every run's accuracy against rounds so far is drawn in results/<the CSV's name>.png.
+`--quick` runs the digits guard instead (3 parties, 2 rounds, each strategy; the App's defaults).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from harness import CIFAR10, CIFAR100, HERE, Table, common_options
 
 from otfuse.errors import OtfuseError, run_main
 from otfuse.federated import Settings, resumed, simulate
+from otfuse.plots import federated_figure, save_figure
 
 CLIENTS = 4
 BASE = Settings(
@@ -68,28 +69,38 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="", help="the CSV (default: bench/federated-<dataset>-w<width>.csv)")
     p.add_argument("--collect", action="store_true", help="run nothing: put the rounds each run's state holds so far in the CSV")
     p.add_argument("--until", type=int, default=0, help="stop each run after this round (0: its last, 10)")
+    p.add_argument("--results-dir", default="results", help="where the accuracy-against-rounds figure goes (default: results/)")
     args = p.parse_args(argv)
     runs = QUICK if args.quick else {name: RUNS[name] for name in _names(args.runs)}
     clients = 3 if args.quick else CLIENTS
+    table = Table(Path(args.out or HERE / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv")), KEY)
+    what = "digits, width 8, 3 parties" if args.quick else "CIFAR-10 (JPEG copy), ResNet18 width 16, K = 4 parties from one start"
     for name, settings in runs.items():
-        if args.until > 0:
-            settings = replace(settings, rounds=min(settings.rounds, args.until))
-        table = Table(Path(args.out or HERE / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv")), KEY)
-        if sum(r["run"] == name for r in table.rows) >= settings.rounds + 1:
-            print(f"{name}: done (rows in {table.path})")
-            continue
-        state = Path(args.state_dir) / f"{name}.pt"
-        if args.collect:
-            done, _, rows = resumed(str(state))
-            table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
-            print(f"{name}: {done} of {settings.rounds} rounds so far")
-            continue
-        state.parent.mkdir(parents=True, exist_ok=True)
-        run = replace(settings, state=str(state), data_dir=args.data_dir or "", device=args.device)
-        rows = simulate(run, clients)
-        table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
-        print(f"{name}: " + ", ".join(f"round {r['round']} {r['test_acc']}" for r in rows), flush=True)
+        _run(name, settings, args, clients, table)
+        if table.rows:  # after every run: the figure of what is measured so far
+            figure = federated_figure(table.rows, f"Federated rounds on {what}: server test accuracy")
+            print(f"wrote {save_figure(figure, Path(args.results_dir) / f'{table.path.stem}.png')}")
     return 0
+
+
+def _run(name: str, settings: Settings, args: argparse.Namespace, clients: int, table: Table) -> None:
+    """One run: skipped when its rows are all in `table`, its rounds so far put there with --collect, else run on."""
+    if args.until > 0:
+        settings = replace(settings, rounds=min(settings.rounds, args.until))
+    if sum(r["run"] == name for r in table.rows) >= settings.rounds + 1:
+        print(f"{name}: done (rows in {table.path})")
+        return
+    state = Path(args.state_dir) / f"{name}.pt"
+    if args.collect:
+        done, _, rows = resumed(str(state))
+        table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
+        print(f"{name}: {done} of {settings.rounds} rounds so far")
+        return
+    state.parent.mkdir(parents=True, exist_ok=True)
+    run = replace(settings, state=str(state), data_dir=args.data_dir or "", device=args.device)
+    rows = simulate(run, clients)
+    table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
+    print(f"{name}: " + ", ".join(f"round {r['round']} {r['test_acc']}" for r in rows), flush=True)
 
 
 def _names(text: str) -> list[str]:

@@ -362,3 +362,26 @@ def test_anchor_global_aligns_every_client_onto_the_rounds_start(parties):
     assert all(torch.allclose(results["global"][k], own[k], atol=1e-6) for k in floats)
     assert all(torch.allclose(results["largest"][k], permuted[k], atol=1e-6) for k in floats)
     assert not all(torch.allclose(permuted[k], own[k]) for k in floats)
+
+
+def test_the_bench_collects_each_runs_rounds_from_its_state_and_draws_them(tmp_path):
+    """`bench_federated.py --collect`: the rounds each run's state file holds (here the CIFAR-10 rows measured, split
+    back into states) go to the CSV, and one figure of accuracy against rounds is drawn from it."""
+    from otfuse.plots import is_own_figure
+    from otfuse.storage import save_torch
+
+    from conftest import bench_module
+
+    measured = list(csv.DictReader(open(ROOT / "bench" / "federated-cifar10-jpeg-w16.csv")))
+    runs = ["dir0.5-otfusion", "dir0.5-fedavg"]
+    for run in runs:
+        keep = ("strategy", "round", "test_acc", "worst_client_acc", "best_client_acc")
+        rows = [{k: r[k] for k in keep} for r in measured if r["run"] == run]
+        save_torch(tmp_path / f"{run}.pt", {"round": int(rows[-1]["round"]), "weights": {}, "rows": rows})
+    out = tmp_path / "federated.csv"
+    argv = ["--collect", "--runs", ",".join(runs), "--state-dir", str(tmp_path), "--out", str(out), "--results-dir", str(tmp_path)]
+    assert bench_module("bench_federated").main(argv) == 0
+    got = list(csv.DictReader(open(out)))
+    key = lambda r: (r["run"], r["round"], r["test_acc"])
+    assert [key(r) for r in got] == [key(r) for r in measured if r["run"] in runs]
+    assert is_own_figure(tmp_path / "federated.png")

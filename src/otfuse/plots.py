@@ -186,6 +186,55 @@ def many_figure(rows: list[dict], title: str):
     return fig
 
 
+def federated_figure(rows: list[dict], title: str):
+    """Test accuracy against federated rounds (bench_federated.py's rows), one panel per Dirichlet alpha: a line per
+    multi-round run (OT fusion solid, Flower's FedAvg and FedProx dashed and dotted), a one-shot run as a marker at the
+    round whose local epochs it spent, the clients' own models as a band (worst to best) under the OT fusion line."""
+    alphas = sorted({float(r["alpha"]) for r in rows}, reverse=True)
+    fig, axes = pyplot().subplots(1, len(alphas), figsize=(6 * len(alphas), 4.2), dpi=120, squeeze=False, sharey=True)
+    styles = {"otfusion": ("C0", "-"), "fedavg": ("C3", "--"), "fedprox": ("C1", ":")}
+    for ax, alpha in zip(axes[0], alphas):
+        mine = [r for r in rows if float(r["alpha"]) == alpha]
+        for run in dict.fromkeys(r["run"] for r in mine):
+            points = sorted((int(r["round"]), float(r["test_acc"]), r) for r in mine if r["run"] == run)
+            color, line = styles.get(points[0][2]["strategy"], ("C7", "-"))
+            if "oneshot" in run:
+                last = points[-1]
+                ax.plot([10], [last[1]], marker="*", ms=12, color=color, ls="none", label=f"{run} (30 local epochs, sent once)")
+                continue
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                color=color,
+                ls=line,
+                marker="o",
+                ms=3.5,
+                lw=2.2 if run.endswith("-otfusion") else 1.2,
+                alpha=0.6 if "global" in run else 1.0,
+                label=run,
+            )
+            if run.endswith("-otfusion"):
+                band = [(x, float(r["worst_client_acc"]), float(r["best_client_acc"])) for x, _, r in points if r.get("worst_client_acc")]
+                if band:
+                    ax.fill_between(
+                        [b[0] for b in band],
+                        [b[1] for b in band],
+                        [b[2] for b in band],
+                        color=color,
+                        alpha=0.12,
+                        label="its clients' own models (worst to best)",
+                    )
+        ax.set_title(f"Dirichlet alpha {alpha:g}", fontsize=10)
+        ax.set_xlabel("round (3 local epochs each)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def history_figure(trials: list[tuple[int, str, float]], what: str):
     """Validation accuracy of every trial (number, method, value), by method, and the best so far."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
