@@ -304,42 +304,49 @@ class OTFusion(FedAvg):
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        clients = self._valid(server_round, replies)
+        t0 = time.time()
+        from otfuse.fusion import fuse
+
+        models, weights, counts = self._fusion_order(clients)
+        cfg = replace(self.cfg, weights=",".join(weights))
+        fusion = fuse([m.to(self.images.device) for m in models], self.images, self.norm, cfg, class_counts=torch.stack(counts))
+        state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
+        summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
+        metrics = {**summary, "clients": len(clients), "left-out": len(replies) - len(clients), "fusion-seconds": time.time() - t0}
+        return ArrayRecord(state), MetricRecord(metrics)
+
+    def _valid(self, server_round: int, replies: list[Message]) -> list[tuple[nn.Module, int, torch.Tensor]]:
+        """(model, image count, class counts) of every valid reply; each sampled node left out said in one line; too
+        few for the round, one FederationError."""
         answered = {msg.metadata.src_node_id for msg in replies}
         for node in self.sampled.get(server_round, []):
             if node not in answered:  # Flower stops waiting at the round's timeout
                 self._leave_out(server_round, node, "no reply within the round's timeout")
-        models, sizes, counts = [], [], []
+        clients = []
         for msg in replies:
             try:
-                model, n, c = self._client(msg)
+                clients.append(self._client(msg))
             except ClientRejected as e:
                 self._leave_out(server_round, msg.metadata.src_node_id, str(e))
-                continue
-            models.append(model)
-            sizes.append(n)
-            counts.append(c)
-        if len(models) < max(self.min_train_nodes, 1):
+        if len(clients) < max(self.min_train_nodes, 1):
             raise FederationError(
-                f"round {server_round}: {len(models)} valid client model(s) of the {self.min_train_nodes} required "
+                f"round {server_round}: {len(clients)} valid client model(s) of the {self.min_train_nodes} required "
                 f"({len(replies)} replied); the run ends"
             )
-        order = sorted(range(len(models)), key=lambda i: -sizes[i])  # the largest client is the one the others align to
-        ordered, counts = [models[i] for i in order], [counts[i] for i in order]
-        weights = [str(sizes[i]) if self.weighted else "1" for i in order]  # not weighted: equal
-        if self.anchor == "global" and self.round_start is not None:  # every client aligned onto the round's start, adding nothing
+        return clients
+
+    def _fusion_order(self, clients: list[tuple[nn.Module, int, torch.Tensor]]) -> tuple[list[nn.Module], list[str], list[torch.Tensor]]:
+        """The models in fusion order with their `--weights` and class counts: the largest client first (the others
+        align to it), or with `anchor = global` the round's start first, weighted 0 (every client aligned onto it)."""
+        clients = sorted(clients, key=lambda c: -c[1])
+        models, counts = [m for m, _, _ in clients], [c for _, _, c in clients]
+        weights = [str(n) if self.weighted else "1" for _, n, _ in clients]  # not weighted: equal
+        if self.anchor == "global" and self.round_start is not None:
             start = copy.deepcopy(self.reference)
             start.load_state_dict(self.round_start)
-            ordered, weights, counts = [start, *ordered], ["0", *weights], [torch.zeros_like(counts[0]), *counts]
-        cfg = replace(self.cfg, weights=",".join(weights))
-        device = self.images.device
-        t0 = time.time()
-        from otfuse.fusion import fuse
-
-        fusion = fuse([m.to(device) for m in ordered], self.images, self.norm, cfg, class_counts=torch.stack(counts))
-        state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
-        summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
-        metrics = {**summary, "clients": len(models), "left-out": len(replies) - len(models), "fusion-seconds": time.time() - t0}
-        return ArrayRecord(state), MetricRecord(metrics)
+            models, weights, counts = [start, *models], ["0", *weights], [torch.zeros_like(counts[0]), *counts]
+        return models, weights, counts
 
     def _client(self, msg: Message) -> tuple[nn.Module, int, torch.Tensor]:
         if msg.has_error():
