@@ -354,3 +354,25 @@ def magnitude_pruned(model: nn.Module, x: torch.Tensor, ratio: float, p: int, ig
         )
         pruner.step()
     return model
+
+
+def pruned_channels(model: nn.Module, x: torch.Tensor, drops: dict[str, list[int]]) -> nn.Module:
+    """`model` with, per producer layer named in `drops`, those output channels removed in place, every layer and
+    tensor coupled to them with them (Torch-Pruning's pruning groups, traced on `x`): a model of other widths per
+    channel group, whose weights the caller then overwrites."""
+    check_versions()
+    layers = dict(model.named_modules())
+    with torch.enable_grad(), quiet():
+        graph = tp.DependencyGraph().build_dependency(model, x, verbose=False)
+        for name, idxs in drops.items():
+            if idxs:
+                layer = layers[name]
+                fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+                graph.get_pruning_group(layer, fn, idxs=sorted(idxs)).prune()
+    return model.eval()
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on `x` (Torch-Pruning's count, dense: zeros count)."""
+    with torch.no_grad():
+        return int(tp.utils.count_ops_and_params(model, x)[0])
