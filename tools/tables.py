@@ -425,6 +425,15 @@ def federated() -> list[list[str]]:
 
 
 @table
+def budget_cifar100() -> list[list[str]]:
+    """bench/bench_budget.py on the shared CIFAR-100 pair: each budget's channels kept apart, cost and accuracy."""
+    out = [["Budget (x one parent's multiply-accumulates)", "Channels kept apart", "Measured", "Test accuracy", "Ensemble"]]
+    for r in rows("budget-cifar100-w32.csv"):
+        out.append([r["budget"], r["channels_apart"], r["flops_x"], r["test_acc"], r["ensemble"]])
+    return out
+
+
+@table
 def finetune_c100() -> list[list[str]]:
     found = rows("finetune-cifar100-w32.csv")
     out = [["Start", "Epochs (lr 0.05, no augmentation)", "val at start", "val after each epoch", "test at the end", "minutes"]]
