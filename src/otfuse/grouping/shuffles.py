@@ -11,6 +11,8 @@ other causes (indices that grow without end, channels tied into one): where grou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -20,21 +22,33 @@ from otfuse.grouping.group import CONV
 CHANNEL_SHUFFLES = {"ChannelShuffleBackward0": "channel_shuffle"}
 
 
-def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
-    """The refusal for an op that moves channels otfuse does not follow (a channel shuffle: a view of the channels
-    as (groups, channels / groups), transposed), or "" when the model has none."""
+def _backward_nodes(model: nn.Module, x: torch.Tensor, consumer: dict | None = None) -> Iterator:
+    """Every node of the autograd graph of `model(x)` (none when the forward pass fails: the trace that follows says
+    why), each yielded before the nodes it reads; `consumer` gets, per node, the first node seen using its output."""
     with torch.enable_grad():
         try:
             out = model(x)
         except Exception:
-            return ""
-    consumer: dict = {}  # backward node -> the node that used its output (the step after it in the forward pass)
+            return
     seen, todo = set(), [out.grad_fn] if isinstance(out, torch.Tensor) else []
     while todo:
         f = todo.pop()
         if f is None or f in seen:
             continue
         seen.add(f)
+        yield f
+        for n, _ in f.next_functions:
+            if n is not None:
+                if consumer is not None:
+                    consumer.setdefault(n, f)
+                todo.append(n)
+
+
+def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
+    """The refusal for an op that moves channels otfuse does not follow (a channel shuffle: a view of the channels
+    as (groups, channels / groups), transposed), or "" when the model has none."""
+    consumer: dict = {}  # backward node -> the node that used its output (the step after it in the forward pass)
+    for f in _backward_nodes(model, x, consumer):
         if type(f).__name__ in CHANNEL_SHUFFLES:
             return (
                 f"{type(model).__name__} uses {CHANNEL_SHUFFLES[type(f).__name__]}, which interleaves the channels of its "
@@ -46,10 +60,6 @@ def channel_rearrangement(model: nn.Module, x: torch.Tensor) -> str:
                 "interleaves the channels of two branches, so no permutation of one branch keeps the function; "
                 "otfuse refuses it rather than fuse it wrongly"
             )
-        for n, _ in f.next_functions:
-            if n is not None:
-                consumer.setdefault(n, f)
-                todo.append(n)
     return ""
 
 
@@ -90,18 +100,8 @@ def channel_convolution(model: nn.Module, x: torch.Tensor) -> str:
     channels viewed as (N, 1, C), a Conv1d weighing each channel with its neighbours), or "" when the model has none.
     No permutation keeps a channel's neighbours, and DepGraph's index maps through that view grow until the time limit:
     found first, in one forward pass."""
-    with torch.enable_grad():
-        try:
-            out = model(x)
-        except Exception:
-            return ""  # the trace that follows says what fails
     params = {id(p): n for n, p in model.named_parameters()}
-    seen, todo = set(), [out.grad_fn] if isinstance(out, torch.Tensor) else []
-    while todo:
-        f = todo.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
+    for f in _backward_nodes(model, x):
         view = f.next_functions[0][0] if type(f).__name__ == "ConvolutionBackward0" else None
         before = view_sizes(view) if view is not None else ()
         after = tuple(input_shapes(view)[0]) if view is not None and input_shapes(view) else ()
@@ -115,5 +115,4 @@ def channel_convolution(model: nn.Module, x: torch.Tensor) -> str:
                 "attention does): each channel is weighed with its neighbours, which no permutation keeps; otfuse "
                 "refuses it rather than fuse it wrongly"
             )
-        todo.extend(n for n, _ in f.next_functions if n is not None)
     return ""
