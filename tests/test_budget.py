@@ -76,3 +76,28 @@ def test_a_budget_keeps_the_least_alike_channels_apart_within_its_flops():
     fused = budgeted(wide, 2, unmerged, data.train_x, data.norm, NO_REFIT).fused_no_bn
     x = example_input(data.train_x, data.norm, wide)
     assert flops(models[0], x) < flops(fused, x) <= 1.3 * flops(models[0], x)
+
+
+def test_a_budget_of_k_squared_is_the_ensemble_and_of_one_the_full_merge():
+    """The whole pipeline (`fuse_within_budget`: align, side by side, zip): at K * K times one parent's FLOPs (what a
+    dense layer K times as wide on both sides costs) every channel stays apart and the model computes the mean of the K parents'
+    logits; at 1 it is the full merge, the aligned average."""
+    from otfuse.budget import fuse_within_budget, macs_ratio
+    from otfuse.fusion import fuse
+
+    models, data = _parents()
+    torch.manual_seed(2)
+    models.append(randomize_bn(build_model("resnet18", 4, 3, 10, 16), seed=2).eval())
+    wide = lambda: build_model("resnet18", 12, 3, 10, 16)
+    x = normalize(data.test_x, data.norm)
+    ensemble = fuse_within_budget(models, wide(), 9.0, data.train_x, data.norm, NO_REFIT)
+    assert {k: t.shape for k, t in ensemble.fused.state_dict().items()} == {k: t.shape for k, t in wide().state_dict().items()}
+    assert 3.0 < macs_ratio(ensemble.fused, models[0], data.train_x, data.norm) <= 9.0  # the stem and head scale by K only
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble.fused_no_bn.eval()(x), sum(m(x) for m in models) / 3, rtol=1e-4, atol=1e-4)
+    merge = fuse_within_budget(models, wide(), 1.0, data.train_x, data.norm, NO_REFIT).fused_no_bn.state_dict()
+    want = fuse(models, data.train_x, data.norm, NO_REFIT).fused_no_bn.state_dict()
+    assert merge.keys() == want.keys()
+    for key, t in want.items():
+        if t.is_floating_point():
+            torch.testing.assert_close(merge[key], t, rtol=1e-4, atol=1e-5, msg=key)

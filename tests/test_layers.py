@@ -16,6 +16,7 @@ ALLOWED_INNER = {("otfuse.entry", "otfuse.cli"), ("otfuse.federated", "otfuse.fu
     ("otfuse.cli", m)
     for m in (
         "otfuse.align",
+        "otfuse.budget",
         "otfuse.federated",
         "otfuse.fusion",
         "otfuse.inputs",

@@ -167,6 +167,34 @@ def test_three_dirichlet_parties_fused_from_the_cli_report_each_party_the_ensemb
     assert rows["fused"] > 10.0  # above chance: the fusion learnt from all three parties' features
 
 
+def test_three_parties_fused_within_a_budget_save_a_wider_model_that_evaluates_to_its_reported_accuracy(digits, capsys, tmp_path):
+    """`fuse --budget 2`: a model of at most twice one party's FLOPs, wider than a party in the groups kept apart, saved
+    with the shapes that rebuild it; `evaluate` reads it back to the accuracy fuse printed; it is refused as a parent."""
+    root, _ = digits
+    paths = [_party(root / "three", i, epochs=3) for i in (1, 2, 3)]
+    args = ["--device", "cpu", "--precision", "fp32", "--data-dir", str(root / "data"), "--n-images", "200", "--refit-n-images", "200"]
+    out = tmp_path / "budget.pt"
+    assert main(["fuse", *map(str, paths), "--budget", "2", "--out", str(out), *args]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert 1.0 < float(rows["FLOPs"][0]) <= 2.0
+    model, meta, _ = load_checkpoint(out)
+    party = load_checkpoint(paths[0])[0]
+    assert meta["shapes"] and sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in party.parameters())
+    assert main(["evaluate", str(out), "--device", "cpu", "--precision", "fp32", "--data-dir", str(root / "data")]) == 0
+    assert f"accuracy {float(rows['fused'][0]):.2f}%" in capsys.readouterr().out
+
+    def refused(*argv: str) -> str:
+        assert main(["fuse", *argv, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        return err
+
+    assert "budgeted fusion" in refused(str(out), str(paths[1]))
+    for bad in ("10", "0.5", "nan"):
+        assert "give 1 (the full merge) to 9" in refused(*map(str, paths), "--budget", bad)
+    assert "leave --width out" in refused(*map(str, paths), "--budget", "2", "--width", "8")
+
+
 @pytest.mark.slow
 def test_run_train_all_trains_every_party_of_a_dirichlet_split(tmp_path):
     root = Path(__file__).resolve().parents[1]

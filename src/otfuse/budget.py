@@ -1,6 +1,8 @@
 """Budgeted fusion: the parents merged where their channels match, kept apart where they do not, in one model
 that may be wider than a parent in the channel groups where merging loses most.
 
+    fusion = fuse_within_budget(models, model_from_meta(meta, k * width), 1.25, images, norm, cfg)   # the whole pipeline
+
     wide = side_by_side(aligned, model_from_meta(meta, k * width), images, norm)   # exactly their ensemble
     fusion = budgeted(wide, k, unmerged, images, norm, cfg)    # unmerged: group -> channels kept one per parent
 
@@ -27,6 +29,7 @@ from otfuse.grouping.adapter import pruned_channels
 from otfuse.grouping.exact import channel_groups
 from otfuse.grouping.group import ChannelGroup, Member, example_input
 from otfuse.maps import ChannelMap
+from otfuse.transplant import side_by_side
 
 
 def producer(group: ChannelGroup) -> Member:
@@ -139,8 +142,50 @@ def unmerged_for_budget(wide: nn.Module, k: int, budget: float, images: torch.Te
     unmerged: dict[str, set[int]] = {}
     for _, name, c in order:
         extra[name] += 1
-        if total() > budget * parent:
+        if total() > budget * parent * (1 + 1e-9):  # the estimate of everything apart is K * K times to rounding
             extra[name] -= 1
             continue
         unmerged.setdefault(name, set()).add(c)
     return unmerged
+
+
+def fuse_within_budget(
+    models: list[nn.Module], wide: nn.Module, budget: float, images: torch.Tensor, norm: tuple, cfg: FuseConfig, progress: bool = False
+) -> Fusion:
+    """The K `models` fused into one of at most `budget` times one model's multiply-accumulates (1: the full merge;
+    K * K: every channel kept apart, their ensemble as one dense model, whose blocks between parents are zero until
+    the refit fills them): aligned by `cfg`'s method, placed side by side in `wide` (their architecture at K times
+    their width, fresh), the most unlike channels per multiply-accumulate kept one per parent, the rest merged,
+    then BatchNorm and the refit of `cfg`. The fusion's `seconds` count every phase."""
+    k = len(models)
+    check_budget(budget, k, 0, "")
+    aligning = replace(cfg, refit=replace(cfg.refit, enabled=False), repair=replace(cfg.repair, enabled=False))
+    first = fuse(models, images, norm, aligning, progress=progress)
+    wide = side_by_side(first.aligned, wide, images, norm)
+    unmerged = unmerged_for_budget(wide, k, budget, images, norm)
+    out = budgeted(wide, k, unmerged, images, norm, cfg)
+    out.seconds = {"alignment": first.seconds.get("groups", 0.0) + first.seconds.get("alignment", 0.0), **out.seconds}
+    out.parents, out.weights = list(models), first.weights  # a report's parents and ensemble are the K models, not `wide`
+    return out
+
+
+def macs_ratio(model: nn.Module, parent: nn.Module, images: torch.Tensor, norm: tuple) -> float:
+    """`model`'s multiply-accumulates in times `parent`'s (one image, dense count)."""
+    x = example_input(images, norm, parent)
+    return sum(layer_macs(model, x).values()) / sum(layer_macs(parent, x).values())
+
+
+def check_budget(budget: float, n_checkpoints: int, width: int, merge_until: str) -> None:
+    """`--budget` alone, before anything is loaded (0: not asked for): one clear error for each thing it cannot do."""
+    if not budget:
+        return
+    most = n_checkpoints * n_checkpoints  # every channel apart: a layer K times as wide on both sides costs K * K times
+    if not (budget == budget and 1.0 <= budget <= most):
+        raise OtfuseError(
+            f"--budget {budget:g}: give 1 (the full merge) to {most} times one parent's FLOPs (every channel of the "
+            f"{n_checkpoints} parents kept apart, in one dense model)"
+        )
+    if width:
+        raise OtfuseError("--budget keeps the parents' width wherever channels merge: leave --width out")
+    if merge_until:
+        raise OtfuseError("--budget and --merge-until are two ways to keep parents apart: choose one")

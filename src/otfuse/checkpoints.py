@@ -154,6 +154,9 @@ def _check_meta(path: str | Path, meta: dict) -> None:
     def is_int(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
+    def is_shape(v) -> bool:
+        return isinstance(v, list) and 1 <= len(v) <= 6 and all(is_int(x) and 1 <= x <= 1 << 20 for x in v)
+
     def numbers(v, n: int, low: float, high: float) -> bool:
         return (
             isinstance(v, list)
@@ -198,6 +201,12 @@ def _check_meta(path: str | Path, meta: dict) -> None:
         "parent_optimizer": (lambda v: v in OPTIMIZERS, " or ".join(OPTIMIZERS)),
         "data_digest": (lambda v: isinstance(v, str) and len(v) <= 64, "a digest of the training data"),
         "weights_digest": (lambda v: isinstance(v, str) and len(v) <= 64, "a checksum of the weights"),
+        "shapes": (
+            lambda v: (
+                isinstance(v, dict) and len(v) <= 4096 and all(isinstance(k, str) and len(k) <= 200 and is_shape(d) for k, d in v.items())
+            ),
+            "a map of tensor names to shapes (a budgeted fusion's layer widths)",
+        ),
     }
     for key, (ok, what) in optional.items():
         if key in meta:
@@ -293,14 +302,14 @@ def optimizer_of(meta: dict) -> str:
     return str(meta.get("parent_optimizer") or (meta.get("config") or {}).get("optimizer") or "sgd")
 
 
+# what a parent's metadata says of its own training and shapes, not of a model fused from it
+DROPPED_WHEN_FUSED = frozenset("history config epoch train_acc val_acc test_acc subset task_test_acc parts parent_subsets shapes".split())
+
+
 def fused_meta(metas: list[dict], parents: list[str], width: int, options: dict, test_acc: float | None) -> dict:
     """A fused checkpoint's metadata: the first parent's identity (dataset, normalisation, classes), the
     fused width and options, and what each parent was (path, width, training accuracy)."""
-    meta = {
-        k: v
-        for k, v in metas[0].items()
-        if k not in ("history", "config", "epoch", "train_acc", "val_acc", "test_acc", "subset", "task_test_acc", "parts", "parent_subsets")
-    }
+    meta = {k: v for k, v in metas[0].items() if k not in DROPPED_WHEN_FUSED}
     meta.update(
         kind="fused",
         width=width,
@@ -366,6 +375,12 @@ def load_parents(
     device = pick_device(device_name)
     loaded = [load_checkpoint(p) for p in paths]
     meta0 = loaded[0][1]
+    wider = next((p for p, (_, m, _) in zip(paths, loaded) if m.get("shapes")), None)
+    if wider is not None:
+        raise OtfuseError(
+            f"{wider} is a budgeted fusion (some layers wider than its width); it cannot be fused or fine-tuned "
+            "again: fuse its parents (its metadata lists them) or evaluate it"
+        )
     keys = MATCH + (("width",) if same_width else ())
     for path, (_, meta, _) in zip(paths[1:], loaded[1:]):
         if meta.get("classes") != meta0.get("classes"):

@@ -22,7 +22,7 @@ from otfuse.checkpoints import data_of, fused_from, fused_meta, load_checkpoint,
 from otfuse.data import dataset_slug, default_data_dir
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import logits, loss_and_accuracy
-from otfuse.models import arch_folder
+from otfuse.models import arch_folder, model_from_meta, shapes_beyond
 from otfuse.options import Parser, add_options, flatten, read_config, resolve
 from otfuse.precision import resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, inputs_name, output_lock, writable_dir
@@ -81,11 +81,13 @@ def _inputs(checkpoints: list[str], config: str = "") -> dict[str, str]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    from otfuse.budget import check_budget
     from otfuse.inputs import check_request, fusion_inputs
 
     check_request(len(args.checkpoints), args.width, vars(args), args.config)
     if args.merge_until and len(args.checkpoints) < 2:
         raise OtfuseError("--merge-until keeps each parent's later layers as a branch: give two or more checkpoints")
+    check_budget(args.budget, len(args.checkpoints), args.width, args.merge_until)
     check_outputs({"--out": args.out}, _inputs(args.checkpoints, args.config), args.overwrite, lambda p: fused_from(p, args.checkpoints))
     with output_lock(args.out):
         return _fuse(args, fusion_inputs(args.checkpoints, vars(args), args.config, args.width, args.data_dir, args.device))
@@ -97,9 +99,16 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
     from otfuse.report import accuracies, table
 
     cfg, metas, data = inputs.cfg, inputs.metas, inputs.data
-    fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True, class_counts=inputs.class_counts)
+    if args.budget:
+        fusion = within_budget(inputs, args.budget)
+    else:
+        fusion = fuse(inputs.models, data.train_x, data.norm, cfg, target=inputs.target, progress=True, class_counts=inputs.class_counts)
     made = sum(fusion.seconds.values())
-    meta = lambda acc: fused_meta(metas, args.checkpoints, inputs.width, flatten(cfg), acc if args.split == "test" else None)
+    options = {**flatten(cfg), **({"budget": args.budget} if args.budget else {})}
+    meta = lambda acc: {
+        **fused_meta(metas, args.checkpoints, inputs.width, options, acc if args.split == "test" else None),
+        **({"shapes": shapes_beyond(fusion.fused, inputs.target)} if args.budget else {}),
+    }
     if args.out:  # the fused model first: the evaluation below is extra, never a reason to lose it
         save_checkpoint(args.out, fusion.fused, meta(None))
         print(f"saved {args.out} (fused in {made:.1f} s, {fusion.precision})", flush=True)
@@ -115,6 +124,11 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
         print("  (parents trained on parts of the data: every class, then each parent's task: its classes' images, argmax within them)")
     for k, v in acc.items():
         print(f"  {k:<20} {v:6.2f}")
+    if args.budget:
+        from otfuse.budget import macs_ratio
+
+        ratio = macs_ratio(fusion.fused, inputs.models[0], data.train_x, data.norm)
+        print(f"  {'FLOPs':<20} {ratio:6.3f} times one parent's (--budget {args.budget:g})")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in fusion.seconds.items()))
     if args.merge_until:
         print(f"partial merges (the layers up to the cut fused, each parent's later layers a branch; {args.split} accuracy, %):")
@@ -130,6 +144,18 @@ def _fuse(args: argparse.Namespace, inputs: FusionInputs) -> int:
     if args.out and args.split == "test":  # the metadata gains the accuracy just measured
         save_checkpoint(args.out, fusion.fused, meta(acc["fused"]))
     return 0
+
+
+def within_budget(inputs: FusionInputs, budget: float):
+    """`otfuse.budget.fuse_within_budget` of the parents, their architecture at K times their width the side-by-side model."""
+    from otfuse.budget import fuse_within_budget
+
+    if not inputs.width:
+        raise OtfuseError(f"--budget widens the architecture, and {inputs.metas[0]['arch']} has no width knob; use a registry architecture")
+    if inputs.cfg.head != "equal":
+        raise OtfuseError(f"--budget refits the head to the parents' mean outputs: leave --head {inputs.cfg.head} out")
+    wide = model_from_meta(inputs.metas[0], len(inputs.models) * inputs.width).to(inputs.data.train_x.device)
+    return fuse_within_budget(inputs.models, wide, budget, inputs.data.train_x, inputs.data.norm, inputs.cfg, progress=True)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -271,6 +297,13 @@ def _fuse_options(p: argparse.ArgumentParser) -> None:
         "only the fused model, after it is saved)",
     )
     p.add_argument("--merge-until", default="", help=MERGE_UNTIL_HELP)
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        help="at most this many times one parent's FLOPs (1 to the number of parents): the least alike channels "
+        "of each group kept one per parent, the rest merged (default 0: the full merge)",
+    )
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)
 

@@ -57,11 +57,63 @@ def build_model(arch: str, width: int = 64, in_channels: int = 3, num_classes: i
 
 
 def model_from_meta(meta: dict, width: int | None = None) -> nn.Module:
-    """A fresh model of the architecture checkpoint metadata `meta` names (at `width`, default its own); checkpoints
-    written before the image size was recorded hold 32 px CNNs, which ignore it."""
-    return build_model(
+    """A fresh model of the architecture checkpoint metadata `meta` names (at `width`, default its own, with the
+    layer widths its `shapes` record: a budgeted fusion's); checkpoints written before the image size was recorded
+    hold 32 px CNNs, which ignore it."""
+    model = build_model(
         meta["arch"], meta["width"] if width is None else width, meta["in_channels"], meta["num_classes"], int(meta.get("image_size", 32))
     )
+    return resized(model, meta["shapes"]) if meta.get("shapes") and width is None else model
+
+
+RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
+
+
+def resized(model: nn.Module, shapes: dict[str, list[int]]) -> nn.Module:
+    """`model` with the tensors named in `shapes` (state-dict key -> shape) replaced by uninitialised ones of those
+    shapes and each layer's size attributes following its weight: the architecture of a model whose layers are
+    not all of its base width (a budgeted fusion keeps some groups wider). Returns `model`."""
+    layers = dict(model.named_modules())
+    touched = {}
+    for key, shape in shapes.items():
+        owner, _, name = key.rpartition(".")
+        layer = layers.get(owner)
+        old = layer.state_dict(keep_vars=True).get(name) if layer is not None else None
+        if not isinstance(layer, RESIZABLE) or old is None or len(shape) != old.ndim:
+            raise OtfuseError(f"recorded shape of {key}: no resizable layer holds a {len(shape)}-dim tensor there; re-create the file")
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            setattr(layer, name, nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            layer.register_buffer(name, new)
+        touched[owner] = layer
+    for layer in touched.values():
+        _follow_weight(layer)
+    return model
+
+
+def _follow_weight(layer: nn.Module) -> None:
+    """A layer's size attributes set from its (resized) tensors; a depthwise conv stays depthwise."""
+    if isinstance(layer, nn.Conv2d):
+        depthwise = layer.groups == layer.in_channels == layer.out_channels and layer.groups > 1
+        layer.out_channels = layer.weight.shape[0]
+        layer.groups = layer.out_channels if depthwise else layer.groups
+        layer.in_channels = layer.weight.shape[1] * layer.groups
+    elif isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = layer.weight.shape
+    elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d):
+        layer.num_features = layer.running_mean.shape[0] if layer.running_mean is not None else layer.weight.shape[0]
+    elif isinstance(layer, nn.LayerNorm):
+        layer.normalized_shape = tuple(layer.weight.shape)
+    elif isinstance(layer, nn.GroupNorm):
+        layer.num_channels = layer.weight.shape[0]
+
+
+def shapes_beyond(model: nn.Module, base: nn.Module) -> dict[str, list[int]]:
+    """The tensors of `model` whose shapes differ from `base`'s (the same architecture at its base width), by key:
+    what a checkpoint records so `model_from_meta` builds `model`'s architecture again."""
+    own = base.state_dict()
+    return {k: list(t.shape) for k, t in model.state_dict().items() if k in own and own[k].shape != t.shape}
 
 
 def timm_model(name: str, width: int, in_channels: int, num_classes: int) -> nn.Module:

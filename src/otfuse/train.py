@@ -664,6 +664,11 @@ def _compatible(path, flag: str, cfg: TrainConfig, data: ImageData):
             "use another checkpoint or matching options"
         )
     check_data_digest(meta, data, f"{flag} checkpoint {path}")
+    if meta.get("shapes"):
+        raise OtfuseError(
+            f"{flag}: checkpoint {path} is a budgeted fusion (some layers wider than width {meta['width']}), which "
+            "otfuse trains from no further; evaluate it, or fine-tune a fusion made without --budget"
+        )
     want = {"arch": cfg.arch, "width": cfg.width, "in_channels": data.in_channels, "num_classes": data.num_classes}
     for k, v in want.items():
         if meta.get(k) != v:
