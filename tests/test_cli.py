@@ -19,7 +19,7 @@ COMMANDS = {
     "evaluate": ([], {"checkpoint", "split", "device", "data_dir", "precision"}),
     "fuse": (
         [FuseConfig],
-        {"checkpoints", "width", "out", "overwrite", "split", "baselines", "merge_until", "config", "device", "data_dir"},
+        {"checkpoints", "width", "out", "overwrite", "split", "baselines", "merge_until", "budget", "config", "device", "data_dir"},
     ),
     "tune": ([FuseConfig, TuneConfig], {"checkpoints", "width", "config", "device", "data_dir"}),
     "interpolate": ([FuseConfig], {"checkpoints", "points", "split", "results_dir", "config", "device", "data_dir"}),

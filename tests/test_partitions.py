@@ -108,6 +108,14 @@ def _party(root: Path, party: int, parties: int = 3, seed: int = 0, init_seed: i
     return train(cfg, progress=False)
 
 
+def _three_parties(root: Path) -> list[Path]:
+    """Three Dirichlet(0.5) digits parties of 3 epochs, trained once for the tests that fuse them."""
+    return [
+        p if p.is_file() else _party(root, i, epochs=3)
+        for i, p in ((i, root / "ck" / "digits" / "resnet18-w4" / f"seed0-dirichlet3-a0.5-p{i}.pt") for i in (1, 2, 3))
+    ]
+
+
 def test_a_party_records_its_partition_and_goes_on_with_it(digits):
     root, data = digits
     path = _party(root, 2, epochs=1)
@@ -158,7 +166,7 @@ def test_a_bad_partition_is_one_clear_error_before_any_work(tmp_path, options, w
 
 def test_three_dirichlet_parties_fused_from_the_cli_report_each_party_the_ensemble_and_the_fused_model(digits, capsys):
     root, _ = digits
-    paths = [_party(root / "three", i, epochs=3) for i in (1, 2, 3)]
+    paths = _three_parties(root / "three")
     args = ["--device", "cpu", "--precision", "fp32", "--data-dir", str(root / "data"), "--n-images", "200", "--refit-n-images", "200"]
     assert main(["fuse", *map(str, paths), "--baselines", *args]) == 0
     out = capsys.readouterr().out
@@ -171,7 +179,7 @@ def test_three_parties_fused_within_a_budget_save_a_wider_model_that_evaluates_t
     """`fuse --budget 2`: a model of at most twice one party's FLOPs, wider than a party in the groups kept apart, saved
     with the shapes that rebuild it; `evaluate` reads it back to the accuracy fuse printed; it is refused as a parent."""
     root, _ = digits
-    paths = [_party(root / "three", i, epochs=3) for i in (1, 2, 3)]
+    paths = _three_parties(root / "three")
     args = ["--device", "cpu", "--precision", "fp32", "--data-dir", str(root / "data"), "--n-images", "200", "--refit-n-images", "200"]
     out = tmp_path / "budget.pt"
     assert main(["fuse", *map(str, paths), "--budget", "2", "--out", str(out), *args]) == 0
