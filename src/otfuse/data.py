@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.metadata
 import io
 import lzma
 import os
@@ -377,9 +378,12 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 @register_dataset("digits", augment=False)
 def _digits_source(_arg: str, _data_dir: Path) -> _Source:
-    import sklearn  # optional at import time: only the digits set needs scikit-learn
-
-    return _Source(f"digits-sklearn{sklearn.__version__}", _decode_digits)
+    # the version from the package's metadata: importing scikit-learn takes about 2 s, and a cached copy needs none of it
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        raise OtfuseError("the digits dataset comes with scikit-learn, which is not installed: pip install scikit-learn") from None
+    return _Source(f"digits-sklearn{version}", _decode_digits)
 
 
 def _decode_digits() -> dict:
