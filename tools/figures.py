@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from otfuse.plots import methods_figure, save_figure
+from otfuse.plots import methods_figure, parties_figure, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "figures"
@@ -56,6 +56,17 @@ def fusion_methods() -> object:
         mean = (float(r["model1"]) + float(r["model2"])) / 2
         panels.append((name, bars, {"parents' mean": mean, "ensemble of the two": float(r["ensemble"])}))
     return methods_figure(panels, "Two independently trained ResNet18s fused into one: test accuracy (bench/bench_scale.py)")
+
+
+@figure
+def parties_cifar10() -> object:
+    """K Dirichlet(0.5) parties from one initialisation, fused: accuracy against K (bench/bench_parties.py, test split)."""
+    found = [
+        r
+        for r in rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha="0.5", init="shared")
+        if r["variant"] in ("default", "head-counts")
+    ]
+    return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.5) parties from one start: test accuracy against K")
 
 
 def main(argv: list[str]) -> int:

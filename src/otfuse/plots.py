@@ -186,6 +186,31 @@ def many_figure(rows: list[dict], title: str):
     return fig
 
 
+def parties_figure(rows: list[dict], title: str):
+    """Test accuracy against the number of parties K (bench_parties.py's rows, one setting per K): the best party, the
+    parties' ensemble, one-round FedAvg (vanilla average + BatchNorm) and each fusion variant in the rows."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
+    by_k = {int(r["parties"]): r for r in rows if r["variant"] == "default"}
+    ks = sorted(by_k)
+    for column, style, label in (
+        ("ensemble", "k--", "ensemble of the K parties"),
+        ("best_party", "C2:", "best party"),
+        ("vanilla_bn", "C7-", "plain average + BatchNorm (FedAvg, one round)"),
+    ):
+        ax.plot(ks, [float(by_k[k][column]) for k in ks], style, marker="o", ms=4, lw=1.2, label=label)
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        pts = sorted((int(r["parties"]), float(r["fused"])) for r in rows if r["variant"] == variant)
+        ax.plot([k for k, _ in pts], [a for _, a in pts], f"C{i}-", marker="o", ms=4, lw=2.2, label=f"fused ({variant})")
+    ax.set_xlabel("parties K")
+    ax.set_xticks(ks)
+    ax.set_ylabel("test accuracy (%, every class)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def federated_figure(rows: list[dict], title: str):
     """Test accuracy against federated rounds (bench_federated.py's rows), one panel per Dirichlet alpha: a line per
     multi-round run (OT fusion solid, Flower's FedAvg and FedProx dashed and dotted), a one-shot run as a marker at the
