@@ -52,6 +52,16 @@ def is_own_figure(path: str | Path) -> bool:
         return False
 
 
+def _finished(fig, ax, ylabel: str, title: str):
+    """`fig` with the look every figure here shares: its y label and title, a light grid, the legend, tight margins."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def interpolation_figure(rows: list[dict], title: str, split: str = "test"):
     """Accuracy and loss against alpha, one line per curve."""
     fig, (ax_acc, ax_loss) = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
@@ -128,12 +138,7 @@ def finetune_figure(rows: list[dict], title: str):
             ax.axhline(float(r["acc"]), color="black", ls=":", lw=1, label="ensemble of the parents")
     ax.set_xlabel("fine-tuning epochs (0: the start)")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finished(fig, ax, "validation accuracy (%)", title)
 
 
 def partial_figure(rows: list[dict], lines: dict[str, float], title: str):
@@ -154,12 +159,7 @@ def partial_figure(rows: list[dict], lines: dict[str, float], title: str):
     for i, (label, value) in enumerate(lines.items()):
         ax.axhline(value, color=f"C{i + 1}", ls=":", lw=1, label=label)
     ax.set_xlabel("FLOPs per image, as multiples of one parent's")
-    ax.set_ylabel("joint test accuracy (%, every class)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finished(fig, ax, "joint test accuracy (%, every class)", title)
 
 
 def many_figure(rows: list[dict], title: str):
@@ -178,12 +178,7 @@ def many_figure(rows: list[dict], title: str):
         ax.plot(k, [float(r[column]) for r in rows], style, marker="o", ms=4, lw=2.2 if column == "fused" else 1.2, label=label)
     ax.set_xlabel("models fused")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finished(fig, ax, "accuracy (%)", title)
 
 
 def parties_figure(rows: list[dict], title: str):
@@ -203,12 +198,7 @@ def parties_figure(rows: list[dict], title: str):
         ax.plot([k for k, _ in pts], [a for _, a in pts], f"C{i}-", marker="o", ms=4, lw=2.2, label=f"fused ({variant})")
     ax.set_xlabel("parties K")
     ax.set_xticks(ks)
-    ax.set_ylabel("test accuracy (%, every class)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finished(fig, ax, "test accuracy (%, every class)", title)
 
 
 def federated_figure(rows: list[dict], title: str):
@@ -273,9 +263,4 @@ def history_figure(trials: list[tuple[int, str, float]], what: str):
         best.append(run)
     ax.step([n for n, _, _ in trials], best, where="post", color="black", lw=1.2, label="best so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel("fused validation accuracy (%)")
-    ax.set_title(f"otfuse tune: {what}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finished(fig, ax, "fused validation accuracy (%)", f"otfuse tune: {what}")
