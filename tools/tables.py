@@ -352,6 +352,7 @@ def parties() -> list[list[str]]:
             "**Fused**",
             "Fused / ensemble",
             "Fused - best party",
+            "Fusion seconds",
         ]
     ]
     for path in sorted(BENCH.glob("parties-*.csv")):
@@ -369,6 +370,7 @@ def parties() -> list[list[str]]:
                     f"**{r['fused']}**",
                     f"{r['fused_of_ensemble']}%",
                     r["fused_minus_best"],
+                    r["seconds_fusion"],
                 ]
             )
     return out
