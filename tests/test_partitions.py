@@ -110,10 +110,9 @@ def _party(root: Path, party: int, parties: int = 3, seed: int = 0, init_seed: i
 
 def _three_parties(root: Path) -> list[Path]:
     """Three Dirichlet(0.5) digits parties of 3 epochs, trained once for the tests that fuse them."""
-    return [
-        p if p.is_file() else _party(root, i, epochs=3)
-        for i, p in ((i, root / "ck" / "digits" / "resnet18-w4" / f"seed0-dirichlet3-a0.5-p{i}.pt") for i in (1, 2, 3))
-    ]
+    folder = root / "ck" / "digits" / "resnet18-w4"
+    done = [folder / f"seed0-dirichlet3-a0.5-p{i}.pt" for i in (1, 2, 3)]
+    return [p if p.is_file() else _party(root, i, epochs=3) for i, p in zip((1, 2, 3), done)]
 
 
 def test_a_party_records_its_partition_and_goes_on_with_it(digits):

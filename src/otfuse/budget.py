@@ -18,6 +18,7 @@ it is the full merge (the aligned average, before BatchNorm); with everything un
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import torch
@@ -180,7 +181,7 @@ def check_budget(budget: float, n_checkpoints: int, width: int, merge_until: str
     if not budget:
         return
     most = n_checkpoints * n_checkpoints  # every channel apart: a layer K times as wide on both sides costs K * K times
-    if not (budget == budget and 1.0 <= budget <= most):
+    if not (math.isfinite(budget) and 1.0 <= budget <= most):
         raise OtfuseError(
             f"--budget {budget:g}: give 1 (the full merge) to {most} times one parent's FLOPs (every channel of the "
             f"{n_checkpoints} parents kept apart, in one dense model)"
