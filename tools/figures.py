@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from otfuse.plots import methods_figure, parties_figure, save_figure
+from otfuse.plots import frontier_figure, methods_figure, parties_figure, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "figures"
@@ -67,6 +67,25 @@ def parties_cifar10() -> object:
         if r["variant"] in ("default", "head-counts")
     ]
     return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.5) parties from one start: test accuracy against K")
+
+
+@figure
+def frontier_cifar100() -> object:
+    """The shared CIFAR-100 pair's accuracy against compute: budgeted fusion beside the depth cuts (bench_budget.py)."""
+    found = rows(ROOT / "bench" / "budget-cifar100-w32.csv")
+    series = {
+        "--budget: the least alike channels kept one per parent": [
+            (float(r["flops_x"]), float(r["test_acc"]), f"{r['point']}x") for r in found if r["kind"] == "budget"
+        ],
+        "--merge-until: merged up to the cut, one branch per parent after it": [
+            (float(r["flops_x"]), float(r["test_acc"]), r["point"]) for r in found if r["kind"] == "cut"
+        ],
+    }
+    lines = {"ensemble of the two": float(found[0]["ensemble"])}
+    mean = next((r["parents_mean"] for r in found if r.get("parents_mean")), "")
+    if mean:
+        lines["parents' mean"] = float(mean)
+    return frontier_figure(series, lines, "CIFAR-100, ResNet18 width 32, two seeds on the same data: accuracy against compute")
 
 
 def main(argv: list[str]) -> int:

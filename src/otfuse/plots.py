@@ -144,20 +144,21 @@ def finetune_figure(rows: list[dict], title: str):
 def partial_figure(rows: list[dict], lines: dict[str, float], title: str):
     """Joint accuracy against FLOPs (as multiples of one parent's), one point per cut of a partial merge, named; the
     models in `lines` (e.g. each parent, their ensemble) as horizontal lines."""
+    points = [(float(r["flops_x"]), float(r["accuracy"]), r["cut"]) for r in rows]
+    return frontier_figure({"merged up to the cut, then one branch per parent": points}, lines, title)
+
+
+def frontier_figure(series: dict[str, list[tuple[float, float, str]]], lines: dict[str, float], title: str):
+    """Accuracy against compute (as multiples of one parent's): one line per series of (cost, accuracy, name) points,
+    each point named (e.g. budgets and the depth cuts of a partial merge); the models in `lines` as horizontal lines."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
-    pts = sorted((float(r["flops_x"]), float(r["accuracy"]), r["cut"]) for r in rows)
-    ax.plot(
-        [p[0] for p in pts],
-        [p[1] for p in pts],
-        color="tab:blue",
-        marker="o",
-        ms=4,
-        label="merged up to the cut, then one branch per parent",
-    )
-    for fx_, acc, cut in pts:
-        ax.annotate(cut, (fx_, acc), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for i, (label, points) in enumerate(series.items()):
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", marker="o", ms=4, label=label)
+        for fx_, acc, name in pts:
+            ax.annotate(name, (fx_, acc), textcoords="offset points", xytext=(3, 3 - 10 * i), fontsize=7, color=f"C{i}")
     for i, (label, value) in enumerate(lines.items()):
-        ax.axhline(value, color=f"C{i + 1}", ls=":", lw=1, label=label)
+        ax.axhline(value, color=f"C{i + len(series)}", ls=":", lw=1, label=label)
     ax.set_xlabel("FLOPs per image, as multiples of one parent's")
     return _finished(fig, ax, "joint test accuracy (%, every class)", title)
 
