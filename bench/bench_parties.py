@@ -69,6 +69,7 @@ VARIANTS = {
     "head-counts-4000": {"head": "counts", "refit_n_images": 4000},
     "head-counts-augment": {"head": "counts", "refit_augment": True},
     "head-counts-ridge0.001": {"head": "counts", "refit_ridge": 0.001},
+    "sizes-head-counts": {"head": "counts", "weights": "sizes"},  # each party weighed by its training images, as FedAvg
     "own-data": {"fusion_data": "model1"},  # a fuser holding only party 1's images
     "public-cifar100": {"fusion_data": f"public:{CIFAR100}"},  # one holding none: CIFAR-100's training images
 }

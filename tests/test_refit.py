@@ -166,6 +166,23 @@ def test_the_classifier_weighted_by_class_counts(trained):
     assert err(split) < err(equal)
 
 
+def test_weights_sizes_weigh_each_parent_by_its_training_images(trained):
+    """--weights sizes: the average weighs each parent by the training images it learnt from (its class counts summed,
+    as FedAvg weighs clients): the same fusion as those numbers given to --weights; unknown counts, one clear error."""
+    from otfuse.errors import OtfuseError
+    from otfuse.fusion import FuseConfig
+
+    models, data, _, _ = trained
+    counts = torch.tensor([[3] * 10, [1] * 10])
+    sizes = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=200, weights="sizes"), class_counts=counts)
+    given = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=200, weights="30,10"))
+    assert sizes.weights == pytest.approx([0.75, 0.25]) and sizes.weights == given.weights
+    assert all(torch.equal(a, b) for a, b in zip(sizes.fused.state_dict().values(), given.fused.state_dict().values()))
+    FuseConfig(weights="sizes").check(2)  # the counts come with the parents, after the request is checked
+    with pytest.raises(OtfuseError, match="--weights sizes weighs each parent by the training images"):
+        fuse(models, data.train_x, data.norm, config(weights="sizes"))
+
+
 def test_the_classifier_fit_to_mean_probabilities_gives_back_a_model_fused_with_its_permuted_copy(trained):
     """--head-probs: the target is the log of the parents' mean probabilities, centred per image. For one model it
     is its logits less their mean, which its own classifier less its mean row computes: the same probabilities."""

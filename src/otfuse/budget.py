@@ -151,20 +151,28 @@ def unmerged_for_budget(wide: nn.Module, k: int, budget: float, images: torch.Te
 
 
 def fuse_within_budget(
-    models: list[nn.Module], wide: nn.Module, budget: float, images: torch.Tensor, norm: tuple, cfg: FuseConfig, progress: bool = False
+    models: list[nn.Module],
+    wide: nn.Module,
+    budget: float,
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: FuseConfig,
+    progress: bool = False,
+    class_counts: torch.Tensor | None = None,
 ) -> Fusion:
     """The K `models` fused into one of at most `budget` times one model's multiply-accumulates (1: the full merge;
     K * K: every channel kept apart, their ensemble as one dense model, whose blocks between parents are zero until
     the refit fills them): aligned by `cfg`'s method, placed side by side in `wide` (their architecture at K times
     their width, fresh), the most unlike channels per multiply-accumulate kept one per parent, the rest merged,
-    then BatchNorm and the refit of `cfg`. The fusion's `seconds` count every phase."""
+    then BatchNorm and the refit of `cfg`. The fusion's `seconds` count every phase. `class_counts` as `fuse()`'s (for
+    `--weights sizes`)."""
     k = len(models)
     check_budget(budget, k, 0, "")
     aligning = replace(cfg, refit=replace(cfg.refit, enabled=False), repair=replace(cfg.repair, enabled=False))
-    first = fuse(models, images, norm, aligning, progress=progress)
+    first = fuse(models, images, norm, aligning, progress=progress, class_counts=class_counts)
     wide = side_by_side(first.aligned, wide, images, norm)
     unmerged = unmerged_for_budget(wide, k, budget, images, norm)
-    out = budgeted(wide, k, unmerged, images, norm, cfg)
+    out = budgeted(wide, k, unmerged, images, norm, replace(cfg, weights=",".join(map(repr, first.weights))))
     out.seconds = {"alignment": first.seconds.get("groups", 0.0) + first.seconds.get("alignment", 0.0), **out.seconds}
     out.parents, out.weights = list(models), first.weights  # a report's parents and ensemble are the K models, not `wide`
     return out

@@ -155,7 +155,9 @@ def within_budget(inputs: FusionInputs, budget: float):
     if inputs.cfg.head != "equal":
         raise OtfuseError(f"--budget refits the head to the parents' mean outputs: leave --head {inputs.cfg.head} out")
     wide = model_from_meta(inputs.metas[0], len(inputs.models) * inputs.width).to(inputs.data.train_x.device)
-    return fuse_within_budget(inputs.models, wide, budget, inputs.data.train_x, inputs.data.norm, inputs.cfg, progress=True)
+    return fuse_within_budget(
+        inputs.models, wide, budget, inputs.data.train_x, inputs.data.norm, inputs.cfg, progress=True, class_counts=inputs.class_counts
+    )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from otfuse.refit import RefitConfig, refit, refit_sets_every_batchnorm
 from otfuse.subsets import check_fusion_data
 
 HEADS = ("equal", "counts")
+SIZES = "sizes"  # --weights sizes: each parent by its training images
 
 
 @dataclass
@@ -49,7 +50,7 @@ class FuseConfig:
     bn: BatchNormConfig = field(default_factory=BatchNormConfig)
     repair: RepairConfig = field(default_factory=RepairConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)
-    weights: str = ""  # comma-separated model weights for the average; empty: equal
+    weights: str = ""  # comma-separated model weights for the average; empty: equal; sizes: each parent's training images (as FedAvg)
     head: str = "equal"  # the refit classifier's target per class: equal (--weights) | counts (each parent by its share of the class)
     head_probs: bool = False  # the refit classifier's target: the log of the parents' mean probabilities (else their mean logits)
     fusion_data: str = "union"  # training images the stages read: union (of the parents' parts) | model<k> (its part) | <N>-per-class
@@ -62,22 +63,34 @@ class FuseConfig:
         if self.head not in HEADS:
             raise OtfuseError(f"--head {self.head!r}: choose {' or '.join(HEADS)}")
         check_fusion_data(self.fusion_data, n_models)
-        if n_models is not None:
+        if n_models is not None and self.weights != SIZES:
             self.model_weights(n_models)
 
-    def model_weights(self, k: int) -> list[float]:
-        """The averaging weights of k models, normalised to sum to one."""
+    def model_weights(self, k: int, sizes: list[float] | None = None) -> list[float]:
+        """The averaging weights of k models, normalised to sum to one; with `--weights sizes`, the models' training
+        image counts `sizes` (a parent whose counts are not known cannot be weighed so: one clear error)."""
         if not self.weights:
             return [1.0 / k] * k
+        if self.weights == SIZES:
+            if sizes is None or len(sizes) != k or sum(sizes) <= 0:
+                raise OtfuseError(
+                    "--weights sizes weighs each parent by the training images it learnt from, which this fusion was not "
+                    "given (fuse(..., class_counts=...), read from checkpoint metadata by the CLI); give numbers instead"
+                )
+            return _normalised([float(v) for v in sizes])
         try:
             w = [float(v) for v in self.weights.split(",")]
         except ValueError:
-            raise OtfuseError(f"--weights {self.weights!r} must be comma-separated numbers") from None
+            raise OtfuseError(f"--weights {self.weights!r} must be comma-separated numbers or sizes") from None
         if len(w) != k or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
             raise OtfuseError(f"--weights {self.weights!r}: give {k} finite, non-negative numbers with a positive sum")
-        top = max(w)  # scaled first: a sum of huge weights overflows to inf (and every weight to 0), tiny ones underflow
-        scaled = [v / top for v in w]
-        return [v / sum(scaled) for v in scaled]
+        return _normalised(w)
+
+
+def _normalised(w: list[float]) -> list[float]:
+    top = max(w)  # scaled first: a sum of huge weights overflows to inf (and every weight to 0), tiny ones underflow
+    scaled = [v / top for v in w]
+    return [v / sum(scaled) for v in scaled]
 
 
 @dataclass
@@ -194,7 +207,7 @@ def fuse(
             f"fusion reads {len(images)} image(s); BatchNorm statistics need at least two: give more (e.g. a larger "
             "--fusion-data N-per-class, or union)"
         )
-    weights = cfg.model_weights(len(models))
+    weights = cfg.model_weights(len(models), None if class_counts is None else class_counts.sum(1).tolist())
     seconds: dict[str, float] = {}
     anchor = models[0]
     dev = next(anchor.parameters()).device
