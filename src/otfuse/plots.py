@@ -155,8 +155,10 @@ def frontier_figure(series: dict[str, list[tuple[float, float, str]]], lines: di
     for i, (label, points) in enumerate(series.items()):
         pts = sorted(points)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", marker="o", ms=4, label=label)
+        right = i % 2 == 0  # two series' names on opposite sides of their points, so that near points stay legible
         for fx_, acc, name in pts:
-            ax.annotate(name, (fx_, acc), textcoords="offset points", xytext=(3, 3 - 10 * i), fontsize=7, color=f"C{i}")
+            xy = (4, -10) if right else (-5, 2)
+            ax.annotate(name, (fx_, acc), textcoords="offset points", xytext=xy, ha="left" if right else "right", fontsize=7, color=f"C{i}")
     for i, (label, value) in enumerate(lines.items()):
         ax.axhline(value, color=f"C{i + len(series)}", ls=":", lw=1, label=label)
     ax.set_xlabel("FLOPs per image, as multiples of one parent's")
