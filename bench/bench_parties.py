@@ -12,9 +12,10 @@ parties together cost about one model trained on all the data) into <checkpoint-
 
 Then one row per (setting, variant) goes to bench/parties-<dataset>-w<width>.csv as it finishes (a row already there
 is skipped), on the split --split (validation to choose a default, test to report): every party's accuracy, the
-best party, their ensemble (mean probabilities), vanilla averaging with BatchNorm recomputed (FedAvg in one round)
-and refit, the aligned average with BatchNorm recomputed, and the fusion, with the fusion's share of the ensemble,
-the seconds and the options. A variant is a set of fusion options (`--variants`: the names in VARIANTS).
+best party, their ensemble (mean probabilities, equal weights whatever the variant weighs), vanilla averaging with
+BatchNorm recomputed (FedAvg in one round) and refit, the aligned average with BatchNorm recomputed, and the fusion,
+with the fusion's share of the ensemble, the seconds and the options. A variant is a set of fusion options
+(`--variants`: the names in VARIANTS).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from harness import CIFAR10, CIFAR100, Table, common_options, trained
 
 from otfuse.errors import OtfuseError, run_main
+from otfuse.evaluate import accuracy_of_logits, ensemble_of_logits, logits
 from otfuse.inputs import fusion_inputs
 from otfuse.options import flatten
 from otfuse.report import fusion_table
@@ -116,6 +118,10 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         target=inputs.target,
         class_counts=inputs.class_counts,
     )
+    if len(set(fusion.weights)) > 1:  # the yardstick stays the parties' equal ensemble whatever a variant weighs
+        x, y = inputs.data.split(args.split)
+        zs = [logits(m, x, inputs.data.norm, precision=fusion.precision) for m in inputs.models]
+        acc["ensemble"] = accuracy_of_logits(ensemble_of_logits(zs, [1 / len(zs)] * len(zs)), y)
     party_acc = [acc[f"model{i + 1}"] for i in range(s.parties)]
     row = {
         "setting": name,

@@ -196,9 +196,11 @@ def parties_figure(rows: list[dict], title: str):
         ("vanilla_bn", "C7-", "plain average + BatchNorm (FedAvg, one round)"),
     ):
         ax.plot(ks, [float(by_k[k][column]) for k in ks], style, marker="o", ms=4, lw=1.2, label=label)
+    colours = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")  # not the baselines' C2 and C7
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         pts = sorted((int(r["parties"]), float(r["fused"])) for r in rows if r["variant"] == variant)
-        ax.plot([k for k, _ in pts], [a for _, a in pts], f"C{i}-", marker="o", ms=4, lw=2.2, label=f"fused ({variant})")
+        style = colours[i % len(colours)] + "-"
+        ax.plot([k for k, _ in pts], [a for _, a in pts], style, marker="o", ms=4, lw=2.2, label=f"fused ({variant})")
     ax.set_xlabel("parties K")
     ax.set_xticks(ks)
     return _finished(fig, ax, "test accuracy (%, every class)", title)
