@@ -31,7 +31,7 @@ from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import randomize_bn, randomize_constants  # noqa: E402  (the tests' own randomisers: one way to do it)
+from support import randomize_bn, randomize_constants  # noqa: E402  (the tests' own randomisers: one way to do it)
 
 # CNNs only (transformers and attention hybrids are counted apart), small variants, 30 families
 TIMM_CNNS = """resnet10t resnet14t resnet18 resnet18d resnet26 resnet26d resnet34 resnet50 resnet50d seresnet18

@@ -17,7 +17,7 @@ from otfuse.errors import OtfuseError
 from otfuse.fusion import fuse
 from otfuse.models import build_model
 
-from conftest import config, randomize_bn
+from support import config, randomize_bn
 
 
 def _resnext():

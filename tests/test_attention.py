@@ -13,7 +13,7 @@ from otfuse.errors import OtfuseError
 from otfuse.grouping.attention import attention_layers
 from otfuse.models import build_model
 
-from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
+from support import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
 
 
 class Encoder(nn.Module):

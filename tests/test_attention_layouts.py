@@ -15,7 +15,7 @@ from torch import nn
 
 from otfuse import channel_groups, permute, random_maps
 
-from conftest import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
+from support import METHODS, assert_default_fusion_returns_model, assert_returns_model, random_data
 
 # the shared table belongs to no group and is averaged as it stands (one warning says so): right, its heads stay put
 pytestmark = pytest.mark.filterwarnings("ignore:Transformer. bias belong to no channel group")

@@ -4,7 +4,6 @@ naming the input, writes no file and changes none that existed."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -210,8 +209,9 @@ def _sweep_folders(w: Path, paths: list[Path]) -> None:
     torch.save({**raw, "meta": {**raw["meta"], "val_size": 17}}, split / "seed1.pt")
 
 
-def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file's size, modification time and inode: a write, a replace or a touch changes one of them."""
+    return {str(p.relative_to(folder)): (s.st_size, s.st_mtime_ns, s.st_ino) for p in folder.rglob("*") if (s := p.lstat()) and p.is_file()}
 
 
 CASES = [

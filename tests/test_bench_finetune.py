@@ -7,7 +7,7 @@ import csv
 
 from otfuse.cli import main as otfuse_main
 
-from conftest import bench_module
+from support import bench_module
 
 
 def test_bench_finetune_writes_each_starts_curve_and_resumes(trained, tmp_path):

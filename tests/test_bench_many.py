@@ -9,7 +9,7 @@ import pytest
 
 from otfuse.train import TrainConfig, train
 
-from conftest import bench_module
+from support import bench_module
 
 
 @pytest.mark.slow

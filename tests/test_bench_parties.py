@@ -8,7 +8,7 @@ import csv
 
 import pytest
 
-from conftest import bench_module
+from support import bench_module
 
 
 @pytest.mark.slow

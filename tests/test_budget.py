@@ -12,7 +12,7 @@ from otfuse.models import build_model
 from otfuse.refit import RefitConfig
 from otfuse.transplant import side_by_side
 
-from conftest import random_data, randomize_bn
+from support import random_data, randomize_bn
 
 NO_REFIT = FuseConfig(refit=RefitConfig(enabled=False), precision="fp32")
 

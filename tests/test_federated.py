@@ -370,7 +370,7 @@ def test_the_bench_collects_each_runs_rounds_from_its_state_and_draws_them(tmp_p
     from otfuse.plots import is_own_figure
     from otfuse.storage import save_torch
 
-    from conftest import bench_module
+    from support import bench_module
 
     measured = list(csv.DictReader(open(ROOT / "bench" / "federated-cifar10-jpeg-w16.csv")))
     runs = ["dir0.5-otfusion", "dir0.5-fedavg"]

@@ -19,7 +19,7 @@ from otfuse.precision import Precision
 from otfuse.report import fusion_table
 from otfuse.train import TrainConfig, checkpoint_path, train
 
-from conftest import (
+from support import (
     METHODS,
     CatNet,
     assert_returns_model,

@@ -22,7 +22,7 @@ from otfuse.evaluate import accuracy
 from otfuse.fusion import fuse
 from otfuse.precision import Precision
 
-from conftest import bench_module, config
+from support import bench_module, config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from otfuse.errors import OtfuseError
 from otfuse.grouping.group import check_same_groups
 from otfuse.models import build_model
 
-from conftest import CatNet, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
+from support import CatNet, randomize_bn, small_densenet, small_mobilenet_v2, small_resnet50, small_vgg_bn
 
 CASES = {
     "resnet18-w8-rgb": (lambda: build_model("resnet18", 8, 3, 10), (2, 3, 32, 32)),

@@ -9,7 +9,7 @@ import pytest
 from otfuse.cli import main
 from otfuse.interpolate import CURVES, interpolation
 
-from conftest import config
+from support import config
 
 
 def test_every_curve_starts_at_model_a_and_the_aligned_ones_end_at_model_b(trained):

@@ -12,7 +12,7 @@ from otfuse.grouping.exact import channel_groups
 from otfuse.maps import ChannelMap, carry, permute, random_maps, transport_map
 from otfuse.models import build_model
 
-from conftest import CatNet, randomize_bn
+from support import CatNet, randomize_bn
 
 
 def _cost(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

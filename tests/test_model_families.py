@@ -13,7 +13,7 @@ from torch import nn
 from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError, run_main
 
-from conftest import METHODS, EinsumOnMaps, assert_default_fusion_returns_model, assert_returns_model, random_data, randomize_bn
+from support import METHODS, EinsumOnMaps, assert_default_fusion_returns_model, assert_returns_model, random_data, randomize_bn
 
 
 class PositionMap(nn.Module):

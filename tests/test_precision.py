@@ -11,7 +11,7 @@ from otfuse.evaluate import accuracy, logits
 from otfuse.fusion import fuse
 from otfuse.precision import Precision
 
-from conftest import config
+from support import config
 
 
 def test_auto_resolves_to_fp32_on_a_cpu_without_native_bf16(monkeypatch):

@@ -15,7 +15,7 @@ from otfuse.fusion import fuse
 from otfuse.precision import Precision
 from otfuse.refit import units
 
-from conftest import CatNet, config, randomize_bn
+from support import CatNet, config, randomize_bn
 
 
 def _images(shape=(3, 8, 8), n=96) -> ImageData:

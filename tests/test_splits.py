@@ -1,6 +1,6 @@
 """Channel splits, slices, gates, norm groups, parametrised and tied weights: exact, or refused in one line.
 
-Each pattern of conftest.PATTERNS is what users write (Res2Net's hierarchical split, a Ghost module's
+Each pattern of support.PATTERNS is what users write (Res2Net's hierarchical split, a Ghost module's
 concatenate-then-cut, mixed kernels, a GLU gate, a residual on some channels, GroupNorm, weight_norm,
 spectral_norm, one conv called twice, a pixel shuffle and unshuffle, SKNet's selective kernel,
 ResNeSt's split attention). For each: permuting every group keeps the function, and fusing
@@ -21,7 +21,7 @@ from otfuse.grouping.trace import find_groups
 from otfuse.maps import permute, random_maps
 from otfuse.models import build_model
 
-from conftest import METHODS, PATTERNS, assert_returns_model, random_data, randomize_bn
+from support import METHODS, PATTERNS, assert_returns_model, random_data, randomize_bn
 
 
 def _model(name: str) -> nn.Module:
@@ -160,7 +160,7 @@ def test_what_cannot_be_permuted_exactly_is_one_clear_error(case, match):
 def test_the_refit_refuses_a_parametrisation_it_cannot_write():
     from otfuse.fusion import fuse
 
-    from conftest import config
+    from support import config
 
     model, data = _model("spectral-norm"), random_data((3, 8, 8))
     torch.manual_seed(1)

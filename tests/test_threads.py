@@ -13,7 +13,7 @@ from torch import nn
 from otfuse import channel_groups
 from otfuse.fusion import FuseConfig, fuse
 
-from conftest import CatNet, EinsumOnMaps, randomize_bn
+from support import CatNet, EinsumOnMaps, randomize_bn
 
 
 def _pair(cls, seed: int) -> list[nn.Module]:

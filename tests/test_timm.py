@@ -11,7 +11,7 @@ from otfuse.errors import OtfuseError
 from otfuse.models import build_model
 from otfuse.train import TrainConfig, checkpoint_path, train
 
-from conftest import assert_returns_model, random_data, randomize_bn
+from support import assert_returns_model, random_data, randomize_bn
 
 pytest.importorskip("timm")
 

@@ -12,7 +12,7 @@ from torch import nn
 from otfuse import channel_groups, permute, random_maps
 from otfuse.errors import OtfuseError
 
-from conftest import METHODS, assert_returns_model, random_data, randomize_constants
+from support import METHODS, assert_returns_model, random_data, randomize_constants
 
 
 class MixerBlock(nn.Module):

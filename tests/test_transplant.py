@@ -15,7 +15,7 @@ from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.transplant import pruned, side_by_side, transplant
 
-from conftest import randomize_bn
+from support import randomize_bn
 
 NORM = ((0.5,) * 3, (0.25,) * 3)
 

@@ -17,7 +17,7 @@ from otfuse.models import build_model
 from otfuse.precision import Precision
 from otfuse.train import TrainConfig, train
 
-from conftest import config, randomize_bn
+from support import config, randomize_bn
 
 
 def _data(n: int = 64) -> ImageData:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import bench_module
+from support import bench_module
 
 pytest.importorskip("timm")
 
@@ -41,7 +41,7 @@ def test_the_registry_vit_permutes_exactly():
     from otfuse import channel_groups, permute, random_maps
     from otfuse.models import build_model
 
-    from conftest import randomize_bn, randomize_constants
+    from support import randomize_bn, randomize_constants
 
     torch.manual_seed(0)
     model = randomize_bn(randomize_constants(build_model("vit", 16, 3, 10, 32))).eval()

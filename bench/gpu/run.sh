@@ -31,8 +31,10 @@ case "$EPOCHS" in "" | *[!0-9]* | 0) EPOCHS=$([ "$TINY" = 1 ] && echo 1 || echo 
 # every size in one place: the real run (the shared width-64 pair's recipe) and the dry run
 if [ "$TINY" = 1 ]; then
   WIDTH=8 BATCH=32 LR=0.05 CHECK_ARGS=(--devices "$DEVICE" --epochs 1 --quick)
+  FUSE_ARGS=(--bn-batches 4 --n-images 100 --refit-n-images 100 --repair-n-images 100)  # the tiny set has 500 training images
 else
   WIDTH=64 BATCH=512 LR=0.4 CHECK_ARGS=(--devices "$([ "$DEVICE" = cuda ] && echo cuda,cpu || echo cpu)" --epochs 10)
+  FUSE_ARGS=()  # the fusion scripts' defaults
 fi
 OUT="${OUT:-results/gpu-run}"
 PYTHON="${PYTHON:-python3}"
@@ -101,7 +103,7 @@ train_row() {
 }
 
 fuse_row() {
-  local args=(--checkpoint-dir "$CK" --results-dir "$OUT/results" --data-dir "$DATA_DIR" --device "$DEVICE" --pairs 0-1)
+  local args=(--checkpoint-dir "$CK" --results-dir "$OUT/results" --data-dir "$DATA_DIR" --device "$DEVICE" --pairs 0-1 "${FUSE_ARGS[@]}")
   "$PYTHON" run_activation_based_fusion.py "${args[@]}" --finetune-epochs 1 || return 1
   "$PYTHON" run_weight_based_fusion.py "${args[@]}"
 }

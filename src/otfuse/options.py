@@ -15,6 +15,7 @@ are written: `--no-refit`, `--refit-ridge=0.1`, or an abbreviation such as `--me
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import math
@@ -53,6 +54,7 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
+@functools.cache  # inspect.getsource parses the whole module, and every parser and every build asks again
 def _field_comments(cls) -> dict[str, str]:
     """The `# comment` after each field in the dataclass source: the option's help."""
     try:
