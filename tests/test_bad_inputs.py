@@ -211,7 +211,7 @@ def _sweep_folders(w: Path, paths: list[Path]) -> None:
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
     """Every file's size, modification time and inode: a write, a replace or a touch changes one of them."""
-    return {str(p.relative_to(folder)): (s.st_size, s.st_mtime_ns, s.st_ino) for p in folder.rglob("*") if (s := p.lstat()) and p.is_file()}
+    return {str(p.relative_to(folder)): (s.st_size, s.st_mtime_ns, s.st_ino) for p in folder.rglob("*") if p.is_file() for s in [p.stat()]}
 
 
 CASES = [

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import optuna
 import pytest
@@ -118,7 +119,7 @@ def test_two_workers_share_one_sqlite_study_and_a_killed_study_resumes(trained, 
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     done = _completed(url, "shared")
-    by_worker = {w: sum(t.user_attrs["worker"] == w for t in done) for w in {t.user_attrs["worker"] for t in done}}
+    by_worker = Counter(t.user_attrs["worker"] for t in done)
     assert len(by_worker) == 2 and min(by_worker.values()) >= 1, by_worker  # both added theirs
     assert by_worker[next(w for w in by_worker if w.endswith(f":{finite.pid}"))] == 2  # and none lost
     assert len({json.dumps(t.params, sort_keys=True) for t in done}) == len(done)  # never the same options twice
