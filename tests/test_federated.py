@@ -26,7 +26,16 @@ from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict  # noqa
 
 from otfuse.data import load_dataset  # noqa: E402
 from otfuse.errors import OtfuseError  # noqa: E402
-from otfuse.federated import FederationError, OTFusion, Settings, local_update, reference_model, settings_of  # noqa: E402
+from otfuse.federated import (  # noqa: E402
+    FederationError,
+    OTFusion,
+    Settings,
+    local_update,
+    packed,
+    reference_model,
+    settings_of,
+    unpacked,
+)
 from otfuse.fusion import FuseConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +161,40 @@ def test_a_pickled_array_is_refused_unread(parties, tmp_path):
     hostile = Reply(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), 13)
     _same_fusion_without(parties, hostile, "cannot be decoded")
     assert not marker.exists()
+
+
+def test_weights_travel_packed_one_array_per_dtype_and_unpack_exactly(parties):
+    """Flower sends each array of a record as an object of its own: a state goes as one flat array per dtype and
+    comes back bit for bit; FedAvg's key-wise average of packed records is its average of the plain ones."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    (a, metrics), (b, _) = parties[3]
+    record = packed(a)
+    assert sorted(record) == ["packed-float32", "packed-int64"] and len(ArrayRecord(a)) > 100
+    back = unpacked(record, a)
+    assert list(back) == list(a) and all(torch.equal(back[k], a[k]) and back[k].dtype == a[k].dtype for k in a)
+    assert unpacked(ArrayRecord(a), a).keys() == a.keys()  # a plain record, as any Flower client sends, as it is
+    weighed = [RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord({"num-examples": n})}) for s, n in ((a, 3), (b, 1))]
+    plain = aggregate_arrayrecords(weighed, "num-examples").to_torch_state_dict()
+    weighed = [RecordDict({"arrays": packed(s), "metrics": MetricRecord({"num-examples": n})}) for s, n in ((a, 3), (b, 1))]
+    averaged = unpacked(aggregate_arrayrecords(weighed, "num-examples"), a)
+    assert all(torch.equal(averaged[k], plain[k].to(a[k].dtype)) for k in a)
+
+
+def test_packed_replies_fuse_as_plain_ones_and_a_packed_reply_that_does_not_fit_is_left_out(parties):
+    plain, _ = _fused(_strategy(parties), _good(parties))
+    strategy = _strategy(parties)
+    strategy.packs = True  # as configure_train sets it for a round started packed
+    replies = [Reply(RecordDict({"arrays": packed(s), "metrics": MetricRecord(m)}), n) for n, (s, m) in zip((11, 12), parties[3])]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert sorted(arrays) == ["packed-float32", "packed-int64"]
+    fused = unpacked(arrays, plain)
+    assert all(torch.equal(fused[k], plain[k]) for k in plain)
+    state, metrics = parties[3][0]
+    wider = packed(reference_model(Settings(width=8), parties[1]).state_dict())
+    _same_fusion_without(parties, Reply(RecordDict({"arrays": wider, "metrics": MetricRecord(metrics)}), 13), "another architecture")
+    floats_only = packed({k: v for k, v in state.items() if v.is_floating_point()})
+    _same_fusion_without(parties, Reply(RecordDict({"arrays": floats_only, "metrics": MetricRecord(metrics)}), 14), "packed arrays are")
 
 
 def test_a_silent_client_is_left_out_and_fewer_than_the_minimum_end_the_run_in_one_line(parties):

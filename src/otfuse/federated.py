@@ -5,7 +5,7 @@
 
     from otfuse.federated import OTFusion
     strategy = OTFusion(reference, images, norm, FuseConfig(head="counts"), min_train_nodes=3)
-    result = strategy.start(grid, ArrayRecord(reference.state_dict()), num_rounds=10)
+    result = strategy.start(grid, packed(reference.state_dict()), num_rounds=10)
 
 Each client trains its partition (`iid`, `classes`, `dirichlet`: otfuse's own, as `otfuse train --partition`)
 with otfuse's training loop and sends its weights with its image and class counts; the server fuses them on
@@ -14,7 +14,10 @@ fused: a client that failed, or sent another architecture or class count, wrong 
 out-of-range values or counts, is left out of that round with one log line naming its node; fewer valid models
 than `min_train_nodes` end the run with one line. Flower decodes arrays with numpy's `allow_pickle=False`, and
 this module reads nothing else a client sends: nothing is unpickled. Flower's FedAvg and FedProx run the same
-clients (`strategy = "fedavg" | "fedprox"`).
+clients (`strategy = "fedavg" | "fedprox"`). Weights travel packed, one flat array per dtype (`packed`): Flower
+sends every array of a record as an object of its own, one request per hop, so a ResNet18's 122 tensors cost 122
+round trips a message. The strategy also takes plain `ArrayRecord(state_dict)` replies and answers in the form it
+was started with.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +65,7 @@ FUSION_DATA = "held-out | union | public:<dataset>"
 MAX_WEIGHT = 1e6
 CLIENT_ACCS = ("worst", "mean", "best")
 ANCHORS = ("largest", "global")
+PACKED = "packed-"  # the keys of a packed record: PACKED + a dtype's name, one flat array each
 LOG = logging.getLogger("flwr")  # Flower's own log: its console handler shows these lines beside its own
 
 
@@ -224,13 +229,48 @@ def client_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRec
     return MetricRecord(out)
 
 
-def checked_state(arrays: Any, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A client's weights as a state dict, after checking they fit `reference` (names, shapes, dtypes) and are
-    finite and in range; `ClientRejected` naming the first fault otherwise."""
+def _group(tensor: torch.Tensor) -> str:
+    return PACKED + str(tensor.dtype).removeprefix("torch.")
+
+
+def packed(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """`state` as an ArrayRecord of one flat array per dtype, the tensors in `state`'s order (`unpacked` reverses it)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for tensor in state.values():
+        groups.setdefault(_group(tensor), []).append(tensor.detach().cpu().reshape(-1))
+    return ArrayRecord({key: torch.cat(parts) for key, parts in groups.items()})
+
+
+def unpacked(arrays: Any, layout: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict an ArrayRecord carries: a `packed` one cut into `layout`'s names, shapes and dtypes, any other
+    as Flower decodes it; `ClientRejected` when it cannot be decoded or a packed array's length does not fit."""
     try:
-        state = arrays.to_torch_state_dict()
+        flat = arrays.to_torch_state_dict()
     except Exception as e:  # numpy refuses pickled (object) arrays, malformed bytes fail to parse
         raise ClientRejected(f"its weights cannot be decoded ({type(e).__name__}: {str(e)[:80]})") from None
+    if not any(key.startswith(PACKED) for key in flat):
+        return flat
+    sizes = Counter()
+    for tensor in layout.values():
+        sizes[_group(tensor)] += tensor.numel()
+    if set(flat) != set(sizes):
+        raise ClientRejected(f"its packed arrays are {', '.join(sorted(flat))}, the model's {', '.join(sorted(sizes))}")
+    for key, size in sizes.items():
+        if flat[key].dim() != 1 or flat[key].numel() != size:
+            raise ClientRejected(f"its {key} holds {flat[key].numel()} values, the model's {size}: another architecture or width")
+    state, offset = {}, Counter()
+    for name, want in layout.items():
+        key = _group(want)
+        # cast: Flower's FedAvg averages integer buffers (BatchNorm's batch counts) into floats
+        state[name] = flat[key][offset[key] : offset[key] + want.numel()].view(want.shape).to(want.dtype)
+        offset[key] += want.numel()
+    return state
+
+
+def checked_state(arrays: Any, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A client's weights as a state dict (`unpacked`), after checking they fit `reference` (names, shapes, dtypes)
+    and are finite and in range; `ClientRejected` naming the first fault otherwise."""
+    state = unpacked(arrays, reference)
     missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     if missing or extra:
         first = (missing + extra)[0]
@@ -288,13 +328,15 @@ class OTFusion(FedAvg):
         self.num_classes = _classes_of(self.reference)
         self.images, self.norm, self.cfg, self.weighted, self.most, self.anchor = images, norm, cfg, weighted, most, anchor
         self.round_start: dict[str, torch.Tensor] | None = None  # the round's global model, as sent
+        self.packs = False  # the round's global model came `packed`: the fused one goes back packed too
         self.left_out: dict[int, list[str]] = {}  # round -> the lines of the clients left out
         self.sampled: dict[int, list[int]] = {}  # round -> the nodes asked to train
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> list[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
-        self.round_start = arrays.to_torch_state_dict()
+        self.round_start = unpacked(arrays, self.state)
+        self.packs = any(key.startswith(PACKED) for key in arrays)
         return messages
 
     def _leave_out(self, server_round: int, node: int, why: str) -> None:
@@ -314,7 +356,7 @@ class OTFusion(FedAvg):
         state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
         summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
         metrics = {**summary, "clients": len(clients), "left-out": len(replies) - len(clients), "fusion-seconds": time.time() - t0}
-        return ArrayRecord(state), MetricRecord(metrics)
+        return packed(state) if self.packs else ArrayRecord(state), MetricRecord(metrics)
 
     def _valid(self, server_round: int, replies: list[Message]) -> list[tuple[nn.Module, int, torch.Tensor]]:
         """(model, image count, class counts) of every valid reply; each sampled node left out said in one line; too
@@ -434,12 +476,13 @@ def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list 
 
     strategy = strategy_for(settings, run_config, data, reference, device, summary)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    model_bytes = ArrayRecord(reference.state_dict()).count_bytes()
+    layout = {k: v.clone() for k, v in reference.state_dict().items()}
+    model_bytes = packed(layout).count_bytes()
     clock = [time.time()]
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         r = server_round + done
-        state = arrays.to_torch_state_dict()
+        state = unpacked(arrays, layout)
         reference.load_state_dict(state)
         acc = accuracy(reference.eval(), test_x, test_y, data.norm, precision)
         row = {
@@ -466,7 +509,7 @@ def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list 
         try:
             strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(start),
+                initial_arrays=packed(start),
                 num_rounds=settings.rounds - done,
                 timeout=settings.timeout,
                 train_config=ConfigRecord({"init": settings.init, "round-offset": done}),
@@ -499,9 +542,9 @@ def client_train(msg: Any, context: Any, settings: Settings | None = None) -> An
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
     own_start = config.get("init", "shared") == "own" and server_round == 1
-    start = None if own_start else msg.content["arrays"].to_torch_state_dict()
+    start = None if own_start else unpacked(msg.content["arrays"], reference_model(settings, dataset(settings)).state_dict())
     state, metrics = local_update(settings, party, parties, server_round, start, float(config.get("proximal-mu", 0.0)))
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"arrays": packed(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def apps(settings: Settings | None = None, sink: list | None = None) -> tuple[ServerApp, ClientApp]:
