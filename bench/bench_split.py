@@ -35,6 +35,7 @@ from otfuse.inputs import fusion_inputs
 from otfuse.options import flatten
 from otfuse.partial import chosen_cuts, partial_rows
 from otfuse.report import fusion_table
+from otfuse.results import read_rows
 from otfuse.sweep import write_partial
 
 
@@ -156,20 +157,10 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
 
 
 def partial(name: str, paths: list[Path], args: argparse.Namespace) -> None:
-    """The setting's default fusion merged up to each of --cuts: results/partial-<dataset>.csv and .png."""
+    """The setting's default fusion merged up to each of --cuts: results/partial-<dataset>.csv and .png (nothing done
+    where the CSV holds every cut of this fusion already)."""
     inputs = fusion_inputs(paths, {}, data_dir=args.data_dir, device=args.device)
-    fusion, acc = fusion_table(
-        inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks, with_baselines=False
-    )
-    rows = partial_rows(
-        fusion,
-        chosen_cuts(fusion.fused, args.cuts),
-        inputs.data.train_x,
-        *inputs.data.split("test"),
-        inputs.data.norm,
-        inputs.tasks,
-        progress=True,
-    )
+    cuts = chosen_cuts(inputs.models[0], args.cuts)
     metas = inputs.metas
     key = {
         "dataset": inputs.data.slug,
@@ -181,6 +172,15 @@ def partial(name: str, paths: list[Path], args: argparse.Namespace) -> None:
         "parts": name,
         "fusion_data": inputs.cfg.fusion_data,
     }
+    csv_path = Path(args.results_dir) / f"partial-{inputs.data.slug}.csv"
+    done = {r["cut"] for r in read_rows(csv_path) if all(r.get(k) == str(v) for k, v in key.items())}
+    if set(cuts) <= done:
+        print(f"{name}: the partial merges at {len(cuts)} cuts are in {csv_path} already", flush=True)
+        return
+    fusion, acc = fusion_table(
+        inputs.models, inputs.data, inputs.cfg, progress=True, target=inputs.target, tasks=inputs.tasks, with_baselines=False
+    )
+    rows = partial_rows(fusion, cuts, inputs.data.train_x, *inputs.data.split("test"), inputs.data.norm, inputs.tasks, progress=True)
     write_partial(
         Path(args.results_dir),
         inputs.data.slug,

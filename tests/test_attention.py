@@ -203,7 +203,7 @@ def test_the_vit_trains_and_goes_through_the_scripts_tune_and_interpolate(tmp_pa
         dataset="digits",
         arch="vit",
         width=16,
-        epochs=2,
+        epochs=1,
         optimizer="adamw",
         lr=2e-3,
         device="cpu",
