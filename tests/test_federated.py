@@ -407,6 +407,27 @@ def test_anchor_global_aligns_every_client_onto_the_rounds_start(parties):
     assert not all(torch.allclose(permuted[k], own[k]) for k in floats)
 
 
+def test_after_its_fusion_rounds_the_server_averages_the_clients_as_fedavg(parties):
+    """`fusion_rounds = 1`: round 1 is the fusion; from round 2, when every client trained from one fused model, the
+    global model is FedAvg's average of the same replies (Flower's own, weighted by image counts)."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    settings, data, reference, trained = parties
+    once = OTFusion(reference, data.val_x, data.norm, FuseConfig(head="counts"), min_train_nodes=2, most=len(data.train_y), fusion_rounds=1)
+    once.round = 1  # as configure_train sets it
+    fused, _ = _fused(once, _good(parties))
+    always, _ = _fused(_strategy(parties), _good(parties))
+    assert all(torch.equal(fused[k], always[k]) for k in always)
+    once.round = 2
+    averaged, metrics = _fused(once, _good(parties))
+    flowers = aggregate_arrayrecords([r.content for r in _good(parties)], "num-examples").to_torch_state_dict()
+    floats = [k for k, v in averaged.items() if v.is_floating_point()]
+    assert all(torch.allclose(averaged[k], flowers[k], atol=1e-6) for k in floats) and metrics["clients"] == 2
+    assert not all(torch.allclose(averaged[k], fused[k], atol=1e-3) for k in floats)
+    with pytest.raises(OtfuseError, match="fusion-rounds -1 must be at least 0"):
+        Settings(fusion_rounds=-1).check()
+
+
 def test_the_bench_collects_each_runs_rounds_from_its_state_and_draws_them(tmp_path):
     """`bench_federated.py --collect`: the rounds each run's state file holds (here the CIFAR-10 rows measured, split
     back into states) go to the CSV, and one figure of accuracy against rounds is drawn from it."""

@@ -91,6 +91,7 @@ class Settings:
     fusion_data: str = "held-out"  # the server's images: the validation split no client trains on | union (the oracle) | public:<dataset>
     weighted: bool = True  # clients weighted by their image counts in the average, as FedAvg weighs them
     anchor: str = "largest"  # the model the clients are aligned onto: the largest client's | global (the round's start, weight 0)
+    fusion_rounds: int = 0  # the rounds the server fuses in; in later ones it averages the clients as FedAvg (0: every round)
     head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
@@ -110,9 +111,9 @@ class Settings:
             raise OtfuseError(f"anchor {self.anchor!r}: use {' or '.join(ANCHORS)}")
         if not (self.fusion_data in ("held-out", "union") or self.fusion_data.startswith("public:")):
             raise OtfuseError(f"fusion-data {self.fusion_data!r}: use {FUSION_DATA}")
-        for name, ok in (("rounds", self.rounds >= 1), ("local-epochs", self.local_epochs >= 1), ("min-clients", self.min_clients >= 1)):
-            if not ok:
-                raise OtfuseError(f"{name} {getattr(self, name.replace('-', '_'))} must be at least 1")
+        for name, least in (("rounds", 1), ("local-epochs", 1), ("min-clients", 1), ("fusion-rounds", 0)):
+            if getattr(self, name.replace("-", "_")) < least:
+                raise OtfuseError(f"{name} {getattr(self, name.replace('-', '_'))} must be at least {least}")
         if not 0 < self.timeout <= 7 * 86400:
             raise OtfuseError(f"timeout {self.timeout} must be a positive number of seconds, at most a week")
 
@@ -162,6 +163,14 @@ def reference_model(settings: Settings, data: ImageData, seed: int | None = None
     """The run's model, initialised from `seed` (default: the shared start's)."""
     torch.manual_seed(settings.seed if seed is None else seed)
     return build_model(settings.arch, arch_width(settings.arch, settings.width), data.in_channels, data.num_classes, data.image_size)
+
+
+def model_layout(settings: Settings, data: ImageData) -> dict[str, torch.Tensor]:
+    """The run's state-dict names, shapes and dtypes as meta tensors: `unpacked` reads no more, and a client that
+    only decodes the server's weights draws none of its own (nor touches the process's random state)."""
+    with torch.device("meta"):
+        model = build_model(settings.arch, arch_width(settings.arch, settings.width), data.in_channels, data.num_classes, data.image_size)
+    return model.state_dict()
 
 
 def party_config(settings: Settings, party: int, parties: int, server_round: int, out: Path, proximal_mu: float = 0.0) -> TrainConfig:
@@ -320,6 +329,7 @@ class OTFusion(FedAvg):
         weighted: bool = True,
         most: int = 10**9,
         anchor: str = "largest",
+        fusion_rounds: int = 0,
         **kwargs,
     ):
         super().__init__(**{"train_metrics_aggr_fn": client_summary, **kwargs})  # Flower's own trusts every reply's metrics
@@ -327,6 +337,8 @@ class OTFusion(FedAvg):
         self.state = {k: v.detach().cpu() for k, v in self.reference.state_dict().items()}
         self.num_classes = _classes_of(self.reference)
         self.images, self.norm, self.cfg, self.weighted, self.most, self.anchor = images, norm, cfg, weighted, most, anchor
+        self.fusion_rounds = fusion_rounds  # fused in rounds 1..fusion_rounds, averaged after (0: fused in every round)
+        self.round = 0  # the round being aggregated, counted from the run's first (a resumed run's offset added)
         self.round_start: dict[str, torch.Tensor] | None = None  # the round's global model, as sent
         self.packs = False  # the round's global model came `packed`: the fused one goes back packed too
         self.left_out: dict[int, list[str]] = {}  # round -> the lines of the clients left out
@@ -336,6 +348,7 @@ class OTFusion(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self.round_start = unpacked(arrays, self.state)
+        self.round = server_round + int(config.get("round-offset", 0))
         self.packs = any(key.startswith(PACKED) for key in arrays)
         return messages
 
@@ -348,15 +361,27 @@ class OTFusion(FedAvg):
         replies = list(replies)
         clients = self._valid(server_round, replies)
         t0 = time.time()
+        state = self._averaged(clients) if 0 < self.fusion_rounds < self.round else self._fused(clients)
+        summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
+        metrics = {**summary, "clients": len(clients), "left-out": len(replies) - len(clients), "fusion-seconds": time.time() - t0}
+        return packed(state) if self.packs else ArrayRecord(state), MetricRecord(metrics)
+
+    def _fused(self, clients: list[tuple[nn.Module, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
         from otfuse.fusion import fuse
 
         models, weights, counts = self._fusion_order(clients)
         cfg = replace(self.cfg, weights=",".join(weights))
         fusion = fuse([m.to(self.images.device) for m in models], self.images, self.norm, cfg, class_counts=torch.stack(counts))
-        state = {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
-        summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
-        metrics = {**summary, "clients": len(clients), "left-out": len(replies) - len(clients), "fusion-seconds": time.time() - t0}
-        return packed(state) if self.packs else ArrayRecord(state), MetricRecord(metrics)
+        return {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
+
+    def _averaged(self, clients: list[tuple[nn.Module, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """FedAvg's average of the clients (by image count where `weighted`): after the fused rounds every client
+        trained from one fused model, so their channels already correspond."""
+        from otfuse.fusion import average
+
+        sizes = [float(n) if self.weighted else 1.0 for _, n, _ in clients]
+        model = average([m for m, _, _ in clients], [n / sum(sizes) for n in sizes])
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
     def _valid(self, server_round: int, replies: list[Message]) -> list[tuple[nn.Module, int, torch.Tensor]]:
         """(model, image count, class counts) of every valid reply; each sampled node left out said in one line; too
@@ -441,7 +466,8 @@ def strategy_for(
         return FedProx(proximal_mu=settings.proximal_mu, **common)
     images = server_images(settings, data).to(device)
     cfg = fuse_config(settings, run_config)
-    return OTFusion(reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), settings.anchor, **common)
+    args = (reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), settings.anchor, settings.fusion_rounds)
+    return OTFusion(*args, **common)
 
 
 def _rounded(value: Any) -> float | str:
@@ -542,7 +568,7 @@ def client_train(msg: Any, context: Any, settings: Settings | None = None) -> An
     config = msg.content["config"]
     server_round = int(config.get("server-round", 1)) + int(config.get("round-offset", 0))
     own_start = config.get("init", "shared") == "own" and server_round == 1
-    start = None if own_start else unpacked(msg.content["arrays"], reference_model(settings, dataset(settings)).state_dict())
+    start = None if own_start else unpacked(msg.content["arrays"], model_layout(settings, dataset(settings)))
     state, metrics = local_update(settings, party, parties, server_round, start, float(config.get("proximal-mu", 0.0)))
     return Message(RecordDict({"arrays": packed(state), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -208,16 +208,20 @@ def parties_figure(rows: list[dict], title: str):
 
 def federated_figure(rows: list[dict], title: str):
     """Test accuracy against federated rounds (bench_federated.py's rows), one panel per Dirichlet alpha: a line per
-    multi-round run (OT fusion solid, Flower's FedAvg and FedProx dashed and dotted), a one-shot run as a marker at the
-    round whose local epochs it spent, the clients' own models as a band (worst to best) under the OT fusion line."""
+    multi-round run (OT fusion solid, Flower's FedAvg and FedProx dashed and dotted; at another local lr, another
+    colour), a one-shot run as a marker at the round whose local epochs it spent, the clients' own models as a band
+    (worst to best) under the OT fusion line."""
     alphas = sorted({float(r["alpha"]) for r in rows}, reverse=True)
     fig, axes = pyplot().subplots(1, len(alphas), figsize=(6 * len(alphas), 4.2), dpi=120, squeeze=False, sharey=True)
     styles = {"otfusion": ("C0", "-"), "fedavg": ("C3", "--"), "fedprox": ("C1", ":")}
+    other_lr = {"otfusion": ("C2", "-"), "fedavg": ("C5", "-."), "fedprox": ("C8", ":")}  # runs at another local lr (`-lr<x>`)
     for ax, alpha in zip(axes[0], alphas):
         mine = [r for r in rows if float(r["alpha"]) == alpha]
         for run in dict.fromkeys(r["run"] for r in mine):
             points = sorted((int(r["round"]), float(r["test_acc"]), r) for r in mine if r["run"] == run)
-            color, line = styles.get(points[0][2]["strategy"], ("C7", "-"))
+            color, line = (other_lr if "-lr" in run else styles).get(points[0][2]["strategy"], ("C7", "-"))
+            if "then-fedavg" in run:  # fused once, FedAvg's average after
+                color, line = "C4", "-"
             if "oneshot" in run:
                 last = points[-1]
                 ax.plot([10], [last[1]], marker="*", ms=12, color=color, ls="none", label=f"{run} (30 local epochs, sent once)")
@@ -229,7 +233,7 @@ def federated_figure(rows: list[dict], title: str):
                 ls=line,
                 marker="o",
                 ms=3.5,
-                lw=2.2 if run.endswith("-otfusion") else 1.2,
+                lw=2.2 if points[0][2]["strategy"] == "otfusion" and "global" not in run else 1.2,
                 alpha=0.6 if "global" in run else 1.0,
                 label=run,
             )
@@ -248,7 +252,7 @@ def federated_figure(rows: list[dict], title: str):
         ax.set_xlabel("round (3 local epochs each)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")  # where it hides fewest points: the runs that collapse end low on the right
     axes[0][0].set_ylabel("test accuracy (%)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
