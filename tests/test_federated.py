@@ -228,7 +228,7 @@ def test_the_run_config_is_checked_in_one_line():
 @pytest.mark.slow
 def test_three_digits_parties_for_two_rounds_on_flowers_simulation(tmp_path):
     """`otfuse federate` (Flower's simulation engine): the server's test accuracy after each round, in the log and
-    the CSV, and the fused model above the worst client's own."""
+    the CSV, the fused model above the worst client's own, the clients' ensemble above it too."""
     out = tmp_path / "rounds.csv"
     cmd = [sys.executable, "-m", "otfuse", "federate", "--clients", "3", "--rounds", "2", "--local-epochs", "2", "--device", "cpu"]
     run = subprocess.run([*cmd, "--data-dir", str(tmp_path / "data"), "--out", str(out)], capture_output=True, text=True, timeout=600)
@@ -239,6 +239,8 @@ def test_three_digits_parties_for_two_rounds_on_flowers_simulation(tmp_path):
     assert [int(r["round"]) for r in rows] == [0, 1, 2]
     last = rows[-1]
     assert float(last["test_acc"]) > float(last["worst_client_acc"]), rows
+    assert float(last["worst_client_acc"]) < float(last["ensemble_acc"]) <= 100, rows
+    assert rows[0]["ensemble_acc"] == ""  # round 0 is the start: no clients yet
     assert int(last["bytes"]) > 0 and float(last["seconds"]) > 0
 
 

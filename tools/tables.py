@@ -408,7 +408,8 @@ def federated() -> list[list[str]]:
     """bench/bench_federated.py: the server's test accuracy after each round, one row per run (every CSV)."""
     found = [r for path in sorted(BENCH.glob("federated-*.csv")) for r in rows(path.name)]
     width = max(int(r["round"]) for r in found)
-    out = [["Run", "Clients", "alpha", *(f"round {i}" for i in range(1, width + 1)), "clients' own (last round)", "seconds", "MB a round"]]
+    last_round = ["clients' own (last round)", "their ensemble", "seconds", "MB a round"]
+    out = [["Run", "Clients", "alpha", *(f"round {i}" for i in range(1, width + 1)), *last_round]]
     for run in dict.fromkeys(r["run"] for r in found):
         mine = sorted((r for r in found if r["run"] == run), key=lambda r: int(r["round"]))
         last = mine[-1]
@@ -419,6 +420,7 @@ def federated() -> list[list[str]]:
                 last["alpha"],
                 *(next((r["test_acc"] for r in mine if int(r["round"]) == i), "") for i in range(1, width + 1)),
                 f"{last['worst_client_acc']} - {last['best_client_acc']}",
+                last.get("ensemble_acc") or "-",
                 f"{sum(float(r['seconds']) for r in mine):.0f}",
                 f"{int(last['bytes']) / 1e6:.1f}",
             ]
