@@ -30,7 +30,7 @@ from harness import CIFAR10, CIFAR100, HERE, Table, common_options
 
 from otfuse.errors import OtfuseError, run_main
 from otfuse.federated import Settings, resumed, simulate
-from otfuse.plots import federated_figure, save_figure
+from otfuse.plots import Look, federated_figure, save_figure
 
 CLIENTS = 4
 BASE = Settings(
@@ -65,6 +65,22 @@ RUNS.update(
 QUICK = {f"digits-{s}": Settings(width=8, rounds=2, local_epochs=3, min_clients=3, strategy=s) for s in ("otfusion", "fedavg", "fedprox")}
 QUICK["digits-otfusion-global"] = Settings(width=8, rounds=2, local_epochs=3, min_clients=3, anchor="global")
 KEY = ("run", "round")
+STRATEGY_LOOKS = {"otfusion": Look("C0", "-"), "fedavg": Look("C3", "--"), "fedprox": Look("C1", ":")}
+OTHER_LR_LOOKS = {"otfusion": Look("C2", "-"), "fedavg": Look("C5", "-."), "fedprox": Look("C8", ":")}
+
+
+def look(settings: Settings) -> Look:
+    """A run's line in the rounds figure: the strategy's colour and line (another colour at another local lr than
+    the recipe's), fused-then-averaged runs their own colour, anchored runs faint, otfuse's runs bold, its clients
+    as a band under its every-round run at the recipe's lr."""
+    base = (STRATEGY_LOOKS if settings.lr == BASE.lr else OTHER_LR_LOOKS)[settings.strategy]
+    if settings.strategy == "otfusion" and settings.fusion_rounds:
+        base = Look("C4", "-")
+    fused, anchored = settings.strategy == "otfusion", settings.anchor != BASE.anchor
+    band = fused and not settings.fusion_rounds and not anchored and settings.lr == BASE.lr
+    one_shot = settings.rounds == 1
+    note = f"{settings.local_epochs} local epochs, sent once" if one_shot else ""
+    return replace(base, main=fused and not anchored, band=band, faint=anchored, one_shot=one_shot, note=note)
 
 
 def main(argv: list[str]) -> int:
@@ -82,10 +98,12 @@ def main(argv: list[str]) -> int:
     clients = 3 if args.quick else CLIENTS
     table = Table(Path(args.out or HERE / ("federated-digits-w8.csv" if args.quick else "federated-cifar10-jpeg-w16.csv")), KEY)
     what = "digits, width 8, 3 parties" if args.quick else "CIFAR-10 (JPEG copy), ResNet18 width 16, K = 4 parties from one start"
+    what += ", 3 local epochs a round"
     for name, settings in runs.items():
         _run(name, settings, args, clients, table)
         if table.rows:  # after every run: the figure of what is measured so far
-            figure = federated_figure(table.rows, f"Federated rounds on {what}: server test accuracy")
+            looks = {n: look(s) for n, s in {**RUNS, **QUICK}.items()}
+            figure = federated_figure(table.rows, f"Federated rounds on {what}: server test accuracy", looks)
             print(f"wrote {save_figure(figure, Path(args.results_dir) / f'{table.path.stem}.png')}")
     return 0
 

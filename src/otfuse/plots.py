@@ -9,6 +9,7 @@ matplotlib is imported when a figure is drawn, not with the package: most comman
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 from otfuse.storage import atomic_write_bytes
@@ -206,50 +207,45 @@ def parties_figure(rows: list[dict], title: str):
     return _finished(fig, ax, "test accuracy (%, every class)", title)
 
 
-def federated_figure(rows: list[dict], title: str):
+@dataclass(frozen=True)
+class Look:
+    """How one run of the rounds figure is drawn (the bench picks it from the run's settings)."""
+
+    color: str
+    line: str = "-"
+    main: bool = False  # drawn bold
+    band: bool = False  # its clients' own models as a band under it
+    faint: bool = False
+    one_shot: bool = False  # sent once after all its local epochs: a star at the last round
+    note: str = ""  # said after its name in the legend
+
+
+def federated_figure(rows: list[dict], title: str, looks: dict[str, Look] | None = None):
     """Test accuracy against federated rounds (bench_federated.py's rows), one panel per Dirichlet alpha: a line per
-    multi-round run (OT fusion solid, Flower's FedAvg and FedProx dashed and dotted; at another local lr, another
-    colour), a one-shot run as a marker at the round whose local epochs it spent, the clients' own models as a band
-    (worst to best) under the OT fusion line."""
+    run as `looks` says (a run it does not name: grey), a one-shot run as a star at the last round, the clients' own
+    models as a band (worst to best) where its look asks."""
+    looks = looks or {}
     alphas = sorted({float(r["alpha"]) for r in rows}, reverse=True)
+    last_round = max(int(r["round"]) for r in rows)
     fig, axes = pyplot().subplots(1, len(alphas), figsize=(6 * len(alphas), 4.2), dpi=120, squeeze=False, sharey=True)
-    styles = {"otfusion": ("C0", "-"), "fedavg": ("C3", "--"), "fedprox": ("C1", ":")}
-    other_lr = {"otfusion": ("C2", "-"), "fedavg": ("C5", "-."), "fedprox": ("C8", ":")}  # runs at another local lr (`-lr<x>`)
     for ax, alpha in zip(axes[0], alphas):
         mine = [r for r in rows if float(r["alpha"]) == alpha]
         for run in dict.fromkeys(r["run"] for r in mine):
             points = sorted((int(r["round"]), float(r["test_acc"]), r) for r in mine if r["run"] == run)
-            color, line = (other_lr if "-lr" in run else styles).get(points[0][2]["strategy"], ("C7", "-"))
-            if "then-fedavg" in run:  # fused once, FedAvg's average after
-                color, line = "C4", "-"
-            if "oneshot" in run:
-                last = points[-1]
-                ax.plot([10], [last[1]], marker="*", ms=12, color=color, ls="none", label=f"{run} (30 local epochs, sent once)")
+            look = looks.get(run, Look("C7"))
+            if look.one_shot:
+                label = f"{run} ({look.note})" if look.note else run
+                ax.plot([last_round], [points[-1][1]], marker="*", ms=12, color=look.color, ls="none", label=label)
                 continue
-            ax.plot(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                color=color,
-                ls=line,
-                marker="o",
-                ms=3.5,
-                lw=2.2 if points[0][2]["strategy"] == "otfusion" and "global" not in run else 1.2,
-                alpha=0.6 if "global" in run else 1.0,
-                label=run,
-            )
-            if run.endswith("-otfusion"):
-                band = [(x, float(r["worst_client_acc"]), float(r["best_client_acc"])) for x, _, r in points if r.get("worst_client_acc")]
-                if band:
-                    ax.fill_between(
-                        [b[0] for b in band],
-                        [b[1] for b in band],
-                        [b[2] for b in band],
-                        color=color,
-                        alpha=0.12,
-                        label="its clients' own models (worst to best)",
-                    )
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            lw, alpha_ = (2.2 if look.main else 1.2), (0.6 if look.faint else 1.0)
+            ax.plot(xs, ys, color=look.color, ls=look.line, marker="o", ms=3.5, lw=lw, alpha=alpha_, label=run)
+            band = [(x, float(r["worst_client_acc"]), float(r["best_client_acc"])) for x, _, r in points if r.get("worst_client_acc")]
+            if look.band and band:
+                xs, lo, hi = zip(*band)
+                ax.fill_between(xs, lo, hi, color=look.color, alpha=0.12, label="its clients' own models (worst to best)")
         ax.set_title(f"Dirichlet alpha {alpha:g}", fontsize=10)
-        ax.set_xlabel("round (3 local epochs each)")
+        ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")  # where it hides fewest points: the runs that collapse end low on the right
