@@ -4,19 +4,25 @@
     python bench/bench_speed.py                                   # throughput rows (random weights and images)
     python bench/bench_speed.py --parents A.pt B.pt               # + one default fusion of A and B per precision
     python bench/bench_speed.py --parents A.pt B.pt --table       # + the whole w64 table (bench_scale.py --methods activation)
+    python bench/bench_speed.py --parties 2,4,8 --widths 16       # + one fusion of K random-weight models: seconds, memory
 
 Rows go to bench/speed-<machine>.csv (machine: e.g. `cpu2-avx512_bf16`, `cuda-nvidia-h200`) as each
 finishes; a rerun skips the rows already there, so a stopped run resumes. Columns: `what`
 (inference, training, fusion, fusion:<phase>, table), `width`, `precision`, `value` and `unit`
 (img/s or s). Inference: batches of 250 32x32 RGB images, no gradients; training: SGD steps of
 128 images (forward, backward, update). Each throughput is the best of a few timed repetitions
-after a warm-up, so other work on the machine lowers it less.
+after a warm-up, so other work on the machine lowers it less. With --parties, one default fusion of K
+random-weight ResNet18s per K and width on 5,000 random images, each in a process of its own (`fusion-k<K>`, s),
+and the resident memory the fusion added at its peak (`fusion-k<K>-memory`, MiB: the process's peak less its size
+before): time and memory against K.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -29,13 +35,14 @@ from torch import nn
 
 from otfuse.checkpoints import pick_device
 from otfuse.errors import run_main
-from otfuse.fusion import fuse
+from otfuse.fusion import FuseConfig, fuse
 from otfuse.inputs import fusion_inputs
 from otfuse.models import build_model
 from otfuse.precision import autocast, channels_last, cpu_flags, memory_format, resolve_precision
 
 FIELDS = ["what", "width", "precision", "value", "unit", "machine", "torch", "threads"]
 INFER_BATCH, TRAIN_BATCH = 250, 128  # images
+PARTY_IMAGES = 5000  # random 32x32 images the K-party fusions read
 REPEATS = 3  # timed repetitions per throughput; the best counts
 
 
@@ -85,6 +92,29 @@ def throughput(width: int, precision: str, training: bool, device: torch.device,
     return steps * n / best
 
 
+def parties_fusion(k: int, width: int, device: str) -> tuple[float, float]:
+    """Seconds and peak added resident MiB of one default fusion of `k` random-weight width-`width` ResNet18s, in a
+    process of its own (a process's peak counts everything it ever held)."""
+    cmd = [sys.executable, __file__, "--one-fusion", f"{k},{width}", "--device", device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def _one_fusion(k: int, width: int, device: torch.device) -> None:
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append(build_model("resnet18", width, 3, 10).to(device).eval())
+    images = torch.randint(0, 256, (PARTY_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(device)
+    with open("/proc/self/statm") as f:  # Linux: resident pages, second field
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    t0 = time.perf_counter()
+    fuse(models, images, ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), FuseConfig())
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(f"{seconds:.2f} {(peak - before) / 2**20:.1f}")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parents", nargs=2, default=None, metavar=("A.pt", "B.pt"), help="two checkpoints: time one default fusion")
@@ -92,8 +122,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--widths", default="16,64")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--steps", type=int, default=4, help="steps per timed repetition")
+    p.add_argument("--parties", default="", help="comma-separated K: one fusion of K random-weight models per K and width")
+    p.add_argument("--one-fusion", default="", help=argparse.SUPPRESS)  # "K,width": --parties' own child process
     common_options(p)
     args = p.parse_args(argv)
+    if args.one_fusion:
+        k, width = map(int, args.one_fusion.split(","))
+        _one_fusion(k, width, pick_device(args.device))
+        return 0
 
     def run() -> int:
         device = pick_device(args.device)
@@ -124,6 +160,12 @@ def main(argv: list[str]) -> int:
                 for what, training in (("inference", False), ("training", True)):
                     if todo(what, width, precision):
                         record(what, width, precision, throughput(width, precision, training, device, args.steps), "img/s")
+        for width in (int(w) for w in args.widths.split(",") if w and args.parties):
+            for k in (int(k) for k in args.parties.split(",") if k):
+                if todo(f"fusion-k{k}", width, "auto"):
+                    seconds, mib = parties_fusion(k, width, args.device)
+                    record(f"fusion-k{k}-memory", width, "auto", mib, "MiB")
+                    record(f"fusion-k{k}", width, "auto", seconds, "s")
         if args.parents:
             inputs = fusion_inputs(args.parents, data_dir=args.data_dir, device=args.device, same_width=True)
             models, data, width = inputs.models, inputs.data, inputs.width

@@ -3,6 +3,8 @@ mean, and it handles layers with and without BatchNorm or bias, and layers it ca
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -40,6 +42,37 @@ def test_refit_gives_back_a_trained_model_fused_with_its_permuted_copy(trained):
     z, z_ref = logits(fused, x, data.norm, Precision.FP32), logits(model, x, data.norm, Precision.FP32)
     assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
     assert torch.equal(z.argmax(1), z_ref.argmax(1))
+
+
+def test_three_parents_are_read_one_forward_pass_at_a_time_and_a_perturbed_model_comes_back(trained):
+    """Memory bounded in the number of parents: no parent's forward pass starts before the last one ended (their
+    outputs are summed as they come); refit onto three copies of a model, a perturbed copy comes back as the model."""
+    from otfuse.refit import RefitConfig, refit
+
+    models, data, _, _ = trained
+    model = models[0].eval()
+    parents = [copy.deepcopy(model) for _ in range(3)]
+    fused = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in fused.parameters():
+            w.add_(0.1 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel())))
+    in_flight, most = [0], [0]
+
+    def started(*_):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+
+    def ended(*_):
+        in_flight[0] -= 1
+
+    handles = [h for p in parents for h in (p.register_forward_pre_hook(started), p.register_forward_hook(ended))]
+    refit(fused, parents, [0.5, 0.3, 0.2], data.train_x, data.norm, RefitConfig(n_images=500, batch_size=100), Precision.FP32)
+    for h in handles:
+        h.remove()
+    assert most[0] == 1
+    x, _ = data.split("test")
+    z, z_ref = logits(fused, x, data.norm, Precision.FP32), logits(model, x, data.norm, Precision.FP32)
+    assert torch.allclose(z, z_ref, atol=1e-3 * z_ref.abs().max().item(), rtol=0)
 
 
 def test_refit_brings_the_fusion_nearer_its_parents_mean(trained):

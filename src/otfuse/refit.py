@@ -18,18 +18,19 @@ following BatchNorm, whose statistics become the exact ones of the refit layer o
 Conv2d (zero padding; a grouped conv block by block) and Linear layers are refit; any other layer
 keeps its average.
 
-One pass: every model (the fused one and each parent) runs its forward pass over each batch once,
-in a thread of its own that pauses at every unit, so the fit of unit L reads the parents' outputs
-and the fused model's inputs at L batch by batch, then writes L before the fused model's passes
-go on. No layer's inputs or targets are held beyond their fit, and no prefix of the network is
-run twice. The fit reads at most `max_rows` output positions per layer (the same random positions
-for every model): on the width-64 ResNet18 the default 65,536 gave the same validation accuracy
-as all 1,048,576 positions of the first stage, in half the time (docs/speed.md).
+One pass per model: each parent runs its forward pass over each batch once, one after another, and
+its outputs at every unit (at the chosen positions) are added, weighted, into one target per unit
+and batch, so memory holds those sums whatever the number of parents, not K parents' activations.
+The fused model runs its forward pass over each batch once, in a thread of its own that pauses at
+every unit, so the fit of unit L reads the fused model's inputs at L batch by batch, then writes L
+before the fused model's passes go on; no prefix of the network is run twice. The fit reads at
+most `max_rows` output positions per layer (the same random positions for every model): on the
+width-64 ResNet18 the default 65,536 gave the same validation accuracy as all 1,048,576 positions
+of the first stage, in half the time (docs/speed.md).
 """
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 from dataclasses import dataclass
@@ -317,6 +318,47 @@ class _Stream:
             self.thread.join()
 
 
+def _summed_targets(
+    teachers: list[tuple[nn.Module, dict]],
+    raw: list[torch.Tensor],
+    taps: list[tuple[int, str, str]],
+    target_of,
+    unit_weights: list[list],
+    probs: set[int],
+    precision: Precision,
+) -> list[list[torch.Tensor | None]]:
+    """[unit][batch]: each unit's target, the teachers' outputs there (picked and carried by `target_of(carried,
+    batch)`) weighted by `unit_weights[unit]` and summed, softmax outputs for the units in `probs`. One teacher's
+    forward pass of one batch at a time, added as it goes: memory holds the sums, whatever the number of parents."""
+    sums: list[list[torch.Tensor | None]] = [[None] * len(raw) for _ in taps]
+    for p, (model, carried) in enumerate(teachers):
+        for bi, xb in enumerate(raw):
+            for ui, rows in _unit_outputs(model, xb, taps, target_of(carried, bi), precision).items():
+                term = unit_weights[ui][p] * (rows.softmax(-1) if ui in probs else rows)
+                sums[ui][bi] = term if sums[ui][bi] is None else sums[ui][bi].add_(term)
+    return sums
+
+
+def _unit_outputs(model: nn.Module, x: torch.Tensor, taps: list[tuple[int, str, str]], transform, precision: Precision) -> dict:
+    """{tap: transform(tap, tensor)} of one forward pass over `x`, each tap at its module's first call."""
+    out: dict[int, torch.Tensor] = {}
+
+    def tap(key: int):
+        def fn(t: torch.Tensor) -> None:
+            if key not in out:  # a layer called twice is refit at its first call
+                with torch.autocast(x.device.type, enabled=False):  # the targets' arithmetic in full precision
+                    out[key] = transform(key, t)
+
+        return fn
+
+    with torch.no_grad(), autocast(precision, x.device), tapping(model, [(name, where, tap(key)) for key, name, where in taps]):
+        model(channels_last(x, precision))
+    missing = [name for key, name, _ in taps if key not in out]
+    if missing:
+        raise OtfuseError(f"module {missing[0]} is not reached by the forward pass; it cannot be refit")
+    return out
+
+
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """(blocks, k, k) float64 sums of x^T x over the rows of x (rows, blocks, k): on the CPU only the upper
     triangle (BLAS's symmetric rank-k update, half the products of a matmul; `_symmetric` completes the
@@ -469,34 +511,35 @@ def refit(
 
         return fn
 
+    def parent_weights(ui: int) -> list:
+        layer = todo[ui][0]
+        if head is not None and classifier(ui) and fused.get_submodule(layer).out_features == head.shape[1]:
+            return list(head.to(dev, torch.float32))
+        return weights
+
+    def classifier(ui: int) -> bool:
+        return ui == len(todo) - 1 and linear_out[todo[ui][0]]
+
     target_taps = [(ui, bn or layer, "output") for ui, (layer, bn) in enumerate(todo)]
     input_taps = [(ui, layer, "input") for ui, (layer, _) in enumerate(todo)]
-    # the same module object twice (a model fused with itself) must not carry two streams' hooks at once
-    distinct, seen = [], set()
-    for m, carried in teachers:
-        distinct.append((copy.deepcopy(m) if id(m) in seen or m is fused else m, carried))
-        seen.add(id(m))
-    targets = [[_Stream(m, xb, target_taps, target_of(carried, bi), precision) for bi, xb in enumerate(raw)] for m, carried in distinct]
+    unit_weights = [parent_weights(ui) for ui in range(len(todo))]
+    probs = {ui for ui in range(len(todo)) if classifier(ui) and head_probs}
+    targets = _summed_targets(teachers, raw, target_taps, target_of, unit_weights, probs, precision)
     inputs = [_Stream(fused, xb, input_taps, lambda _k, x: x, precision) for xb in raw]
     try:
         for ui, (layer, bn) in enumerate(tqdm(todo, desc="refit", disable=True if not progress else None, leave=False)):
             mod = fused.get_submodule(layer)
             sums: list = [None, None]
-            unit_weights = weights
-            classifier = ui == len(todo) - 1 and linear_out[layer]
-            if head is not None and classifier and mod.out_features == head.shape[1]:
-                unit_weights = list(head.to(dev, torch.float32))
             for bi in range(len(raw)):
-                if classifier and head_probs:
-                    mean = sum(w * streams[bi].take(ui).softmax(-1) for w, streams in zip(unit_weights, targets))
-                    t = mean.clamp_min(1e-12).log()
+                t = targets[ui][bi]
+                targets[ui][bi] = None  # each target is read once: freed as soon as it is
+                if ui in probs:
+                    t = t.clamp_min(1e-12).log()
                     t = t - t.mean(-1, keepdim=True)
-                else:
-                    t = sum(w * streams[bi].take(ui) for w, streams in zip(unit_weights, targets))
                 x = inputs[bi].take(ui)
                 _accumulate(mod, x, t, chosen.get((ui, bi)), sums)
-            _solve(fused, parents, unit_weights, layer, bn, _symmetric(sums[0]), sums[1], cfg.ridge)
+            _solve(fused, parents, unit_weights[ui], layer, bn, _symmetric(sums[0]), sums[1], cfg.ridge)
     finally:
-        for s in [s for row in targets for s in row] + inputs:
+        for s in inputs:
             s.close()
     return fused.eval()
