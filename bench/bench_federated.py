@@ -55,6 +55,7 @@ RUNS.update(
 )
 # fused in round 1 only, FedAvg's average after: the later fusions of clients from one fused start lost (docs/federated.md)
 RUNS.update({f"dir{alpha:g}-otfusion-then-fedavg-lr0.05": replace(BASE, alpha=alpha, lr=0.05, fusion_rounds=1) for alpha in (0.5, 0.1)})
+RUNS.update({f"dir{alpha:g}-otfusion-then-fedavg": replace(BASE, alpha=alpha, fusion_rounds=1) for alpha in (0.5, 0.1)})
 RUNS.update(
     {
         f"dir{alpha:g}-oneshot-{s}": replace(BASE, alpha=alpha, strategy=s, rounds=1, local_epochs=30)

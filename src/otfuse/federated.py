@@ -549,7 +549,7 @@ def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list 
         }
         latest.clear()
         clock[0] = time.time()
-        if server_round or not done:  # a resumed run's start is the round already recorded
+        if server_round or not rows:  # a resumed run's start is the round already recorded
             LOG.info("otfuse: round %d, %s: test accuracy %.2f%% (%.1f s)", r, settings.strategy, acc, row["seconds"])
             rows.append(row)
             if settings.out:
