@@ -42,6 +42,7 @@ BASE = Settings(
     lr=0.2,
     fusion_data=f"public:{CIFAR100}",
     min_clients=CLIENTS,
+    fusion_rounds=0,  # fused in every round, as the rows were measured; the -then-fedavg runs fuse in round 1 only
 )
 RUNS = {
     f"dir{alpha:g}-{strategy}": replace(BASE, alpha=alpha, strategy=strategy)
@@ -63,8 +64,9 @@ RUNS.update(
         for s in ("otfusion", "fedavg")
     }
 )
-QUICK = {f"digits-{s}": Settings(width=8, rounds=2, local_epochs=3, min_clients=3, strategy=s) for s in ("otfusion", "fedavg", "fedprox")}
-QUICK["digits-otfusion-global"] = Settings(width=8, rounds=2, local_epochs=3, min_clients=3, anchor="global")
+DIGITS = Settings(width=8, rounds=2, local_epochs=3, min_clients=3, fusion_rounds=0)  # the digits guard, as its rows were measured
+QUICK = {f"digits-{s}": replace(DIGITS, strategy=s) for s in ("otfusion", "fedavg", "fedprox")}
+QUICK["digits-otfusion-global"] = replace(DIGITS, anchor="global")
 KEY = ("run", "round")
 STRATEGY_LOOKS = {"otfusion": Look("C0", "-"), "fedavg": Look("C3", "--"), "fedprox": Look("C1", ":")}
 OTHER_LR_LOOKS = {"otfusion": Look("C2", "-"), "fedavg": Look("C5", "-."), "fedprox": Look("C8", ":")}
@@ -76,7 +78,7 @@ def look(settings: Settings) -> Look:
     as a band under its every-round run at the recipe's lr."""
     base = (STRATEGY_LOOKS if settings.lr == BASE.lr else OTHER_LR_LOOKS)[settings.strategy]
     if settings.strategy == "otfusion" and settings.fusion_rounds:
-        base = Look("C4", "-")
+        base = Look("C4" if settings.lr == BASE.lr else "C6", "-")
     fused, anchored = settings.strategy == "otfusion", settings.anchor != BASE.anchor
     band = fused and not settings.fusion_rounds and not anchored and settings.lr == BASE.lr
     one_shot = settings.rounds == 1
@@ -119,6 +121,7 @@ def _run(name: str, settings: Settings, args: argparse.Namespace, clients: int, 
     state = Path(args.state_dir) / f"{name}.pt"
     if args.collect:
         done, _, rows = resumed(str(state))
+        rows = list({int(r["round"]): r for r in rows}.values())  # a round recorded twice (a resumed start): its last
         table.put(*({"run": name, "clients": clients, "alpha": settings.alpha, **r} for r in rows))
         print(f"{name}: {done} of {settings.rounds} rounds so far")
         return

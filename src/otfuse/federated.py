@@ -91,7 +91,9 @@ class Settings:
     fusion_data: str = "held-out"  # the server's images: the validation split no client trains on | union (the oracle) | public:<dataset>
     weighted: bool = True  # clients weighted by their image counts in the average, as FedAvg weighs them
     anchor: str = "largest"  # the model the clients are aligned onto: the largest client's | global (the round's start, weight 0)
-    fusion_rounds: int = 0  # the rounds the server fuses in; in later ones it averages the clients as FedAvg (0: every round)
+    # the rounds the server fuses in; in later ones it averages the clients as FedAvg (0: every round). 1: fusing
+    # clients that all trained from one fused model lost ground round by round (docs/federated.md)
+    fusion_rounds: int = 1
     head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
@@ -351,7 +353,7 @@ class OTFusion(FedAvg):
         weighted: bool = True,
         most: int = 10**9,
         anchor: str = "largest",
-        fusion_rounds: int = 0,
+        fusion_rounds: int = 1,
         **kwargs,
     ):
         super().__init__(**{"train_metrics_aggr_fn": client_summary, **kwargs})  # Flower's own trusts every reply's metrics

@@ -231,7 +231,7 @@ def federated_figure(rows: list[dict], title: str, looks: dict[str, Look] | None
     for ax, alpha in zip(axes[0], alphas):
         mine = [r for r in rows if float(r["alpha"]) == alpha]
         for run in dict.fromkeys(r["run"] for r in mine):
-            points = sorted((int(r["round"]), float(r["test_acc"]), r) for r in mine if r["run"] == run)
+            points = sorted(((int(r["round"]), float(r["test_acc"]), r) for r in mine if r["run"] == run), key=lambda p: p[0])
             look = looks.get(run, Look("C7"))
             if look.one_shot:
                 label = f"{run} ({look.note})" if look.note else run
