@@ -342,7 +342,8 @@ def checked_counts(metrics: Any, num_classes: int, most: int) -> tuple[int, torc
 
 class OTFusion(FedAvg):
     """FedAvg's sampling and messages; the aggregation is otfuse's fusion of the valid replies, on the server's
-    `images` (uint8, normalised by `norm`), clients weighted by their image counts where `weighted`."""
+    `images` (uint8, normalised by `norm`), clients weighted by their image counts where `weighted`, in rounds 1 to
+    `fusion_rounds` (0: every round); in later rounds FedAvg's average of the same valid replies."""
 
     def __init__(
         self,
