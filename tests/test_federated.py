@@ -285,8 +285,9 @@ def test_a_superlink_and_two_supernodes_on_loopback_run_one_round_and_stop(tmp_p
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1"}
     bin_dir = Path(sys.executable).parent
+    # the SuperLink starts flower-superexec from PATH: the venv's, whether or not the venv is activated
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     link = ["flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port)]
     link += ["--database", str(tmp_path / "state.db")]
     procs = [subprocess.Popen([bin_dir / link[0], *link[1:]], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]

@@ -241,10 +241,18 @@ def client_summary(records: list[RecordDict], weighted_by_key: str) -> MetricRec
 
 
 def ensemble_accuracy(
-    records: list[RecordDict], model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: tuple, precision: Precision, key: str = "arrays"
+    records: list[RecordDict],
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: tuple,
+    precision: Precision,
+    key: str = "arrays",
+    weighted: bool = True,
 ) -> float | None:
     """Test accuracy (%) of the clients' ensemble: their softmax outputs averaged, each weighted by its image count
-    as the average weighs it; replies that fail the checks left out (None: none passed). `model` is overwritten."""
+    where `weighted` (as the average weighs them), else equally; replies that fail the checks left out (None: none
+    passed). `model` is overwritten."""
     layout = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     classes = _classes_of(model)
     zs, sizes = [], []
@@ -256,7 +264,7 @@ def ensemble_accuracy(
             continue
         model.load_state_dict(state)
         zs.append(logits(model, x, norm, precision))
-        sizes.append(float(n))
+        sizes.append(float(n) if weighted else 1.0)
     if not zs:
         return None
     return accuracy_of_logits(ensemble_of_logits(zs, [n / sum(sizes) for n in sizes]), y)
@@ -527,7 +535,8 @@ def serve(grid: Any, context: Any, settings: Settings | None = None, sink: list 
         latest.update(client_summary(records, key))
         out = MetricRecord(dict(latest))
         t0 = time.time()  # the bench's reference, not the federation's work: kept out of the round's seconds
-        latest["ensemble-acc"] = ensemble_accuracy(records, reference, test_x, test_y, data.norm, precision, strategy.arrayrecord_key)
+        key_ = strategy.arrayrecord_key
+        latest["ensemble-acc"] = ensemble_accuracy(records, reference, test_x, test_y, data.norm, precision, key_, settings.weighted)
         latest["ensemble-seconds"] = time.time() - t0
         return out
 
