@@ -8,15 +8,16 @@
 A run is K = 4 CIFAR-10 (JPEG copy) parties of a Dirichlet(alpha) split, width 16, all from one shared start, and a
 strategy: `otfusion` (the server fuses the clients' models on CIFAR-100's training images, a public set no client
 holds, as FedDF does; `-global`: each aligned onto the round's start, not the largest client; `-then-fedavg`: fused
-in round 1 only, averaged as FedAvg after), Flower's `fedavg` or `fedprox` (mu 0.01), for 10 rounds of 3 local epochs
-at otfuse train's peak lr 0.2 (`-lr0.05`: 0.05); `oneshot-*` runs one round of 30 local epochs (each client's whole
-training budget, sent once). After every round the server's test accuracy, the clients' own (worst, mean, best),
-seconds and bytes sent both ways go to bench/federated-cifar10-jpeg-w16.csv (one row per run and round, replaced when
-measured again). A run keeps its state in <state-dir>/<run>.pt after every round: started again, it goes on from its
-last round; a finished run is skipped; `--collect` puts the rounds measured so far in the CSV without running
-anything; `--until 5` stops each listed run after its round 5 (run them all to round 5 first, then on to 10). After
-each run, every run's accuracy against rounds so far is drawn in results/<the CSV's name>.png. `--quick` runs the
-digits guard instead (3 parties, 2 rounds, each strategy; the App's defaults).
+in round 1 only, averaged as FedAvg after; `-then-fedprox`: FedProx's clients after), Flower's `fedavg` or `fedprox`
+(mu 0.01), for 10 rounds of 3 local epochs at otfuse train's peak lr 0.2 (`-lr0.05`: 0.05); `oneshot-*` runs one
+round of 30 local epochs (each client's whole training budget, sent once). After every round the server's test
+accuracy, the clients' own (worst, mean, best), seconds and bytes sent both ways go to
+bench/federated-cifar10-jpeg-w16.csv (one row per run and round, replaced when measured again). A run keeps its
+state in <state-dir>/<run>.pt after every round: started again, it goes on from its last round; a finished run is
+skipped; `--collect` puts the rounds measured so far in the CSV without running anything; `--until 5` stops each
+listed run after its round 5 (run them all to round 5 first, then on to 10). After each run, every run's accuracy
+against rounds so far is drawn in results/<the CSV's name>.png. `--quick` runs the digits guard instead (3 parties,
+2 rounds, each strategy; the App's defaults).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ RUNS.update(
 # fused in round 1 only, FedAvg's average after: the later fusions of clients from one fused start lost (docs/federated.md)
 RUNS.update({f"dir{alpha:g}-otfusion-then-fedavg-lr0.05": replace(BASE, alpha=alpha, lr=0.05, fusion_rounds=1) for alpha in (0.5, 0.1)})
 RUNS.update({f"dir{alpha:g}-otfusion-then-fedavg": replace(BASE, alpha=alpha, fusion_rounds=1) for alpha in (0.5, 0.1)})
+# FedProx's clients after the fused round: FedProx led FedAvg after round 5 at alpha 0.5 (docs/federated.md)
+RUNS.update(
+    {f"dir{alpha:g}-otfusion-then-fedprox": replace(BASE, alpha=alpha, fusion_rounds=1, after_fusion="fedprox") for alpha in (0.5, 0.1)}
+)
 RUNS.update(
     {
         f"dir{alpha:g}-oneshot-{s}": replace(BASE, alpha=alpha, strategy=s, rounds=1, local_epochs=30)
@@ -74,11 +79,13 @@ OTHER_LR_LOOKS = {"otfusion": Look("C2", "-"), "fedavg": Look("C5", "-."), "fedp
 
 def look(settings: Settings) -> Look:
     """A run's line in the rounds figure: the strategy's colour and line (another colour at another local lr than
-    the recipe's), fused-then-averaged runs their own colour, anchored runs faint, otfuse's runs bold, its clients
-    as a band under its every-round run at the recipe's lr."""
+    the recipe's), fused-then-averaged runs their own colour (FedProx's clients after: another), anchored runs
+    faint, otfuse's runs bold, its clients as a band under its every-round run at the recipe's lr."""
     base = (STRATEGY_LOOKS if settings.lr == BASE.lr else OTHER_LR_LOOKS)[settings.strategy]
     if settings.strategy == "otfusion" and settings.fusion_rounds:
         base = Look("C4" if settings.lr == BASE.lr else "C6", "-")
+    if settings.after_fusion == "fedprox":
+        base = Look("C9", "-")
     fused, anchored = settings.strategy == "otfusion", settings.anchor != BASE.anchor
     band = fused and not settings.fusion_rounds and not anchored and settings.lr == BASE.lr
     one_shot = settings.rounds == 1

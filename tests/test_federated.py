@@ -431,6 +431,30 @@ def test_after_its_fusion_rounds_the_server_averages_the_clients_as_fedavg(parti
         Settings(fusion_rounds=-1).check()
 
 
+def test_after_fusion_fedprox_asks_the_averaged_rounds_clients_for_its_proximal_term(parties, monkeypatch):
+    """`after-fusion = fedprox`: round 1's clients (fused after) train plain; from round 2 (averaged) each is asked
+    for FedProx's proximal term, as Flower's FedProx asks; a resumed run counts its rounds from the first."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_task_id", "_run_id", "_node_id"):  # a ServerApp's, as Flower sets them before its main
+        monkeypatch.setattr(TaskIdentity, key, 1)
+    settings, data, reference, _ = parties
+    grid = SimpleNamespace(get_node_ids=lambda: [11, 12])
+    strategy = OTFusion(reference, data.val_x, data.norm, FuseConfig(), min_train_nodes=2, fusion_rounds=1, proximal_mu=0.5)
+    start = ArrayRecord(reference.state_dict())
+
+    def asked(server_round: int, offset: int = 0) -> list:
+        messages = strategy.configure_train(server_round, start, ConfigRecord({"round-offset": offset}), grid)
+        return [m.content["config"].get("proximal-mu") for m in messages]
+
+    assert asked(1) == [None, None] and asked(2) == [0.5, 0.5] and asked(1, offset=1) == [0.5, 0.5]
+    plain = OTFusion(reference, data.val_x, data.norm, FuseConfig(), min_train_nodes=2, fusion_rounds=1)
+    assert [m.content["config"].get("proximal-mu") for m in plain.configure_train(2, start, ConfigRecord(), grid)] == [None, None]
+    with pytest.raises(OtfuseError, match="after-fusion 'fedsgd': use fedavg or fedprox"):
+        Settings(after_fusion="fedsgd").check()
+
+
 def test_the_bench_collects_each_runs_rounds_from_its_state_and_draws_them(tmp_path):
     """`bench_federated.py --collect`: the rounds each run's state file holds (here the CIFAR-10 rows measured, split
     back into states) go to the CSV, and one figure of accuracy against rounds is drawn from it."""

@@ -65,6 +65,7 @@ FUSION_DATA = "held-out | union | public:<dataset>"
 MAX_WEIGHT = 1e6
 CLIENT_ACCS = ("worst", "mean", "best")
 ANCHORS = ("largest", "global")
+AFTER_FUSION = ("fedavg", "fedprox")
 PACKED = "packed-"  # the keys of a packed record: PACKED + a dtype's name, one flat array each
 LOG = logging.getLogger("flwr")  # Flower's own log: its console handler shows these lines beside its own
 
@@ -94,6 +95,8 @@ class Settings:
     # the rounds the server fuses in; in later ones it averages the clients as FedAvg (0: every round). 1: fusing
     # clients that all trained from one fused model lost ground round by round (docs/federated.md)
     fusion_rounds: int = 1
+    # the clients of the averaged rounds after: FedAvg's, or FedProx's (pulled towards the round's model by proximal-mu)
+    after_fusion: str = "fedavg"
     head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
@@ -109,6 +112,8 @@ class Settings:
             raise OtfuseError(f"strategy {self.strategy!r}: use {' | '.join(STRATEGIES)}")
         if self.init not in ("shared", "own"):
             raise OtfuseError(f"init {self.init!r}: use shared or own")
+        if self.after_fusion not in AFTER_FUSION:
+            raise OtfuseError(f"after-fusion {self.after_fusion!r}: use {' or '.join(AFTER_FUSION)}")
         if self.anchor not in ANCHORS:
             raise OtfuseError(f"anchor {self.anchor!r}: use {' or '.join(ANCHORS)}")
         if not (self.fusion_data in ("held-out", "union") or self.fusion_data.startswith("public:")):
@@ -351,7 +356,8 @@ def checked_counts(metrics: Any, num_classes: int, most: int) -> tuple[int, torc
 class OTFusion(FedAvg):
     """FedAvg's sampling and messages; the aggregation is otfuse's fusion of the valid replies, on the server's
     `images` (uint8, normalised by `norm`), clients weighted by their image counts where `weighted`, in rounds 1 to
-    `fusion_rounds` (0: every round); in later rounds FedAvg's average of the same valid replies."""
+    `fusion_rounds` (0: every round); in later rounds FedAvg's average of the same valid replies, trained with
+    FedProx's proximal term `proximal_mu` where it is above 0."""
 
     def __init__(
         self,
@@ -363,6 +369,7 @@ class OTFusion(FedAvg):
         most: int = 10**9,
         anchor: str = "largest",
         fusion_rounds: int = 1,
+        proximal_mu: float = 0.0,
         **kwargs,
     ):
         super().__init__(**{"train_metrics_aggr_fn": client_summary, **kwargs})  # Flower's own trusts every reply's metrics
@@ -371,6 +378,7 @@ class OTFusion(FedAvg):
         self.num_classes = _classes_of(self.reference)
         self.images, self.norm, self.cfg, self.weighted, self.most, self.anchor = images, norm, cfg, weighted, most, anchor
         self.fusion_rounds = fusion_rounds  # fused in rounds 1..fusion_rounds, averaged after (0: fused in every round)
+        self.proximal_mu = proximal_mu  # the clients' in the averaged rounds
         self.round = 0  # the round being aggregated, counted from the run's first (a resumed run's offset added)
         self.round_start: dict[str, torch.Tensor] | None = None  # the round's global model, as sent
         self.packs = False  # the round's global model came `packed`: the fused one goes back packed too
@@ -378,10 +386,12 @@ class OTFusion(FedAvg):
         self.sampled: dict[int, list[int]] = {}  # round -> the nodes asked to train
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> list[Message]:
+        self.round = server_round + int(config.get("round-offset", 0))
+        if self.proximal_mu and self._averages():
+            config["proximal-mu"] = self.proximal_mu  # as Flower's FedProx asks its clients
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         self.round_start = unpacked(arrays, self.state)
-        self.round = server_round + int(config.get("round-offset", 0))
         self.packs = any(key.startswith(PACKED) for key in arrays)
         return messages
 
@@ -394,10 +404,14 @@ class OTFusion(FedAvg):
         replies = list(replies)
         clients = self._valid(server_round, replies)
         t0 = time.time()
-        state = self._averaged(clients) if 0 < self.fusion_rounds < self.round else self._fused(clients)
+        state = self._averaged(clients) if self._averages() else self._fused(clients)
         summary = self.train_metrics_aggr_fn([msg.content for msg in replies if not msg.has_error()], self.weighted_by_key)
         metrics = {**summary, "clients": len(clients), "left-out": len(replies) - len(clients), "fusion-seconds": time.time() - t0}
         return packed(state) if self.packs else ArrayRecord(state), MetricRecord(metrics)
+
+    def _averages(self) -> bool:
+        """Whether this round is past the fused ones."""
+        return 0 < self.fusion_rounds < self.round
 
     def _fused(self, clients: list[tuple[nn.Module, int, torch.Tensor]]) -> dict[str, torch.Tensor]:
         from otfuse.fusion import fuse
@@ -500,7 +514,8 @@ def strategy_for(
     images = server_images(settings, data).to(device)
     cfg = fuse_config(settings, run_config)
     args = (reference.to(device), images, data.norm, cfg, settings.weighted, len(data.train_y), settings.anchor, settings.fusion_rounds)
-    return OTFusion(*args, **common)
+    mu = settings.proximal_mu if settings.after_fusion == "fedprox" else 0.0
+    return OTFusion(*args, proximal_mu=mu, **common)
 
 
 def _rounded(value: Any) -> float | str:
