@@ -95,8 +95,7 @@ class Settings:
     # the rounds the server fuses in; in later ones it averages the clients as FedAvg (0: every round). 1: fusing
     # clients that all trained from one fused model lost ground round by round (docs/federated.md)
     fusion_rounds: int = 1
-    # the clients of the averaged rounds after: FedAvg's, or FedProx's (pulled towards the round's model by proximal-mu)
-    after_fusion: str = "fedavg"
+    after_fusion: str = "fedavg"  # the averaged rounds' clients: fedavg | fedprox (with its proximal term, proximal-mu)
     head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
