@@ -43,7 +43,8 @@ BASE = Settings(
     lr=0.2,
     fusion_data=f"public:{CIFAR100}",
     min_clients=CLIENTS,
-    fusion_rounds=0,  # fused in every round, as the rows were measured; the -then-fedavg runs fuse in round 1 only
+    fusion_rounds=0,  # fused in every round, as the rows were measured; the -then-* runs fuse in round 1 only
+    after_fusion="fedavg",  # as the -then-fedavg rows were measured; the -then-fedprox runs set fedprox
 )
 RUNS = {
     f"dir{alpha:g}-{strategy}": replace(BASE, alpha=alpha, strategy=strategy)

@@ -95,7 +95,8 @@ class Settings:
     # the rounds the server fuses in; in later ones it averages the clients as FedAvg (0: every round). 1: fusing
     # clients that all trained from one fused model lost ground round by round (docs/federated.md)
     fusion_rounds: int = 1
-    after_fusion: str = "fedavg"  # the averaged rounds' clients: fedavg | fedprox (with its proximal term, proximal-mu)
+    # fedprox: above fedavg's clients at the end of both label skews measured (docs/federated.md)
+    after_fusion: str = "fedprox"  # the averaged rounds' clients: fedprox (its proximal term, proximal-mu) | fedavg
     head: str = "counts"  # the fused classifier's targets per class: counts (each client by its share) | equal (checked by fuse_config)
     min_clients: int = 2  # fewer valid models in a round end the run
     device: str = "auto"
