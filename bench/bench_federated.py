@@ -84,9 +84,7 @@ def look(settings: Settings) -> Look:
     faint, otfuse's runs bold, its clients as a band under its every-round run at the recipe's lr."""
     base = (STRATEGY_LOOKS if settings.lr == BASE.lr else OTHER_LR_LOOKS)[settings.strategy]
     if settings.strategy == "otfusion" and settings.fusion_rounds:
-        base = Look("C4" if settings.lr == BASE.lr else "C6", "-")
-    if settings.after_fusion == "fedprox":
-        base = Look("C9", "-")
+        base = Look("C9" if settings.after_fusion == "fedprox" else "C4" if settings.lr == BASE.lr else "C6", "-")
     fused, anchored = settings.strategy == "otfusion", settings.anchor != BASE.anchor
     band = fused and not settings.fusion_rounds and not anchored and settings.lr == BASE.lr
     one_shot = settings.rounds == 1

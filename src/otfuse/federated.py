@@ -88,7 +88,7 @@ class Settings:
     batch_size: int = 64
     lr: float = 0.05
     strategy: str = "otfusion"  # otfusion | fedavg | fedprox (Flower's)
-    proximal_mu: float = 0.01  # fedprox's
+    proximal_mu: float = 0.01  # fedprox's, and the clients' after fusion where after-fusion = fedprox
     fusion_data: str = "held-out"  # the server's images: the validation split no client trains on | union (the oracle) | public:<dataset>
     weighted: bool = True  # clients weighted by their image counts in the average, as FedAvg weighs them
     anchor: str = "largest"  # the model the clients are aligned onto: the largest client's | global (the round's start, weight 0)
