@@ -72,6 +72,8 @@ VARIANTS = {
     "head-counts-augment": {"head": "counts", "refit_augment": True},
     "head-counts-ridge0.001": {"head": "counts", "refit_ridge": 0.001},
     "sizes-head-counts": {"head": "counts", "weights": "sizes"},  # each party weighed by its training images, as FedAvg
+    "distill1": {"distill_epochs": 1},  # then one pass over the fusion images distilling the parties' target
+    "sizes-head-counts-distill1": {"head": "counts", "weights": "sizes", "distill_epochs": 1},
     "own-data": {"fusion_data": "model1"},  # a fuser holding only party 1's images
     "public-cifar100": {"fusion_data": f"public:{CIFAR100}"},  # one holding none: CIFAR-100's training images
 }

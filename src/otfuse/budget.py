@@ -164,11 +164,12 @@ def fuse_within_budget(
     K * K: every channel kept apart, their ensemble as one dense model, whose blocks between parents are zero until
     the refit fills them): aligned by `cfg`'s method, placed side by side in `wide` (their architecture at K times
     their width, fresh), the most unlike channels per multiply-accumulate kept one per parent, the rest merged,
-    then BatchNorm and the refit of `cfg`. The fusion's `seconds` count every phase. `class_counts` as `fuse()`'s (for
-    `--weights sizes`)."""
+    then BatchNorm, the refit and the distillation of `cfg`. The fusion's `seconds` count every phase. `class_counts`
+    as `fuse()`'s (for `--weights sizes`)."""
     k = len(models)
     check_budget(budget, k, 0, "")
-    aligning = replace(cfg, refit=replace(cfg.refit, enabled=False), repair=replace(cfg.repair, enabled=False))
+    off = {"refit": replace(cfg.refit, enabled=False), "repair": replace(cfg.repair, enabled=False)}
+    aligning = replace(cfg, distill=replace(cfg.distill, epochs=0), **off)
     first = fuse(models, images, norm, aligning, progress=progress, class_counts=class_counts)
     wide = side_by_side(first.aligned, wide, images, norm)
     unmerged = unmerged_for_budget(wide, k, budget, images, norm)

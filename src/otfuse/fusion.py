@@ -29,6 +29,7 @@ from torch import nn
 
 from otfuse.align import AlignConfig, align, to_target_maps
 from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
+from otfuse.distill import DistillConfig, distill
 from otfuse.errors import OtfuseError
 from otfuse.grouping.exact import groups_of
 from otfuse.grouping.group import ChannelGroup
@@ -45,11 +46,12 @@ SIZES = "sizes"  # --weights sizes: each parent by its training images
 class FuseConfig:
     """Every option of a fusion: one config per stage, plus how the models are weighted."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("align", "bn", "repair", "refit")
+    STAGES: ClassVar[tuple[str, ...]] = ("align", "bn", "repair", "refit", "distill")
     align: AlignConfig = field(default_factory=AlignConfig)
     bn: BatchNormConfig = field(default_factory=BatchNormConfig)
     repair: RepairConfig = field(default_factory=RepairConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     weights: str = ""  # comma-separated model weights for the average; empty: equal; sizes: each parent's training images (as FedAvg)
     head: str = "equal"  # the refit classifier's target per class: equal (--weights) | counts (each parent by its share of the class)
     head_probs: bool = False  # the refit classifier's target: the log of the parents' mean probabilities (else their mean logits)
@@ -195,10 +197,10 @@ def fuse(
     Every model is aligned onto the first (or carried through the given `maps`, one set per model)
     and carried onto the channels of `target`, a model of the same architecture whose width may
     differ from the parents' (default: the first model). The carried models are averaged with
-    `cfg.weights`, BatchNorm statistics are recomputed, then REPAIR and the layer-wise refit run
-    where `cfg` asks for them. One model and a narrower or wider `target` compresses or widens it. `class_counts`
-    ([models, classes]: the training images of each class each model saw) weigh the classifier's refit per class
-    with `cfg.head` counts."""
+    `cfg.weights`, BatchNorm statistics are recomputed, then REPAIR, the layer-wise refit and the distillation
+    from the parents (`otfuse.distill`) run where `cfg` asks for them. One model and a narrower or wider `target`
+    compresses or widens it. `class_counts` ([models, classes]: the training images of each class each model saw)
+    weigh the classifier's refit (and the distillation's target) per class with `cfg.head` counts."""
     if len(models) < 1 or (len(models) < 2 and target is None):
         raise OtfuseError(f"fusion needs at least two models (or one and a target width), got {len(models)}")
     cfg.check(len(models))
@@ -256,6 +258,10 @@ def fuse(
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             head = head_weights(cfg, class_counts, weights)
             refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head, head_probs=cfg.head_probs)
+    if cfg.distill.epochs:
+        with timed(seconds, "distill", progress):
+            head = head_weights(cfg, class_counts, weights)
+            distill(fused, list(models), weights, images, norm, cfg.distill, precision, head, cfg.head_probs, progress)
     return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
 
 

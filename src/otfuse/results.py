@@ -36,7 +36,10 @@ SPLIT_COLUMNS = (
     ("fused", "Fused"),
 )
 
-PHASES = ("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "baselines", "evaluation", "finetune", "finetune_distill")
+PHASES = (
+    *("groups", "alignment", "averaging", "batchnorm", "repair", "refit", "distill"),
+    *("baselines", "evaluation", "finetune", "finetune_distill"),
+)
 
 
 def bench_stem(meta: dict, data: ImageData) -> str:

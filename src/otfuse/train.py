@@ -36,9 +36,11 @@ from otfuse.checkpoints import (
     val_size_of,
 )
 from otfuse.data import ImageData, batches, dataset_slug, default_data_dir, load_dataset, resolved_name
+from otfuse.distill import distill_loss, target_probs
 from otfuse.errors import OtfuseError
 from otfuse.evaluate import accuracy, accuracy_of_logits, logits, task_accuracy_of_logits
 from otfuse.models import MAX_WIDTH, TIMM, arch_folder, arch_width, build_model, check_arch
+from otfuse.optim import lr_at, make_optimizer
 from otfuse.precision import Precision, autocast, channels_last, cpu_flags, full_float32, memory_format, resolve_precision
 from otfuse.storage import atomic_write_csv, check_outputs, load_torch, output_lock
 from otfuse.subsets import (
@@ -259,24 +261,6 @@ def _no_parts(cfg: TrainConfig):
     raise OtfuseError(f"parts {cfg.parts[:60]!r} is not a JSON list of parts (classes, bias, seed); leave it out")
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from lr/10 to lr, then linear decay to zero (per optimiser step)."""
-    warm = max(1, int(cfg.warmup * total))
-    if step < warm:
-        return cfg.lr * (0.1 + 0.9 * step / warm)
-    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # no weight decay on norm and bias parameters: decaying them only hurts
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    param_groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999))
-    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-
-
 def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -438,7 +422,7 @@ def _train(
                     loss = loss_fn(out.float(), yb) if not teachers or cfg.distill_weight < 1 else 0.0
                     if teachers:
                         w = cfg.distill_weight
-                        loss = w * _distill_loss(out.float(), teachers, xb, cfg.temperature) + (1 - w) * loss
+                        loss = w * _teacher_loss(out, teachers, xb, cfg.temperature) + (1 - w) * loss
                     if anchor:
                         loss = loss + cfg.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 opt.zero_grad(set_to_none=True)
@@ -620,11 +604,11 @@ def _teachers(cfg: TrainConfig, data: ImageData) -> tuple[list[nn.Module], dict]
     return out, {"teachers": [_absolute(p) for p in paths], "teachers_digests": digests}
 
 
-def _distill_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy to the teachers' mean softmax at `temperature` (KL up to a constant), scaled by its square."""
+def _teacher_loss(out: torch.Tensor, teachers: list[nn.Module], xb: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Distillation towards the teachers' mean softmax at `temperature`."""
     with torch.no_grad():
-        target = sum(t(xb).float().div(temperature).softmax(1) for t in teachers) / len(teachers)
-    return nn.functional.cross_entropy(out / temperature, target) * temperature**2
+        target = target_probs([t(xb) for t in teachers], torch.full((len(teachers),), 1 / len(teachers)), temperature, probs=True)
+    return distill_loss(out, target, temperature)
 
 
 def _check_existing(path: Path, cfg: TrainConfig, precision: Precision) -> None:
