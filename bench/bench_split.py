@@ -10,7 +10,7 @@ classes, party B on the second) or `biased` (A draws 80% of the first half's ima
 others: `otfuse train --classes ... --bias 0.8`). Party A is seed 0 and party B seed 1 (independent models). Each
 party trains with `otfuse train`'s recipe into <checkpoint-dir>/<setting>/ and resumes where it stopped.
 
-Then one row per (setting, method, fusion data) goes to bench/split-<dataset>-w<width>.csv as it finishes (a row
+Then one row per (setting, method, fusion data, distillation passes) goes to bench/split-<dataset>-w<width>.csv as it finishes (a row
 already there is skipped): the joint accuracy (every class of the test split) and the per-task accuracy (each
 party's classes' test images, argmax within them; `_task1`, `_task2`) of each parent, their ensemble, vanilla
 averaging (+ BatchNorm, + refit), the aligned average with BatchNorm recomputed ("permute"), REPAIR and the fusion.
@@ -30,6 +30,7 @@ from pathlib import Path
 from harness import CIFAR10, CIFAR100, Table, common_options, trained
 
 from otfuse.data import load_dataset
+from otfuse.distill import passes
 from otfuse.errors import OtfuseError, run_main
 from otfuse.inputs import fusion_inputs
 from otfuse.options import flatten
@@ -56,7 +57,7 @@ SETTINGS = {
     "digits-5+5": Setting("digits", 8, 10, "disjoint"),  # a quick guard (and the test's), not in the default list
 }
 CUTS = "input,bn1,layer1.1,layer2.1,layer3.0,layer3.1,layer4.0,layer4.1,fc"  # ResNet18's stage ends, and block by block late
-KEY = ("setting", "method", "fusion_data")
+KEY = ("setting", "method", "fusion_data", "distill_epochs")
 DEFAULT = ("cifar10-5+5", "cifar10-biased", "cifar100-50+50", "cifar100-biased")
 RUNS = [("activation", "union"), ("activation", "model1"), ("weight", "union")]  # (method, fusion data) per setting
 COLUMNS = ("model1", "model2", "ensemble", "vanilla", "vanilla_bn", "vanilla_refit", "fused_average", "fused_repair", "fused")
@@ -65,6 +66,7 @@ FIELDS = [
     "split",
     "method",
     "fusion_data",
+    "distill_epochs",
     "width",
     "epochs",
     *[f"{c}{t}" for c in COLUMNS for t in ("", "_task1", "_task2")],
@@ -103,6 +105,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--settings", default=",".join(DEFAULT), help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--partial", default="cifar100-50+50", help="settings whose partial merges are measured over --cuts")
     p.add_argument("--cuts", default=CUTS, help="the partial merges' cuts: modules, comma-separated, or all (every cut of the model)")
+    p.add_argument("--runs", default="all", help="all, or one method:fusion-data of RUNS (e.g. activation:union)")
     p.add_argument("--checkpoint-dir", default="checkpoint/split")
     p.add_argument("--results-dir", default="results")
     common_options(p)
@@ -117,7 +120,8 @@ def main(argv: list[str]) -> int:
             s = SETTINGS[name]
             paths = parties(name, s, Path(args.checkpoint_dir), args.data_dir, progress=True)
             for method, fusion_data in RUNS:
-                measure(name, s, paths, method, fusion_data, args)
+                if args.runs in ("all", f"{method}:{fusion_data}"):
+                    measure(name, s, paths, method, fusion_data, args)
             if name in args.partial.split(","):
                 partial(name, paths, args)
         return 0
@@ -129,7 +133,8 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
     """One row of bench/split-<dataset>-w<width>.csv: the fusion of the setting's parties with `method` on `fusion_data`."""
     inputs = fusion_inputs(paths, {"method": method, "fusion_data": fusion_data}, data_dir=args.data_dir, device=args.device)
     table = Table(Path(args.out_dir) / f"split-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv", KEY, FIELDS)
-    if table.has(setting=name, method=method, fusion_data=fusion_data):
+    epochs = f"{passes(inputs.cfg.distill, inputs.class_counts):g}"  # rows from before the distillation stage read 0
+    if table.has(setting=name, method=method, fusion_data=fusion_data, distill_epochs=epochs):
         return
     t0 = time.perf_counter()
     _, acc = fusion_table(
@@ -140,6 +145,7 @@ def measure(name: str, s: Setting, paths: list[Path], method: str, fusion_data: 
         "split": s.split,
         "method": method,
         "fusion_data": fusion_data,
+        "distill_epochs": epochs,
         "width": s.width,
         "epochs": s.epochs,
         **{k: f"{v:.2f}" for k, v in acc.items() if k in FIELDS},

@@ -34,6 +34,7 @@ def test_bench_split_trains_parties_fuses_them_and_resumes(tmp_path, monkeypatch
     out = tmp_path / "split-digits-w4.csv"
     rows = list(csv.DictReader(out.open()))
     assert [(r["method"], r["fusion_data"]) for r in rows] == bench.RUNS
+    assert {r["distill_epochs"] for r in rows} == {"1"}  # parties of different data: the default distils them
     for r in rows:
         assert all(
             r[f"{c}{t}"]

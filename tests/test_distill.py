@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from otfuse.cli import main
-from otfuse.distill import DistillConfig, distill, steps_of, target_probs
+from otfuse.distill import DistillConfig, distill, passes, steps_of, target_probs
 from otfuse.evaluate import logits
 from otfuse.fusion import FuseConfig, fuse
 from otfuse.precision import Precision
@@ -38,7 +38,7 @@ def test_distillation_brings_the_fusion_nearer_its_parents_target_on_held_out_im
     validation images; the parents are left as they were, and the fused model is returned in eval mode."""
     models, data, _, _ = trained
     before = [copy.deepcopy(m.state_dict()) for m in models]
-    plain = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=300, refit_n_images=300))
+    plain = fuse(models, data.train_x, data.norm, config(bn_batches=4, n_images=300, refit_n_images=300))  # same data: none
     cfg = config(bn_batches=4, n_images=300, refit_n_images=300, distill_epochs=3, distill_batch_size=64)
     distilled = fuse(models, data.train_x, data.norm, cfg)
     assert "distill" in distilled.seconds and "distill" not in plain.seconds
@@ -54,24 +54,34 @@ def test_distillation_brings_the_fusion_nearer_its_parents_target_on_held_out_im
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
 
 
-def test_distillation_is_off_by_default_and_counts_whole_batches():
-    assert FuseConfig().distill.epochs == 0
-    assert steps_of(DistillConfig(epochs=0), 1000) == 0
-    assert steps_of(DistillConfig(epochs=1, batch_size=256), 1000) == 3  # the last, partial batch is dropped
-    assert steps_of(DistillConfig(epochs=0.01, batch_size=256), 1000) == 1
-    assert steps_of(DistillConfig(epochs=2.5, batch_size=100), 1000) == 25
+def test_by_default_parents_of_different_data_are_distilled_for_one_pass_and_others_not():
+    auto = FuseConfig().distill
+    assert passes(auto, torch.tensor([[5, 5, 0], [0, 5, 5]])) == 1.0  # parties of different data
+    assert passes(auto, torch.tensor([[5, 5, 5], [5, 5, 5], [5, 5, 5]])) == 0.0  # the same data
+    assert passes(auto, None) == 0.0 and passes(auto, torch.tensor([[5, 5, 0]])) == 0.0  # unknown; one model
+    assert passes(DistillConfig(epochs=0), torch.tensor([[5, 0], [0, 5]])) == 0.0
+    assert passes(DistillConfig(epochs=2.5), None) == 2.5
 
 
-def test_too_few_images_for_a_batch_is_one_clear_error(trained):
+def test_the_passes_count_whole_batches():
+    assert steps_of(0, 256, 1000) == 0
+    assert steps_of(1, 256, 1000) == 3  # the last, partial batch is dropped
+    assert steps_of(0.01, 256, 1000) == 1
+    assert steps_of(2.5, 100, 1000) == 25
+
+
+def test_fewer_images_than_a_batch_make_one_batch_and_one_image_is_one_clear_error(trained):
     from otfuse.errors import OtfuseError
 
     models, data, _, _ = trained
     fused = copy.deepcopy(models[0])
-    with pytest.raises(OtfuseError, match="--distill-epochs 1 trains on batches of 256 images, but the fusion reads 100"):
-        distill(fused, models, [0.5, 0.5], data.train_x[:100], data.norm, DistillConfig(epochs=1), Precision.FP32)
+    distill(fused, models, [0.5, 0.5], data.train_x[:100], data.norm, DistillConfig(epochs=1), Precision.FP32)
+    assert not torch.equal(fused.fc.weight, models[0].fc.weight) and not fused.training
+    with pytest.raises(OtfuseError, match="--distill-epochs 1 trains on batches of two images or more, but the fusion reads 1"):
+        distill(fused, models, [0.5, 0.5], data.train_x[:1], data.norm, DistillConfig(epochs=1), Precision.FP32)
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--distill-epochs", "-1"), ("--distill-lr", "0"), ("--distill-batch-size", "1")])
+@pytest.mark.parametrize(("flag", "value"), [("--distill-epochs", "-2"), ("--distill-lr", "0"), ("--distill-batch-size", "1")])
 def test_a_bad_distillation_option_is_one_clear_error(capsys, tmp_path, flag, value):
     assert main(["fuse", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()

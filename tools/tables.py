@@ -701,20 +701,33 @@ def split_cells(r: dict[str, str], headers: list[str]) -> list[str]:
     return [c(r) if callable(c := SPLIT_COLUMNS[h]) else r[c] for h in headers]
 
 
+def distilled(r: dict[str, str]) -> str:
+    """The distillation a split row's fusion ran: none (rows from before the stage read 0), or its passes."""
+    n = r.get("distill_epochs") or "0"
+    return "" if n == "0" else f", distilled ({n} pass{'es' if n != '1' else ''})"
+
+
 @table
 def split() -> list[list[str]]:
     headers = list(SPLIT_COLUMNS)
     out = [["Setting (joint test accuracy)", "Method, fusion data", *headers]]
     for label, r in split_rows():
-        out.append([label, f"{r['method']}, {FUSION_DATA[r['fusion_data']]}", *split_cells(r, headers)])
+        out.append([label, f"{r['method']}, {FUSION_DATA[r['fusion_data']]}{distilled(r)}", *split_cells(r, headers)])
     return out
 
 
 @table
 def split_summary() -> list[list[str]]:
-    headers = ["Model A", "Model B", "Ensemble", "Permute", "**Fused**", "fused / ensemble"]
-    out = [["Parties trained on different classes (test, all classes)", *headers]]
-    out += [[label, *split_cells(r, headers)] for label, r in split_rows(method="activation", fusion_data="union")]
+    """Each setting's fusion with the default options: refit only (as before the distillation stage), and the
+    default now (refit, then one distillation pass: parties of different data), where it has been run."""
+    headers = ["Model A", "Model B", "Ensemble", "Permute"]
+    out = [["Parties trained on different data (test, all classes)", *headers, "Refit only", "**Fused**", "fused / ensemble"]]
+    rows = split_rows(method="activation", fusion_data="union")
+    for label in dict.fromkeys(label for label, _ in rows):
+        by = {r.get("distill_epochs") or "0": r for lab, r in rows if lab == label}
+        now = by.get("1")
+        last = [f"**{now['fused']}**", f"{now['fused_of_ensemble']}%"] if now else ["not run yet", "-"]
+        out.append([label, *split_cells(by["0"], headers), by["0"]["fused"], *last])
     return out
 
 

@@ -152,8 +152,6 @@ def within_budget(inputs: FusionInputs, budget: float):
 
     if not inputs.width:
         raise OtfuseError(f"--budget widens the architecture, and {inputs.metas[0]['arch']} has no width knob; use a registry architecture")
-    if inputs.cfg.head != "equal":
-        raise OtfuseError(f"--budget refits the head to the parents' mean outputs: leave --head {inputs.cfg.head} out")
     wide = model_from_meta(inputs.metas[0], len(inputs.models) * inputs.width).to(inputs.data.train_x.device)
     return fuse_within_budget(
         inputs.models, wide, budget, inputs.data.train_x, inputs.data.norm, inputs.cfg, progress=True, class_counts=inputs.class_counts
@@ -304,7 +302,8 @@ def _fuse_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="at most this many times one parent's FLOPs (1 to the number of parents): the least alike channels "
-        "of each group kept one per parent, the rest merged (default 0: the full merge)",
+        "of each group kept one per parent, the rest merged, the head refit to their weighted mean outputs (--head "
+        "aside) (default 0: the full merge)",
     )
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)

@@ -18,7 +18,7 @@ warm-up from lr/10, then a linear decay to zero), SGD with Nesterov momentum, we
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -30,11 +30,13 @@ from otfuse.errors import OtfuseError
 from otfuse.optim import lr_at, make_optimizer
 from otfuse.precision import Precision, autocast, channels_last
 
+AUTO = -1.0  # --distill-epochs -1: decided by the parents' data (`passes`)
+
 
 @dataclass
 class DistillConfig:
     FLAG_PREFIX: ClassVar[str] = "distill"
-    epochs: float = 0.0  # passes over the fusion images training the fused model towards the parents' targets (0: off)
+    epochs: float = -1.0  # passes over the fusion images towards the parents' target (0: off; -1: one if their class counts differ)
     lr: float = 0.05  # peak SGD learning rate
     warmup: float = 0.1  # fraction of the steps spent warming up linearly from lr/10 to lr
     batch_size: int = 256  # images per optimiser step
@@ -47,7 +49,7 @@ class DistillConfig:
 
     def check(self) -> None:
         bad = [
-            (0 <= self.epochs <= 1000, "--distill-epochs", "from 0 (off) to 1000"),
+            (self.epochs == AUTO or 0 <= self.epochs <= 1000, "--distill-epochs", "-1 (auto), or from 0 (off) to 1000"),
             (0 < self.lr <= 100, "--distill-lr", "a positive number, at most 100"),
             (0 <= self.warmup <= 1, "--distill-warmup", "between 0 and 1 (a fraction of the steps)"),
             (self.batch_size >= 2, "--distill-batch-size", "at least 2 (BatchNorm needs two images a batch)"),
@@ -56,6 +58,15 @@ class DistillConfig:
         for ok, flag, want in bad:
             if not ok:
                 raise OtfuseError(f"{flag} {getattr(self, flag[len('--distill-') :].replace('-', '_'))} must be {want}")
+
+
+def passes(cfg: DistillConfig, class_counts: torch.Tensor | None) -> float:
+    """The passes `cfg` asks for; with AUTO, one where the parents' class counts ([parents, classes]) differ: parties
+    of different data, whose ensemble is far above each of them, and none for parents of the same data (or of
+    unknown data), where a parent trained as long beats a fused model trained on (docs/measurements.md)."""
+    if cfg.epochs != AUTO:
+        return cfg.epochs
+    return 1.0 if class_counts is not None and len(class_counts) > 1 and not bool((class_counts == class_counts[0]).all()) else 0.0
 
 
 def target_probs(teacher_logits: list[torch.Tensor], weights: torch.Tensor, temperature: float, probs: bool) -> torch.Tensor:
@@ -77,10 +88,10 @@ def distill_loss(out: torch.Tensor, target: torch.Tensor, temperature: float) ->
     return nn.functional.cross_entropy(out.float() / temperature, target) * temperature**2
 
 
-def steps_of(cfg: DistillConfig, n_images: int) -> int:
-    """Optimiser steps of `cfg.epochs` passes over `n_images` images (whole batches; at least one when on)."""
-    per_epoch = n_images // cfg.batch_size
-    return 0 if cfg.epochs == 0 else max(1, math.ceil(cfg.epochs * per_epoch))
+def steps_of(epochs: float, batch_size: int, n_images: int) -> int:
+    """Optimiser steps of `epochs` passes over `n_images` images in batches of `batch_size` (whole batches; at least
+    one when on)."""
+    return 0 if epochs == 0 else max(1, math.ceil(epochs * (n_images // batch_size)))
 
 
 def distill(
@@ -96,19 +107,20 @@ def distill(
     progress: bool = False,
 ) -> nn.Module:
     """Train `fused` in place for `cfg.epochs` passes over the uint8 `images` towards the parents' target (module
-    docstring): per class, `head` ([parents, classes]) where given, else `weights`. Returns `fused` in eval mode."""
+    docstring): per class, `head` ([parents, classes]) where given, else `weights`. `fuse()` resolves AUTO
+    (`passes`); here it trains nothing. Returns `fused` in eval mode."""
     cfg.check()
-    if len(images) < max(2, cfg.batch_size):
-        raise OtfuseError(
-            f"--distill-epochs {cfg.epochs:g} trains on batches of {cfg.batch_size} images, but the fusion reads "
-            f"{len(images)}; give more images (--fusion-data) or a smaller --distill-batch-size"
-        )
+    if cfg.epochs <= 0:
+        return fused.eval()
+    if len(images) < 2:
+        raise OtfuseError(f"--distill-epochs {cfg.epochs:g} trains on batches of two images or more, but the fusion reads {len(images)}")
+    cfg = replace(cfg, batch_size=min(cfg.batch_size, len(images)))  # fewer images than a batch: one batch of them all
     dev = next(fused.parameters()).device
     w = head if head is not None else torch.tensor(weights)
     for p in parents:
         p.eval()
     opt = make_optimizer(fused, cfg)
-    total = steps_of(cfg, len(images))
+    total = steps_of(cfg.epochs, cfg.batch_size, len(images))
     per_epoch = len(images) // cfg.batch_size
     bar = tqdm(total=total, desc="distil", disable=True if not progress else None, leave=False)
     step = 0

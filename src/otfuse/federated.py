@@ -417,7 +417,9 @@ class OTFusion(FedAvg):
         from otfuse.fusion import fuse
 
         models, weights, counts = self._fusion_order(clients)
-        cfg = replace(self.cfg, weights=",".join(weights))
+        # the distillation stage runs where asked for (fuse-distill-epochs), not by default: unmeasured in rounds yet
+        distill = replace(self.cfg.distill, epochs=0.0) if self.cfg.distill.epochs < 0 else self.cfg.distill  # < 0: auto
+        cfg = replace(self.cfg, weights=",".join(weights), distill=distill)
         fusion = fuse([m.to(self.images.device) for m in models], self.images, self.norm, cfg, class_counts=torch.stack(counts))
         return {k: v.detach().cpu() for k, v in fusion.fused.state_dict().items()}
 

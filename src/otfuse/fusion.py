@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -29,7 +29,7 @@ from torch import nn
 
 from otfuse.align import AlignConfig, align, to_target_maps
 from otfuse.bn import BatchNormConfig, RepairConfig, recompute_bn, repair
-from otfuse.distill import DistillConfig, distill
+from otfuse.distill import DistillConfig, distill, passes
 from otfuse.errors import OtfuseError
 from otfuse.grouping.exact import groups_of
 from otfuse.grouping.group import ChannelGroup
@@ -40,6 +40,7 @@ from otfuse.subsets import check_fusion_data
 
 HEADS = ("equal", "counts")
 SIZES = "sizes"  # --weights sizes: each parent by its training images
+AUTO = "auto"  # --weights auto: sizes where the parents' class counts are known, else equal
 
 
 @dataclass
@@ -52,8 +53,8 @@ class FuseConfig:
     repair: RepairConfig = field(default_factory=RepairConfig)
     refit: RefitConfig = field(default_factory=RefitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    weights: str = ""  # comma-separated model weights for the average; empty: equal; sizes: each parent's training images (as FedAvg)
-    head: str = "equal"  # the refit classifier's target per class: equal (--weights) | counts (each parent by its share of the class)
+    weights: str = AUTO  # model weights of the average: comma-separated | empty: equal | sizes: training images | auto: sizes if known
+    head: str = "counts"  # the refit classifier's target per class: counts (each parent by its share of the class) | equal (--weights)
     head_probs: bool = False  # the refit classifier's target: the log of the parents' mean probabilities (else their mean logits)
     fusion_data: str = "union"  # training images the stages read: union (of the parents' parts) | model<k> (its part) | <N>-per-class
     precision: str = "auto"  # forward passes: auto (bf16 autocast where the device has native bf16) | fp32 | bf16
@@ -65,15 +66,16 @@ class FuseConfig:
         if self.head not in HEADS:
             raise OtfuseError(f"--head {self.head!r}: choose {' or '.join(HEADS)}")
         check_fusion_data(self.fusion_data, n_models)
-        if n_models is not None and self.weights != SIZES:
+        if n_models is not None and self.weights not in (SIZES, AUTO):
             self.model_weights(n_models)
 
     def model_weights(self, k: int, sizes: list[float] | None = None) -> list[float]:
         """The averaging weights of k models, normalised to sum to one; with `--weights sizes`, the models' training
-        image counts `sizes` (a parent whose counts are not known cannot be weighed so: one clear error)."""
-        if not self.weights:
+        image counts `sizes` (a parent whose counts are not known cannot be weighed so: one clear error); with `auto`
+        (the default), those counts where they are given, else equal weights."""
+        if not self.weights or (self.weights == AUTO and sizes is None):
             return [1.0 / k] * k
-        if self.weights == SIZES:
+        if self.weights in (SIZES, AUTO):
             if sizes is None or len(sizes) != k or sum(sizes) <= 0:
                 raise OtfuseError(
                     "--weights sizes weighs each parent by the training images it learnt from, which this fusion was not "
@@ -258,10 +260,12 @@ def fuse(
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             head = head_weights(cfg, class_counts, weights)
             refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head, head_probs=cfg.head_probs)
-    if cfg.distill.epochs:
+    epochs = passes(cfg.distill, class_counts)
+    if epochs:
         with timed(seconds, "distill", progress):
             head = head_weights(cfg, class_counts, weights)
-            distill(fused, list(models), weights, images, norm, cfg.distill, precision, head, cfg.head_probs, progress)
+            how = replace(cfg.distill, epochs=epochs)
+            distill(fused, list(models), weights, images, norm, how, precision, head, cfg.head_probs, progress)
     return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
 
 
