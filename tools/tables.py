@@ -719,7 +719,8 @@ def split() -> list[list[str]]:
 @table
 def split_summary() -> list[list[str]]:
     """Each setting's fusion with the default options: refit only (as before the distillation stage), and the
-    default now (refit, then one distillation pass: parties of different data), where it has been run."""
+    default now (refit, then one distillation pass: parties of different data), where it has been run; the parties
+    and baselines of the latest run (parties trained again differ a little from the first run's)."""
     headers = ["Model A", "Model B", "Ensemble", "Permute"]
     out = [["Parties trained on different data (test, all classes)", *headers, "Refit only", "**Fused**", "fused / ensemble"]]
     rows = split_rows(method="activation", fusion_data="union")
@@ -727,7 +728,7 @@ def split_summary() -> list[list[str]]:
         by = {r.get("distill_epochs") or "0": r for lab, r in rows if lab == label}
         now = by.get("1")
         last = [f"**{now['fused']}**", f"{now['fused_of_ensemble']}%"] if now else ["not run yet", "-"]
-        out.append([label, *split_cells(by["0"], headers), by["0"]["fused"], *last])
+        out.append([label, *split_cells(now or by["0"], headers), by["0"]["fused"], *last])
     return out
 
 
