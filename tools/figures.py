@@ -64,7 +64,7 @@ def parties_cifar10() -> object:
     found = [
         r
         for r in rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha="0.5", init="shared")
-        if r["variant"] in ("default", "head-counts", "sizes-head-counts")
+        if r["variant"] in ("default", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
     ]
     return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.5) parties from one start: test accuracy against K")
 

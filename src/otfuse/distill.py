@@ -36,7 +36,7 @@ AUTO = -1.0  # --distill-epochs -1: decided by the parents' data (`passes`)
 @dataclass
 class DistillConfig:
     FLAG_PREFIX: ClassVar[str] = "distill"
-    epochs: float = -1.0  # passes over the fusion images towards the parents' target (0: off; -1: one if their class counts differ)
+    epochs: float = AUTO  # passes over the fusion images towards the parents' target (0: off; -1: one if their class counts differ)
     lr: float = 0.05  # peak SGD learning rate
     warmup: float = 0.1  # fraction of the steps spent warming up linearly from lr/10 to lr
     batch_size: int = 256  # images per optimiser step
