@@ -66,7 +66,8 @@ def parties_cifar10() -> object:
         for r in rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha="0.5", init="shared")
         if r["variant"] in ("default", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
     ]
-    return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.5) parties from one start: test accuracy against K")
+    labels = {"default": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
+    return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.5) parties from one start: test accuracy against K", labels)
 
 
 @figure

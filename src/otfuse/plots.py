@@ -185,9 +185,10 @@ def many_figure(rows: list[dict], title: str):
     return _finished(fig, ax, "accuracy (%)", title)
 
 
-def parties_figure(rows: list[dict], title: str):
+def parties_figure(rows: list[dict], title: str, labels: dict[str, str] | None = None):
     """Test accuracy against the number of parties K (bench_parties.py's rows, one setting per K): the best party, the
-    parties' ensemble, one-round FedAvg (vanilla average + BatchNorm) and each fusion variant in the rows."""
+    parties' ensemble, one-round FedAvg (vanilla average + BatchNorm) and each fusion variant in the rows (named in
+    the legend by `labels`, where given)."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     by_k = {int(r["parties"]): r for r in rows if r["variant"] == "default"}
     ks = sorted(by_k)
@@ -201,7 +202,8 @@ def parties_figure(rows: list[dict], title: str):
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         pts = sorted((int(r["parties"]), float(r["fused"])) for r in rows if r["variant"] == variant)
         style = colours[i % len(colours)] + "-"
-        ax.plot([k for k, _ in pts], [a for _, a in pts], style, marker="o", ms=4, lw=2.2, label=f"fused ({variant})")
+        name = (labels or {}).get(variant, variant)
+        ax.plot([k for k, _ in pts], [a for _, a in pts], style, marker="o", ms=4, lw=2.2, label=f"fused ({name})")
     ax.set_xlabel("parties K")
     ax.set_xticks(ks)
     return _finished(fig, ax, "test accuracy (%, every class)", title)
