@@ -251,6 +251,7 @@ def fuse(
     if cfg.repair.enabled:
         with timed(seconds, "repair", progress):
             repaired(fused, aligned, weights, groups, images, norm, cfg, precision)
+    head = head_weights(cfg, class_counts, weights)  # the classifier's target per class: the refit's and the distillation's
     if cfg.refit.enabled:
         with timed(seconds, "refit", progress):
             # no BatchNorm recomputation after it: the refit leaves each BatchNorm its layer's exact statistics.
@@ -258,12 +259,10 @@ def fuse(
             # parents compute exactly those; where a map merges or splits channels, the originals' carried through it
             permutations = all(m.perm is not None for per_model_maps in maps for m in per_model_maps.values())
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
-            head = head_weights(cfg, class_counts, weights)
             refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head, head_probs=cfg.head_probs)
     epochs = passes(cfg.distill, class_counts)
     if epochs:
         with timed(seconds, "distill", progress):
-            head = head_weights(cfg, class_counts, weights)
             how = replace(cfg.distill, epochs=epochs)
             distill(fused, list(models), weights, images, norm, how, precision, head, cfg.head_probs, progress)
     return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
