@@ -24,8 +24,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from otfuse.distill import passes
 from otfuse.errors import OtfuseError
-from otfuse.fusion import FuseConfig, Fusion, fuse
+from otfuse.fusion import FuseConfig, Fusion, distilled, fuse, head_weights
 from otfuse.grouping.adapter import pruned_channels
 from otfuse.grouping.exact import channel_groups
 from otfuse.grouping.group import ChannelGroup, Member, example_input
@@ -164,8 +165,9 @@ def fuse_within_budget(
     K * K: every channel kept apart, their ensemble as one dense model, whose blocks between parents are zero until
     the refit fills them): aligned by `cfg`'s method, placed side by side in `wide` (their architecture at K times
     their width, fresh), the most unlike channels per multiply-accumulate kept one per parent, the rest merged,
-    then BatchNorm, the refit and the distillation of `cfg`. The fusion's `seconds` count every phase. `class_counts`
-    as `fuse()`'s (for `--weights sizes`)."""
+    then BatchNorm and the refit to the wide model's activations, and last the distillation of `cfg` from the K
+    models themselves. The fusion's `seconds` count every phase. `class_counts` as `fuse()`'s (`--weights sizes`,
+    `--head counts`, and the distillation's auto passes: one where they differ)."""
     k = len(models)
     check_budget(budget, k, 0, "")
     off = {"refit": replace(cfg.refit, enabled=False), "repair": replace(cfg.repair, enabled=False)}
@@ -173,7 +175,12 @@ def fuse_within_budget(
     first = fuse(models, images, norm, aligning, progress=progress, class_counts=class_counts)
     wide = side_by_side(first.aligned, wide, images, norm)
     unmerged = unmerged_for_budget(wide, k, budget, images, norm)
-    out = budgeted(wide, k, unmerged, images, norm, replace(cfg, weights=",".join(map(repr, first.weights))))
+    out = budgeted(wide, k, unmerged, images, norm, replace(cfg, weights=",".join(map(repr, first.weights)), distill=aligning.distill))
+    # the distillation's teachers are the K parents, whose class counts weigh its target, not the wide model
+    head = head_weights(cfg, class_counts, first.weights)
+    distilled(
+        out.fused, models, first.weights, head, images, norm, cfg, out.precision, passes(cfg.distill, class_counts), out.seconds, progress
+    )
     out.seconds = {"alignment": first.seconds.get("groups", 0.0) + first.seconds.get("alignment", 0.0), **out.seconds}
     out.parents, out.weights = list(models), first.weights  # a report's parents and ensemble are the K models, not `wide`
     return out

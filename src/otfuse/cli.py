@@ -301,9 +301,9 @@ def _fuse_options(p: argparse.ArgumentParser) -> None:
         "--budget",
         type=float,
         default=0.0,
-        help="at most this many times one parent's FLOPs (1 to the number of parents): the least alike channels "
-        "of each group kept one per parent, the rest merged, the head refit to their weighted mean outputs (--head "
-        "aside) (default 0: the full merge)",
+        help="at most this many times one parent's FLOPs (1 to the number of parents squared): the least alike channels "
+        "of each group kept one per parent, the rest merged, refit to the parents side by side, then distilled from the "
+        "parents as --distill-epochs says, to the target --head weighs (default 0: the full merge)",
     )
     _fusion_options(p)
     p.set_defaults(run=cmd_fuse)

@@ -260,12 +260,31 @@ def fuse(
             permutations = all(m.perm is not None for per_model_maps in maps for m in per_model_maps.values())
             sources = None if permutations else [(m, output_maps(g, mp)) for m, g, mp in zip(models, per_model, maps)]
             refit(fused, aligned, weights, images, norm, cfg.refit, precision, progress, sources, head=head, head_probs=cfg.head_probs)
-    epochs = passes(cfg.distill, class_counts)
+    distilled(fused, models, weights, head, images, norm, cfg, precision, passes(cfg.distill, class_counts), seconds, progress)
+    return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
+
+
+def distilled(
+    fused: nn.Module,
+    parents: list[nn.Module],
+    weights: list[float],
+    head: torch.Tensor | None,
+    images: torch.Tensor,
+    norm: tuple,
+    cfg: FuseConfig,
+    precision: Precision,
+    epochs: float,
+    seconds: dict[str, float],
+    progress: bool = False,
+) -> nn.Module:
+    """`fused` trained in place for `epochs` passes towards the `parents`' target (`otfuse.distill`; 0: untouched),
+    timed as the "distill" phase: the last stage of `fuse()` and of a budgeted fusion."""
     if epochs:
         with timed(seconds, "distill", progress):
-            how = replace(cfg.distill, epochs=epochs)
-            distill(fused, list(models), weights, images, norm, how, precision, head, cfg.head_probs, progress)
-    return Fusion(fused, fused_no_bn, aligned, maps, groups, weights, precision, seconds, list(models), images, norm, cfg, made)
+            distill(
+                fused, list(parents), weights, images, norm, replace(cfg.distill, epochs=epochs), precision, head, cfg.head_probs, progress
+            )
+    return fused
 
 
 def head_weights(cfg: FuseConfig, class_counts: torch.Tensor | None, weights: list[float]) -> torch.Tensor | None:
