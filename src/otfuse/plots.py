@@ -190,14 +190,19 @@ def parties_figure(rows: list[dict], title: str, labels: dict[str, str] | None =
     parties' ensemble, one-round FedAvg (vanilla average + BatchNorm) and each fusion variant in the rows (named in
     the legend by `labels`, where given)."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
-    by_k = {int(r["parties"]): r for r in rows if r["variant"] == "default"}
+    by_k: dict[int, dict] = {}
+    for r in rows:  # the baselines of the `default` variant's parties where measured, else of the K's first row
+        if int(r["parties"]) not in by_k or r["variant"] == "default":
+            by_k[int(r["parties"])] = r
     ks = sorted(by_k)
     for column, style, label in (
         ("ensemble", "k--", "ensemble of the K parties"),
         ("best_party", "C2:", "best party"),
         ("vanilla_bn", "C7-", "plain average + BatchNorm (FedAvg, one round)"),
     ):
-        ax.plot(ks, [float(by_k[k][column]) for k in ks], style, marker="o", ms=4, lw=1.2, label=label)
+        pts = [(k, float(by_k[k][column])) for k in ks if by_k[k].get(column)]
+        if pts:
+            ax.plot([k for k, _ in pts], [a for _, a in pts], style, marker="o", ms=4, lw=1.2, label=label)
     colours = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")  # not the baselines' C2 and C7
     for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
         pts = sorted((int(r["parties"]), float(r["fused"])) for r in rows if r["variant"] == variant)
