@@ -71,6 +71,14 @@ def parties_cifar10() -> object:
 
 
 @figure
+def parties_cifar10_alpha01() -> object:
+    """The same for Dirichlet(0.1) parties, the more skewed split (bench/bench_parties.py, test split)."""
+    found = rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha="0.1", init="shared")
+    labels = {"default": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
+    return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.1) parties from one start: test accuracy against K", labels)
+
+
+@figure
 def frontier_cifar100() -> object:
     """The shared CIFAR-100 pair's accuracy against compute: budgeted fusion beside the depth cuts (bench_budget.py)."""
     found = rows(ROOT / "bench" / "budget-cifar100-w32.csv")
