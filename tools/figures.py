@@ -58,24 +58,26 @@ def fusion_methods() -> object:
     return methods_figure(panels, "Two independently trained ResNet18s fused into one: test accuracy (bench/bench_scale.py)")
 
 
+PARTIES_LABELS = {"default": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
+PARTIES_VARIANTS = ("default", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
+
+
+def parties_of(alpha: str) -> object:
+    """K Dirichlet(alpha) CIFAR-10 parties from one initialisation, fused: accuracy against K (bench_parties.py, test)."""
+    found = rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha=alpha, init="shared")
+    found = [r for r in found if r["variant"] in PARTIES_VARIANTS]
+    title = f"CIFAR-10 (JPEG copy), width 16, Dirichlet({alpha}) parties from one start: test accuracy against K"
+    return parties_figure(found, title, PARTIES_LABELS)
+
+
 @figure
 def parties_cifar10() -> object:
-    """K Dirichlet(0.5) parties from one initialisation, fused: accuracy against K (bench/bench_parties.py, test split)."""
-    found = [
-        r
-        for r in rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha="0.5", init="shared")
-        if r["variant"] in ("default", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
-    ]
-    labels = {"default": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
-    return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.5) parties from one start: test accuracy against K", labels)
+    return parties_of("0.5")
 
 
 @figure
 def parties_cifar10_alpha01() -> object:
-    """The same for Dirichlet(0.1) parties, the more skewed split (bench/bench_parties.py, test split)."""
-    found = rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha="0.1", init="shared")
-    labels = {"default": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
-    return parties_figure(found, "CIFAR-10 (JPEG copy), width 16, Dirichlet(0.1) parties from one start: test accuracy against K", labels)
+    return parties_of("0.1")
 
 
 @figure
