@@ -12,10 +12,12 @@ parties together cost about one model trained on all the data) into <checkpoint-
 
 Then one row per (setting, variant) goes to bench/parties-<dataset>-w<width>.csv as it finishes (a row already there
 is skipped), on the split --split (validation to choose a default, test to report): every party's accuracy, the
-best party, their ensemble (mean probabilities, equal weights whatever the variant weighs), vanilla averaging with
+best party, their ensemble (mean probabilities, equal weights whatever the variant weighs) and, where the parties'
+classes differ, their per-class ensemble (`ensemble_counts`: the logits weighed per class by each party's share of
+the class's training images, the target the default fusion distils towards), vanilla averaging with
 BatchNorm recomputed (FedAvg in one round) and refit, the aligned average with BatchNorm recomputed, and the fusion,
 with the fusion's share of the ensemble, the seconds and the options. A variant is a set of fusion options
-(`--variants`: the names in VARIANTS).
+(`--variants`: the names in VARIANTS). Rows measured before `ensemble_counts` existed get it on the next run.
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ from pathlib import Path
 
 from harness import CIFAR10, CIFAR100, Table, common_options, trained
 
+from otfuse.distill import target_probs
 from otfuse.errors import OtfuseError, run_main
 from otfuse.evaluate import accuracy_of_logits, ensemble_of_logits, logits
-from otfuse.inputs import fusion_inputs
+from otfuse.fusion import FuseConfig, head_weights
+from otfuse.inputs import FusionInputs, fusion_inputs
 from otfuse.options import flatten
+from otfuse.precision import resolve_precision
 from otfuse.report import fusion_table
 
 
@@ -78,6 +83,7 @@ VARIANTS = {
     "public-cifar100": {"fusion_data": f"public:{CIFAR100}"},  # one holding none: CIFAR-100's training images
 }
 KEY = ("setting", "variant", "split")
+MEASURED = ("ensemble", "ensemble_counts", "vanilla_bn", "vanilla_refit", "fused_average", "fused")
 
 
 def parties(name: str, s: Setting, checkpoint_dir: Path, data_dir: str | None, progress: bool) -> list[Path]:
@@ -107,6 +113,7 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
     inputs = fusion_inputs(paths, dict(VARIANTS[variant]), data_dir=args.data_dir, device=args.device)
     table = Table(Path(args.out_dir) / f"parties-{inputs.data.slug.removeprefix('imagefolder-')}-w{s.width}.csv", KEY)
     if table.has(setting=name, variant=variant, split=args.split):
+        fill_references(table, name, inputs, args.split)
         return None
     t0 = time.perf_counter()
     baselines = variant == "default"  # vanilla averaging and its refit do not depend on the variant: measured once
@@ -120,10 +127,8 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         target=inputs.target,
         class_counts=inputs.class_counts,
     )
-    if len(set(fusion.weights)) > 1:  # the yardstick stays the parties' equal ensemble whatever a variant weighs
-        x, y = inputs.data.split(args.split)
-        zs = [logits(m, x, inputs.data.norm, precision=fusion.precision) for m in inputs.models]
-        acc["ensemble"] = accuracy_of_logits(ensemble_of_logits(zs, [1 / len(zs)] * len(zs)), y)
+    ref = references(inputs, args.split)  # the yardsticks stay the same whatever a variant weighs
+    acc.update({k: v for k, v in ref.items() if "ensemble" in k})
     party_acc = [acc[f"model{i + 1}"] for i in range(s.parties)]
     row = {
         "setting": name,
@@ -136,7 +141,7 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         "init": s.init,
         "epochs": s.epochs,
         "best_party": f"{max(party_acc):.2f}",
-        **{k: f"{acc[k]:.2f}" for k in ("ensemble", "vanilla_bn", "vanilla_refit", "fused_average", "fused") if k in acc},
+        **{k: f"{acc[k]:.2f}" for k in MEASURED if k in acc},
         "fused_of_ensemble": f"{100 * acc['fused'] / acc['ensemble']:.1f}",
         "fused_minus_best": f"{acc['fused'] - max(party_acc):.2f}",
         **{f"party{i + 1}": f"{a:.2f}" for i, a in enumerate(party_acc)},
@@ -150,6 +155,39 @@ def measure(name: str, s: Setting, paths: list[Path], variant: str, args: argpar
         + ", ".join(f"{k} {row.get(k, '-')}" for k in ("best_party", "ensemble", "vanilla_bn", "fused"))
     )
     return row
+
+
+def references(inputs: FusionInputs, split: str) -> dict[str, float]:
+    """The parties' accuracies on `split` (`party1`..) and their ensembles: `ensemble` (equal mean probabilities) and,
+    where their class counts differ, `ensemble_counts` (the logits weighed per class by each party's share of the
+    class: the default fusion's target)."""
+    x, y = inputs.data.split(split)
+    precision = resolve_precision(inputs.cfg.precision, x.device)
+    zs = [logits(m, x, inputs.data.norm, precision=precision) for m in inputs.models]
+    equal = [1 / len(zs)] * len(zs)
+    out = {f"party{i + 1}": accuracy_of_logits(z, y) for i, z in enumerate(zs)}
+    out["ensemble"] = accuracy_of_logits(ensemble_of_logits(zs, equal), y)
+    if not bool((inputs.class_counts == inputs.class_counts[:1]).all()):
+        head = head_weights(FuseConfig(head="counts"), inputs.class_counts, equal)
+        out["ensemble_counts"] = accuracy_of_logits(target_probs(zs, head, 1.0, probs=False), y)
+    return out
+
+
+def fill_references(table: Table, name: str, inputs: FusionInputs, split: str) -> None:
+    """`ensemble_counts` on the setting's rows of `split` measured before the column existed, where the parties on
+    disk are the row's (each party's accuracy the same to the hundredth: parties trained again differ a little)."""
+    rows = table.rows
+    missing = [r for r in rows if r["setting"] == name and r["split"] == split and not r.get("ensemble_counts")]
+    if not missing:
+        return
+    ref = {k: f"{v:.2f}" for k, v in references(inputs, split).items()}
+    same = [r for r in missing if all(r.get(k) == v for k, v in ref.items() if k.startswith("party"))]
+    if "ensemble_counts" not in ref or not same:
+        return
+    for r in same:
+        r["ensemble_counts"] = ref["ensemble_counts"]
+    table.rewrite(rows)
+    print(f"{name} ({split}): ensemble_counts {ref['ensemble_counts']} on {len(same)} earlier rows of these parties")
 
 
 def main(argv: list[str]) -> int:

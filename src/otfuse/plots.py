@@ -187,8 +187,8 @@ def many_figure(rows: list[dict], title: str):
 
 def parties_figure(rows: list[dict], title: str, labels: dict[str, str] | None = None):
     """Test accuracy against the number of parties K (bench_parties.py's rows, one setting per K): the best party, the
-    parties' ensemble, one-round FedAvg (vanilla average + BatchNorm) and each fusion variant in the rows (named in
-    the legend by `labels`, where given)."""
+    parties' ensemble and their per-class ensemble (where measured), one-round FedAvg (vanilla average + BatchNorm)
+    and each fusion variant in the rows (named in the legend by `labels`, where given)."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     by_k: dict[int, dict] = {}
     for r in rows:  # the baselines of the `default` variant's parties where measured, else of the K's first row
@@ -197,10 +197,12 @@ def parties_figure(rows: list[dict], title: str, labels: dict[str, str] | None =
     ks = sorted(by_k)
     for column, style, label in (
         ("ensemble", "k--", "ensemble of the K parties"),
+        ("ensemble_counts", "k:", "per-class ensemble (each party by its share of the class)"),
         ("best_party", "C2:", "best party"),
         ("vanilla_bn", "C7-", "plain average + BatchNorm (FedAvg, one round)"),
     ):
-        pts = [(k, float(by_k[k][column])) for k in ks if by_k[k].get(column)]
+        found = {k: next((r for r in (by_k[k], *rows) if int(r["parties"]) == k and r.get(column)), None) for k in ks}
+        pts = [(k, float(r[column])) for k, r in found.items() if r]
         if pts:
             ax.plot([k for k, _ in pts], [a for _, a in pts], style, marker="o", ms=4, lw=1.2, label=label)
     colours = ("C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9")  # not the baselines' C2 and C7
