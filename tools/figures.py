@@ -58,8 +58,8 @@ def fusion_methods() -> object:
     return methods_figure(panels, "Two independently trained ResNet18s fused into one: test accuracy (bench/bench_scale.py)")
 
 
-PARTIES_LABELS = {"default": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
-PARTIES_VARIANTS = ("default", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
+PARTIES_LABELS = {"refit-only": "refit only: the default before", "sizes-head-counts-distill1": "+ one distillation pass: the default now"}
+PARTIES_VARIANTS = ("refit-only", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
 
 
 def parties_of(alpha: str) -> object:

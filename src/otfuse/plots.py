@@ -191,8 +191,8 @@ def parties_figure(rows: list[dict], title: str, labels: dict[str, str] | None =
     and each fusion variant in the rows (named in the legend by `labels`, where given)."""
     fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     by_k: dict[int, dict] = {}
-    for r in rows:  # the baselines of the `default` variant's parties where measured, else of the K's first row
-        if int(r["parties"]) not in by_k or r["variant"] == "default":
+    for r in rows:  # the baselines of a row with the plain average measured, else of the K's first row
+        if int(r["parties"]) not in by_k or (r.get("vanilla_bn") and not by_k[int(r["parties"])].get("vanilla_bn")):
             by_k[int(r["parties"])] = r
     ks = sorted(by_k)
     for column, style, label in (
