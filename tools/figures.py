@@ -62,11 +62,13 @@ PARTIES_LABELS = {"refit-only": "refit only: the default before", "sizes-head-co
 PARTIES_VARIANTS = ("refit-only", "head-counts", "sizes-head-counts", "sizes-head-counts-distill1")
 
 
-def parties_of(alpha: str) -> object:
-    """K Dirichlet(alpha) CIFAR-10 parties from one initialisation, fused: accuracy against K (bench_parties.py, test)."""
-    found = rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha=alpha, init="shared")
+def parties_of(alpha: str, init: str = "shared") -> object:
+    """K Dirichlet(alpha) CIFAR-10 parties from one initialisation (`init` shared) or each from its own, fused:
+    accuracy against K (bench_parties.py, test)."""
+    found = rows(ROOT / "bench" / "parties-cifar10-jpeg-w16.csv", split="test", alpha=alpha, init=init)
     found = [r for r in found if r["variant"] in PARTIES_VARIANTS]
-    title = f"CIFAR-10 (JPEG copy), width 16, Dirichlet({alpha}) parties from one start: test accuracy against K"
+    start = "from one start" if init == "shared" else "each from its own start"
+    title = f"CIFAR-10 (JPEG copy), width 16, Dirichlet({alpha}) parties {start}: test accuracy against K"
     return parties_figure(found, title, PARTIES_LABELS)
 
 
@@ -78,6 +80,11 @@ def parties_cifar10() -> object:
 @figure
 def parties_cifar10_alpha01() -> object:
     return parties_of("0.1")
+
+
+@figure
+def parties_cifar10_own() -> object:
+    return parties_of("0.5", init="own")
 
 
 @figure
