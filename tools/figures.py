@@ -88,6 +88,11 @@ def parties_cifar10_own() -> object:
 
 
 @figure
+def parties_cifar10_alpha01_own() -> object:
+    return parties_of("0.1", init="own")
+
+
+@figure
 def frontier_cifar100() -> object:
     """The shared CIFAR-100 pair's accuracy against compute: budgeted fusion beside the depth cuts (bench_budget.py)."""
     found = rows(ROOT / "bench" / "budget-cifar100-w32.csv")
